@@ -1,0 +1,33 @@
+# Two entry points, each doing its whole set-up from a fresh clone:
+#   make demo   create .venv, install (torch 2.13.0 CPU first), export resnet50_cbam, print parity
+#   make test   create .venv, install with the test extra, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cbam-deploy-installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned and installed before anything that depends on it, so pip never resolves an
+# unpinned torch (which would pull a multi-GB CUDA build).
+$(STAMP): $(BIN)/python pyproject.toml requirements/torch-cpu.txt
+	$(BIN)/python -m pip install --quiet -r requirements/torch-cpu.txt
+	$(BIN)/python -m pip install --quiet -e ".[test,openvino,serve]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/cbam-deploy export --model resnet50_cbam
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/onnx_vs_torch.py
+
+clean:
+	rm -rf $(VENV) bundles .pytest_cache

@@ -1,0 +1,19 @@
+"""The one exception type for errors a user can cause (bad checkpoint, bad option, missing backend).
+
+The CLI turns a ``CbamDeployError`` into one red line and a non-zero exit; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CbamDeployError(Exception):
+    """An error the user can fix; the message says what to do."""
+
+    exit_code = 2
+
+
+class ParityError(CbamDeployError):
+    """An artifact was built but does not match the PyTorch original within tolerance."""
+
+    exit_code = 3

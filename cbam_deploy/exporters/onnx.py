@@ -1,0 +1,170 @@
+"""PyTorch -> ONNX, checked (onnx.checker full check, shape inference) and written atomically.
+
+Exporter choice: the TorchScript exporter (``dynamo=False``) is the default because it writes
+opset 17 natively, which both TensorRT 8.5 (JetPack 5, parses opsets <= 17) and 10.x parse, and it
+names nodes after their modules (``/layer1/layer1.0/cbam/ChannelGate/...``), which the INT8
+gate policy uses. torch 2.13's dynamo exporter starts at opset 18; asked for 17 its version
+converter fails on this graph and silently keeps 18, and it is ~12x slower. It is available
+with ``exporter='dynamo'`` and opset >= 18.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import CbamDeployError
+from ..fsutil import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 17
+OPSET_RANGE = {"torchscript": (13, 20), "dynamo": (18, 20)}
+EXPORTERS = tuple(OPSET_RANGE)
+
+
+@dataclass
+class OnnxExportOptions:
+    input_size: int = 224
+    in_channels: int = 3
+    batch: int | None = None  # None: dynamic batch
+    dynamic_hw: bool = False
+    opset: int = DEFAULT_OPSET
+    exporter: str = "torchscript"
+    simplify: bool = True
+
+    def validate(self) -> None:
+        if self.exporter not in OPSET_RANGE:
+            raise CbamDeployError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        low, high = OPSET_RANGE[self.exporter]
+        if not low <= self.opset <= high:
+            raise CbamDeployError(
+                f"opset {self.opset} is out of range for the {self.exporter} exporter: choose {low}..{high} "
+                f"(default {DEFAULT_OPSET}; TensorRT 8.5 on JetPack 5 parses at most 17)"
+            )
+        if self.input_size < 8:
+            raise CbamDeployError(f"input size {self.input_size} is too small (at least 8)")
+        if self.batch is not None and self.batch < 1:
+            raise CbamDeployError(f"batch must be 'dynamic' or a positive integer, got {self.batch}")
+
+    def symbolic_input_shape(self) -> list:
+        hw = ["height", "width"] if self.dynamic_hw else [self.input_size, self.input_size]
+        return ["batch" if self.batch is None else self.batch, self.in_channels, *hw]
+
+
+def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) -> dict:
+    """Export ``model`` to ``path``; returns facts for the manifest. Nothing is left behind on failure."""
+    options.validate()
+    path = Path(path)
+    model = model.eval()
+    example = torch.randn(options.batch or 1, options.in_channels, options.input_size, options.input_size)
+    started = time.perf_counter()
+    with atomic_path(path) as tmp:
+        _run_exporter(model, example, tmp, options)
+        proto = onnx.load(str(tmp))
+        simplified = False
+        if options.simplify:
+            proto = _simplify(proto)
+            simplified = True
+        proto = _check(proto)
+        onnx.save(proto, str(tmp))
+    seconds = time.perf_counter() - started
+    return {
+        "exporter": f"torch.onnx ({options.exporter})",
+        "opset": options.opset,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": options.symbolic_input_shape(),
+        "simplified": simplified,
+        "export_seconds": round(seconds, 3),
+        "nodes": len(proto.graph.node),
+    }
+
+
+def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options: OnnxExportOptions) -> None:
+    dynamic_axes: dict[int, str] = {}
+    if options.batch is None:
+        dynamic_axes[0] = "batch"
+    if options.dynamic_hw:
+        dynamic_axes.update({2: "height", 3: "width"})
+    kwargs: dict = {}
+    if options.exporter == "torchscript":
+        if dynamic_axes:
+            kwargs["dynamic_axes"] = {INPUT_NAME: dynamic_axes, OUTPUT_NAME: {0: "batch"} if 0 in dynamic_axes else {}}
+        kwargs["do_constant_folding"] = True
+    else:
+        dims = {}
+        if options.batch is None:
+            dims[0] = torch.export.Dim("batch", min=1, max=4096)
+        if options.dynamic_hw:
+            dims[2] = torch.export.Dim("height", min=8, max=8192)
+            dims[3] = torch.export.Dim("width", min=8, max=8192)
+        kwargs["dynamic_shapes"] = (dims,) if dims else None
+        kwargs["external_data"] = False
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript exporter is chosen on purpose (see the module docstring); its
+            # deprecation notice would only confuse users.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(target),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=options.opset,
+                dynamo=options.exporter == "dynamo",
+                **kwargs,
+            )
+    except Exception as exc:  # the exporters raise many types; the user needs the message
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CbamDeployError(f"ONNX export ({options.exporter}) failed: {type(exc).__name__}: {message}") from None
+    if options.exporter == "dynamo":
+        produced = onnx.load(str(target), load_external_data=False)
+        got = next((o.version for o in produced.opset_import if o.domain in ("", "ai.onnx")), None)
+        if got != options.opset:
+            raise CbamDeployError(
+                f"the dynamo exporter wrote opset {got}, not the requested {options.opset}; "
+                "use --exporter torchscript for opsets below 18"
+            )
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-node removal with onnxslim; dynamic dims are kept."""
+    try:
+        import onnxslim
+    except ImportError:
+        raise CbamDeployError("--simplify needs onnxslim: pip install onnxslim (or pass --no-simplify)") from None
+    try:
+        return onnxslim.slim(proto)
+    except Exception as exc:
+        raise CbamDeployError(f"onnxslim failed on the exported graph ({type(exc).__name__}: {exc}); retry with --no-simplify") from None
+
+
+def _check(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Full checker pass plus strict shape inference; returns the model with inferred shapes."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise CbamDeployError(f"the exported ONNX model is invalid: {str(exc).splitlines()[0]}") from None
+
+
+def onnx_io(path: str | Path) -> dict:
+    """Input and output names and symbolic shapes of an ONNX file (for the manifest and runners)."""
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def dims(value_info) -> list:
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    initializers = {i.name for i in proto.graph.initializer}
+    return {
+        "inputs": [{"name": v.name, "shape": dims(v)} for v in proto.graph.input if v.name not in initializers],
+        "outputs": [{"name": v.name, "shape": dims(v)} for v in proto.graph.output],
+    }

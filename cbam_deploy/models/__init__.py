@@ -1,0 +1,94 @@
+"""CBAM and SE layers, network families, the registry and checkpoint loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import CbamDeployError
+from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
+from .custom import is_factory_spec, load_factory_model
+from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
+from .registry import IMAGENET_MEAN, IMAGENET_STD, create_model, get_entry, list_models
+from .stats import count_gmacs, count_parameters
+
+__all__ = [
+    "BAM", "CBAM", "ChannelGate", "LoadedModel", "SpatialGate", "SqueezeExcite", "build_model",
+    "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "zoo_table",
+]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export, with what the manifest needs to say about it."""
+
+    module: nn.Module
+    name: str
+    source: str  # "zoo" or "factory"
+    num_classes: int | None
+    stem: str
+    default_input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    checkpoint: Checkpoint | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        entry = get_entry(self.name) if self.source == "zoo" else None
+        return {
+            "name": self.name,
+            "source": self.source,
+            "family": entry.family if entry else None,
+            "attention": entry.attention if entry else None,
+            "stem": self.stem,
+            "num_classes": self.num_classes,
+            "parameters": count_parameters(self.module),
+            "weights": self.checkpoint.describe() if self.checkpoint else None,
+            "notes": self.notes,
+        }
+
+
+def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet") -> LoadedModel:
+    """A zoo name or 'file.py:factory', with optional weights; num_classes inferred from them."""
+    checkpoint = read_checkpoint(weights) if weights else None
+    notes = [] if checkpoint else ["no --weights given: random (official) initialisation, parity only"]
+    if is_factory_spec(spec):
+        module = load_factory_model(spec, num_classes)
+        if checkpoint:
+            apply_state_dict(module, checkpoint, spec)
+        return LoadedModel(module, spec, "factory", num_classes, stem, 224, checkpoint=checkpoint, notes=notes)
+    entry = get_entry(spec)
+    if checkpoint and num_classes is None:
+        num_classes = infer_num_classes(checkpoint.state_dict)
+        if num_classes is not None:
+            notes.append(f"num_classes={num_classes} inferred from the checkpoint's classifier")
+    num_classes = num_classes or 1000
+    module = create_model(spec, num_classes=num_classes, stem=stem)
+    if checkpoint:
+        apply_state_dict(module, checkpoint, spec)
+    return LoadedModel(module, spec, "zoo", num_classes, stem, entry.default_input_size(stem),
+                       entry.mean, entry.std, checkpoint, notes)
+
+
+def zoo_table(input_size: int = 224) -> list[dict]:
+    """Every registered model with its parameter count and GFLOPs (MACs) at ``input_size``."""
+    rows = []
+    for name in list_models():
+        entry = get_entry(name)
+        with torch.device("meta"):
+            model = create_model(name)
+        rows.append({
+            "name": name,
+            "description": entry.description,
+            "parameters": count_parameters(model),
+            "gflops": round(count_gmacs(model, input_size), 3),
+        })
+    return rows
+
+
+def require_module(obj) -> nn.Module:
+    if not isinstance(obj, nn.Module):
+        raise CbamDeployError(f"expected a torch.nn.Module, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,225 @@
+"""ResNet / ResNeXt with optional CBAM, SE or BAM attention, laid out like the official CBAM code.
+
+Names and shapes match github Jongchan/attention-module ``MODELS/model_resnet.py`` (``conv1``, ``bn1``,
+``layerX.Y.conv1..3``, ``layerX.Y.cbam.*``, ``bam1..3``, ``fc``), so its checkpoints load unchanged.
+Differences, all invisible to a state dict:
+
+* the head is a global average (``mean`` over H, W) instead of ``nn.AvgPool2d(7)``: identical at
+  224x224 and still correct at other sizes, where the fixed 7x7 window averaged only a corner;
+* Bottleneck takes ``groups``/``base_width`` so ResNeXt uses the same block (torchvision's rule);
+* the attention module is chosen by ``attention`` in {None, "cbam", "se", "bam"}.
+
+CBAM (and SE) sit on the residual branch after the block's last BN, before the residual add and
+the final ReLU; BAM sits after stages 1-3, as in the official code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import BAM, CBAM, SqueezeExcite
+
+ATTENTIONS = (None, "cbam", "se", "bam")
+STEMS = ("imagenet", "cifar")
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def _block_attention(attention: str | None, channels: int) -> dict[str, nn.Module]:
+    """The per-block attention module under the name its checkpoints use."""
+    if attention == "cbam":
+        return {"cbam": CBAM(channels, 16)}
+    if attention == "se":
+        return {"se": SqueezeExcite(channels, 16)}
+    return {}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.attention_name = None
+        for name, module in _block_attention(attention, planes).items():
+            self.add_module(name, module)
+            self.attention_name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.attention_name is not None:
+            out = getattr(self, self.attention_name)(out)
+        return self.relu(out + residual)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.attention_name = None
+        for name, module in _block_attention(attention, planes * self.expansion).items():
+            self.add_module(name, module)
+            self.attention_name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.attention_name is not None:
+            out = getattr(self, self.attention_name)(out)
+        return self.relu(out + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet/ResNeXt with the official CBAM code's module names; ``stem`` 'imagenet' or 'cifar'."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        attention: str | None = None,
+        stem: str = "imagenet",
+        groups: int = 1,
+        width_per_group: int = 64,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.inplanes = 64
+        self.groups = groups
+        self.base_width = width_per_group
+        self.stem = stem
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = None
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        if attention == "bam":
+            self.bam1 = BAM(64 * block.expansion)
+            self.bam2 = BAM(128 * block.expansion)
+            self.bam3 = BAM(256 * block.expansion)
+        else:
+            self.bam1 = self.bam2 = self.bam3 = None
+        block_attention = attention if attention in ("cbam", "se") else None
+        self.layer1 = self._make_layer(block, 64, layers[0], 1, block_attention)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, block_attention)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, block_attention)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, block_attention)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.num_classes = num_classes
+        official_init(self)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int, attention: str | None) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        extra = {"groups": self.groups, "base_width": self.base_width}
+        layers = [block(self.inplanes, planes, stride, downsample, attention, **extra)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, attention=attention, **extra) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        for stage, bam in ((self.layer1, self.bam1), (self.layer2, self.bam2), (self.layer3, self.bam3)):
+            x = stage(x)
+            if bam is not None:
+                x = bam(x)
+        return self.layer4(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@torch.no_grad()
+def official_init(model: nn.Module) -> None:
+    """The official initialisation: He (fan_out) for convs, BN weight 1 / bias 0, every bias 0,
+    and the CBAM spatial-gate BN weight 0 (so a fresh spatial gate starts as a constant 0.5)."""
+    nn.init.kaiming_normal_(model.fc.weight)
+    state = model.state_dict()
+    for key, tensor in state.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "weight":
+            if "conv" in key and tensor.dim() == 4:
+                nn.init.kaiming_normal_(tensor, mode="fan_out")
+            if "bn" in key:
+                tensor.fill_(0.0 if "SpatialGate" in key else 1.0)
+        elif leaf == "bias":
+            tensor.zero_()
+
+
+_DEPTHS = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+}
+
+
+def resnet(depth: int, attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet") -> ResNet:
+    """The official ``ResidualNet`` for depth 18/34/50/101."""
+    block, layers = _DEPTHS[depth]
+    return ResNet(block, layers, num_classes=num_classes, attention=attention, stem=stem)
+
+
+def resnext50_32x4d(attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet") -> ResNet:
+    """ResNeXt-50 32x4d (Xie et al.), as in the CBAM paper's Table 4."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, attention=attention, stem=stem,
+                  groups=32, width_per_group=4)

@@ -1,0 +1,150 @@
+"""Compare an artifact's outputs with the PyTorch original: metrics, tolerances per precision.
+
+Knows nothing of backends: it takes two runners (or two arrays) and seeded inputs.
+
+FP32 tolerance (documented in the README): for every case,
+``max_abs_err <= atol + rtol * max|reference|`` with atol = 1e-5, rtol = 1e-4, the minimum per-sample
+cosine similarity >= 0.99999, and top-1 agreement on every sample whose reference top-1/top-2 gap
+is larger than that same error bound (a near tie may flip without anything being wrong).
+onnxruntime vs eager on these networks is typically ~1e-6 relative, so the bound leaves two
+orders of magnitude of headroom while still catching a wrong op (errors of 1e-2 and up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .runners.base import Runner
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_cosine: float
+    min_top1: float  # fraction of decisive samples whose top-1 must agree
+
+    def bound(self, reference: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.abs(reference).max())
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-5, rtol=1e-4, min_cosine=0.99999, min_top1=1.0),
+}
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> dict:
+    """Metrics of one case (a batch of outputs) and whether it passes."""
+    reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if candidate.size != reference.size:
+        return {"passed": False, "reason": f"output shape {candidate.shape} does not match the reference", "samples": len(reference)}
+    candidate = candidate.reshape(reference.shape)
+    if not np.isfinite(candidate).all():
+        return {"passed": False, "reason": "output holds NaN or Inf", "samples": len(reference)}
+    diff = np.abs(reference - candidate)
+    bound = tolerance.bound(reference)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cosine = np.where(norms > 0, (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    ref_top = reference.argmax(axis=1)
+    cand_top = candidate.argmax(axis=1)
+    agree = ref_top == cand_top
+    if reference.shape[1] > 1:
+        ordered = np.sort(reference, axis=1)
+        decisive = (ordered[:, -1] - ordered[:, -2]) > bound
+    else:
+        decisive = np.ones(len(reference), dtype=bool)
+    decisive_agree = float(agree[decisive].mean()) if decisive.any() else 1.0
+    metrics = {
+        "samples": len(reference),
+        "max_abs_err": float(diff.max()),
+        "mean_abs_err": float(diff.mean()),
+        "max_rel_err": float(diff.max() / max(np.abs(reference).max(), 1e-30)),
+        "bound": bound,
+        "cosine_min": float(cosine.min()),
+        "cosine_mean": float(cosine.mean()),
+        "top1_agreement": float(agree.mean()),
+        "top1_agreement_decisive": decisive_agree,
+    }
+    reasons = []
+    if metrics["max_abs_err"] > bound:
+        reasons.append(f"max abs error {metrics['max_abs_err']:.3g} > {bound:.3g}")
+    if metrics["cosine_min"] < tolerance.min_cosine:
+        reasons.append(f"cosine {metrics['cosine_min']:.6f} < {tolerance.min_cosine}")
+    if decisive_agree < tolerance.min_top1:
+        reasons.append(f"top-1 agreement {decisive_agree:.3f} < {tolerance.min_top1}")
+    metrics["passed"] = not reasons
+    if reasons:
+        metrics["reason"] = "; ".join(reasons)
+    return metrics
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    batch: int
+    height: int
+    width: int
+    samples: int
+
+
+def plan_cases(input_size: int, batch: int | None, dynamic_hw: bool, samples: int = 8) -> list[ParityCase]:
+    """Batch 1 and a larger batch on ``samples`` inputs (or the fixed batch), plus two other sizes
+    when H/W are dynamic."""
+    if batch is None:
+        cases = [ParityCase(1, input_size, input_size, samples), ParityCase(4, input_size, input_size, samples)]
+        other_batch = 2
+    else:
+        total = batch * max(1, -(-samples // batch))
+        cases = [ParityCase(batch, input_size, input_size, total)]
+        other_batch = batch
+    if dynamic_hw:
+        for scale in (0.75, 1.25):
+            side = max(8, int(round(input_size * scale / 8)) * 8)
+            cases.append(ParityCase(other_batch, side, side + 8, other_batch))
+    return cases
+
+
+def make_inputs(case: ParityCase, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """Seeded N(0, 1) inputs: the preprocessed (normalised) space the model sees."""
+    rng = np.random.default_rng([seed, case.height, case.width])
+    return rng.standard_normal((case.samples, channels, case.height, case.width), dtype=np.float32)
+
+
+def run_parity(
+    reference: Runner,
+    candidate: Runner,
+    cases: list[ParityCase],
+    precision: str = "fp32",
+    channels: int = 3,
+    seed: int = 0,
+) -> dict:
+    """Run both runners on every case; aggregate metrics and a pass/fail per case and overall."""
+    tolerance = TOLERANCES[precision]
+    results = []
+    for case in cases:
+        inputs = make_inputs(case, channels, seed)
+        ref_out, cand_out = [], []
+        for start in range(0, case.samples, case.batch):
+            chunk = inputs[start:start + case.batch]
+            ref_out.append(reference.run(chunk))
+            cand_out.append(candidate.run(chunk))
+        metrics = compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out), tolerance)
+        results.append({"batch": case.batch, "height": case.height, "width": case.width, **metrics})
+    passed = all(r["passed"] for r in results)
+    summary = {
+        "passed": passed,
+        "precision": precision,
+        "reference": reference.describe(),
+        "candidate": candidate.describe(),
+        "tolerance": asdict(tolerance),
+        "seed": seed,
+        "samples": sum(r["samples"] for r in results),
+        "max_abs_err": max(r.get("max_abs_err", float("inf")) for r in results),
+        "mean_abs_err": float(np.mean([r.get("mean_abs_err", float("inf")) for r in results])),
+        "cosine_min": min(r.get("cosine_min", 0.0) for r in results),
+        "top1_agreement": float(np.mean([r.get("top1_agreement", 0.0) for r in results])),
+        "cases": results,
+    }
+    return summary
