@@ -8,7 +8,6 @@ alike. Usage: python benchmarks/onnx_vs_torch.py [--iters 30] [--threads N] [--m
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,22 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cbam_deploy.bench import interleaved_latency
+from cbam_deploy.bench import medians as median_of
 from cbam_deploy.pipeline import ExportRequest, export_bundle
 from cbam_deploy.models import create_model
 from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
-
-
-def measure(runners: dict, x: np.ndarray, iters: int, warmup: int = 5) -> dict:
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.run(x)
-    times = {name: [] for name in runners}
-    for _ in range(iters):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner.run(x)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -51,7 +39,7 @@ def main() -> None:
             export_seconds[name] = time.perf_counter() - started
             runners[f"{name}/torch"] = TorchRunner(create_model(name))
             runners[f"{name}/onnxruntime"] = OnnxRuntimeRunner(Path(tmp) / name / "model.onnx", threads=args.threads)
-        medians = measure(runners, x, args.iters)
+        medians = median_of(interleaved_latency(runners, x, args.iters))
     print(f"batch 1, 224x224, {torch.get_num_threads()} torch threads, {args.iters} interleaved iterations, median ms")
     for name in args.models.split(","):
         t, o = medians[f"{name}/torch"], medians[f"{name}/onnxruntime"]

@@ -103,9 +103,13 @@ def artifact_path(bundle_dir: str | Path, manifest: dict, name: str | None = Non
     path = Path(bundle_dir) / artifact["path"]
     if not path.is_file():
         raise CbamDeployError(f"artifact {artifact['name']} is missing its file {path}; re-export the bundle")
-    if verify_hash and sha256_file(path) != artifact["sha256"]:
-        raise CbamDeployError(
-            f"artifact {artifact['name']} ({path}) does not match the sha256 in the manifest: it was changed "
-            "or its write did not finish; re-export the bundle"
-        )
+    if verify_hash:
+        expected = {artifact["path"]: artifact["sha256"], **artifact.get("companion_files", {})}
+        for relative, digest in expected.items():
+            file = Path(bundle_dir) / relative
+            if not file.is_file() or sha256_file(file) != digest:
+                raise CbamDeployError(
+                    f"artifact {artifact['name']} ({file}) does not match the sha256 in the manifest: it was "
+                    "changed or its write did not finish; rebuild it"
+                )
     return artifact, path

@@ -25,7 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
+# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 
@@ -101,9 +102,14 @@ def export_command(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")] = True,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Check onnxruntime against PyTorch after export.")] = True,
     force: Annotated[bool, typer.Option(help="Replace a bundle of another model in the output folder.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
+    calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
+    target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
+    if int8 and not calib_data:
+        raise CbamDeployError("--int8 needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
     from .pipeline import ExportRequest, export_bundle
 
     request = ExportRequest(
@@ -114,13 +120,29 @@ def export_command(
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
     result = export_bundle(request)
+    if int8:
+        from .quantize import quantize_bundle
+
+        result["int8"] = quantize_bundle(result["bundle"], _split(target), calib_data)
     if as_json:
         _print_json(result)
     else:
         _print_export(result)
+        if int8:
+            _print_quantize(result["int8"])
     if result["passed"] is False:
         err.print("[bold red]error:[/] parity check failed: the ONNX model does not match PyTorch (recorded in the manifest)")
         raise typer.Exit(3)
+    if int8 and not result["int8"]["passed"]:
+        err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
+        raise typer.Exit(3)
+
+
+def _split(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise CbamDeployError("--target needs at least one of ort-cpu, tensorrt, openvino")
+    return items
 
 
 def _print_export(result: dict) -> None:
@@ -146,6 +168,82 @@ def _print_export(result: dict) -> None:
     out.print(table)
     for note in model["notes"]:
         out.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("quantize")
+@_handle_errors
+def quantize_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (from 'cbam-deploy export').")],
+    target: Annotated[str, typer.Option(help="Comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
+    calib_data: Annotated[str, typer.Option(help="Image folder (recursive), .npy/.npz, or 'synthetic' (not for production).")] = ...,
+    calib_size: Annotated[int, typer.Option(help="Calibration samples (seeded choice).")] = 128,
+    calib_batch: Annotated[int, typer.Option(help="Calibration batch size.")] = 8,
+    method: Annotated[Optional[str], typer.Option(help="minmax, entropy or percentile (default: per target, see README).")] = None,
+    gates: Annotated[Optional[str], typer.Option(help="int8: quantize the attention gates too; fp: keep them in float.")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse cached calibration for the same model, data and recipe.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
+    from .quantize import quantize_bundle
+
+    result = quantize_bundle(bundle, _split(target), calib_data, calib_size, calib_batch, method, gates, cache, seed)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_quantize(result)
+    if not result["passed"]:
+        err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
+        raise typer.Exit(3)
+
+
+def _print_quantize(result: dict) -> None:
+    calib = result["calibration"]
+    out.print(f"calibration  {calib['source']} ({calib['kind']}): {calib['samples']} samples, "
+              f"{calib['skipped_unreadable']} unreadable skipped")
+    for warning in calib.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {warning}")
+    table = Table(title="INT8 artifacts vs PyTorch FP32")
+    for column in ("artifact", "recipe", "method", "gates", "size", "top-1 agree", "cosine", "cache", "result"):
+        table.add_column(column)
+    for artifact in result["artifacts"]:
+        quant, parity = artifact["quantization"], artifact["parity"]
+        table.add_row(
+            artifact["name"], quant["recipe"], quant["method"], quant["gates"], f"{artifact['size_bytes'] / 1e6:.1f} MB",
+            f"{parity['top1_agreement'] * 100:.1f}%", f"{parity['cosine_mean']:.4f}",
+            "hit" if quant["calibration_cache"].get("hit") else "-",
+            "[green]pass[/]" if parity["passed"] else "[red]FAIL[/]",
+        )
+    out.print(table)
+
+
+@app.command("eval")
+@_handle_errors
+def eval_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    data: Annotated[str, typer.Option(help="ImageFolder: one sub-folder per class, sorted names = class indices.")] = ...,
+    artifact: Annotated[Optional[str], typer.Option(help="One artifact (default: all of the bundle).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many images.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
+    from .evaluate import evaluate_bundle
+
+    result = evaluate_bundle(bundle, data, artifact, batch, limit)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']})")
+    for column in ("artifact", "format", "precision", "top-1", "top-5", "agree w/ fp32", "seconds"):
+        table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
+    for row in result["results"]:
+        if "skipped" in row:
+            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
+            continue
+        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['top1'] * 100:.2f}%",
+                      f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%", f"{row['seconds']:.2f}")
+    out.print(table)
 
 
 @app.command("info")

@@ -18,7 +18,7 @@ from .bundle import MANIFEST_NAME, new_manifest, upsert_artifact, write_manifest
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
 from .fsutil import ensure_writable_dir, sha256_file
-from .models import LoadedModel, build_model, count_gmacs
+from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .parity import plan_cases, run_parity
 from .runners import OnnxRuntimeRunner, TorchRunner
 
@@ -52,10 +52,14 @@ def default_output_dir(model_spec: str) -> Path:
 
 
 def input_spec(loaded: LoadedModel, options: OnnxExportOptions) -> dict:
-    size = options.input_size
+    return make_input_spec(options.input_size, loaded.mean, loaded.std, options.symbolic_input_shape())
+
+
+def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list | None = None) -> dict:
+    """The manifest's ``input``: what every consumer needs to feed the model identically."""
     return {
         "name": "input",
-        "shape": options.symbolic_input_shape(),
+        "shape": shape or ["batch", 3, size, size],
         "dtype": "float32",
         "layout": "NCHW",
         "color": "RGB",
@@ -64,8 +68,8 @@ def input_spec(loaded: LoadedModel, options: OnnxExportOptions) -> dict:
             "center_crop": size,
             "interpolation": "bilinear",
             "scale": 1 / 255,
-            "mean": list(loaded.mean),
-            "std": list(loaded.std),
+            "mean": list(mean),
+            "std": list(std),
         },
     }
 

@@ -68,6 +68,7 @@ def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) 
     with atomic_path(path) as tmp:
         _run_exporter(model, example, tmp, options)
         proto = onnx.load(str(tmp))
+        _scope_node_names(proto)
         simplified = False
         if options.simplify:
             proto = _simplify(proto)
@@ -133,6 +134,24 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options
                 f"the dynamo exporter wrote opset {got}, not the requested {options.opset}; "
                 "use --exporter torchscript for opsets below 18"
             )
+
+
+def _scope_node_names(proto: onnx.ModelProto) -> None:
+    """Give dynamo-exported nodes scoped names (``/layer1/layer1.0/.../node_mul``) from their
+    ``pkg.torch.onnx.name_scopes`` metadata, as the TorchScript exporter does: simplification drops
+    node metadata but keeps names, and the INT8 gate policy reads the module scope from them."""
+    import ast
+
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes is None or node.name.startswith("/"):
+            continue
+        try:
+            modules = [s for s in ast.literal_eval(scopes)[:-1] if s]
+        except (ValueError, SyntaxError):
+            continue
+        if modules:
+            node.name = "/" + "/".join(modules) + "/" + node.name
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:

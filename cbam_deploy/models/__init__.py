@@ -46,8 +46,15 @@ class LoadedModel:
             "num_classes": self.num_classes,
             "parameters": count_parameters(self.module),
             "weights": self.checkpoint.describe() if self.checkpoint else None,
+            "attention_modules": attention_modules(self.module),
             "notes": self.notes,
         }
+
+
+def attention_modules(module: nn.Module) -> list[dict]:
+    from ..calib.gates import attention_modules as find
+
+    return find(module)
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet") -> LoadedModel:
@@ -65,7 +72,9 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         if num_classes is not None:
             notes.append(f"num_classes={num_classes} inferred from the checkpoint's classifier")
     num_classes = num_classes or 1000
-    module = create_model(spec, num_classes=num_classes, stem=stem)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # without weights, the same model every time
+        module = create_model(spec, num_classes=num_classes, stem=stem)
     if checkpoint:
         apply_state_dict(module, checkpoint, spec)
     return LoadedModel(module, spec, "zoo", num_classes, stem, entry.default_input_size(stem),

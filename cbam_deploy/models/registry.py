@@ -53,7 +53,7 @@ def _sort_key(name: str) -> tuple:
     entry = _REGISTRY[name]
     order = {None: 0, "se": 1, "cbam": 2, "bam": 3}
     digits = "".join(ch for ch in entry.family if ch.isdigit())
-    return (entry.family.startswith("resnext"), int(digits or 0), order[entry.attention])
+    return (entry.family.startswith("resnext"), entry.family.endswith("_half"), int(digits or 0), order[entry.attention])
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -92,6 +92,14 @@ def _register_defaults() -> None:
                 return _resnet.resnet(depth, attention=attention, **kw)
 
             register_model(ModelEntry(name, build, f"resnet{depth}", attention, f"ResNet-{depth} {_ATTN_TEXT[attention]}"))
+    for attention in (None, "se", "cbam"):
+        name = f"resnet10_half{_ATTN_LABEL[attention]}"
+
+        def build(attention=attention, **kw):
+            return _resnet.resnet(10, attention=attention, width=32, **kw)
+
+        register_model(ModelEntry(name, build, "resnet10_half", attention,
+                                  f"ResNet-10, half width (32-256 ch) {_ATTN_TEXT[attention]}; small images"))
     for attention in (None, "se", "cbam"):
         name = f"resnext50_32x4d{_ATTN_LABEL[attention]}"
 

@@ -125,6 +125,7 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         groups: int = 1,
         width_per_group: int = 64,
+        width: int = 64,
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
@@ -133,30 +134,30 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.inplanes = 64
+        self.inplanes = width
         self.groups = groups
         self.base_width = width_per_group
         self.stem = stem
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = None
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         if attention == "bam":
-            self.bam1 = BAM(64 * block.expansion)
-            self.bam2 = BAM(128 * block.expansion)
-            self.bam3 = BAM(256 * block.expansion)
+            self.bam1 = BAM(width * block.expansion)
+            self.bam2 = BAM(2 * width * block.expansion)
+            self.bam3 = BAM(4 * width * block.expansion)
         else:
             self.bam1 = self.bam2 = self.bam3 = None
         block_attention = attention if attention in ("cbam", "se") else None
-        self.layer1 = self._make_layer(block, 64, layers[0], 1, block_attention)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, block_attention)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, block_attention)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, block_attention)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.layer1 = self._make_layer(block, width, layers[0], 1, block_attention)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2, block_attention)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2, block_attention)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2, block_attention)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         self.num_classes = num_classes
         official_init(self)
 
@@ -206,6 +207,7 @@ def official_init(model: nn.Module) -> None:
 
 
 _DEPTHS = {
+    10: (BasicBlock, [1, 1, 1, 1]),
     18: (BasicBlock, [2, 2, 2, 2]),
     34: (BasicBlock, [3, 4, 6, 3]),
     50: (Bottleneck, [3, 4, 6, 3]),
@@ -213,10 +215,11 @@ _DEPTHS = {
 }
 
 
-def resnet(depth: int, attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet") -> ResNet:
-    """The official ``ResidualNet`` for depth 18/34/50/101."""
+def resnet(depth: int, attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet",
+           width: int = 64) -> ResNet:
+    """The official ``ResidualNet`` for depth 18/34/50/101 (and a one-block-per-stage depth 10)."""
     block, layers = _DEPTHS[depth]
-    return ResNet(block, layers, num_classes=num_classes, attention=attention, stem=stem)
+    return ResNet(block, layers, num_classes=num_classes, attention=attention, stem=stem, width=width)
 
 
 def resnext50_32x4d(attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet") -> ResNet:

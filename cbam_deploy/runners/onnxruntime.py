@@ -23,6 +23,9 @@ class OnnxRuntimeRunner(Runner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # No busy-waiting between runs: a spinning thread pool steals the CPU from whatever runs
+        # next (another runner in an interleaved benchmark, the server's other work).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:

@@ -1,0 +1,272 @@
+"""INT8 recipes, one per target, and the calibration cache.
+
+* ``ort-cpu``   Q/DQ ONNX, uint8 activations (asymmetric) with int8 per-channel weights: the U8S8
+               form x86 VNNI kernels want. int8/int8 Q/DQ can run slower than FP32 in onnxruntime
+               on x86 (onnxruntime#5319, #6732).
+* ``tensorrt``  Q/DQ ONNX, symmetric int8 activations and weights (zero points 0), weights per
+               output channel, bias left in float: the explicit-quantization form that TensorRT 8.5,
+               10 and 11 parse (11 has no implicit calibration and no INT8 builder flag).
+* ``openvino``  NNCF post-training quantization of the OpenVINO model: an INT8 IR.
+
+All three run onnxruntime's pre-processing (symbolic shape inference, graph optimisation) on the
+FP32 ONNX first. ``gates='fp'`` keeps the attention-gate subgraphs (found by ``gates.gate_nodes``)
+out of quantization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import CbamDeployError
+from ..fsutil import atomic_path, sha256_file
+from .data import CalibrationSet
+from .gates import gate_nodes, gate_op_names
+
+TARGETS = ("ort-cpu", "tensorrt", "openvino")
+METHODS = ("minmax", "entropy", "percentile")
+GATES = ("int8", "fp")
+# Chosen by measurement on the reference digits model (see README "INT8"): every method keeps
+# top-1 within 1 point there; minmax is the cheapest and as good as the others on these models.
+DEFAULT_METHOD = {"ort-cpu": "minmax", "tensorrt": "minmax", "openvino": "minmax"}
+DEFAULT_GATES = {"ort-cpu": "int8", "tensorrt": "int8", "openvino": "int8"}
+CACHE_VERSION = 1
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    format: str  # "onnx" or "openvino"
+    info: dict
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("CBAM_DEPLOY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "cbam-deploy"
+    )
+    return Path(base) / "calibration"
+
+
+def cache_key(model_sha: str, data: CalibrationSet, target: str, method: str, gates: str) -> str:
+    text = json.dumps({"v": CACHE_VERSION, "model": model_sha, "data": data.fingerprint, "n": len(data.inputs),
+                       "target": target, "method": method, "gates": gates}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def resolve(target: str, method: str | None, gates: str | None) -> tuple[str, str]:
+    if target not in TARGETS:
+        raise CbamDeployError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    method = method or DEFAULT_METHOD[target]
+    if method not in METHODS:
+        raise CbamDeployError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    if target == "openvino" and method == "entropy":
+        raise CbamDeployError("NNCF (target openvino) offers no entropy calibration; use minmax or percentile")
+    gates = gates or DEFAULT_GATES[target]
+    if gates not in GATES:
+        raise CbamDeployError(f"--gates must be int8 or fp, got {gates!r}")
+    return method, gates
+
+
+def preprocess_onnx(src: Path, dst: Path) -> None:
+    """onnxruntime's quantization pre-processing: shape inference and graph optimisation."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as exc:
+        raise CbamDeployError(f"onnxruntime pre-processing failed on {src}: {type(exc).__name__}: {exc}") from None
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a CalibrationSet."""
+
+    def __init__(self, data: CalibrationSet, input_name: str, batch: int) -> None:
+        self._batches = [b for b in data.batches(batch)]
+        self._name = input_name
+        self._index = 0
+
+    def get_next(self):
+        if self._index >= len(self._batches):
+            return None
+        self._index += 1
+        return {self._name: self._batches[self._index - 1]}
+
+    def rewind(self) -> None:
+        self._index = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:  # CalibStridedMinMax protocol
+        self._index = start_index
+
+
+def quantize_onnx(
+    fp32_onnx: Path,
+    out_path: Path,
+    data: CalibrationSet,
+    target: str,
+    method: str,
+    gates: str,
+    attention: list[dict],
+    batch: int = 8,
+    cache_dir: Path | None = None,
+) -> QuantizeResult:
+    """The ort-cpu or tensorrt Q/DQ recipe; writes ``out_path`` atomically."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                        "percentile": CalibrationMethod.Percentile}[method]
+    if target == "ort-cpu":
+        activation, extra = QuantType.QUInt8, {"ActivationSymmetric": False, "WeightSymmetric": True}
+    else:
+        activation, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                              "QuantizeBias": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with tempfile.TemporaryDirectory(prefix="cbam-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        preprocess_onnx(fp32_onnx, pre)
+        proto = onnx.load(str(pre))
+        excluded = gate_nodes(proto, attention) if gates == "fp" else []
+        if gates == "fp" and attention and not excluded:
+            raise CbamDeployError("--gates fp: no attention-gate nodes found in the graph; re-export the bundle")
+        input_name = proto.graph.input[0].name
+        cache_path, cache_hit = None, False
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            cache_path = cache_dir / f"{cache_key(sha256_file(pre), data, target, method, gates)}.json"
+            cache_hit = cache_path.is_file()
+        supports_cache = "calibration_cache_path" in quantize_static.__code__.co_varnames
+        kwargs = {"calibration_cache_path": str(cache_path)} if (cache_path and supports_cache) else {}
+        previous = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs every skipped node
+        try:
+            # onnxruntime's histogram calibrators print progress on stdout, which belongs to --json output
+            with atomic_path(out_path) as tmp_out, contextlib.redirect_stdout(sys.stderr):
+                quantize_static(
+                    str(pre), str(tmp_out), _Reader(data, input_name, batch),
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                    activation_type=activation, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded, calibrate_method=calibrate_method, extra_options=extra, **kwargs,
+                )
+                onnx.checker.check_model(str(tmp_out))
+        except CbamDeployError:
+            raise
+        except Exception as exc:
+            raise CbamDeployError(f"quantization ({target}, {method}) failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            logging.getLogger().setLevel(previous)
+    quantized = onnx.load(str(out_path), load_external_data=False)
+    ops = [n.op_type for n in quantized.graph.node]
+    info = {
+        "recipe": target,
+        "method": method,
+        "gates": gates,
+        "activations": "uint8 asymmetric" if target == "ort-cpu" else "int8 symmetric (zero point 0)",
+        "weights": "int8 symmetric, per output channel",
+        "excluded_nodes": len(excluded),
+        "quantize_linear_nodes": ops.count("QuantizeLinear"),
+        "opset": next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), None),
+        "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if kwargs else
+                             {"path": None, "hit": False, "reason": "disabled" if cache_dir is None else
+                              "this onnxruntime has no calibration cache"},
+    }
+    return QuantizeResult(out_path, "onnx", info)
+
+
+def quantize_openvino(
+    fp32_onnx: Path,
+    out_xml: Path,
+    data: CalibrationSet,
+    method: str,
+    gates: str,
+    attention: list[dict],
+    cache_dir: Path | None = None,
+) -> QuantizeResult:
+    """NNCF post-training quantization of the OpenVINO model; writes an INT8 IR (.xml + .bin).
+
+    NNCF keeps no reusable statistics file, so the cache holds the quantized IR itself, keyed like
+    the onnxruntime ranges (model, data fingerprint, recipe, method, gates): a hit skips calibration.
+    """
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        raise CbamDeployError("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from ..exporters.openvino import save_ir
+
+    with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        preprocess_onnx(fp32_onnx, pre)
+        proto = onnx.load(str(pre))
+        excluded = gate_nodes(proto, attention) if gates == "fp" else []
+        key = cache_key(sha256_file(pre), data, "openvino", method, gates)
+        cached = (cache_dir / f"{key}.xml") if cache_dir else None
+        info = {"recipe": "openvino", "method": method, "gates": gates,
+                "activations": "int8 (NNCF performance preset: symmetric)", "weights": "int8 symmetric, per channel",
+                "excluded_nodes": len(excluded)}
+        if cached and cached.is_file() and cached.with_suffix(".bin").is_file():
+            _copy_ir(cached, out_xml)
+            info["calibration_cache"] = {"path": str(cached), "hit": True}
+            return QuantizeResult(out_xml, "openvino", info)
+        model = ov.convert_model(str(pre))
+        ignored = gate_op_names([op.get_friendly_name() for op in model.get_ops()], attention) if gates == "fp" else []
+        if gates == "fp" and attention and not ignored:
+            raise CbamDeployError("--gates fp: none of the gate nodes survived conversion to OpenVINO; cannot exclude them")
+        estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
+        batches = [b for b in data.batches(1)]
+        nncf.set_log_level(logging.ERROR)
+        try:
+            # NNCF draws progress bars and logs on stdout, which belongs to --json output
+            with contextlib.redirect_stdout(sys.stderr):
+                quantized = nncf.quantize(
+                    model,
+                    nncf.Dataset(batches),
+                    preset=nncf.QuantizationPreset.PERFORMANCE,
+                    subset_size=len(batches),
+                    ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+                    advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=estimator),
+                )
+        except Exception as exc:
+            raise CbamDeployError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from None
+        save_ir(quantized, out_xml)
+        info["ignored_ov_nodes"] = len(ignored)
+        if cached:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _copy_ir(out_xml, cached)
+            info["calibration_cache"] = {"path": str(cached), "hit": False}
+        else:
+            info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
+    return QuantizeResult(out_xml, "openvino", info)
+
+
+def _copy_ir(src_xml: Path, dst_xml: Path) -> None:
+    """Copy an IR pair; the .bin lands first and the .xml last, each atomically."""
+    for suffix in (".bin", ".xml"):
+        with atomic_path(dst_xml.with_suffix(suffix)) as tmp:
+            shutil.copyfile(src_xml.with_suffix(suffix), tmp)
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Top-1 agreement and cosine similarity: the INT8 parity measures."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30)
+    return {"top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+            "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()), "samples": len(ref)}

@@ -1,0 +1,87 @@
+"""Accuracy on labelled images (ImageFolder layout): top-1, top-5, and agreement with PyTorch FP32.
+
+Classes are the sorted sub-folder names, index i = output i (torchvision's ImageFolder rule).
+Every image is preprocessed once, by the manifest's preprocessing, and fed to every artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import read_manifest
+from .calib.data import _Unreadable, image_folder, load_image_file
+from .errors import CbamDeployError
+from .runners import open_artifact, reference_runner
+
+SKIPPED_FORMATS = {"tensorrt": "TensorRT engines run only where TensorRT and a GPU are"}
+
+
+def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    folder = image_folder(data_dir)
+    arrays, labels, skipped = [], [], 0
+    for path, label in zip(folder.paths, folder.labels):
+        if limit and len(arrays) >= limit:
+            break
+        try:
+            arrays.append(load_image_file(path, spec))
+            labels.append(label)
+        except _Unreadable:
+            skipped += 1
+    if not arrays:
+        raise CbamDeployError(f"{data_dir}: none of its images could be read")
+    return np.stack(arrays), np.asarray(labels), folder.classes, skipped
+
+
+def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndarray | None) -> dict:
+    order = np.argsort(-logits, axis=1)
+    k = min(5, logits.shape[1])
+    metrics = {
+        "top1": float((order[:, 0] == labels).mean()),
+        "top5": float((order[:, :k] == labels[:, None]).any(axis=1).mean()),
+    }
+    if reference_top1 is not None:
+        metrics["agreement"] = float((order[:, 0] == reference_top1).mean())
+    return metrics
+
+
+def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
+                    batch: int = 32, limit: int | None = None) -> dict:
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    inputs, labels, classes, skipped = load_labelled(data_dir, manifest["input"], limit)
+    num_classes = manifest["model"].get("num_classes")
+    if num_classes and len(classes) > num_classes:
+        raise CbamDeployError(f"{data_dir} has {len(classes)} class folders but the model has {num_classes} outputs")
+    fixed = manifest["input"]["shape"][0] if isinstance(manifest["input"]["shape"][0], int) else None
+    batch = fixed or batch
+    if fixed:
+        keep = len(inputs) // fixed * fixed
+        inputs, labels = inputs[:keep], labels[:keep]
+
+    def run(runner):
+        started = time.perf_counter()
+        out = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        return out, time.perf_counter() - started
+
+    reference, reference_label = reference_runner(manifest, bundle_dir)
+    ref_logits, ref_seconds = run(reference)
+    ref_top1 = ref_logits.argmax(1)
+    rows = [{"artifact": reference_label, "format": "pytorch" if reference_label == "pytorch-fp32" else "onnx",
+             "precision": "fp32", **topk_metrics(ref_logits, labels, ref_top1), "seconds": round(ref_seconds, 2)}]
+    names = [artifact] if artifact else [a["name"] for a in manifest["artifacts"]]
+    for name in names:
+        entry = next((a for a in manifest["artifacts"] if a["name"] == name), None)
+        if entry is None:
+            raise CbamDeployError(f"bundle {bundle_dir} has no artifact {name!r}")
+        if entry["format"] in SKIPPED_FORMATS:
+            rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"],
+                         "skipped": SKIPPED_FORMATS[entry["format"]]})
+            continue
+        logits, seconds = run(open_artifact(bundle_dir, manifest, name))
+        rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"],
+                     **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
+    return {"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)), "classes": len(classes),
+            "skipped_unreadable": skipped, "reference": reference_label, "results": rows}

@@ -1,0 +1,125 @@
+"""The INT8 job: a bundle's FP32 ONNX + calibration data -> INT8 artifacts in the same bundle.
+
+Each artifact's agreement with the PyTorch original (top-1 agreement, cosine) is measured on
+held-out calibration-source samples and recorded with the recipe, method, gate policy and data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
+from .calib.data import load_calibration
+from .calib.recipes import (TARGETS, agreement, default_cache_dir, quantize_onnx, quantize_openvino, resolve)
+from .errors import CbamDeployError
+from .fsutil import sha256_file
+from .runners import open_artifact, reference_runner
+
+# INT8 is judged by agreement, not element-wise error (documented in the README).
+INT8_MIN_TOP1 = 0.90
+INT8_MIN_COSINE = 0.98
+ARTIFACT_FILES = {"ort-cpu": "model.int8-ort-cpu.onnx", "tensorrt": "model.int8-tensorrt.onnx",
+                  "openvino": "model.int8-openvino.xml"}
+
+
+def artifact_name(target: str, gates: str) -> str:
+    return f"int8-{target}" + ("-gates-fp" if gates == "fp" else "")
+
+
+def quantize_bundle(
+    bundle_dir: str | Path,
+    targets: list[str],
+    calib_data: str,
+    calib_size: int = 128,
+    calib_batch: int = 8,
+    method: str | None = None,
+    gates: str | None = None,
+    use_cache: bool = True,
+    seed: int = 0,
+    check_samples: int = 64,
+) -> dict:
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    _, fp32_path = artifact_path(bundle_dir, manifest, "onnx-fp32")
+    for target in targets:
+        resolve(target, method, gates)  # reject bad options before any work
+    if calib_batch < 1:
+        raise CbamDeployError(f"--calib-batch must be at least 1, got {calib_batch}")
+    fixed_batch = isinstance(manifest["input"]["shape"][0], int)
+    if fixed_batch:
+        calib_batch = manifest["input"]["shape"][0]  # a fixed-batch model takes only its own batch
+    data = load_calibration(calib_data, manifest["input"], calib_size + check_samples, seed)
+    if fixed_batch:
+        usable = len(data.inputs) // calib_batch * calib_batch
+        if usable == 0:
+            raise CbamDeployError(f"the model has a fixed batch of {calib_batch}; the data gave only {len(data.inputs)} samples")
+        data.inputs = data.inputs[:usable]
+        calib_size = max(calib_batch, min(calib_size, usable) // calib_batch * calib_batch)
+    if len(data.inputs) > calib_size:
+        check = data.inputs[calib_size:]
+        data.inputs = data.inputs[:calib_size]
+        check_source = "held-out samples of the calibration source"
+    else:
+        check = data.inputs[: min(len(data.inputs), check_samples)]
+        check_source = "calibration samples (source too small to hold any out)"
+    attention = manifest["model"].get("attention_modules", [])
+    reference, reference_label = reference_runner(manifest, bundle_dir)
+    ref_out = _run_all(reference, check, calib_batch)
+    cache_dir = default_cache_dir() if use_cache else None
+    results = []
+    for target in targets:
+        chosen_method, chosen_gates = resolve(target, method, gates)
+        name = artifact_name(target, chosen_gates)
+        out_path = bundle_dir / _file_for(target, chosen_gates)
+        started = time.perf_counter()
+        if target == "openvino":
+            result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
+                                       cache_dir / "openvino" if cache_dir else None)
+        else:
+            result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
+                                   calib_batch, cache_dir)
+        seconds = time.perf_counter() - started
+        artifact = {
+            "name": name,
+            "path": out_path.name,
+            "format": result.format,
+            "precision": "int8",
+            "sha256": sha256_file(out_path),
+            "size_bytes": out_path.stat().st_size + (out_path.with_suffix(".bin").stat().st_size if result.format == "openvino" else 0),
+            "quantization": {**result.info, "seconds": round(seconds, 2)},
+            "calibration": data.describe(),
+        }
+        if result.format == "openvino":
+            artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
+        upsert_artifact(manifest, artifact)
+        runner = open_artifact(bundle_dir, manifest, name)
+        measured = agreement(ref_out, _run_all(runner, check, calib_batch))
+        passed = measured["top1_agreement"] >= INT8_MIN_TOP1 and measured["cosine_mean"] >= INT8_MIN_COSINE
+        artifact["parity"] = {
+            "passed": passed, "precision": "int8", "reference": reference_label, "inputs": check_source,
+            "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,
+        }
+        if data.kind == "synthetic":
+            artifact["parity"]["warning"] = "synthetic calibration data: not fit for production"
+        results.append(artifact)
+    write_manifest(bundle_dir, manifest)
+    return {"bundle": str(bundle_dir), "artifacts": results, "calibration": data.describe(),
+            "passed": all(a["parity"]["passed"] for a in results)}
+
+
+def _file_for(target: str, gates: str) -> str:
+    base = ARTIFACT_FILES[target]
+    if gates == "fp":
+        stem, dot, suffix = base.rpartition(".")
+        return f"{stem}-gates-fp.{suffix}"
+    return base
+
+
+def _run_all(runner, inputs: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+
+
+__all__ = ["TARGETS", "quantize_bundle"]
