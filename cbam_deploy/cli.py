@@ -102,6 +102,15 @@ def export_command(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")] = True,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Check onnxruntime against PyTorch after export.")] = True,
     force: Annotated[bool, typer.Option(help="Replace a bundle of another model in the output folder.")] = False,
+    formats: Annotated[str, typer.Option("--format", help="Comma list of onnx, openvino, tensorrt.")] = "onnx",
+    precisions: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16, int8.")] = "fp32",
+    gates: Annotated[Optional[str], typer.Option(help="INT8 gate policy: int8 or fp (default per target).")] = None,
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to tune for.")] = 1,
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 8,
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace limit (MiB).")] = 2048,
+    timing_cache: Annotated[Optional[str], typer.Option(help="TensorRT timing cache file, reused across builds.")] = None,
+    dla_core: Annotated[Optional[int], typer.Option(help="Jetson: build for this DLA core, GPU fallback on.")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
     target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
@@ -120,10 +129,25 @@ def export_command(
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
     result = export_bundle(request)
+    if formats != "onnx" or precisions != "fp32":
+        from .build import TensorRTOptions
+        from .pipeline import build_verify_bench
+
+        trt = TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core)
+        summary = build_verify_bench(result["bundle"], formats, precisions, calib_data, gates, trt)
+        if as_json:
+            _print_json({**result, "summary": summary})
+        else:
+            _print_export(result)
+            _print_summary(summary)
+        if result["passed"] is False or summary["passed"] is False:
+            err.print("[bold red]error:[/] an artifact failed verification (recorded in the manifest)")
+            raise typer.Exit(3)
+        return
     if int8:
         from .quantize import quantize_bundle
 
-        result["int8"] = quantize_bundle(result["bundle"], _split(target), calib_data)
+        result["int8"] = quantize_bundle(result["bundle"], _split(target), calib_data, gates=gates)
     if as_json:
         _print_json(result)
     else:
@@ -168,6 +192,123 @@ def _print_export(result: dict) -> None:
     out.print(table)
     for note in model["notes"]:
         out.print(f"[yellow]note:[/] {note}")
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
+    for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
+        table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
+    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3}
+    rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
+    for row in rows:
+        if row.get("skipped"):
+            table.add_row(row["format"], row["precision"], "-", "-", "[yellow]skipped[/]", "-", "-")
+            continue
+        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
+        latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
+        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
+        table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
+    out.print(table)
+    for row in rows:
+        if row.get("skipped"):
+            out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {row['skipped']}")
+
+
+@app.command("verify")
+@_handle_errors
+def verify_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    data: Annotated[Optional[str], typer.Option(help="Also compare on these images (folder) or arrays.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
+    samples: Annotated[int, typer.Option(help="Images for the --data and INT8 checks.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
+    from .verify import verify_bundle
+
+    result = verify_bundle(bundle, data, _split(artifact) if artifact else None, samples)
+    if as_json:
+        _print_json(result)
+    else:
+        table = Table(title=f"verify {result['bundle']} against {result['reference']}")
+        for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "result"):
+            table.add_column(column)
+        for row in result["results"]:
+            if row.get("skipped"):
+                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", f"[yellow]skipped[/] {row['skipped'][:50]}")
+                continue
+            cosine = row.get("cosine_min", row.get("cosine_mean"))
+            table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
+                          f"{cosine:.5f}", f"{row.get('top1_agreement', 0) * 100:.1f}%",
+                          "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {row.get('reason', '')}")
+        out.print(table)
+        for row in result["results"]:
+            divergence = row.get("first_divergence")
+            if divergence:
+                out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
+                          f"({divergence['type']}, ONNX node {divergence['onnx_node']}): max abs error "
+                          f"{divergence['max_abs_err']:.3g} > {divergence['bound']:.3g}")
+    if result["passed"] is False:
+        err.print("[bold red]error:[/] verification failed (recorded in the manifest)")
+        raise typer.Exit(3)
+
+
+@app.command("bench")
+@_handle_errors
+def bench_command(
+    bundle: Annotated[Optional[str], typer.Argument(help="Bundle folder (or use --model).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Export this zoo model to a temporary bundle and bench it.")] = None,
+    batch: Annotated[str, typer.Option(help="Comma list of batch sizes, e.g. 1,8,32.")] = "1",
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Interleaved rounds (default: enough for --min-seconds).")] = None,
+    min_seconds: Annotated[float, typer.Option(help="Minimum measuring time per batch size.")] = 5.0,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs per runner.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for every backend (default: theirs).")] = None,
+    markdown: Annotated[Optional[str], typer.Option(help="Write a markdown report here.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot (latency vs batch) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """Latency and throughput of every artifact next to PyTorch eager, measured in the same run."""
+    import tempfile
+
+    from .bench import bench_bundle, markdown_report, plot_latency
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise CbamDeployError(f"--batch takes a comma list of integers, got {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise CbamDeployError(f"--batch takes positive integers, got {batch!r}")
+    if (bundle is None) == (model is None):
+        raise CbamDeployError("give a BUNDLE folder or --model NAME (one of them)")
+    with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
+        if model:
+            from .pipeline import ExportRequest, export_bundle
+
+            bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
+        result = bench_bundle(bundle, batches, _split(artifact) if artifact else None, iters, min_seconds, warmup, threads)
+    title = f"{result['model']}: latency vs PyTorch eager"
+    if markdown:
+        from .fsutil import write_bytes_atomic
+
+        write_bytes_atomic(markdown, markdown_report(result["results"], result["machine"], title).encode())
+    if plot:
+        plot_latency(result["results"], plot, title)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=title)
+    for column in ("runner", "backend", "precision", "batch", "mean ms", "p50", "p90", "p99", "img/s", "x PyTorch"):
+        table.add_column(column, justify="left" if column in ("runner", "backend", "precision") else "right")
+    for r in result["results"]:
+        table.add_row(r["runner"], r["backend"], r.get("inference_precision", r["precision"]), str(r["batch"]),
+                      f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['throughput_ips']:.1f}", f"{r.get('ratio_to_pytorch', float('nan')):.2f}")
+    out.print(table)
+    out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    for skip in result["skipped"]:
+        out.print(f"[yellow]skipped[/] {skip['artifact']}: {skip['reason']}")
 
 
 @app.command("quantize")

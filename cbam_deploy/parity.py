@@ -32,7 +32,33 @@ class Tolerance:
 
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-5, rtol=1e-4, min_cosine=0.99999, min_top1=1.0),
+    # half precision: 11-bit (fp16) / 8-bit (bf16) mantissas through ~50 layers
+    "fp16": Tolerance(atol=1e-3, rtol=2e-2, min_cosine=0.999, min_top1=0.99),
+    "bf16": Tolerance(atol=1e-2, rtol=6e-2, min_cosine=0.99, min_top1=0.95),
 }
+# INT8 is judged by agreement, not element-wise error: top-1 agreement over all samples and the
+# mean cosine similarity of the logits.
+INT8_MIN_TOP1 = 0.90
+INT8_MIN_COSINE = 0.98
+
+
+def compare_int8(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    cand = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30)
+    metrics = {"samples": len(ref), "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+               "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+               "max_abs_err": float(np.abs(ref - cand).max())}
+    reasons = []
+    if metrics["top1_agreement"] < INT8_MIN_TOP1:
+        reasons.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {INT8_MIN_TOP1}")
+    if metrics["cosine_mean"] < INT8_MIN_COSINE:
+        reasons.append(f"mean cosine {metrics['cosine_mean']:.4f} < {INT8_MIN_COSINE}")
+    metrics["passed"] = not reasons
+    if reasons:
+        metrics["reason"] = "; ".join(reasons)
+    return metrics
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> dict:

@@ -161,3 +161,37 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
         "passed": parity["passed"] if parity is not None else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, calib_data: str | None = None,
+                       gates: str | None = None, trt=None, bench_iters: int = 20) -> dict:
+    """The one-command job after export: build every requested artifact the machine can build,
+    verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
+    from .bench import bench_bundle
+    from .build import build_artifacts
+    from .bundle import read_manifest
+    from .verify import verify_bundle
+
+    outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt)
+    built = [o.name for o in outcomes if o.name]
+    verified = verify_bundle(bundle_dir, artifacts=built)
+    timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters)
+    manifest = read_manifest(bundle_dir)
+    sizes = {a["name"]: a.get("size_bytes") for a in manifest["artifacts"]}
+    verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
+    latency = {r["runner"]: r for r in timing["results"]}
+    pytorch = latency.get("pytorch")
+    rows = [{"artifact": "pytorch (eager)", "format": "pytorch", "precision": "fp32", "passed": None,
+             "latency_ms": pytorch["mean_ms"] if pytorch else None, "speedup": 1.0}]
+    for outcome in outcomes:
+        if outcome.skipped:
+            rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision, "skipped": outcome.skipped})
+            continue
+        measured = latency.get(outcome.name)
+        rows.append({"artifact": outcome.name, "format": outcome.format, "precision": outcome.precision,
+                     "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
+                     "latency_ms": measured["mean_ms"] if measured else None,
+                     "speedup": measured.get("speedup_vs_pytorch") if measured else None})
+    verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
+    return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
+            "passed": all(verdicts) if verdicts else None}

@@ -13,14 +13,12 @@ import numpy as np
 
 from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
 from .calib.data import load_calibration
-from .calib.recipes import (TARGETS, agreement, default_cache_dir, quantize_onnx, quantize_openvino, resolve)
+from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
 from .fsutil import sha256_file
+from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
 
-# INT8 is judged by agreement, not element-wise error (documented in the README).
-INT8_MIN_TOP1 = 0.90
-INT8_MIN_COSINE = 0.98
 ARTIFACT_FILES = {"ort-cpu": "model.int8-ort-cpu.onnx", "tensorrt": "model.int8-tensorrt.onnx",
                   "openvino": "model.int8-openvino.xml"}
 
@@ -96,10 +94,9 @@ def quantize_bundle(
             artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
         upsert_artifact(manifest, artifact)
         runner = open_artifact(bundle_dir, manifest, name)
-        measured = agreement(ref_out, _run_all(runner, check, calib_batch))
-        passed = measured["top1_agreement"] >= INT8_MIN_TOP1 and measured["cosine_mean"] >= INT8_MIN_COSINE
+        measured = compare_int8(ref_out, _run_all(runner, check, calib_batch))
         artifact["parity"] = {
-            "passed": passed, "precision": "int8", "reference": reference_label, "inputs": check_source,
+            "precision": "int8", "reference": reference_label, "inputs": check_source,
             "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,
         }
         if data.kind == "synthetic":

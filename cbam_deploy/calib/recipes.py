@@ -26,7 +26,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from ..errors import CbamDeployError
@@ -260,13 +259,3 @@ def _copy_ir(src_xml: Path, dst_xml: Path) -> None:
     for suffix in (".bin", ".xml"):
         with atomic_path(dst_xml.with_suffix(suffix)) as tmp:
             shutil.copyfile(src_xml.with_suffix(suffix), tmp)
-
-
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Top-1 agreement and cosine similarity: the INT8 parity measures."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cosine = (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30)
-    return {"top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
-            "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()), "samples": len(ref)}

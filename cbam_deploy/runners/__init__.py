@@ -28,7 +28,11 @@ def open_artifact(bundle_dir: str | Path, manifest: dict, name: str, threads: in
         from .openvino import OpenVINORunner
 
         return OpenVINORunner(path, precision=artifact["precision"], threads=threads)
-    raise CbamDeployError(f"no runner for artifact format {artifact['format']!r} yet")
+    if artifact["format"] == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(path, precision=artifact["precision"])
+    raise CbamDeployError(f"no runner for artifact format {artifact['format']!r}")
 
 
 def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tuple[Runner, str]:

@@ -27,11 +27,13 @@ class OpenVINORunner(Runner):
         self.request = self.compiled.create_infer_request()
         self.device = device
         self.precision = precision
-        self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.hint = hint
+        # what OpenVINO will really compute in (it may refuse a hint the CPU cannot honour)
+        self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
 
     def describe(self) -> dict:
-        return {**super().describe(), "inference_precision": self.inference_precision}
+        return {**super().describe(), "inference_precision": self.inference_precision, "performance_hint": self.hint}

@@ -1,0 +1,146 @@
+"""Build the bundle's other artifacts from its FP32 ONNX: OpenVINO IR and TensorRT engines in
+fp32/fp16/int8, INT8 ONNX. What cannot be built here is returned as skipped, with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
+from .errors import CbamDeployError
+from .fsutil import sha256_file
+
+FORMATS = ("onnx", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANT_TARGET = {"onnx": "ort-cpu", "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+@dataclass
+class TensorRTOptions:
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    workspace_mb: int = 2048
+    timing_cache: str | None = None
+    dla_core: int | None = None
+
+
+@dataclass
+class BuildOutcome:
+    format: str
+    precision: str
+    name: str | None = None
+    skipped: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _split(value: str | list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    items = value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise CbamDeployError(f"--{what} takes a comma list of {', '.join(allowed)}; got {', '.join(bad) or 'nothing'}")
+    return items
+
+
+def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions: str | list[str],
+                    calib_data: str | None = None, calib_size: int = 128, gates: str | None = None,
+                    trt: TensorRTOptions | None = None) -> list[BuildOutcome]:
+    bundle_dir = Path(bundle_dir)
+    formats = _split(formats, FORMATS, "format")
+    precisions = _split(precisions, PRECISIONS, "precision")
+    outcomes: list[BuildOutcome] = []
+    if "int8" in precisions:
+        from .calib.recipes import resolve
+        from .quantize import artifact_name, quantize_bundle
+
+        for fmt in formats:
+            target = QUANT_TARGET[fmt]
+            if not calib_data:
+                outcomes.append(BuildOutcome(fmt, "int8", skipped="INT8 needs --calib-data (images, .npy/.npz or 'synthetic')"))
+                continue
+            try:
+                quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates)
+            except CbamDeployError as exc:
+                if "extra" in str(exc) and "install" in str(exc):
+                    outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
+                    continue
+                raise
+            if fmt != "tensorrt":  # the tensorrt Q/DQ ONNX becomes an engine below
+                outcomes.append(BuildOutcome(fmt, "int8", artifact_name(target, resolve(target, None, gates)[1])))
+    for fmt in formats:
+        for precision in precisions:
+            if fmt == "onnx" and precision == "fp32":
+                outcomes.append(BuildOutcome("onnx", "fp32", "onnx-fp32"))
+            elif fmt == "onnx" and precision == "fp16":
+                outcomes.append(BuildOutcome("onnx", "fp16", skipped="onnxruntime's CPU provider has no fast fp16 kernels; "
+                                             "fp16 is built as OpenVINO IR or a TensorRT engine"))
+            elif fmt == "openvino" and precision in ("fp32", "fp16"):
+                outcomes.append(_build_openvino(bundle_dir, precision))
+            elif fmt == "tensorrt":
+                if precision == "int8" and not calib_data:
+                    continue  # already reported above
+                outcomes.append(_build_tensorrt(bundle_dir, precision, trt or TensorRTOptions(), gates))
+    return outcomes
+
+
+def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
+    try:
+        from .exporters.openvino import export_ir
+    except ImportError as exc:  # pragma: no cover - export_ir imports lazily
+        return BuildOutcome("openvino", precision, skipped=str(exc))
+    manifest = read_manifest(bundle_dir)
+    _, onnx_path = artifact_path(bundle_dir, manifest, "onnx-fp32")
+    xml = bundle_dir / f"model.openvino-{precision}.xml"
+    try:
+        info = export_ir(onnx_path, xml, precision)
+    except CbamDeployError as exc:
+        if "not installed" in str(exc):
+            return BuildOutcome("openvino", precision, skipped=str(exc))
+        raise
+    name = f"openvino-{precision}"
+    manifest = read_manifest(bundle_dir)
+    upsert_artifact(manifest, {
+        "name": name, "path": xml.name, "format": "openvino", "precision": precision, "sha256": sha256_file(xml),
+        "companion_files": {xml.with_suffix(".bin").name: sha256_file(xml.with_suffix(".bin"))},
+        "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+        "export": {**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]},
+    })
+    write_manifest(bundle_dir, manifest)
+    return BuildOutcome("openvino", precision, name)
+
+
+def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, gates: str | None = None) -> BuildOutcome:
+    from .exporters.tensorrt import Profile, build_engine, fp16_onnx, parse_version, plan_build, require_tensorrt, sidecar
+
+    try:
+        trt = require_tensorrt()
+        from .exporters.tensorrt import current_gpu
+
+        current_gpu()
+    except CbamDeployError as exc:
+        return BuildOutcome("tensorrt", precision, skipped=str(exc))
+    manifest = read_manifest(bundle_dir)
+    plan = plan_build(parse_version(trt.__version__), precision, options.dla_core)
+    if plan.onnx_variant == "qdq":
+        from .quantize import artifact_name
+
+        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", gates or "int8"))
+    else:
+        _, source = artifact_path(bundle_dir, manifest, "onnx-fp32")
+        if plan.onnx_variant == "fp16":
+            fp16_path = bundle_dir / "model.fp16.onnx"
+            fp16_onnx(source, fp16_path)
+            source = fp16_path
+    engine = bundle_dir / f"model.tensorrt-{precision}.engine"
+    profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
+    metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
+                            Path(options.timing_cache) if options.timing_cache else bundle_dir / "tensorrt.timing-cache",
+                            options.dla_core)
+    name = f"tensorrt-{precision}"
+    upsert_artifact(manifest, {
+        "name": name, "path": engine.name, "format": "tensorrt", "precision": precision, "sha256": sha256_file(engine),
+        "companion_files": {sidecar(engine).name: sha256_file(sidecar(engine))},
+        "size_bytes": engine.stat().st_size, "export": metadata,
+    })
+    write_manifest(bundle_dir, manifest)
+    return BuildOutcome("tensorrt", precision, name)

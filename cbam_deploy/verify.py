@@ -1,0 +1,101 @@
+"""``verify``: every artifact of a bundle against PyTorch FP32, with tolerances by precision.
+
+fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs at the bundle's
+shapes; int8 uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data``
+when given, else the artifact's own calibration source when it still exists, else seeded noise
+(marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
+module whose output departs. Results go into the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import read_manifest, write_manifest
+from .calib.data import load_calibration
+from .errors import CbamDeployError
+from .parity import TOLERANCES, compare_int8, make_inputs, plan_cases, run_parity
+from .runners import TorchRunner, open_artifact, reference_runner
+
+SKIP_WITHOUT = {"tensorrt": "tensorrt"}
+
+
+def _int8_inputs(manifest: dict, artifact: dict, data: str | None, samples: int, seed: int) -> tuple[np.ndarray, str]:
+    source = data or (artifact.get("calibration") or {}).get("source")
+    if source and (source == "synthetic" or Path(source).exists()):
+        loaded = load_calibration(source, manifest["input"], samples, seed + 1)
+        return loaded.inputs, f"{loaded.kind}: {loaded.source}"
+    case = plan_cases(_side(manifest), None, False, samples)[0]
+    return make_inputs(case, seed=seed), "seeded N(0,1) noise (no image data found): weak evidence for int8"
+
+
+def _side(manifest: dict) -> int:
+    return int(manifest["input"]["preprocess"]["center_crop"])
+
+
+def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference, data: str | None = None,
+                    samples: int = 16, seed: int = 0) -> dict:
+    try:
+        runner = open_artifact(bundle_dir, manifest, artifact["name"])
+    except CbamDeployError as exc:
+        if artifact["format"] in SKIP_WITHOUT and "not installed" in str(exc):
+            return {"passed": None, "skipped": str(exc)}
+        raise
+    precision = getattr(runner, "effective_precision", None) or artifact["precision"]
+    if precision == "int8":
+        inputs, label = _int8_inputs(manifest, artifact, data, samples, seed)
+        batch = manifest["input"]["shape"][0] if isinstance(manifest["input"]["shape"][0], int) else 8
+        usable = len(inputs) // batch * batch if isinstance(manifest["input"]["shape"][0], int) else len(inputs)
+        inputs = inputs[:usable]
+        ref = np.concatenate([reference.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        got = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        return {**compare_int8(ref, got), "precision": "int8", "inputs": label, "candidate": runner.describe()}
+    shape = manifest["input"]["shape"]
+    cases = plan_cases(_side(manifest), shape[0] if isinstance(shape[0], int) else None, isinstance(shape[2], str), 8)
+    result = run_parity(reference, runner, cases, precision if precision in TOLERANCES else "fp32", seed=seed)
+    result["inputs"] = "seeded N(0,1) in the normalised input space"
+    if data:
+        images = load_calibration(data, manifest["input"], samples, seed).inputs
+        batch = shape[0] if isinstance(shape[0], int) else 8
+        images = images[: max(batch, len(images) // batch * batch)] if isinstance(shape[0], int) else images
+        from .parity import compare_outputs
+
+        ref = np.concatenate([reference.run(images[i:i + batch]) for i in range(0, len(images), batch)])
+        got = np.concatenate([runner.run(images[i:i + batch]) for i in range(0, len(images), batch)])
+        on_images = compare_outputs(ref, got, TOLERANCES[precision if precision in TOLERANCES else "fp32"])
+        result["images"] = {"source": data, **on_images}
+        result["passed"] = result["passed"] and on_images["passed"]
+    return result
+
+
+def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: list[str] | None = None,
+                  samples: int = 16, seed: int = 0) -> dict:
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    reference, label = reference_runner(manifest, bundle_dir)
+    rows = []
+    for artifact in manifest["artifacts"]:
+        if artifacts and artifact["name"] not in artifacts:
+            continue
+        result = verify_artifact(bundle_dir, manifest, artifact, reference, data, samples, seed)
+        result["reference"] = label
+        if result.get("passed") is False and artifact["format"] == "onnx" and artifact["precision"] != "int8" \
+                and isinstance(reference, TorchRunner):
+            from .diagnose import locate_divergence
+
+            x = make_inputs(plan_cases(_side(manifest), None, False, 1)[0], seed=seed)
+            if isinstance(manifest["input"]["shape"][0], int):
+                x = np.repeat(x, manifest["input"]["shape"][0], axis=0)
+            result["first_divergence"] = locate_divergence(reference.model, bundle_dir / artifact["path"], x)
+        if result.get("passed") is not None:
+            artifact["verify"] = result
+        rows.append({"artifact": artifact["name"], "format": artifact["format"], "precision": artifact["precision"], **result})
+    if artifacts:
+        missing = set(artifacts) - {r["artifact"] for r in rows}
+        if missing:
+            raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
+    write_manifest(bundle_dir, manifest)
+    verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
+    return {"bundle": str(bundle_dir), "reference": label, "results": rows, "passed": all(verdicts) if verdicts else None}

@@ -1,0 +1,123 @@
+"""OpenVINO IR artifacts, verify (with first-divergence location), bench, and the one-command export."""
+
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cbam_deploy.bench import bench_bundle  # noqa: E402
+from cbam_deploy.build import build_artifacts  # noqa: E402
+from cbam_deploy.bundle import read_manifest  # noqa: E402
+from cbam_deploy.cli import app  # noqa: E402
+from cbam_deploy.errors import CbamDeployError  # noqa: E402
+from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.verify import verify_bundle  # noqa: E402
+from reference.digits import CHECKPOINT, write_image_folder  # noqa: E402
+
+pytest.importorskip("openvino", reason="OpenVINO is the 'openvino' extra")
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """The trained reference model (real weights, so every check means something)."""
+    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", weights=str(CHECKPOINT), output=str(tmp_path / "b")))
+    return tmp_path / "b"
+
+
+def test_openvino_ir_artifacts_record_their_real_precision(bundle):
+    outcomes = build_artifacts(bundle, "openvino", "fp32,fp16")
+    assert [o.name for o in outcomes] == ["openvino-fp32", "openvino-fp16"]
+    manifest = read_manifest(bundle)
+    for name in ("openvino-fp32", "openvino-fp16"):
+        artifact = next(a for a in manifest["artifacts"] if a["name"] == name)
+        assert (bundle / artifact["path"]).is_file() and (bundle / artifact["path"]).with_suffix(".bin").is_file()
+    result = verify_bundle(bundle)
+    rows = {r["artifact"]: r for r in result["results"]}
+    assert result["passed"] and rows["openvino-fp32"]["candidate"]["inference_precision"] == "float32"
+    # what OpenVINO really computes in is recorded, whatever was asked for
+    assert rows["openvino-fp16"]["candidate"]["inference_precision"] in ("float16", "float32", "bfloat16")
+    assert "verify" in next(a for a in read_manifest(bundle)["artifacts"] if a["name"] == "openvino-fp32")
+
+
+def test_verify_locates_the_first_layer_that_departs(bundle):
+    path = bundle / "model.onnx"
+    proto = onnx.load(str(path))
+    target = next(i for i in proto.graph.initializer
+                  if list(i.dims)[:2] == [1, 2] and len(i.dims) == 4 and
+                  any(i.name in n.input and n.name.startswith("/layer3/") for n in proto.graph.node))
+    weights = onnx.numpy_helper.to_array(target) * -3.0
+    target.CopyFrom(onnx.numpy_helper.from_array(weights, target.name))
+    onnx.save(proto, str(path))
+    manifest = read_manifest(bundle)
+    from cbam_deploy.fsutil import sha256_file
+    manifest["artifacts"][0]["sha256"] = sha256_file(path)  # a wrong model, not a torn file
+    from cbam_deploy.bundle import write_manifest
+    write_manifest(bundle, manifest)
+    result = verify_bundle(bundle)
+    row = result["results"][0]
+    assert result["passed"] is False and row["passed"] is False
+    assert row["first_divergence"]["module"].startswith("layer3.0.cbam.SpatialGate")
+    cli = CliRunner().invoke(app, ["verify", str(bundle)])
+    assert cli.exit_code == 3 and "first departs at module" in cli.stdout
+
+
+def test_verify_int8_uses_images(bundle, tmp_path):
+    train = write_image_folder(tmp_path / "train", "train")
+    build_artifacts(bundle, "onnx,openvino", "int8", calib_data=str(train), calib_size=32)
+    result = verify_bundle(bundle, artifacts=["int8-ort-cpu", "int8-openvino"])
+    for row in result["results"]:
+        assert row["passed"] and row["inputs"].startswith("images") and row["top1_agreement"] >= 0.9
+
+
+def test_bench_interleaves_pytorch_and_writes_reports(bundle, tmp_path):
+    build_artifacts(bundle, "openvino", "fp32")
+    result = bench_bundle(bundle, [1, 4], iters=3, warmup=1)
+    runners = {(r["runner"], r["batch"]) for r in result["results"]}
+    assert runners == {(n, b) for n in ("pytorch", "onnx-fp32", "openvino-fp32") for b in (1, 4)}
+    for row in result["results"]:
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["throughput_ips"] > 0
+        assert row["ratio_to_pytorch"] > 0
+    assert result["machine"]["cpu_cores"] >= 1
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    cli = CliRunner().invoke(app, ["bench", str(bundle), "--batch", "1,2", "--iters", "2", "--markdown", str(md),
+                                   "--plot", str(png), "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["results"] and "| runner |" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_options():
+    runner = CliRunner()
+    assert "--batch takes" in runner.invoke(app, ["bench", "--model", "resnet18", "--batch", "a"]).stderr
+    assert "one of them" in runner.invoke(app, ["bench"]).stderr
+
+
+def test_one_command_builds_what_it_can_and_lists_the_rest(tmp_path):
+    train = write_image_folder(tmp_path / "train", "train")
+    result = CliRunner().invoke(app, [
+        "export", "-m", "resnet10_half_cbam", "--stem", "cifar", "-w", str(CHECKPOINT), "-o", str(tmp_path / "b"),
+        "--format", "onnx,openvino,tensorrt", "--precision", "fp32,fp16,int8", "--calib-data", str(train), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["summary"]["rows"]
+    built = {(r["format"], r["precision"]) for r in rows if r.get("artifact") and not r.get("skipped")}
+    skipped = {(r["format"], r["precision"]): r["skipped"] for r in rows if r.get("skipped")}
+    assert {("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")} <= built
+    assert ("onnx", "fp16") in skipped
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert all(("tensorrt", p) in skipped for p in ("fp32", "fp16", "int8"))
+        assert "TensorRT is not installed" in skipped[("tensorrt", "fp32")]
+    for row in rows:
+        if row.get("artifact") and row["format"] != "pytorch":
+            assert row["passed"] is True and row["latency_ms"] > 0 and row["speedup"] > 0
+
+
+def test_bad_format_and_precision(tmp_path):
+    with pytest.raises(CbamDeployError, match="--format"):
+        build_artifacts(tmp_path, "coreml", "fp32")
