@@ -387,6 +387,54 @@ def eval_command(
     out.print(table)
 
 
+@app.command("serve")
+@_handle_errors
+def serve_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact to serve (default: the first, onnx-fp32).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless told otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the API (default: the bundle's model).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Dynamic batching: most samples per run (1 = off).")] = 8,
+    batch_timeout_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more requests.")] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Larger request bodies get 413.")] = 32.0,
+    labels: Annotated[Optional[str], typer.Option(help="Class names, one per line, for /v1/classify.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Inference threads.")] = None,
+) -> None:
+    """Serve an artifact over the Open Inference Protocol (KServe v2), plus /v1/classify and /metrics."""
+    from .serve.app import ServeConfig, serve
+
+    config = ServeConfig(bundle, artifact, name, max_batch, batch_timeout_ms, max_body_mb, labels, threads)
+    err.print(f"serving {bundle} on http://{host}:{port} (Open Inference Protocol: /v2/models/...; Ctrl-C stops)")
+    serve(config, host, port)
+
+
+@app.command("triton")
+@_handle_errors
+def triton_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Model repository folder.")] = ...,
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default onnx-fp32).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the bundle's model).")] = None,
+    max_batch: Annotated[int, typer.Option(help="max_batch_size.")] = 8,
+    instances: Annotated[int, typer.Option(help="instance_group count.")] = 1,
+    delay_us: Annotated[int, typer.Option(help="dynamic_batching max_queue_delay_microseconds.")] = 5000,
+    kind: Annotated[Optional[str], typer.Option(help="KIND_CPU or KIND_GPU (default: by backend).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository for the bundle's artifacts."""
+    from .serve.triton import write_repository
+
+    written = write_repository(bundle, output, _split(artifact) if artifact else None, name, max_batch, instances, delay_us, kind)
+    if as_json:
+        _print_json(written)
+        return
+    for entry in written:
+        out.print(f"{entry['model']}: {entry['format']} artifact {entry['artifact']} -> {entry['path']}")
+    out.print(f"start Triton: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/{output}:/models "
+              "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
+
+
 @app.command("info")
 @_handle_errors
 def info_command(
