@@ -61,11 +61,11 @@ def latency(iters: int, tmp: Path) -> None:
 
         runners = {"pytorch eager fp32": TorchRunner(build_model(model).module),
                    "onnxruntime fp32": open_artifact(bundle, manifest, "onnx-fp32"),
-                   "onnxruntime int8 gates=int8": open_artifact(bundle, manifest, "int8-ort-cpu"),
-                   "onnxruntime int8 gates=fp": open_artifact(bundle, manifest, "int8-ort-cpu-gates-fp"),
+                   "onnxruntime int8 gates=int8": open_artifact(bundle, manifest, "int8-ort-cpu-gates-int8"),
+                   "onnxruntime int8 gates=fp": open_artifact(bundle, manifest, "int8-ort-cpu"),
                    "openvino fp32 (f32 hint)": OpenVINORunner(bundle / "model.fp32.xml"),
-                   "openvino int8 gates=int8": open_artifact(bundle, manifest, "int8-openvino"),
-                   "openvino int8 gates=fp": open_artifact(bundle, manifest, "int8-openvino-gates-fp")}
+                   "openvino int8 gates=int8": open_artifact(bundle, manifest, "int8-openvino-gates-int8"),
+                   "openvino int8 gates=fp": open_artifact(bundle, manifest, "int8-openvino")}
         times = interleaved_latency(runners, x, iters)
         base = statistics.median(times["pytorch eager fp32"])
         print(f"\n{model}: batch 1, 224x224, median of {iters} interleaved runs, {torch.get_num_threads()} threads")

@@ -124,7 +124,9 @@ def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, 
     if plan.onnx_variant == "qdq":
         from .quantize import artifact_name
 
-        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", gates or "int8"))
+        from .calib.recipes import resolve
+
+        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", resolve("tensorrt", None, gates)[1]))
     else:
         _, source = artifact_path(bundle_dir, manifest, "onnx-fp32")
         if plan.onnx_variant == "fp16":

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CbamDeployError
@@ -36,7 +37,7 @@ def _handle_errors(func):
         try:
             return func(*args, **kwargs)
         except CbamDeployError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/]: nothing half-written was kept")
@@ -128,6 +129,8 @@ def export_command(
     )
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
+    if int8 and (formats != "onnx" or precisions != "fp32") and "int8" not in precisions:
+        precisions += ",int8"
     result = export_bundle(request)
     if formats != "onnx" or precisions != "fp32":
         from .build import TensorRTOptions
@@ -187,11 +190,11 @@ def _print_export(result: dict) -> None:
             str(case["batch"]), f"{case['height']}x{case['width']}", str(case["samples"]),
             f"{case.get('max_abs_err', float('nan')):.1e}", f"{case.get('mean_abs_err', float('nan')):.1e}",
             f"{case.get('cosine_min', float('nan')):.6f}", f"{case.get('top1_agreement', 0) * 100:.0f}%",
-            "[green]pass[/]" if case["passed"] else f"[red]FAIL[/] {case.get('reason', '')}",
+            "[green]pass[/]" if case["passed"] else f"[red]FAIL[/] {escape(case.get('reason', ''))}",
         )
     out.print(table)
     for note in model["notes"]:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _print_summary(summary: dict) -> None:
@@ -212,7 +215,7 @@ def _print_summary(summary: dict) -> None:
     out.print(table)
     for row in rows:
         if row.get("skipped"):
-            out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {row['skipped']}")
+            out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
 
 
 @app.command("verify")
@@ -236,12 +239,12 @@ def verify_command(
             table.add_column(column)
         for row in result["results"]:
             if row.get("skipped"):
-                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", f"[yellow]skipped[/] {row['skipped'][:50]}")
+                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
                 continue
             cosine = row.get("cosine_min", row.get("cosine_mean"))
             table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
                           f"{cosine:.5f}", f"{row.get('top1_agreement', 0) * 100:.1f}%",
-                          "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {row.get('reason', '')}")
+                          "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
         out.print(table)
         for row in result["results"]:
             divergence = row.get("first_divergence")
@@ -308,7 +311,7 @@ def bench_command(
     out.print(table)
     out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
     for skip in result["skipped"]:
-        out.print(f"[yellow]skipped[/] {skip['artifact']}: {skip['reason']}")
+        out.print(f"[yellow]skipped[/] {skip['artifact']}: {escape(skip['reason'])}")
 
 
 @app.command("quantize")
@@ -343,7 +346,7 @@ def _print_quantize(result: dict) -> None:
     out.print(f"calibration  {calib['source']} ({calib['kind']}): {calib['samples']} samples, "
               f"{calib['skipped_unreadable']} unreadable skipped")
     for warning in calib.get("warnings", []):
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {escape(warning)}")
     table = Table(title="INT8 artifacts vs PyTorch FP32")
     for column in ("artifact", "recipe", "method", "gates", "size", "top-1 agree", "cosine", "cache", "result"):
         table.add_column(column)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
 from .calib.data import load_calibration
-from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
+from .calib.recipes import DEFAULT_GATES, TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
 from .fsutil import sha256_file
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
@@ -24,7 +24,8 @@ ARTIFACT_FILES = {"ort-cpu": "model.int8-ort-cpu.onnx", "tensorrt": "model.int8-
 
 
 def artifact_name(target: str, gates: str) -> str:
-    return f"int8-{target}" + ("-gates-fp" if gates == "fp" else "")
+    """int8-<target> for the default gate policy, int8-<target>-gates-<policy> otherwise."""
+    return f"int8-{target}" + ("" if gates == DEFAULT_GATES[target] else f"-gates-{gates}")
 
 
 def quantize_bundle(
@@ -109,9 +110,9 @@ def quantize_bundle(
 
 def _file_for(target: str, gates: str) -> str:
     base = ARTIFACT_FILES[target]
-    if gates == "fp":
-        stem, dot, suffix = base.rpartition(".")
-        return f"{stem}-gates-fp.{suffix}"
+    if gates != DEFAULT_GATES[target]:
+        stem, _, suffix = base.rpartition(".")
+        return f"{stem}-gates-{gates}.{suffix}"
     return base
 
 

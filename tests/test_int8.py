@@ -75,8 +75,8 @@ def _initializer(model, name):
 
 
 def test_tensorrt_recipe_is_symmetric_per_channel_without_bias(digits):
-    quantize_bundle(digits["bundle"], ["tensorrt"], str(digits["train"]), calib_size=32)
-    model = onnx.load(str(digits["bundle"] / "model.int8-tensorrt.onnx"))
+    quantize_bundle(digits["bundle"], ["tensorrt"], str(digits["train"]), calib_size=32, gates="int8")
+    model = onnx.load(str(digits["bundle"] / "model.int8-tensorrt-gates-int8.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 17  # TensorRT 8.5 parses it
     producers = {out: node for node in model.graph.node for out in node.output}
     per_channel = 0
@@ -97,8 +97,8 @@ def test_tensorrt_recipe_is_symmetric_per_channel_without_bias(digits):
 
 
 def test_ort_cpu_recipe_is_u8s8(digits):
-    quantize_bundle(digits["bundle"], ["ort-cpu"], str(digits["train"]), calib_size=32)
-    model = onnx.load(str(digits["bundle"] / "model.int8-ort-cpu.onnx"))
+    quantize_bundle(digits["bundle"], ["ort-cpu"], str(digits["train"]), calib_size=32, gates="int8")
+    model = onnx.load(str(digits["bundle"] / "model.int8-ort-cpu-gates-int8.onnx"))
     producers = {out: node for node in model.graph.node for out in node.output}
     kinds = set()
     for node in model.graph.node:
@@ -112,7 +112,7 @@ def test_ort_cpu_recipe_is_u8s8(digits):
 def test_gates_fp_keeps_gate_nodes_unquantized(digits):
     quantize_bundle(digits["bundle"], ["ort-cpu"], str(digits["train"]), calib_size=32, gates="fp")
     manifest = read_manifest(digits["bundle"])
-    model = onnx.load(str(digits["bundle"] / "model.int8-ort-cpu-gates-fp.onnx"))
+    model = onnx.load(str(digits["bundle"] / "model.int8-ort-cpu.onnx"))  # fp is the default policy
     gate_names = set(gate_nodes(model, manifest["model"]["attention_modules"]))
     producers = {out: node for node in model.graph.node for out in node.output}
     gate_ops = [n for n in model.graph.node if n.name in gate_names]

@@ -171,3 +171,36 @@ def test_bounded_load_with_dynamic_batching(server):
             bound = line.split('le="')[1].split('"')[0]
             sizes[bound] = float(line.rsplit(" ", 1)[1])
     assert sizes["+Inf"] > sizes["2.0"], "no batch larger than 2 was ever formed"
+
+
+def test_serve_command_end_to_end(bundle):
+    """The console script itself: starts on a loopback port, answers, stops on SIGINT."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from cbam_deploy.serve.local import free_port
+
+    exe = shutil.which("cbam-deploy", path=os.path.dirname(sys.executable)) or shutil.which("cbam-deploy")
+    port = free_port()
+    process = subprocess.Popen([exe, "serve", str(bundle), "--port", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+                    assert json.loads(response.read())["ready"] is True
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+        assert client.get_model_metadata("resnet10_half_cbam")["name"] == "resnet10_half_cbam"
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode is not None

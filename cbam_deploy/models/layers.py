@@ -73,6 +73,12 @@ _POOLS = {
 }
 
 
+def shared_mlp(channels: int, hidden: int) -> nn.Sequential:
+    """Flatten, Linear(C, C/r), ReLU, Linear(C/r, C), both with bias: the official layout
+    (Linear layers at indices 1 and 3, as the checkpoints name them)."""
+    return nn.Sequential(Flatten(), nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+
+
 class ChannelGate(nn.Module):
     """Channel attention: pooled descriptors through one shared MLP, summed, sigmoid, multiplied on."""
 
@@ -83,12 +89,7 @@ class ChannelGate(nn.Module):
             raise ValueError(f"pool_types must be a non-empty subset of {sorted(_POOLS)}, got {list(pool_types)}")
         self.gate_channels = gate_channels
         hidden = max(gate_channels // reduction_ratio, 1)
-        self.mlp = nn.Sequential(
-            Flatten(),
-            nn.Linear(gate_channels, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, gate_channels),
-        )
+        self.mlp = shared_mlp(gate_channels, hidden)
         self.pool_types = list(pool_types)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,12 +160,7 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction_ratio: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction_ratio, 1)
-        self.fc = nn.Sequential(
-            Flatten(),
-            nn.Linear(channels, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, channels),
-        )
+        self.fc = shared_mlp(channels, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3), keepdim=True)))[:, :, None, None]

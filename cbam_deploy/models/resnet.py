@@ -28,16 +28,24 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
 
 
-def _block_attention(attention: str | None, channels: int) -> dict[str, nn.Module]:
-    """The per-block attention module under the name its checkpoints use."""
-    if attention == "cbam":
-        return {"cbam": CBAM(channels, 16)}
-    if attention == "se":
-        return {"se": SqueezeExcite(channels, 16)}
-    return {}
+class _Block(nn.Module):
+    """Shared by both block types: the per-block attention module, under the name its checkpoints
+    use (``cbam`` as in the official code, ``se``), applied after the last BN."""
+
+    attention_name: str | None = None
+
+    def _attach_attention(self, attention: str | None, channels: int) -> None:
+        if attention == "cbam":
+            self.cbam = CBAM(channels, 16)
+        elif attention == "se":
+            self.se = SqueezeExcite(channels, 16)
+        self.attention_name = attention if attention in ("cbam", "se") else None
+
+    def _attend(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.attention_name is None else getattr(self, self.attention_name)(out)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Block):
     expansion = 1
 
     def __init__(
@@ -60,21 +68,16 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
-        self.attention_name = None
-        for name, module in _block_attention(attention, planes).items():
-            self.add_module(name, module)
-            self.attention_name = name
+        self._attach_attention(attention, planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.attention_name is not None:
-            out = getattr(self, self.attention_name)(out)
+        out = self._attend(self.bn2(self.conv2(out)))
         return self.relu(out + residual)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
     def __init__(
@@ -98,18 +101,13 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self.attention_name = None
-        for name, module in _block_attention(attention, planes * self.expansion).items():
-            self.add_module(name, module)
-            self.attention_name = name
+        self._attach_attention(attention, planes * self.expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.attention_name is not None:
-            out = getattr(self, self.attention_name)(out)
+        out = self._attend(self.bn3(self.conv3(out)))
         return self.relu(out + residual)
 
 
