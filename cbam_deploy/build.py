@@ -3,7 +3,7 @@ fp32/fp16/int8, INT8 ONNX. What cannot be built here is returned as skipped, wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
@@ -31,7 +31,6 @@ class BuildOutcome:
     precision: str
     name: str | None = None
     skipped: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _split(value: str | list[str], allowed: tuple[str, ...], what: str) -> list[str]:

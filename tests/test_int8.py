@@ -125,7 +125,6 @@ def test_gates_fp_keeps_gate_nodes_unquantized(digits):
 def test_gate_discovery_from_modules():
     import torch
 
-    from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
     from cbam_deploy.models import create_model
 
     model = create_model("resnet18_cbam", num_classes=10, stem="cifar")

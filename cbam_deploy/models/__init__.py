@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CbamDeployError
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import is_factory_spec, load_factory_model
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
@@ -95,9 +94,3 @@ def zoo_table(input_size: int = 224) -> list[dict]:
             "gflops": round(count_gmacs(model, input_size), 3),
         })
     return rows
-
-
-def require_module(obj) -> nn.Module:
-    if not isinstance(obj, nn.Module):
-        raise CbamDeployError(f"expected a torch.nn.Module, got {type(obj).__name__}")
-    return obj

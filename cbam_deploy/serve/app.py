@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ class ServeConfig:
     labels: str | None = None
     threads: int | None = None
     top_k: int = 5
-    extra: dict = field(default_factory=dict)
 
 
 def _require_serving():
