@@ -51,7 +51,9 @@ def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference,
         inputs = inputs[:usable]
         ref = np.concatenate([reference.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
         got = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-        return {**compare_int8(ref, got), "precision": "int8", "inputs": label, "candidate": runner.describe()}
+        trained = manifest["model"].get("weights") is not None
+        return {**compare_int8(ref, got, judge_top1=trained), "precision": "int8", "inputs": label,
+                "candidate": runner.describe()}
     shape = manifest["input"]["shape"]
     cases = plan_cases(_side(manifest), shape[0] if isinstance(shape[0], int) else None, isinstance(shape[2], str), 8)
     result = run_parity(reference, runner, cases, precision if precision in TOLERANCES else "fp32", seed=seed)

@@ -224,8 +224,21 @@ def test_export_int8_with_synthetic_data_is_marked(tmp_path):
     artifact = next(a for a in manifest["artifacts"] if a["name"] == "int8-ort-cpu")
     assert artifact["calibration"]["kind"] == "synthetic" and artifact["calibration"]["fit_for_production"] is False
     assert "synthetic" in artifact["parity"]["warning"]
-    assert result.exit_code in (0, 3)  # a random-init model may or may not agree; the verdict is recorded either way
+    assert "not judged" in artifact["parity"]["note"]  # random weights: top-1 reported, cosine judged
+    assert result.exit_code in (0, 3)
     assert json.loads(result.stdout)["int8"]["artifacts"][0]["parity"]["passed"] == (result.exit_code == 0)
+
+
+def test_int8_verdict_rules():
+    from cbam_deploy.parity import compare_int8
+
+    reference = np.array([[1.0, 0.99, 0.0], [0.0, 1.0, 0.99]] * 5)
+    flipped = np.array([[0.99, 1.0, 0.0], [0.0, 1.0, 0.99]] * 5)  # half the rows flip a near tie
+    trained = compare_int8(reference, flipped)
+    assert not trained["passed"] and "top-1 agreement" in trained["reason"]
+    untrained = compare_int8(reference, flipped, judge_top1=False)
+    assert untrained["passed"] and untrained["top1_agreement"] == 0.5
+    assert not compare_int8(reference, -reference, judge_top1=False)["passed"]
 
 
 def test_export_int8_needs_data(tmp_path):
