@@ -134,3 +134,21 @@ def test_unwritable_output_is_one_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(CbamDeployError, match="not writable"):
         export_bundle(ExportRequest(model="resnet18", stem="cifar", output=str(blocker / "bundle")))
+
+
+def test_torch_runner_fp16_and_missing_cuda(tiny_cbam):
+    import copy
+
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    fp32 = TorchRunner(copy.deepcopy(tiny_cbam)).run(x)
+    if not torch.cuda.is_available():
+        with pytest.raises(CbamDeployError, match="no CUDA GPU"):
+            TorchRunner(copy.deepcopy(tiny_cbam), device="cuda")
+    try:
+        half = TorchRunner(copy.deepcopy(tiny_cbam), precision="fp16").run(x)
+    except RuntimeError as exc:  # some CPU builds lack fp16 kernels for an op
+        pytest.skip(f"this torch build has no CPU fp16 path: {exc}")
+    cosine = (fp32 * half).sum() / (np.linalg.norm(fp32) * np.linalg.norm(half))
+    assert half.dtype == np.float32 and cosine > 0.99
