@@ -10,7 +10,6 @@ refused, never executed.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CbamDeployError(
             f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({_detail(str(exc))})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, ImportError) as exc:
+    except Exception as exc:  # corrupt data makes the unpickler fail in many ways (IndexError, KeyError, ...)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CbamDeployError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({msg})") from None
     state, wrapper, metadata = _unwrap(raw, path)
