@@ -121,7 +121,7 @@ def plot_latency(rows: list[dict], path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        from .errors import CbamDeployError
+        from .errors import BackendUnavailable, CbamDeployError
 
         raise CbamDeployError("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
@@ -156,7 +156,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     from pathlib import Path
 
     from .bundle import read_manifest
-    from .errors import CbamDeployError
+    from .errors import BackendUnavailable, CbamDeployError
     from .models import build_model
     from .runners import TorchRunner, open_artifact
 
@@ -180,11 +180,9 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
             continue
         try:
             runners[artifact["name"]] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads)
-        except CbamDeployError as exc:
-            if artifact["format"] == "tensorrt" and ("not installed" in str(exc) or "no CUDA GPU" in str(exc)):
-                skipped.append({"artifact": artifact["name"], "reason": str(exc)})
-                continue
-            raise
+        except BackendUnavailable as exc:
+            skipped.append({"artifact": artifact["name"], "reason": str(exc)})
+            continue
         profile = (artifact.get("export") or {}).get("profile")
         if profile:
             max_batch[artifact["name"]] = profile["max_batch"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
-from .errors import CbamDeployError
+from .errors import BackendUnavailable, CbamDeployError
 from .fsutil import sha256_file
 
 FORMATS = ("onnx", "openvino", "tensorrt")
@@ -33,11 +33,13 @@ class BuildOutcome:
     skipped: str | None = None
 
 
-def _split(value: str | list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+def comma_list(value: str | list[str], what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """'a,b' -> ['a', 'b'], checked against ``allowed`` when given; the error names the option."""
     items = value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
+    bad = [v for v in items if allowed is not None and v not in allowed]
     if bad or not items:
-        raise CbamDeployError(f"--{what} takes a comma list of {', '.join(allowed)}; got {', '.join(bad) or 'nothing'}")
+        choices = f" of {', '.join(allowed)}" if allowed else ""
+        raise CbamDeployError(f"--{what} takes a comma list{choices}; got {', '.join(bad) or 'nothing'}")
     return items
 
 
@@ -45,11 +47,10 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                     calib_data: str | None = None, calib_size: int = 128, gates: str | None = None,
                     trt: TensorRTOptions | None = None) -> list[BuildOutcome]:
     bundle_dir = Path(bundle_dir)
-    formats = _split(formats, FORMATS, "format")
-    precisions = _split(precisions, PRECISIONS, "precision")
+    formats = comma_list(formats, "format", FORMATS)
+    precisions = comma_list(precisions, "precision", PRECISIONS)
     outcomes: list[BuildOutcome] = []
     if "int8" in precisions:
-        from .calib.recipes import resolve
         from .quantize import artifact_name, quantize_bundle
 
         for fmt in formats:
@@ -59,13 +60,11 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                 continue
             try:
                 quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates)
-            except CbamDeployError as exc:
-                if "extra" in str(exc) and "install" in str(exc):
-                    outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
-                    continue
-                raise
+            except BackendUnavailable as exc:
+                outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
+                continue
             if fmt != "tensorrt":  # the tensorrt Q/DQ ONNX becomes an engine below
-                outcomes.append(BuildOutcome(fmt, "int8", artifact_name(target, resolve(target, None, gates)[1])))
+                outcomes.append(BuildOutcome(fmt, "int8", artifact_name(target, gates)))
     for fmt in formats:
         for precision in precisions:
             if fmt == "onnx" and precision == "fp32":
@@ -83,21 +82,16 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
 
 
 def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
-    try:
-        from .exporters.openvino import export_ir
-    except ImportError as exc:  # pragma: no cover - export_ir imports lazily
-        return BuildOutcome("openvino", precision, skipped=str(exc))
+    from .exporters.openvino import export_ir
+
     manifest = read_manifest(bundle_dir)
     _, onnx_path = artifact_path(bundle_dir, manifest, "onnx-fp32")
     xml = bundle_dir / f"model.openvino-{precision}.xml"
     try:
         info = export_ir(onnx_path, xml, precision)
-    except CbamDeployError as exc:
-        if "not installed" in str(exc):
-            return BuildOutcome("openvino", precision, skipped=str(exc))
-        raise
+    except BackendUnavailable as exc:
+        return BuildOutcome("openvino", precision, skipped=str(exc))
     name = f"openvino-{precision}"
-    manifest = read_manifest(bundle_dir)
     upsert_artifact(manifest, {
         "name": name, "path": xml.name, "format": "openvino", "precision": precision, "sha256": sha256_file(xml),
         "companion_files": {xml.with_suffix(".bin").name: sha256_file(xml.with_suffix(".bin"))},
@@ -109,23 +103,20 @@ def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
 
 
 def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, gates: str | None = None) -> BuildOutcome:
-    from .exporters.tensorrt import Profile, build_engine, fp16_onnx, parse_version, plan_build, require_tensorrt, sidecar
+    from .exporters.tensorrt import (Profile, build_engine, current_gpu, fp16_onnx, parse_version, plan_build,
+                                     require_tensorrt, sidecar)
 
     try:
         trt = require_tensorrt()
-        from .exporters.tensorrt import current_gpu
-
         current_gpu()
-    except CbamDeployError as exc:
+    except BackendUnavailable as exc:
         return BuildOutcome("tensorrt", precision, skipped=str(exc))
     manifest = read_manifest(bundle_dir)
     plan = plan_build(parse_version(trt.__version__), precision, options.dla_core)
     if plan.onnx_variant == "qdq":
         from .quantize import artifact_name
 
-        from .calib.recipes import resolve
-
-        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", resolve("tensorrt", None, gates)[1]))
+        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", gates))
     else:
         _, source = artifact_path(bundle_dir, manifest, "onnx-fp32")
         if plan.onnx_variant == "fp16":

@@ -83,6 +83,24 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
         raise CbamDeployError(f"{where}: artifact names repeat")
 
 
+def fixed_batch(manifest: dict) -> int | None:
+    """The batch size a fixed-batch model was exported with; None for a dynamic batch."""
+    first = manifest["input"]["shape"][0]
+    return first if isinstance(first, int) else None
+
+
+def fit_to_batch(manifest: dict, inputs, preferred: int = 8):
+    """(inputs, batch) ready to run: a fixed-batch model takes only its own batch, so the inputs are
+    cut to a multiple of it; a dynamic one runs in chunks of ``preferred``."""
+    fixed = fixed_batch(manifest)
+    if fixed is None:
+        return inputs, preferred
+    usable = len(inputs) // fixed * fixed
+    if usable == 0:
+        raise CbamDeployError(f"the model has a fixed batch of {fixed}; only {len(inputs)} samples were given")
+    return inputs[:usable], fixed
+
+
 def upsert_artifact(manifest: dict, artifact: dict) -> None:
     """Add an artifact, replacing one of the same name."""
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != artifact["name"]] + [artifact]

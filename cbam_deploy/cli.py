@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .build import comma_list
 from .errors import CbamDeployError
 
 app = typer.Typer(
@@ -150,7 +151,7 @@ def export_command(
     if int8:
         from .quantize import quantize_bundle
 
-        result["int8"] = quantize_bundle(result["bundle"], _split(target), calib_data, gates=gates)
+        result["int8"] = quantize_bundle(result["bundle"], comma_list(target, "target"), calib_data, gates=gates)
     if as_json:
         _print_json(result)
     else:
@@ -163,13 +164,6 @@ def export_command(
     if int8 and not result["int8"]["passed"]:
         err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
         raise typer.Exit(3)
-
-
-def _split(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise CbamDeployError("--target needs at least one of ort-cpu, tensorrt, openvino")
-    return items
 
 
 def _print_export(result: dict) -> None:
@@ -230,7 +224,7 @@ def verify_command(
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
     from .verify import verify_bundle
 
-    result = verify_bundle(bundle, data, _split(artifact) if artifact else None, samples)
+    result = verify_bundle(bundle, data, comma_list(artifact, "artifact") if artifact else None, samples)
     if as_json:
         _print_json(result)
     else:
@@ -290,7 +284,7 @@ def bench_command(
             from .pipeline import ExportRequest, export_bundle
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
-        result = bench_bundle(bundle, batches, _split(artifact) if artifact else None, iters, min_seconds, warmup, threads)
+        result = bench_bundle(bundle, batches, comma_list(artifact, "artifact") if artifact else None, iters, min_seconds, warmup, threads)
     title = f"{result['model']}: latency vs PyTorch eager"
     if markdown:
         from .fsutil import write_bytes_atomic
@@ -331,7 +325,7 @@ def quantize_command(
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
     from .quantize import quantize_bundle
 
-    result = quantize_bundle(bundle, _split(target), calib_data, calib_size, calib_batch, method, gates, cache, seed)
+    result = quantize_bundle(bundle, comma_list(target, "target"), calib_data, calib_size, calib_batch, method, gates, cache, seed)
     if as_json:
         _print_json(result)
     else:
@@ -428,7 +422,7 @@ def triton_command(
     """Write a Triton Inference Server model repository for the bundle's artifacts."""
     from .serve.triton import write_repository
 
-    written = write_repository(bundle, output, _split(artifact) if artifact else None, name, max_batch, instances, delay_us, kind)
+    written = write_repository(bundle, output, comma_list(artifact, "artifact") if artifact else None, name, max_batch, instances, delay_us, kind)
     if as_json:
         _print_json(written)
         return

@@ -13,6 +13,11 @@ class CbamDeployError(Exception):
     exit_code = 2
 
 
+class BackendUnavailable(CbamDeployError):
+    """An optional backend (OpenVINO, NNCF, TensorRT, a CUDA GPU) is not on this machine; callers that
+    build or run everything they can list the artifact as skipped with this message."""
+
+
 class ParityError(CbamDeployError):
     """An artifact was built but does not match the PyTorch original within tolerance."""
 

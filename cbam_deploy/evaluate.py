@@ -11,13 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import read_manifest
+from .bundle import fit_to_batch, read_manifest
 from .calib.data import _Unreadable, image_folder, load_image_file
-from .errors import CbamDeployError
+from .errors import BackendUnavailable, CbamDeployError
 from .runners import open_artifact, reference_runner
-
-SKIPPED_FORMATS = {"tensorrt": "TensorRT engines run only where TensorRT and a GPU are"}
-
 
 def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     folder = image_folder(data_dir)
@@ -55,15 +52,12 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
     num_classes = manifest["model"].get("num_classes")
     if num_classes and len(classes) > num_classes:
         raise CbamDeployError(f"{data_dir} has {len(classes)} class folders but the model has {num_classes} outputs")
-    fixed = manifest["input"]["shape"][0] if isinstance(manifest["input"]["shape"][0], int) else None
-    batch = fixed or batch
-    if fixed:
-        keep = len(inputs) // fixed * fixed
-        inputs, labels = inputs[:keep], labels[:keep]
+    inputs, batch = fit_to_batch(manifest, inputs, batch)
+    labels = labels[:len(inputs)]
 
     def run(runner):
         started = time.perf_counter()
-        out = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        out = runner.run_batched(inputs, batch)
         return out, time.perf_counter() - started
 
     reference, reference_label = reference_runner(manifest, bundle_dir)
@@ -76,11 +70,12 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         entry = next((a for a in manifest["artifacts"] if a["name"] == name), None)
         if entry is None:
             raise CbamDeployError(f"bundle {bundle_dir} has no artifact {name!r}")
-        if entry["format"] in SKIPPED_FORMATS:
-            rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"],
-                         "skipped": SKIPPED_FORMATS[entry["format"]]})
+        try:
+            runner = open_artifact(bundle_dir, manifest, name)
+        except BackendUnavailable as exc:
+            rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"], "skipped": str(exc)})
             continue
-        logits, seconds = run(open_artifact(bundle_dir, manifest, name))
+        logits, seconds = run(runner)
         rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"],
                      **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
     return {"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)), "classes": len(classes),

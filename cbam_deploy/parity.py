@@ -155,12 +155,8 @@ def run_parity(
     results = []
     for case in cases:
         inputs = make_inputs(case, channels, seed)
-        ref_out, cand_out = [], []
-        for start in range(0, case.samples, case.batch):
-            chunk = inputs[start:start + case.batch]
-            ref_out.append(reference.run(chunk))
-            cand_out.append(candidate.run(chunk))
-        metrics = compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out), tolerance)
+        metrics = compare_outputs(reference.run_batched(inputs, case.batch), candidate.run_batched(inputs, case.batch),
+                                  tolerance)
         results.append({"batch": case.batch, "height": case.height, "width": case.width, **metrics})
     passed = all(r["passed"] for r in results)
     summary = {

@@ -9,9 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
+from .bundle import artifact_path, fit_to_batch, fixed_batch, read_manifest, upsert_artifact, write_manifest
 from .calib.data import load_calibration
 from .calib.recipes import DEFAULT_GATES, TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
@@ -19,13 +17,15 @@ from .fsutil import sha256_file
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
 
-ARTIFACT_FILES = {"ort-cpu": "model.int8-ort-cpu.onnx", "tensorrt": "model.int8-tensorrt.onnx",
-                  "openvino": "model.int8-openvino.xml"}
-
-
-def artifact_name(target: str, gates: str) -> str:
+def artifact_name(target: str, gates: str | None = None) -> str:
     """int8-<target> for the default gate policy, int8-<target>-gates-<policy> otherwise."""
+    gates = gates or DEFAULT_GATES[target]
     return f"int8-{target}" + ("" if gates == DEFAULT_GATES[target] else f"-gates-{gates}")
+
+
+def artifact_file(target: str, gates: str | None = None) -> str:
+    """model.<artifact name>.onnx, or .xml (+ .bin) for OpenVINO."""
+    return f"model.{artifact_name(target, gates)}." + ("xml" if target == "openvino" else "onnx")
 
 
 def quantize_bundle(
@@ -47,16 +47,10 @@ def quantize_bundle(
         resolve(target, method, gates)  # reject bad options before any work
     if calib_batch < 1:
         raise CbamDeployError(f"--calib-batch must be at least 1, got {calib_batch}")
-    fixed_batch = isinstance(manifest["input"]["shape"][0], int)
-    if fixed_batch:
-        calib_batch = manifest["input"]["shape"][0]  # a fixed-batch model takes only its own batch
     data = load_calibration(calib_data, manifest["input"], calib_size + check_samples, seed)
-    if fixed_batch:
-        usable = len(data.inputs) // calib_batch * calib_batch
-        if usable == 0:
-            raise CbamDeployError(f"the model has a fixed batch of {calib_batch}; the data gave only {len(data.inputs)} samples")
-        data.inputs = data.inputs[:usable]
-        calib_size = max(calib_batch, min(calib_size, usable) // calib_batch * calib_batch)
+    data.inputs, calib_batch = fit_to_batch(manifest, data.inputs, calib_batch)
+    if fixed_batch(manifest):  # calibration and check sets both whole batches
+        calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
     if len(data.inputs) > calib_size:
         check = data.inputs[calib_size:]
         data.inputs = data.inputs[:calib_size]
@@ -64,15 +58,16 @@ def quantize_bundle(
     else:
         check = data.inputs[: min(len(data.inputs), check_samples)]
         check_source = "calibration samples (source too small to hold any out)"
+    check, _ = fit_to_batch(manifest, check, calib_batch)
     attention = manifest["model"].get("attention_modules", [])
     reference, reference_label = reference_runner(manifest, bundle_dir)
-    ref_out = _run_all(reference, check, calib_batch)
+    ref_out = reference.run_batched(check, calib_batch)
     cache_dir = default_cache_dir() if use_cache else None
     results = []
     for target in targets:
         chosen_method, chosen_gates = resolve(target, method, gates)
         name = artifact_name(target, chosen_gates)
-        out_path = bundle_dir / _file_for(target, chosen_gates)
+        out_path = bundle_dir / artifact_file(target, chosen_gates)
         started = time.perf_counter()
         if target == "openvino":
             result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
@@ -95,7 +90,7 @@ def quantize_bundle(
             artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
         upsert_artifact(manifest, artifact)
         runner = open_artifact(bundle_dir, manifest, name)
-        measured = compare_int8(ref_out, _run_all(runner, check, calib_batch),
+        measured = compare_int8(ref_out, runner.run_batched(check, calib_batch),
                                 judge_top1=manifest["model"].get("weights") is not None)
         artifact["parity"] = {
             "precision": "int8", "reference": reference_label, "inputs": check_source,
@@ -109,16 +104,4 @@ def quantize_bundle(
             "passed": all(a["parity"]["passed"] for a in results)}
 
 
-def _file_for(target: str, gates: str) -> str:
-    base = ARTIFACT_FILES[target]
-    if gates != DEFAULT_GATES[target]:
-        stem, _, suffix = base.rpartition(".")
-        return f"{stem}-gates-{gates}.{suffix}"
-    return base
-
-
-def _run_all(runner, inputs: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-
-
-__all__ = ["TARGETS", "quantize_bundle"]
+__all__ = ["TARGETS", "artifact_name", "quantize_bundle"]

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import read_manifest, write_manifest
+from .bundle import fit_to_batch, fixed_batch, read_manifest, write_manifest
 from .calib.data import load_calibration
-from .errors import CbamDeployError
-from .parity import TOLERANCES, compare_int8, make_inputs, plan_cases, run_parity
+from .errors import BackendUnavailable, CbamDeployError
+from .parity import TOLERANCES, compare_int8, compare_outputs, make_inputs, plan_cases, run_parity
 from .runners import TorchRunner, open_artifact, reference_runner
-
-SKIP_WITHOUT = {"tensorrt": "tensorrt"}
 
 
 def _int8_inputs(manifest: dict, artifact: dict, data: str | None, samples: int, seed: int) -> tuple[np.ndarray, str]:
@@ -39,34 +37,23 @@ def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference,
                     samples: int = 16, seed: int = 0) -> dict:
     try:
         runner = open_artifact(bundle_dir, manifest, artifact["name"])
-    except CbamDeployError as exc:
-        if artifact["format"] in SKIP_WITHOUT and "not installed" in str(exc):
-            return {"passed": None, "skipped": str(exc)}
-        raise
-    precision = getattr(runner, "effective_precision", None) or artifact["precision"]
-    if precision == "int8":
+    except BackendUnavailable as exc:
+        return {"passed": None, "skipped": str(exc)}
+    if artifact["precision"] == "int8":
         inputs, label = _int8_inputs(manifest, artifact, data, samples, seed)
-        batch = manifest["input"]["shape"][0] if isinstance(manifest["input"]["shape"][0], int) else 8
-        usable = len(inputs) // batch * batch if isinstance(manifest["input"]["shape"][0], int) else len(inputs)
-        inputs = inputs[:usable]
-        ref = np.concatenate([reference.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-        got = np.concatenate([runner.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        inputs, batch = fit_to_batch(manifest, inputs)
         trained = manifest["model"].get("weights") is not None
-        return {**compare_int8(ref, got, judge_top1=trained), "precision": "int8", "inputs": label,
-                "candidate": runner.describe()}
-    shape = manifest["input"]["shape"]
-    cases = plan_cases(_side(manifest), shape[0] if isinstance(shape[0], int) else None, isinstance(shape[2], str), 8)
-    result = run_parity(reference, runner, cases, precision if precision in TOLERANCES else "fp32", seed=seed)
+        return {**compare_int8(reference.run_batched(inputs, batch), runner.run_batched(inputs, batch), judge_top1=trained),
+                "precision": "int8", "inputs": label, "candidate": runner.describe()}
+    tolerance = artifact["precision"] if artifact["precision"] in TOLERANCES else "fp32"
+    dynamic_hw = isinstance(manifest["input"]["shape"][2], str)
+    cases = plan_cases(_side(manifest), fixed_batch(manifest), dynamic_hw, 8)
+    result = run_parity(reference, runner, cases, tolerance, seed=seed)
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     if data:
-        images = load_calibration(data, manifest["input"], samples, seed).inputs
-        batch = shape[0] if isinstance(shape[0], int) else 8
-        images = images[: max(batch, len(images) // batch * batch)] if isinstance(shape[0], int) else images
-        from .parity import compare_outputs
-
-        ref = np.concatenate([reference.run(images[i:i + batch]) for i in range(0, len(images), batch)])
-        got = np.concatenate([runner.run(images[i:i + batch]) for i in range(0, len(images), batch)])
-        on_images = compare_outputs(ref, got, TOLERANCES[precision if precision in TOLERANCES else "fp32"])
+        images, batch = fit_to_batch(manifest, load_calibration(data, manifest["input"], samples, seed).inputs)
+        on_images = compare_outputs(reference.run_batched(images, batch), runner.run_batched(images, batch),
+                                    TOLERANCES[tolerance])
         result["images"] = {"source": data, **on_images}
         result["passed"] = result["passed"] and on_images["passed"]
     return result
@@ -76,6 +63,10 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
                   samples: int = 16, seed: int = 0) -> dict:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if artifacts:
+        missing = set(artifacts) - {a["name"] for a in manifest["artifacts"]}
+        if missing:
+            raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
     reference, label = reference_runner(manifest, bundle_dir)
     rows = []
     for artifact in manifest["artifacts"]:
@@ -88,16 +79,11 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
             from .diagnose import locate_divergence
 
             x = make_inputs(plan_cases(_side(manifest), None, False, 1)[0], seed=seed)
-            if isinstance(manifest["input"]["shape"][0], int):
-                x = np.repeat(x, manifest["input"]["shape"][0], axis=0)
+            x = np.repeat(x, fixed_batch(manifest) or 1, axis=0)
             result["first_divergence"] = locate_divergence(reference.model, bundle_dir / artifact["path"], x)
         if result.get("passed") is not None:
             artifact["verify"] = result
         rows.append({"artifact": artifact["name"], "format": artifact["format"], "precision": artifact["precision"], **result})
-    if artifacts:
-        missing = set(artifacts) - {r["artifact"] for r in rows}
-        if missing:
-            raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
     write_manifest(bundle_dir, manifest)
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "reference": label, "results": rows, "passed": all(verdicts) if verdicts else None}

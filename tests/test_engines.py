@@ -121,3 +121,29 @@ def test_one_command_builds_what_it_can_and_lists_the_rest(tmp_path):
 def test_bad_format_and_precision(tmp_path):
     with pytest.raises(CbamDeployError, match="--format"):
         build_artifacts(tmp_path, "coreml", "fp32")
+
+
+def test_artifacts_whose_backend_is_missing_are_skipped_not_fatal(bundle, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this test covers machines without it")
+    except ImportError:
+        pass
+    from cbam_deploy.bundle import upsert_artifact, write_manifest
+    from cbam_deploy.evaluate import evaluate_bundle
+    from cbam_deploy.fsutil import sha256_file
+
+    engine = bundle / "model.tensorrt-fp16.engine"
+    engine.write_bytes(b"an engine built elsewhere")
+    manifest = read_manifest(bundle)
+    upsert_artifact(manifest, {"name": "tensorrt-fp16", "path": engine.name, "format": "tensorrt", "precision": "fp16",
+                               "sha256": sha256_file(engine)})
+    write_manifest(bundle, manifest)
+    verified = {r["artifact"]: r for r in verify_bundle(bundle)["results"]}
+    assert verified["tensorrt-fp16"]["passed"] is None and "TensorRT is not installed" in verified["tensorrt-fp16"]["skipped"]
+    assert verified["onnx-fp32"]["passed"] is True
+    test = write_image_folder(tmp_path / "test", "test")
+    rows = {r["artifact"]: r for r in evaluate_bundle(bundle, test, limit=20)["results"]}
+    assert "TensorRT is not installed" in rows["tensorrt-fp16"]["skipped"] and rows["onnx-fp32"]["top1"] > 0.9
+    timing = bench_bundle(bundle, [1], iters=2, warmup=1)
+    assert [s["artifact"] for s in timing["skipped"]] == ["tensorrt-fp16"]

@@ -3,7 +3,7 @@ SE and BAM gates) in an exported ONNX graph, from their origin in the PyTorch mo
 
 Two steps, neither a hand-kept list of node names:
 
-1. at export, ``attention_modules(model)`` walks the nn.Module tree and records the qualified
+1. at export, ``models.layers.attention_modules(model)`` walks the nn.Module tree and records the qualified
    names of attention modules: instances of cbam_deploy's CBAM / SE / BAM classes, and, for
    bring-your-own networks, modules whose class name says attention (CBAM, ChannelAttention,
    SpatialGate, SqueezeExcitation, SELayer, ...). The list goes into the manifest.
@@ -20,31 +20,10 @@ import ast
 import re
 
 import onnx
-from torch import nn
 
-from ..models.layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
+from ..models.layers import attention_modules  # noqa: F401  (step 1 lives with the layers)
 
-_OWN_TYPES = (CBAM, BAM, SqueezeExcite, ChannelGate, SpatialGate)
-_NAME_PATTERN = re.compile(
-    r"(cbam|bam|channel_?(attention|gate)|spatial_?(attention|gate)|squeeze_?excit|^se(layer|block|module)?$|"
-    r"effective_?se|eca(layer|module)?$)",
-    re.IGNORECASE,
-)
 _SUFFIX = re.compile(r"_\d+$")
-
-
-def attention_modules(model: nn.Module) -> list[dict]:
-    """Qualified names of the outermost attention modules in ``model``."""
-    found: list[dict] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if any(name == f["path"] or name.startswith(f["path"] + ".") for f in found):
-            continue
-        kind = type(module).__name__
-        if isinstance(module, _OWN_TYPES) or _NAME_PATTERN.search(kind):
-            found.append({"path": name, "type": kind})
-    return found
 
 
 def node_module_path(node: onnx.NodeProto) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import CbamDeployError
+from ..errors import BackendUnavailable, CbamDeployError
 from ..fsutil import atomic_path, sha256_file
 from .data import CalibrationSet
 from .gates import gate_nodes, gate_op_names
@@ -109,9 +109,6 @@ class _Reader:
 
     def __len__(self) -> int:
         return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:  # CalibStridedMinMax protocol
-        self._index = start_index
 
 
 def quantize_onnx(
@@ -206,7 +203,7 @@ def quantize_openvino(
         import nncf
         import openvino as ov
     except ImportError:
-        raise CbamDeployError("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
+        raise BackendUnavailable("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 

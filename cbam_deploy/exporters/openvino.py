@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..errors import CbamDeployError
+from ..errors import BackendUnavailable, CbamDeployError
 from ..fsutil import atomic_path
 
 
@@ -13,7 +13,7 @@ def require_openvino():
     try:
         import openvino as ov
     except ImportError:
-        raise CbamDeployError("OpenVINO is not installed: pip install 'cbam-deploy[openvino]'") from None
+        raise BackendUnavailable("OpenVINO is not installed: pip install 'cbam-deploy[openvino]'") from None
     return ov
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import CbamDeployError
+from ..errors import BackendUnavailable, CbamDeployError
 from ..fsutil import atomic_path, write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -33,7 +33,7 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise CbamDeployError(
+        raise BackendUnavailable(
             "TensorRT is not installed: on x86 with an NVIDIA GPU, pip install 'cbam-deploy[tensorrt]'; on Jetson it "
             "comes with JetPack (python3-libnvinfer)"
         ) from None
@@ -156,7 +156,7 @@ def current_gpu() -> dict:
             return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
     except Exception:
         pass
-    raise CbamDeployError("no CUDA GPU found: TensorRT engines need an NVIDIA GPU (or a Jetson)")
+    raise BackendUnavailable("no CUDA GPU found: TensorRT engines need an NVIDIA GPU (or a Jetson)")
 
 
 def fp16_onnx(src: Path, dst: Path) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import is_factory_spec, load_factory_model
-from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
+from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite, attention_modules
 from .registry import IMAGENET_MEAN, IMAGENET_STD, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
 
@@ -48,12 +48,6 @@ class LoadedModel:
             "attention_modules": attention_modules(self.module),
             "notes": self.notes,
         }
-
-
-def attention_modules(module: nn.Module) -> list[dict]:
-    from ..calib.gates import attention_modules as find
-
-    return find(module)
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet") -> LoadedModel:

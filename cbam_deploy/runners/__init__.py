@@ -47,7 +47,7 @@ def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tu
     usable = weights is not None and Path(weights["path"]).is_file() and sha256_file(weights["path"]) == weights["sha256"]
     if usable:
         try:
-            loaded = build_model(model["name"], weights["path"] if weights else None, model["num_classes"], model["stem"])
+            loaded = build_model(model["name"], weights["path"], model["num_classes"], model["stem"])
             return TorchRunner(loaded.module), "pytorch-fp32"
         except CbamDeployError:
             pass

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import read_manifest
+from ..bundle import fixed_batch, read_manifest
 from ..calib.data import preprocess_image
-from ..errors import CbamDeployError
+from ..errors import BackendUnavailable, CbamDeployError
 from ..runners import open_artifact
 from .batcher import DynamicBatcher
 from .protocol import HEADER_LENGTH, ProtocolError, decode_input, encode_response, parse_infer_request, wants_binary
@@ -43,7 +43,7 @@ def _require_serving():
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise CbamDeployError("serving needs the serve extra: pip install 'cbam-deploy[serve]'") from None
+        raise BackendUnavailable("serving needs the serve extra: pip install 'cbam-deploy[serve]'") from None
 
 
 def _labels(config: ServeConfig, manifest: dict, classes: int) -> list[str]:
@@ -75,7 +75,7 @@ def create_app(config: ServeConfig):
     input_spec = manifest["input"]
     output_spec = manifest["outputs"][0]
     shape = input_spec["shape"]
-    fixed_batch = shape[0] if isinstance(shape[0], int) else None
+    batch_size = fixed_batch(manifest)
     classes = manifest["model"].get("num_classes") or output_spec["shape"][-1]
     labels = _labels(config, manifest, classes)
     max_body = int(config.max_body_mb * 1024 * 1024)
@@ -87,7 +87,7 @@ def create_app(config: ServeConfig):
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
     batch_sizes = Histogram("cbam_batch_size", "Samples per executed batch", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    batcher = DynamicBatcher(runner.run, 1 if fixed_batch else config.max_batch, config.batch_timeout_ms,
+    batcher = DynamicBatcher(runner.run, 1 if batch_size else config.max_batch, config.batch_timeout_ms,
                              on_batch=batch_sizes.observe)
 
     def error(endpoint: str, status: int, message: str) -> JSONResponse:
@@ -123,8 +123,8 @@ def create_app(config: ServeConfig):
                 e is not None and a != e for a, e in zip(array.shape[2:], expected_chw[1:])):
             raise ProtocolError(f"input shape {list(array.shape)} does not match the model's {shape} "
                                 f"(e.g. [1, {shape[1]}, {side}, {side}])")
-        if array.shape[0] < 1 or (fixed_batch and array.shape[0] != fixed_batch):
-            raise ProtocolError(f"batch {array.shape[0]} is not accepted: the model takes {fixed_batch or 'any positive'}")
+        if array.shape[0] < 1 or (batch_size and array.shape[0] != batch_size):
+            raise ProtocolError(f"batch {array.shape[0]} is not accepted: the model takes {batch_size or 'any positive'}")
         if not np.isfinite(array).all():
             raise ProtocolError("input holds NaN or Inf")
         return np.ascontiguousarray(array)
@@ -222,8 +222,8 @@ def create_app(config: ServeConfig):
                     array = preprocess_image(image, input_spec)[None]
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
                 raise ProtocolError("the body is not a decodable image", 415) from None
-            if fixed_batch:
-                array = np.repeat(array, fixed_batch, axis=0)
+            if batch_size:
+                array = np.repeat(array, batch_size, axis=0)
             logits = (await batcher.infer(array))[0].astype(np.float64)
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()

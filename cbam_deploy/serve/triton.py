@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..bundle import artifact_path, read_manifest
+from ..bundle import artifact_path, fixed_batch, read_manifest
 from ..errors import CbamDeployError
 
 _BACKENDS = {
@@ -33,7 +33,7 @@ def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, inst
     platform, _, default_kind = _BACKENDS[artifact["format"]]
     shape = manifest["input"]["shape"]
     output = manifest["outputs"][0]
-    batched = not isinstance(shape[0], int)
+    batched = fixed_batch(manifest) is None
     if artifact["format"] == "tensorrt":
         profile = (artifact.get("export") or {}).get("profile") or {}
         if profile.get("max_batch") and max_batch > profile["max_batch"]:
