@@ -81,6 +81,9 @@ def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batch
                   min_seconds: float | None = None, warmup: int = 5, seed: int = 0) -> list[dict]:
     """Latency for every runner at every batch size, interleaved, with ratios to the runner named
     'pytorch' (the eager original, which the caller always includes)."""
+    from .options import validate_bench_options
+
+    validate_bench_options(list(batches), iters, min_seconds, warmup)
     rows = []
     for batch in batches:
         x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
@@ -93,7 +96,7 @@ def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batch
             for runner in runners.values():
                 runner.run(x)
             per_round = time.perf_counter() - start
-            count = max(5, int((min_seconds or 5.0) / max(per_round, 1e-6)))
+            count = max(5, int((5.0 if min_seconds is None else min_seconds) / max(per_round, 1e-6)))
         times = interleaved_latency(runners, x, count, warmup)
         base = float(np.mean(times["pytorch"])) if "pytorch" in times else None
         for name, values in times.items():
@@ -121,7 +124,7 @@ def plot_latency(rows: list[dict], path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        from .errors import BackendUnavailable, CbamDeployError
+        from .errors import CbamDeployError
 
         raise CbamDeployError("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
@@ -158,12 +161,15 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     from .bundle import read_manifest
     from .errors import BackendUnavailable, CbamDeployError
     from .models import build_model
+    from .options import check_artifact_names, validate_bench_options
     from .runners import TorchRunner, open_artifact
 
+    validate_bench_options(list(batches or [1]), iters, min_seconds, warmup, threads)  # before any work
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    check_artifact_names(manifest, artifacts, bundle_dir)
     model = manifest["model"]
-    if threads:
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)

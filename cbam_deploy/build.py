@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import artifact_path, read_manifest, upsert_artifact, write_manifest
+from .bundle import artifact_path, read_manifest, snapshot_artifact, upsert_artifact
 from .errors import BackendUnavailable, CbamDeployError
 from .fsutil import sha256_file
+from .transaction import BundleUpdate
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -81,30 +82,46 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
     return outcomes
 
 
+def _commit_artifact(update: BundleUpdate, source_sha: str, artifact: dict) -> None:
+    """Commit one built artifact, unless the ONNX it was built from was replaced meanwhile."""
+    artifact["source_sha256"] = source_sha
+
+    def merge(current: dict) -> dict:
+        onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
+        if onnx_now is None or onnx_now["sha256"] != source_sha:
+            raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {artifact['name']} was built "
+                                  "from it; build again")
+        upsert_artifact(current, artifact)
+        return current
+
+    update.commit(merge)
+
+
 def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
     from .exporters.openvino import export_ir
 
     manifest = read_manifest(bundle_dir)
-    _, onnx_path = artifact_path(bundle_dir, manifest, "onnx-fp32")
-    xml = bundle_dir / f"model.openvino-{precision}.xml"
-    try:
-        info = export_ir(onnx_path, xml, precision)
-    except BackendUnavailable as exc:
-        return BuildOutcome("openvino", precision, skipped=str(exc))
+    artifact_path(bundle_dir, manifest, "onnx-fp32")
     name = f"openvino-{precision}"
-    upsert_artifact(manifest, {
-        "name": name, "path": xml.name, "format": "openvino", "precision": precision, "sha256": sha256_file(xml),
-        "companion_files": {xml.with_suffix(".bin").name: sha256_file(xml.with_suffix(".bin"))},
-        "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
-        "export": {**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]},
-    })
-    write_manifest(bundle_dir, manifest)
+    with BundleUpdate(bundle_dir) as update:
+        source, onnx_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
+        xml = update.path(f"model.{name}.xml")
+        try:
+            info = export_ir(onnx_path, xml, precision)
+        except BackendUnavailable as exc:
+            return BuildOutcome("openvino", precision, skipped=str(exc))
+        _commit_artifact(update, source["sha256"], {
+            "name": name, "path": xml.name, "format": "openvino", "precision": precision, "sha256": sha256_file(xml),
+            "companion_files": {xml.with_suffix(".bin").name: sha256_file(xml.with_suffix(".bin"))},
+            "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+            "export": {**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]},
+        })
     return BuildOutcome("openvino", precision, name)
 
 
 def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, gates: str | None = None) -> BuildOutcome:
-    from .exporters.tensorrt import (Profile, build_engine, current_gpu, fp16_onnx, parse_version, plan_build,
-                                     require_tensorrt, sidecar)
+    from .exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
+                                     plan_build, require_tensorrt, sidecar)
 
     try:
         trt = require_tensorrt()
@@ -113,26 +130,27 @@ def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, 
         return BuildOutcome("tensorrt", precision, skipped=str(exc))
     manifest = read_manifest(bundle_dir)
     plan = plan_build(parse_version(trt.__version__), precision, options.dla_core)
-    if plan.onnx_variant == "qdq":
-        from .quantize import artifact_name
-
-        _, source = artifact_path(bundle_dir, manifest, artifact_name("tensorrt", gates))
-    else:
-        _, source = artifact_path(bundle_dir, manifest, "onnx-fp32")
-        if plan.onnx_variant == "fp16":
-            fp16_path = bundle_dir / "model.fp16.onnx"
-            fp16_onnx(source, fp16_path)
-            source = fp16_path
-    engine = bundle_dir / f"model.tensorrt-{precision}.engine"
-    profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
-    metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
-                            Path(options.timing_cache) if options.timing_cache else bundle_dir / "tensorrt.timing-cache",
-                            options.dla_core)
     name = f"tensorrt-{precision}"
-    upsert_artifact(manifest, {
-        "name": name, "path": engine.name, "format": "tensorrt", "precision": precision, "sha256": sha256_file(engine),
-        "companion_files": {sidecar(engine).name: sha256_file(sidecar(engine))},
-        "size_bytes": engine.stat().st_size, "export": metadata,
-    })
-    write_manifest(bundle_dir, manifest)
+    with BundleUpdate(bundle_dir) as update:
+        onnx_fp32, _ = artifact_path(bundle_dir, manifest, "onnx-fp32", verify_hash=False)
+        if plan.onnx_variant == "qdq":
+            from .quantize import artifact_name
+
+            _, source = snapshot_artifact(bundle_dir, manifest, artifact_name("tensorrt", gates), update)
+        else:
+            _, source = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
+            if plan.onnx_variant == "fp16":
+                fp16_path = update.path(".source.fp16.onnx")  # an intermediate: not committed
+                fp16_onnx(source, fp16_path)
+                source = fp16_path
+        engine = update.path(f"model.{name}.engine")
+        profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
+        timing_cache = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
+        metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
+                                timing_cache, options.dla_core)
+        _commit_artifact(update, onnx_fp32["sha256"], {
+            "name": name, "path": engine.name, "format": "tensorrt", "precision": precision, "sha256": sha256_file(engine),
+            "companion_files": {sidecar(engine).name: sha256_file(sidecar(engine))},
+            "size_bytes": engine.stat().st_size, "export": metadata,
+        })
     return BuildOutcome("tensorrt", precision, name)

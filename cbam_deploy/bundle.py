@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CbamDeployError
-from .fsutil import sha256_file, write_bytes_atomic
+from .fsutil import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -43,17 +43,33 @@ def new_manifest(model: dict, input_spec: dict, outputs: list[dict]) -> dict:
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
-    path = Path(bundle_dir) / MANIFEST_NAME
-    validate_manifest(manifest, path)
-    write_bytes_atomic(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
-    return path
+    """Replace the manifest as a whole (one transaction). Commands merge their change instead, with
+    ``transaction.BundleUpdate.commit``."""
+    from .transaction import update_manifest
+
+    update_manifest(bundle_dir, lambda _current: manifest)
+    return Path(bundle_dir) / MANIFEST_NAME
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
+    """The bundle's committed manifest. Whatever a killed command left is finished or discarded first
+    (see ``transaction``), and the read happens under the bundle's shared lock, so it never sees a
+    commit half-applied."""
+    from .transaction import bundle_lock, recover_if_needed
+
     bundle_dir = Path(bundle_dir)
-    path = bundle_dir / MANIFEST_NAME if bundle_dir.is_dir() else bundle_dir
-    if not path.is_file():
+    if not bundle_dir.is_dir():
+        return read_manifest_file(bundle_dir)
+    recover_if_needed(bundle_dir)  # may complete a first export killed after its commit point
+    if not (bundle_dir / MANIFEST_NAME).is_file():
         raise CbamDeployError(f"{bundle_dir} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
+    with bundle_lock(bundle_dir, shared=True):
+        return read_manifest_file(bundle_dir / MANIFEST_NAME)
+
+
+def read_manifest_file(path: Path) -> dict:
+    if not path.is_file():
+        raise CbamDeployError(f"{path} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -63,24 +79,191 @@ def read_manifest(bundle_dir: str | Path) -> dict:
 
 
 def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
+    """Check the manifest against its schema: every field that cbam-deploy reads, with its type.
+
+    A hand-edited or damaged manifest (``"artifacts": 5``, ``"size_bytes": "x"``, ``"input": {}``)
+    gives one error naming the field (``artifacts[0].size_bytes``), never a traceback later on.
+    Unknown extra fields are allowed (newer versions add some).
+    """
     if not isinstance(manifest, dict):
-        raise CbamDeployError(f"{where} is not a JSON object")
+        raise CbamDeployError(f"{where} is not a JSON object (got {_json_type(manifest)})")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise CbamDeployError(f"{where} lacks {', '.join(missing)}; re-export the bundle")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise CbamDeployError(
-            f"{where} has schema version {manifest['schema_version']}; this cbam-deploy reads {SCHEMA_VERSION}"
-        )
-    names = [a.get("name") for a in manifest["artifacts"]]
-    for artifact in manifest["artifacts"]:
+    check = _SchemaCheck(where)
+    version = manifest["schema_version"]
+    if not _is_int(version):
+        check.fail("schema_version", "an integer", version)
+    if version != SCHEMA_VERSION:
+        raise CbamDeployError(f"{where} has schema version {version}; this cbam-deploy reads {SCHEMA_VERSION}")
+
+    model = check.field(manifest, "model", "", _is_dict, "an object")
+    check.field(model, "name", "model.", _is_text, "a non-empty string")
+    check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
+    check.field(model, "stem", "model.", _is_text, "a non-empty string")
+    check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
+    check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
+    check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
+    check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
+    check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
+    check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                "a list of strings", required=False)
+    weights = check.field(model, "weights", "model.", _is_dict, "an object or null", required=False, nullable=True)
+    if weights is not None:
+        check.field(weights, "path", "model.weights.", _is_text, "a non-empty string")
+        check.field(weights, "sha256", "model.weights.", _is_text, "a non-empty string")
+    modules = check.field(model, "attention_modules", "model.", _is_list, "a list", required=False)
+    for i, module in enumerate(modules or []):
+        check.item(module, f"model.attention_modules[{i}]", _is_dict, "an object")
+        check.field(module, "path", f"model.attention_modules[{i}].", _is_text, "a non-empty string")
+
+    spec = check.field(manifest, "input", "", _is_dict, "an object")
+    check.field(spec, "name", "input.", _is_text, "a non-empty string")
+    shape = check.field(spec, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 4,
+                        "a list of 4 dimensions (N, C, H, W)")
+    for i, dim in enumerate(shape):
+        check.item(dim, f"input.shape[{i}]", lambda v: _is_positive_int(v) or _is_text(v),
+                   "a positive integer or a dimension name")
+    if not _is_positive_int(shape[1]):
+        check.fail("input.shape[1]", "the channel count (a positive integer)", shape[1])
+    for key in ("dtype", "layout", "color"):
+        check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
+    pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
+    for key in ("resize_shorter", "center_crop"):
+        check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
+                    "a positive whole number")
+    check.field(pre, "interpolation", "input.preprocess.", lambda v: v in _INTERPOLATIONS,
+                f"one of {', '.join(_INTERPOLATIONS)}", required=False)
+    check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
+    mean = check.field(pre, "mean", "input.preprocess.", _is_number_list, "a non-empty list of numbers")
+    std = check.field(pre, "std", "input.preprocess.", lambda v: _is_number_list(v) and all(x > 0 for x in v),
+                      "a non-empty list of positive numbers")
+    if len(mean) != len(std):
+        check.fail("input.preprocess.std", f"as long as input.preprocess.mean ({len(mean)})", std)
+
+    outputs = check.field(manifest, "outputs", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    for i, output in enumerate(outputs):
+        check.item(output, f"outputs[{i}]", _is_dict, "an object")
+        check.field(output, "name", f"outputs[{i}].", _is_text, "a non-empty string")
+        dims = check.field(output, "shape", f"outputs[{i}].", _is_list, "a list")
+        for j, dim in enumerate(dims):
+            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) or _is_text(v),
+                       "a positive integer or a dimension name")
+
+    artifacts = check.field(manifest, "artifacts", "", _is_list, "a list")
+    names = []
+    for i, artifact in enumerate(artifacts):
+        at = f"artifacts[{i}]"
+        check.item(artifact, at, _is_dict, "an object")
         for key in ("name", "path", "format", "precision", "sha256"):
-            if key not in artifact:
-                raise CbamDeployError(f"{where}: an artifact lacks {key!r}")
-        if Path(artifact["path"]).is_absolute() or ".." in Path(artifact["path"]).parts:
-            raise CbamDeployError(f"{where}: artifact path {artifact['path']!r} must stay inside the bundle")
+            check.field(artifact, key, f"{at}.", _is_text, "a non-empty string")
+        names.append(artifact["name"])
+        _check_inside(where, artifact["path"], f"artifact path {artifact['path']!r}")
+        check.field(artifact, "size_bytes", f"{at}.", lambda v: _is_int(v) and v >= 0, "a non-negative integer",
+                    required=False)
+        companions = check.field(artifact, "companion_files", f"{at}.", _is_dict, "an object", required=False)
+        for relative, digest in (companions or {}).items():
+            check.item(digest, f"{at}.companion_files[{relative!r}]", _is_text, "a sha256 string")
+            _check_inside(where, relative, f"companion file {relative!r} of artifact {artifact['name']!r}")
+        parity = check.field(artifact, "parity", f"{at}.", _is_dict, "an object", required=False)
+        if parity is not None:
+            check.field(parity, "passed", f"{at}.parity.", lambda v: isinstance(v, bool), "true, false or null",
+                        required=False, nullable=True)
+        for key in ("export", "quantization", "calibration", "verify"):
+            check.field(artifact, key, f"{at}.", _is_dict, "an object", required=False, nullable=True)
     if len(set(names)) != len(names):
-        raise CbamDeployError(f"{where}: artifact names repeat")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise CbamDeployError(f"{where}: artifact names repeat ({', '.join(repeated)})")
+
+    check.field(manifest, "versions", "", _is_dict, "an object")
+    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                "a list of strings", required=False, nullable=True)
+    check.field(manifest, "created", "", _is_text, "a string", required=False)
+
+
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class _SchemaCheck:
+    """Type checks that raise one CbamDeployError naming the field (``artifacts[1].size_bytes``)."""
+
+    def __init__(self, where) -> None:
+        self.where = where
+
+    def fail(self, field: str, expected: str, value) -> None:
+        raise CbamDeployError(
+            f"{self.where}: {field} must be {expected}, got {_shown(value)}; the manifest is damaged or was edited "
+            "by hand: re-export the bundle"
+        )
+
+    def item(self, value, field: str, ok, expected: str) -> None:
+        if not ok(value):
+            self.fail(field, expected, value)
+
+    def field(self, obj: dict, key: str, prefix: str, ok, expected: str, required: bool = True, nullable: bool = False):
+        if key not in obj:
+            if required:
+                raise CbamDeployError(f"{self.where}: {prefix}{key} is missing ({expected}); re-export the bundle")
+            return None
+        value = obj[key]
+        if value is None and nullable:
+            return None
+        if not ok(value):
+            self.fail(prefix + key, expected, value)
+        return value
+
+
+def _check_inside(where, relative: str, what: str) -> None:
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise CbamDeployError(f"{where}: {what} must stay inside the bundle")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and value not in (float("inf"), float("-inf")))
+
+
+def _is_number_list(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(_is_number(v) for v in value)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_dict(value) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, list)
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({_json_type(value)})"
 
 
 def fixed_batch(manifest: dict) -> int | None:
@@ -131,3 +314,21 @@ def artifact_path(bundle_dir: str | Path, manifest: dict, name: str | None = Non
                     "changed or its write did not finish; rebuild it"
                 )
     return artifact, path
+
+
+def snapshot_artifact(bundle_dir: str | Path, manifest: dict, name: str, update) -> tuple[dict, Path]:
+    """Link (or copy) an artifact's file into a ``BundleUpdate``'s staging folder and check its sha256
+    there: work that reads it for minutes sees one version, whatever lands in the bundle meanwhile."""
+    import os
+    import shutil
+
+    artifact, path = artifact_path(bundle_dir, manifest, name, verify_hash=False)
+    snapshot = update.path(".source." + Path(artifact["path"]).name)
+    try:
+        os.link(path, snapshot)
+    except OSError:
+        shutil.copyfile(path, snapshot)
+    if sha256_file(snapshot) != artifact["sha256"]:
+        raise CbamDeployError(f"artifact {name} ({path}) does not match the sha256 in the manifest: it was changed "
+                              "or replaced meanwhile; run the command again")
+    return artifact, snapshot

@@ -10,26 +10,58 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .build import comma_list
 from .errors import CbamDeployError
 
+# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False)
+# typer vendors click; its ClickException is found through a public exception's class hierarchy
+_CLICK_EXCEPTION = next((c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), typer.BadParameter)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Command-line parse errors (a missing option, 'abc' for an integer, an unknown flag) are user
+    errors like any other: one 'error:' line with the help hint, exit code 2, not a framed box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_EXCEPTION as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare 'cbam-deploy': the help, as usual
+                if exc.format_message().strip():  # typer's rich help has already been printed
+                    exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {escape(_one_line(exc.format_message()))}{hint}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("[bold red]error:[/] aborted", soft_wrap=True)
+            sys.exit(1)
+        # without standalone mode, typer hands back the exit code of a typer.Exit (None on success)
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
 app = typer.Typer(
     name="cbam-deploy",
     help="Ship CBAM networks to edge devices: export, quantize, build engines, check parity and latency.",
+    cls=_OneLineUsageErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False)
 
 
 def _handle_errors(func):
@@ -38,25 +70,24 @@ def _handle_errors(func):
         try:
             return func(*args, **kwargs)
         except CbamDeployError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/]: nothing half-written was kept")
+            err.print("[red]interrupted[/]: every bundle is as it was before, or fully updated (never half-written)")
             raise typer.Exit(130) from None
 
     return wrapper
 
 
+def _one_line(message: str) -> str:
+    """An error is one line on stderr, whatever text (a user's exception, a library's) it carries."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
+
+
 def _parse_batch(value: str) -> int | None:
-    if value.lower() == "dynamic":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise CbamDeployError(f"--batch must be 'dynamic' or a positive integer, got {value!r}") from None
-    if number < 1:
-        raise CbamDeployError(f"--batch must be 'dynamic' or a positive integer, got {value!r}")
-    return number
+    from .options import parse_batch
+
+    return parse_batch(value)
 
 
 def _print_json(data) -> None:
@@ -71,6 +102,9 @@ def models_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """List the model zoo: name, parameters, GFLOPs (computed)."""
+    from .options import check_input_size
+
+    check_input_size(input_size, "resnet18", "imagenet")
     from .models import zoo_table
 
     rows = zoo_table(input_size)
@@ -119,8 +153,12 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
-    if int8 and not calib_data:
-        raise CbamDeployError("--int8 needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
+    from .options import validate_export_options
+
+    validate_export_options(  # every option, before anything is built or written
+        model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
+        min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target,
+    )
     from .pipeline import ExportRequest, export_bundle
 
     request = ExportRequest(
@@ -222,9 +260,14 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
+    from .bundle import read_manifest
+    from .options import check_artifact_names, parse_list, validate_verify_options
     from .verify import verify_bundle
 
-    result = verify_bundle(bundle, data, comma_list(artifact, "artifact") if artifact else None, samples)
+    validate_verify_options(data, samples)
+    names = parse_list(artifact, "--artifact") if artifact is not None else None
+    check_artifact_names(read_manifest(bundle), names, bundle)
+    result = verify_bundle(bundle, data, names, samples)
     if as_json:
         _print_json(result)
     else:
@@ -246,8 +289,11 @@ def verify_command(
                 out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
                           f"({divergence['type']}, ONNX node {divergence['onnx_node']}): max abs error "
                           f"{divergence['max_abs_err']:.3g} > {divergence['bound']:.3g}")
+    for warning in result.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if result["passed"] is False:
-        err.print("[bold red]error:[/] verification failed (recorded in the manifest)")
+        recorded = "not recorded" if result.get("warnings") else "recorded in the manifest"
+        err.print(f"[bold red]error:[/] verification failed ({recorded})")
         raise typer.Exit(3)
 
 
@@ -270,28 +316,36 @@ def bench_command(
     import tempfile
 
     from .bench import bench_bundle, markdown_report, plot_latency
+    from .options import check_artifact_names, check_model_spec, parse_list, validate_bench_options
 
-    try:
-        batches = [int(b) for b in batch.split(",") if b.strip()]
-    except ValueError:
-        raise CbamDeployError(f"--batch takes a comma list of integers, got {batch!r}") from None
-    if not batches or min(batches) < 1:
-        raise CbamDeployError(f"--batch takes positive integers, got {batch!r}")
+    # every option, and the report paths, before any measuring: a typo must not cost the whole run
+    batches = validate_bench_options(batch, iters, min_seconds, warmup, threads, markdown, plot)
     if (bundle is None) == (model is None):
         raise CbamDeployError("give a BUNDLE folder or --model NAME (one of them)")
+    names = parse_list(artifact, "--artifact") if artifact is not None else None
+    if model is not None:
+        check_model_spec(model)
+        check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, names, f"(exported from --model {model})")
+    else:
+        from .bundle import read_manifest
+
+        check_artifact_names(read_manifest(bundle), names, bundle)
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
         if model:
             from .pipeline import ExportRequest, export_bundle
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
-        result = bench_bundle(bundle, batches, comma_list(artifact, "artifact") if artifact else None, iters, min_seconds, warmup, threads)
+        result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads)
     title = f"{result['model']}: latency vs PyTorch eager"
-    if markdown:
-        from .fsutil import write_bytes_atomic
+    try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
+        if markdown:
+            from .fsutil import write_bytes_atomic
 
-        write_bytes_atomic(markdown, markdown_report(result["results"], result["machine"], title).encode())
-    if plot:
-        plot_latency(result["results"], plot, title)
+            write_bytes_atomic(markdown, markdown_report(result["results"], result["machine"], title).encode())
+        if plot:
+            plot_latency(result["results"], plot, title)
+    except OSError as exc:
+        raise CbamDeployError(f"cannot write the report {exc.filename or markdown or plot}: {exc.strerror or exc}") from None
     if as_json:
         _print_json(result)
         return
@@ -323,9 +377,13 @@ def quantize_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
+    from .bundle import read_manifest
+    from .options import validate_quantize_options
     from .quantize import quantize_bundle
 
-    result = quantize_bundle(bundle, comma_list(target, "target"), calib_data, calib_size, calib_batch, method, gates, cache, seed)
+    targets = validate_quantize_options(target, calib_data, calib_size, calib_batch, method, gates)
+    read_manifest(bundle)  # a missing or damaged bundle is reported before the calibration data is read
+    result = quantize_bundle(bundle, targets, calib_data, calib_size, calib_batch, method, gates, cache, seed)
     if as_json:
         _print_json(result)
     else:
@@ -367,6 +425,9 @@ def eval_command(
 ) -> None:
     """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
     from .evaluate import evaluate_bundle
+    from .options import validate_eval_options
+
+    validate_eval_options(data, batch, limit)
 
     result = evaluate_bundle(bundle, data, artifact, batch, limit)
     if as_json:
@@ -390,20 +451,36 @@ def serve_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
     artifact: Annotated[Optional[str], typer.Option(help="Artifact to serve (default: the first, onnx-fp32).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless told otherwise.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port (0: any free one; the line 'serving ... on' names it).")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name in the API (default: the bundle's model).")] = None,
     max_batch: Annotated[int, typer.Option(help="Dynamic batching: most samples per run (1 = off).")] = 8,
     batch_timeout_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more requests.")] = 5.0,
     max_body_mb: Annotated[float, typer.Option(help="Larger request bodies get 413.")] = 32.0,
     labels: Annotated[Optional[str], typer.Option(help="Class names, one per line, for /v1/classify.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Inference threads.")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for inference; more get 503 at once.")] = 256,
+    request_timeout_s: Annotated[float, typer.Option(
+        help="Seconds to receive a body (else 408) and to wait for a result (else 504).")] = 30.0,
+    limit_concurrency: Annotated[int, typer.Option(help="Connections and requests in flight; more get 503.")] = 256,
 ) -> None:
-    """Serve an artifact over the Open Inference Protocol (KServe v2), plus /v1/classify and /metrics."""
+    """Serve an artifact over the Open Inference Protocol (KServe v2), plus /v1/classify and /metrics.
+
+    Exit codes: 0 stopped by Ctrl-C, 2 a bad option or bundle, 4 the address could not be bound or
+    the server could not start. SIGTERM stops it within a few seconds."""
     from .serve.app import ServeConfig, serve
 
-    config = ServeConfig(bundle, artifact, name, max_batch, batch_timeout_ms, max_body_mb, labels, threads)
-    err.print(f"serving {bundle} on http://{host}:{port} (Open Inference Protocol: /v2/models/...; Ctrl-C stops)")
-    serve(config, host, port)
+    config = ServeConfig(bundle, artifact=artifact, name=name, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms,
+                         max_body_mb=max_body_mb, labels=labels, threads=threads, max_queue=max_queue,
+                         request_timeout_s=request_timeout_s, limit_concurrency=limit_concurrency)
+
+    def started(address: str) -> None:
+        err.print(f"serving {escape(bundle)} on http://{address} (Open Inference Protocol: /v2/models/...; Ctrl-C stops)",
+                  soft_wrap=True)
+
+    try:
+        serve(config, host, port, on_started=started)
+    except KeyboardInterrupt:
+        err.print("stopped")
 
 
 @app.command("triton")
@@ -420,9 +497,18 @@ def triton_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository for the bundle's artifacts."""
+    from .bundle import artifact_path, read_manifest
+    from .options import check_artifact_names, parse_list, validate_triton_options
     from .serve.triton import write_repository
 
-    written = write_repository(bundle, output, comma_list(artifact, "artifact") if artifact else None, name, max_batch, instances, delay_us, kind)
+    validate_triton_options(output, max_batch, instances, delay_us, kind)
+    names = parse_list(artifact, "--artifact") if artifact is not None else None
+    manifest = read_manifest(bundle)
+    check_artifact_names(manifest, names, bundle)
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
+    for chosen in names or ["onnx-fp32"]:  # present and intact, before the repository folder is made
+        artifact_path(bundle_dir, manifest, chosen)
+    written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind)
     if as_json:
         _print_json(written)
         return
@@ -436,32 +522,56 @@ def triton_command(
 @_handle_errors
 def info_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON, with each artifact's integrity.")] = False,
 ) -> None:
-    """Show a bundle's manifest: model, input, artifacts and their parity."""
-    from .bundle import artifact_path, read_manifest
+    """Show a bundle's manifest: model, input, artifacts, their parity and whether their files are intact.
+
+    Every artifact's files are checked against the sha256 in the manifest: integrity "ok", "changed" or
+    "missing" (also in --json). Exit code 0 when all are intact, 3 when any changed or is missing (the
+    same code as a failed verification), 2 for an unreadable or damaged manifest.
+    """
+    from .bundle import read_manifest
 
     manifest = read_manifest(bundle)
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
+    integrity = {a["name"]: artifact_integrity(bundle_dir, a) for a in manifest["artifacts"]}
     if as_json:
-        _print_json(manifest)
-        return
-    model = manifest["model"]
-    out.print(f"[bold]{model['name']}[/]  classes={model['num_classes']}  params={model['parameters']:,}  "
-              f"input {manifest['input']['shape']}")
-    table = Table()
-    for column in ("artifact", "format", "precision", "size", "sha256", "parity"):
-        table.add_column(column)
-    for artifact in manifest["artifacts"]:
-        try:
-            artifact_path(bundle, manifest, artifact["name"])
-            integrity = "ok"
-        except CbamDeployError:
-            integrity = "[red]changed/missing[/]"
-        passed = artifact.get("parity", {}).get("passed")
-        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not run"}[passed]
-        table.add_row(artifact["name"], artifact["format"], artifact["precision"],
-                      f"{artifact.get('size_bytes', 0) / 1e6:.1f} MB", integrity, verdict)
-    out.print(table)
+        _print_json({**manifest, "artifacts": [{**a, "integrity": integrity[a["name"]]} for a in manifest["artifacts"]]})
+    else:
+        model = manifest["model"]
+        params = f"{model['parameters']:,}" if isinstance(model.get("parameters"), int) else "?"
+        out.print(f"[bold]{escape(model['name'])}[/]  classes={model['num_classes']}  params={params}  "
+                  f"input {manifest['input']['shape']}")
+        table = Table()
+        for column in ("artifact", "format", "precision", "size", "sha256", "parity"):
+            table.add_column(column)
+        for artifact in manifest["artifacts"]:
+            state = integrity[artifact["name"]]
+            shown = "ok" if state == "ok" else f"[red]{state}[/]"
+            passed = (artifact.get("parity") or {}).get("passed")
+            verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not run"}[passed]
+            size = f"{artifact['size_bytes'] / 1e6:.1f} MB" if "size_bytes" in artifact else "-"
+            table.add_row(artifact["name"], artifact["format"], artifact["precision"], size, shown, verdict)
+        out.print(table)
+    broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
+    if broken:
+        err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "
+                  "ones the manifest recorded (sha256); rebuild these artifacts or re-export the bundle", soft_wrap=True)
+        raise typer.Exit(3)
+
+
+def artifact_integrity(bundle_dir: Path, artifact: dict) -> str:
+    """'ok', 'missing' (a file is gone) or 'changed' (a file's sha256 differs from the manifest's)."""
+    from .fsutil import sha256_file
+
+    expected = {artifact["path"]: artifact["sha256"], **(artifact.get("companion_files") or {})}
+    files = {bundle_dir / relative: digest for relative, digest in expected.items()}
+    if not all(path.is_file() for path in files):
+        return "missing"
+    try:
+        return "ok" if all(sha256_file(path) == digest for path, digest in files.items()) else "changed"
+    except OSError:
+        return "missing"
 
 
 def main() -> None:  # console-script entry point

@@ -16,11 +16,12 @@ from .calib.data import _Unreadable, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
 from .runners import open_artifact, reference_runner
 
+
 def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     folder = image_folder(data_dir)
     arrays, labels, skipped = [], [], 0
     for path, label in zip(folder.paths, folder.labels):
-        if limit and len(arrays) >= limit:
+        if limit is not None and len(arrays) >= limit:
             break
         try:
             arrays.append(load_image_file(path, spec))
@@ -46,8 +47,12 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndar
 
 def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
                     batch: int = 32, limit: int | None = None) -> dict:
+    from .options import check_artifact_names, validate_eval_options
+
+    validate_eval_options(str(data_dir), batch, limit)  # every option before any work
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    check_artifact_names(manifest, [artifact] if artifact else None, bundle_dir)
     inputs, labels, classes, skipped = load_labelled(data_dir, manifest["input"], limit)
     num_classes = manifest["model"].get("num_classes")
     if num_classes and len(classes) > num_classes:

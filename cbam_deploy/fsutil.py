@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-from .errors import CbamDeployError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -28,11 +27,34 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; a finished file follows the umask
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@functools.lru_cache(maxsize=1)
+def current_umask() -> int:
+    """The process umask (read once: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(final: str | Path, data: bytes) -> None:
@@ -41,16 +63,3 @@ def write_bytes_atomic(final: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-
-
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create the folder if needed and prove it is writable, or raise one clear error."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise CbamDeployError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
-    return path

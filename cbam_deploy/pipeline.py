@@ -1,26 +1,28 @@
 """The export job: model (+ checkpoint) -> ONNX -> parity against PyTorch -> bundle with manifest.
 
-``export_bundle`` is what ``cbam-deploy export`` calls. It writes the ONNX file and then the
-manifest, each atomically; a failure before the end leaves any earlier bundle in the folder as it
-was (nothing half-written). A parity failure still writes the bundle, with the failure recorded,
-and the result says so (the CLI exits non-zero).
+``export_bundle`` is what ``cbam-deploy export`` calls. It stages the ONNX file, checks parity on
+it and commits it with the new manifest in one transaction (``transaction.BundleUpdate``): an
+interrupted, killed or failed export leaves the folder as it was (the old bundle, or nothing). A
+parity failure still commits the bundle, with the failure recorded, and the result says so (the
+CLI exits non-zero). Artifacts built from a previous ONNX are kept only when the new ONNX is
+byte-identical to it; otherwise they and their files are removed, and the result names them.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import MANIFEST_NAME, new_manifest, upsert_artifact, write_manifest
+from .bundle import MANIFEST_NAME, new_manifest, read_manifest, upsert_artifact
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
-from .fsutil import ensure_writable_dir, sha256_file
+from .fsutil import sha256_file
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .parity import plan_cases, run_parity
 from .runners import OnnxRuntimeRunner, TorchRunner
+from .transaction import BundleUpdate, faultpoint
 
 ONNX_FILE = "model.onnx"
 CROP_PCT = 0.875
@@ -44,6 +46,24 @@ class ExportRequest:
     seed: int = 0
     force: bool = False
     extra_notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()  # a bad request fails where it is made, before any model is built or file written
+
+    def validate(self) -> None:
+        """Value checks (no file access): ranges, choices, types. ``options.validate_export_options``
+        does these and the path checks for the CLI."""
+        from .options import STEMS, check_choice, check_input_size, check_int, check_num_classes, check_opset, parse_batch
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise CbamDeployError("--model needs a zoo name or path/to/file.py:factory")
+        check_choice("--stem", self.stem, STEMS)
+        check_num_classes(self.num_classes)
+        check_input_size(self.input_size, self.model, self.stem)
+        if self.batch is not None:
+            parse_batch(self.batch if isinstance(self.batch, int) and not isinstance(self.batch, bool) else repr(self.batch))
+        check_opset(self.exporter, self.opset)
+        check_int("parity_samples", self.parity_samples, 1)
 
 
 def default_output_dir(model_spec: str) -> Path:
@@ -74,27 +94,34 @@ def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list
     }
 
 
-def _guard_existing(out_dir: Path, model_name: str, force: bool) -> None:
-    manifest_path = out_dir / MANIFEST_NAME
-    if not manifest_path.exists() or force:
+def _guard_existing(current: dict | None, out_dir: Path, model_name: str, force: bool) -> None:
+    existing = (current or {}).get("model", {}).get("name") if isinstance(current, dict) else None
+    if current is None or force or existing == model_name:
         return
+    raise CbamDeployError(
+        f"{out_dir} already holds a bundle of {existing or 'an unreadable manifest'}; choose another "
+        "--output or pass --force to replace it"
+    )
+
+
+def _existing_manifest(out_dir: Path) -> dict | None:
     try:
-        existing = json.loads(manifest_path.read_text()).get("model", {}).get("name")
-    except (OSError, ValueError, AttributeError):
-        existing = None
-    if existing != model_name:
-        raise CbamDeployError(
-            f"{out_dir} already holds a bundle of {existing or 'an unreadable manifest'}; choose another "
-            "--output or pass --force to replace it"
-        )
+        return read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() else None
+    except CbamDeployError:
+        return {}  # unreadable: replaced only with --force
 
 
 def export_bundle(request: ExportRequest) -> dict:
-    """Run the whole export; returns the summary that ``--json`` prints."""
+    """Run the whole export; returns the summary that ``--json`` prints.
+
+    The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
+    committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
     started = time.perf_counter()
+    out_dir = Path(request.output) if request.output else default_output_dir(request.model)
+    _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
     loaded = build_model(request.model, request.weights, request.num_classes, request.stem)
     options = OnnxExportOptions(
-        input_size=request.input_size or loaded.default_input_size,
+        input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
         batch=request.batch,
         dynamic_hw=request.dynamic_hw,
         opset=request.opset,
@@ -102,27 +129,22 @@ def export_bundle(request: ExportRequest) -> dict:
         simplify=request.simplify,
     )
     options.validate()
-    out_dir = Path(request.output) if request.output else default_output_dir(request.model)
-    _guard_existing(out_dir, loaded.name, request.force)
-    created = not out_dir.exists()
-    ensure_writable_dir(out_dir)
-    try:
-        return _export_into(request, loaded, options, out_dir, started)
-    except BaseException:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # leave no empty folder behind a failed first export
-        raise
+    with BundleUpdate(out_dir, create=True) as update:
+        return _export_into(request, loaded, options, update, started)
 
 
-def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, out_dir: Path,
+def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, update: BundleUpdate,
                  started: float) -> dict:
-    onnx_path = out_dir / ONNX_FILE
-    info = export_onnx(loaded.module, onnx_path, options)
+    out_dir = update.bundle_dir
+    staged = update.path(ONNX_FILE)
+    info = export_onnx(loaded.module, staged, options)
+    faultpoint("exported")
 
     parity = None
     if request.parity:
         cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
-        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(onnx_path), cases, "fp32", seed=request.seed)
+        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed)
+    faultpoint("parity-done")
 
     model_info = loaded.describe()
     try:
@@ -143,24 +165,46 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
         "path": ONNX_FILE,
         "format": "onnx",
         "precision": "fp32",
-        "sha256": sha256_file(onnx_path),
-        "size_bytes": onnx_path.stat().st_size,
+        "sha256": sha256_file(staged),
+        "size_bytes": staged.stat().st_size,
         "export": info,
         "parity": parity if parity is not None else {"passed": None, "skipped": "--no-parity"},
     }
     upsert_artifact(manifest, artifact)
-    manifest_path = write_manifest(out_dir, manifest)
+    dropped: list[str] = []
+
+    def replace(current: dict | None) -> dict:
+        _guard_existing(current, out_dir, loaded.name, request.force)  # another export may have landed meanwhile
+        kept = derived_artifacts_to_keep(current, artifact["sha256"]) if current and not request.force else []
+        dropped.extend(a["name"] for a in (current or {}).get("artifacts", [])
+                       if a["name"] != "onnx-fp32" and a not in kept)
+        manifest["artifacts"] += kept
+        return manifest
+
+    update.commit(replace)
+    if dropped:
+        model_info["notes"].append(f"removed {', '.join(dropped)}: built from the previous ONNX, which this export "
+                                   "replaced; rebuild them (quantize / export --format)")
     return {
         "bundle": str(out_dir),
-        "manifest": str(manifest_path),
+        "manifest": str(out_dir / MANIFEST_NAME),
         "model": model_info,
-        "artifacts": [{"name": artifact["name"], "path": str(onnx_path), "format": "onnx", "precision": "fp32",
+        "artifacts": [{"name": artifact["name"], "path": str(out_dir / ONNX_FILE), "format": "onnx", "precision": "fp32",
                        "size_bytes": artifact["size_bytes"], "sha256": artifact["sha256"]}],
         "export": info,
         "parity": artifact["parity"],
         "passed": parity["passed"] if parity is not None else None,
+        "removed_artifacts": dropped,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:
+    """Artifacts built from the bundle's FP32 ONNX stay only when the new ONNX is byte-identical to the
+    one they were built from (``source_sha256``; older bundles: the ONNX they sat beside)."""
+    artifacts = current.get("artifacts", [])
+    previous = next((a["sha256"] for a in artifacts if a["name"] == "onnx-fp32"), None)
+    return [a for a in artifacts if a["name"] != "onnx-fp32" and a.get("source_sha256", previous) == new_onnx_sha]
 
 
 def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, calib_data: str | None = None,

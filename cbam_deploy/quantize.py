@@ -9,13 +9,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .bundle import artifact_path, fit_to_batch, fixed_batch, read_manifest, upsert_artifact, write_manifest
+from .bundle import artifact_path, fit_to_batch, fixed_batch, read_manifest, snapshot_artifact, upsert_artifact
 from .calib.data import load_calibration
 from .calib.recipes import DEFAULT_GATES, TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
 from .fsutil import sha256_file
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
+from .transaction import BundleUpdate, faultpoint
+
 
 def artifact_name(target: str, gates: str | None = None) -> str:
     """int8-<target> for the default gate policy, int8-<target>-gates-<policy> otherwise."""
@@ -42,66 +44,90 @@ def quantize_bundle(
 ) -> dict:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    _, fp32_path = artifact_path(bundle_dir, manifest, "onnx-fp32")
+    artifact_path(bundle_dir, manifest, "onnx-fp32")
     for target in targets:
         resolve(target, method, gates)  # reject bad options before any work
     if calib_batch < 1:
         raise CbamDeployError(f"--calib-batch must be at least 1, got {calib_batch}")
-    data = load_calibration(calib_data, manifest["input"], calib_size + check_samples, seed)
-    data.inputs, calib_batch = fit_to_batch(manifest, data.inputs, calib_batch)
-    if fixed_batch(manifest):  # calibration and check sets both whole batches
-        calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
-    if len(data.inputs) > calib_size:
-        check = data.inputs[calib_size:]
-        data.inputs = data.inputs[:calib_size]
-        check_source = "held-out samples of the calibration source"
-    else:
-        check = data.inputs[: min(len(data.inputs), check_samples)]
-        check_source = "calibration samples (source too small to hold any out)"
-    check, _ = fit_to_batch(manifest, check, calib_batch)
-    attention = manifest["model"].get("attention_modules", [])
-    reference, reference_label = reference_runner(manifest, bundle_dir)
-    ref_out = reference.run_batched(check, calib_batch)
-    cache_dir = default_cache_dir() if use_cache else None
-    results = []
-    for target in targets:
-        chosen_method, chosen_gates = resolve(target, method, gates)
-        name = artifact_name(target, chosen_gates)
-        out_path = bundle_dir / artifact_file(target, chosen_gates)
-        started = time.perf_counter()
-        if target == "openvino":
-            result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
-                                       cache_dir / "openvino" if cache_dir else None)
+    with BundleUpdate(bundle_dir) as update:
+        # quantize a snapshot: a re-export that lands meanwhile cannot change the file under our feet
+        fp32, fp32_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
+        data = load_calibration(calib_data, manifest["input"], calib_size + check_samples, seed)
+        data.inputs, calib_batch = fit_to_batch(manifest, data.inputs, calib_batch)
+        if fixed_batch(manifest):  # calibration and check sets both whole batches
+            calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
+        if len(data.inputs) > calib_size:
+            check = data.inputs[calib_size:]
+            data.inputs = data.inputs[:calib_size]
+            check_source = "held-out samples of the calibration source"
         else:
-            result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
-                                   calib_batch, cache_dir)
-        seconds = time.perf_counter() - started
-        artifact = {
-            "name": name,
-            "path": out_path.name,
-            "format": result.format,
-            "precision": "int8",
-            "sha256": sha256_file(out_path),
-            "size_bytes": out_path.stat().st_size + (out_path.with_suffix(".bin").stat().st_size if result.format == "openvino" else 0),
-            "quantization": {**result.info, "seconds": round(seconds, 2)},
-            "calibration": data.describe(),
-        }
-        if result.format == "openvino":
-            artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
-        upsert_artifact(manifest, artifact)
-        runner = open_artifact(bundle_dir, manifest, name)
-        measured = compare_int8(ref_out, runner.run_batched(check, calib_batch),
-                                judge_top1=manifest["model"].get("weights") is not None)
-        artifact["parity"] = {
-            "precision": "int8", "reference": reference_label, "inputs": check_source,
-            "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,
-        }
-        if data.kind == "synthetic":
-            artifact["parity"]["warning"] = "synthetic calibration data: not fit for production"
-        results.append(artifact)
-    write_manifest(bundle_dir, manifest)
+            check = data.inputs[: min(len(data.inputs), check_samples)]
+            check_source = "calibration samples (source too small to hold any out)"
+        check, _ = fit_to_batch(manifest, check, calib_batch)
+        attention = manifest["model"].get("attention_modules", [])
+        reference, reference_label = reference_runner(manifest, bundle_dir)
+        ref_out = reference.run_batched(check, calib_batch)
+        cache_dir = default_cache_dir() if use_cache else None
+        source_sha = fp32["sha256"]
+        results = []
+        for target in targets:
+            results.append(_quantize_one(update, manifest, target, method, gates, fp32_path, source_sha, data,
+                                         attention, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
+        faultpoint("quantized")
+
+        def merge(current: dict) -> dict:
+            onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
+            if onnx_now is None or onnx_now["sha256"] != source_sha:
+                raise CbamDeployError(f"bundle {bundle_dir} was re-exported while quantizing: its ONNX is not the one "
+                                      "these INT8 artifacts were made from; run quantize again")
+            for artifact in results:
+                upsert_artifact(current, artifact)
+            return current
+
+        update.commit(merge)
     return {"bundle": str(bundle_dir), "artifacts": results, "calibration": data.describe(),
             "passed": all(a["parity"]["passed"] for a in results)}
+
+
+def _quantize_one(update, manifest: dict, target: str, method: str | None, gates: str | None, fp32_path: Path,
+                  source_sha: str, data, attention: list, calib_batch: int, cache_dir, check, check_source: str,
+                  ref_out, reference_label: str) -> dict:
+    """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
+    chosen_method, chosen_gates = resolve(target, method, gates)
+    name = artifact_name(target, chosen_gates)
+    out_path = update.path(artifact_file(target, chosen_gates))
+    started = time.perf_counter()
+    if target == "openvino":
+        result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
+                                   cache_dir / "openvino" if cache_dir else None)
+    else:
+        result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
+                               calib_batch, cache_dir)
+    seconds = time.perf_counter() - started
+    artifact = {
+        "name": name,
+        "path": out_path.name,
+        "format": result.format,
+        "precision": "int8",
+        "sha256": sha256_file(out_path),
+        "size_bytes": out_path.stat().st_size + (out_path.with_suffix(".bin").stat().st_size if result.format == "openvino" else 0),
+        "source_sha256": source_sha,
+        "quantization": {**result.info, "seconds": round(seconds, 2)},
+        "calibration": data.describe(),
+    }
+    if result.format == "openvino":
+        artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
+    staged_manifest = {**manifest, "artifacts": [artifact]}
+    runner = open_artifact(update.staging, staged_manifest, name)
+    measured = compare_int8(ref_out, runner.run_batched(check, calib_batch),
+                            judge_top1=manifest["model"].get("weights") is not None)
+    artifact["parity"] = {
+        "precision": "int8", "reference": reference_label, "inputs": check_source,
+        "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,
+    }
+    if data.kind == "synthetic":
+        artifact["parity"]["warning"] = "synthetic calibration data: not fit for production"
+    return artifact
 
 
 __all__ = ["TARGETS", "artifact_name", "quantize_bundle"]

@@ -132,7 +132,7 @@ def test_existing_bundle_of_another_model_needs_force(tmp_path):
 def test_unwritable_output_is_one_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(CbamDeployError, match="not writable"):
+    with pytest.raises(CbamDeployError, match="cannot write bundle .*Not a directory"):
         export_bundle(ExportRequest(model="resnet18", stem="cifar", output=str(blocker / "bundle")))
 
 

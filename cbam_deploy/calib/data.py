@@ -7,7 +7,9 @@ the one function that calibration, evaluation and serving all use.
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,28 +23,55 @@ SYNTHETIC = "synthetic"
 
 def preprocess_image(image, spec: dict) -> np.ndarray:
     """PIL image -> float32 CHW, as the manifest says: RGB, resize shorter side, center crop,
-    scale to [0, 1], subtract mean, divide by std."""
+    scale to [0, 1], subtract mean, divide by std.
+
+    16-bit images (modes I;16* and I) are scaled by their depth (65535 -> 1.0), not clipped at 255.
+    The work is bounded by the output whatever the aspect ratio: an image whose resized long side
+    stays within 4x the resize target is resized whole and then cropped (the reference recipe, bit for
+    bit); a longer one (a thin strip) is first cut to the region the crop needs, plus the filter's
+    reach, and resized straight to the crop, so a 1 x 60000 strip costs what a square does."""
+    import math
+
     from PIL import Image
 
+    def to_rgb(image):  # alpha on white; 16-bit -> one float channel on the 8-bit scale (0-255)
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32), 0, 65535) * np.float32(255 / 65535))
+        if image.mode != "RGB":
+            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, image)
+            image = image.convert("RGB")
+        return image
+
     pre = spec["preprocess"]
-    if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    resize = int(pre["resize_shorter"])
+    method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.get("interpolation", "bilinear")]
+    resize, crop = int(pre["resize_shorter"]), int(pre["center_crop"])
     width, height = image.size
     scale = resize / min(width, height)
-    new_size = (max(resize, round(width * scale)), max(resize, round(height * scale)))
-    if new_size != image.size:
-        method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.get("interpolation", "bilinear")]
-        image = image.resize(new_size, method)
-    crop = int(pre["center_crop"])
-    left = (image.size[0] - crop) // 2
-    top = (image.size[1] - crop) // 2
-    image = image.crop((left, top, left + crop, top + crop))
-    array = np.asarray(image, dtype=np.float32) * float(pre.get("scale", 1 / 255))
+    new_w, new_h = max(resize, round(width * scale)), max(resize, round(height * scale))
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    if max(new_w, new_h) <= 4 * resize:
+        image = to_rgb(image)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), method)
+        image = image.crop((left, top, left + crop, top + crop))
+    else:
+        # the crop window in resized pixels (clipped to the resized image), mapped back to source pixels
+        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + crop, new_w), min(top + crop, new_h)
+        sx, sy = width / new_w, height / new_h
+        reach = math.ceil(3 * max(sx, sy, 1)) + 2  # wider than the support of any of the three filters
+        rx0, ry0 = max(0, math.floor(x0 * sx) - reach), max(0, math.floor(y0 * sy) - reach)
+        region = to_rgb(image.crop((rx0, ry0, min(width, math.ceil(x1 * sx) + reach), min(height, math.ceil(y1 * sy) + reach))))
+        image = region.resize((x1 - x0, y1 - y0), method, box=(x0 * sx - rx0, y0 * sy - ry0, x1 * sx - rx0, y1 * sy - ry0))
+        if image.size != (crop, crop):  # a crop larger than the resized image: black borders, as crop() gives
+            window, image = image, Image.new(image.mode, (crop, crop))
+            image.paste(window, (x0 - left, y0 - top))
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:  # a 16-bit image is one channel until here
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    array = array * float(pre.get("scale", 1 / 255))
     array = (array - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
@@ -64,6 +93,35 @@ class _Unreadable(Exception):
 
 def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def has_images(root: Path) -> bool:
+    """True as soon as one image file is found under ``root`` (a cheap check before any work)."""
+    try:
+        for folder, _dirs, files in os.walk(root):
+            if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files):
+                return True
+    except OSError:
+        return False
+    return False
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip
+
+
+def array_file_kind(path: Path) -> str | None:
+    """'npy' or 'npz' judged by the file's first bytes (not its name), else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return None
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head[:4] in _ZIP_MAGICS:
+        return "npz"
+    return None
 
 
 @dataclass
@@ -115,8 +173,12 @@ def load_calibration(source: str, spec: dict, size: int = 128, seed: int = 0) ->
         raise CbamDeployError(f"calibration data {path} does not exist (a folder of images, a .npy/.npz file, or 'synthetic')")
     if path.is_dir():
         return _from_folder(path, spec, size, seed)
+    kind = array_file_kind(path)
+    if kind is not None:
+        return _from_array(path, spec, size, seed, kind)
     if path.suffix.lower() in (".npy", ".npz"):
-        return _from_array(path, spec, size, seed)
+        raise CbamDeployError(f"cannot read calibration array {path}: its first bytes are neither a .npy header "
+                              "nor a zip (.npz) archive; the file is corrupt or not NumPy data")
     raise CbamDeployError(f"calibration data {path} is neither a folder of images nor a .npy/.npz file")
 
 
@@ -157,19 +219,28 @@ def _from_folder(root: Path, spec: dict, size: int, seed: int) -> CalibrationSet
     return CalibrationSet(inputs, str(root), "images", digest.hexdigest()[:16], skipped, len(files), warnings)
 
 
-def _from_array(path: Path, spec: dict, size: int, seed: int) -> CalibrationSet:
+def _from_array(path: Path, spec: dict, size: int, seed: int, kind: str | None = None) -> CalibrationSet:
+    kind = kind or array_file_kind(path)
+    if kind is None:
+        raise CbamDeployError(f"cannot read calibration array {path}: not a .npy or .npz file (judged by its first bytes)")
     try:
-        if path.suffix.lower() == ".npz":
+        # np.load itself chooses by content too; the kind decides how the result is unpacked
+        if kind == "npz":
             with np.load(path, allow_pickle=False) as archive:
+                if not isinstance(archive, np.lib.npyio.NpzFile):
+                    raise CbamDeployError(f"cannot read calibration array {path}: not a .npz archive")
                 if not archive.files:
                     raise CbamDeployError(f"{path} holds no arrays")
                 array = archive[archive.files[0]]
         else:
             array = np.load(path, allow_pickle=False)
+        if not isinstance(array, np.ndarray):
+            raise CbamDeployError(f"cannot read calibration array {path}: it holds a {type(array).__name__}, not an array")
     except CbamDeployError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise CbamDeployError(f"cannot read calibration array {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CbamDeployError(f"cannot read calibration array {path}: {message}") from None
     channels, height, width = expected_chw(spec)
     if array.ndim != 4 or len(array) == 0:
         raise CbamDeployError(f"{path}: expected a 4-D array (N, C, H, W float32 or N, H, W, C uint8), got shape {array.shape}")

@@ -43,7 +43,7 @@ DEFAULT_METHOD = {"ort-cpu": "minmax", "tensorrt": "minmax", "openvino": "minmax
 # accuracy and latencies within noise of each other (README "INT8"), and float gates avoid the
 # known INT8 failure of sigmoid gating (TensorRT#1114, NNCF's SE ignore patterns).
 DEFAULT_GATES = {"ort-cpu": "fp", "tensorrt": "fp", "openvino": "fp"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: OpenVINO entries carry a digest file; older entries are plain misses
 
 
 @dataclass
@@ -142,16 +142,19 @@ def quantize_onnx(
         if gates == "fp" and attention and not excluded:
             raise CbamDeployError("--gates fp: no attention-gate nodes found in the graph; re-export the bundle")
         input_name = proto.graph.input[0].name
-        cache_path, cache_hit = None, False
-        if cache_dir is not None:
+        supports_cache = "calibration_cache_path" in quantize_static.__code__.co_varnames
+        cache_path, cache_hit, cache_warning = None, False, None
+        if cache_dir is not None and supports_cache:
             cache_dir.mkdir(parents=True, exist_ok=True)
             cache_path = cache_dir / f"{cache_key(sha256_file(pre), data, target, method, gates)}.json"
-            cache_hit = cache_path.is_file()
-        supports_cache = "calibration_cache_path" in quantize_static.__code__.co_varnames
-        kwargs = {"calibration_cache_path": str(cache_path)} if (cache_path and supports_cache) else {}
-        previous = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs every skipped node
-        try:
+            cache_hit = cache_path.exists()
+            if cache_hit:
+                problem = _ort_cache_problem(cache_path, calibrate_method)
+                if problem:
+                    cache_hit, cache_warning = False, _cache_rebuilt(data, cache_path, problem)
+
+        def run(calibration_cache: Path | None) -> None:
+            kwargs = {"calibration_cache_path": str(calibration_cache)} if calibration_cache is not None else {}
             # onnxruntime's histogram calibrators print progress on stdout, which belongs to --json output
             with atomic_path(out_path) as tmp_out, contextlib.redirect_stdout(sys.stderr):
                 quantize_static(
@@ -161,6 +164,21 @@ def quantize_onnx(
                     nodes_to_exclude=excluded, calibrate_method=calibrate_method, extra_options=extra, **kwargs,
                 )
                 onnx.checker.check_model(str(tmp_out))
+
+        previous = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs every skipped node
+        try:
+            if cache_path is None or cache_hit:
+                try:
+                    run(cache_path)
+                except Exception as exc:
+                    if not cache_hit:
+                        raise
+                    # the entry parsed but did not fit this graph: a miss after all, rebuilt below
+                    cache_hit = False
+                    cache_warning = _cache_rebuilt(data, cache_path, f"{type(exc).__name__}: {_first_line(exc)}")
+            if cache_path is not None and not cache_hit:
+                _rebuild_cache_entry(cache_path, run)
         except CbamDeployError:
             raise
         except Exception as exc:
@@ -178,11 +196,60 @@ def quantize_onnx(
         "excluded_nodes": len(excluded),
         "quantize_linear_nodes": ops.count("QuantizeLinear"),
         "opset": next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), None),
-        "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if kwargs else
+        "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if cache_path is not None else
                              {"path": None, "hit": False, "reason": "disabled" if cache_dir is None else
                               "this onnxruntime has no calibration cache"},
     }
+    if cache_warning:
+        info["calibration_cache"]["rebuilt"] = cache_warning
     return QuantizeResult(out_path, "onnx", info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _cache_rebuilt(data: CalibrationSet, entry: Path, problem: str) -> str:
+    """Record (in the calibration warnings the result reports) that a cache entry was unusable."""
+    message = f"calibration cache entry {entry} was unusable ({problem}); calibrated again and replaced it"
+    data.warnings.append(message)
+    return message
+
+
+def _ort_cache_problem(entry: Path, calibrate_method) -> str | None:
+    """Why an onnxruntime calibration-cache entry cannot be used, or None when it can."""
+    if not entry.is_file():
+        return "not a file"
+    try:
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        ranges = load_tensors_data(entry)
+    except Exception as exc:  # truncated or garbled JSON, wrong structure: a miss, never a failure
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    if getattr(ranges, "calibration_method", calibrate_method) != calibrate_method:
+        return f"made with {ranges.calibration_method}, not {calibrate_method}"
+    if not len(getattr(ranges, "data", {}) or {}):
+        return "it holds no tensor ranges"
+    return None
+
+
+def _rebuild_cache_entry(entry: Path, run) -> None:
+    """Calibrate with a fresh cache file beside ``entry`` and move it into place (atomic replace), so a
+    reader never sees a half-written entry and a bad one is overwritten, never trusted again."""
+    fd, fresh = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent)
+    os.close(fd)
+    fresh_path = Path(fresh)
+    fresh_path.unlink()  # onnxruntime calibrates only when the cache file does not exist yet
+    try:
+        run(fresh_path)
+        if fresh_path.is_file():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            os.replace(fresh_path, entry)
+    finally:
+        if fresh_path.exists():
+            fresh_path.unlink()
 
 
 def quantize_openvino(
@@ -219,10 +286,15 @@ def quantize_openvino(
         info = {"recipe": "openvino", "method": method, "gates": gates,
                 "activations": "int8 (NNCF performance preset: symmetric)", "weights": "int8 symmetric, per channel",
                 "excluded_nodes": len(excluded)}
-        if cached and cached.is_file() and cached.with_suffix(".bin").is_file():
-            _copy_ir(cached, out_xml)
-            info["calibration_cache"] = {"path": str(cached), "hit": True}
-            return QuantizeResult(out_xml, "openvino", info)
+        cache_warning = None
+        if cached:
+            problem = _ov_cache_problem(cached)
+            if problem is None:
+                _copy_ir(cached, out_xml)
+                info["calibration_cache"] = {"path": str(cached), "hit": True}
+                return QuantizeResult(out_xml, "openvino", info)
+            if problem != "absent":
+                cache_warning = _cache_rebuilt(data, cached, problem)
         model = ov.convert_model(str(pre))
         ignored = gate_op_names([op.get_friendly_name() for op in model.get_ops()], attention) if gates == "fp" else []
         if gates == "fp" and attention and not ignored:
@@ -247,11 +319,50 @@ def quantize_openvino(
         info["ignored_ov_nodes"] = len(ignored)
         if cached:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            _copy_ir(out_xml, cached)
+            _store_ir(out_xml, cached)
             info["calibration_cache"] = {"path": str(cached), "hit": False}
+            if cache_warning:
+                info["calibration_cache"]["rebuilt"] = cache_warning
         else:
             info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
     return QuantizeResult(out_xml, "openvino", info)
+
+
+def _ov_digest_file(cached_xml: Path) -> Path:
+    return cached_xml.with_suffix(".sha256.json")
+
+
+def _ov_cache_problem(cached_xml: Path) -> str | None:
+    """None when the cached IR pair is whole (both files match the digests written after them);
+    'absent' when there is no entry; else what is wrong with it."""
+    xml, binary, digests = cached_xml, cached_xml.with_suffix(".bin"), _ov_digest_file(cached_xml)
+    if not xml.exists() and not binary.exists() and not digests.exists():
+        return "absent"
+    try:
+        recorded = json.loads(digests.read_text())
+    except (OSError, ValueError) as exc:
+        return f"its digest file is unreadable: {_first_line(exc)}"
+    if not isinstance(recorded, dict):
+        return "its digest file is not a JSON object"
+    for label, path in (("xml", xml), ("bin", binary)):
+        try:
+            if not path.is_file() or sha256_file(path) != recorded.get(label):
+                return f"the .{label} file is missing or does not match its sha256"
+        except OSError as exc:
+            return f"the .{label} file is unreadable: {exc.strerror or exc}"
+    return None
+
+
+def _store_ir(src_xml: Path, cached_xml: Path) -> None:
+    """Put a fresh IR pair in the cache: the old digest goes first (so a crash leaves no entry that
+    looks whole), the files are replaced atomically, the new digest file lands last."""
+    digests = _ov_digest_file(cached_xml)
+    with contextlib.suppress(FileNotFoundError):
+        digests.unlink()
+    _copy_ir(src_xml, cached_xml)
+    payload = {"xml": sha256_file(cached_xml), "bin": sha256_file(cached_xml.with_suffix(".bin"))}
+    with atomic_path(digests) as tmp:
+        tmp.write_text(json.dumps(payload))
 
 
 def _copy_ir(src_xml: Path, dst_xml: Path) -> None:

@@ -43,15 +43,21 @@ class OnnxExportOptions:
         if self.exporter not in OPSET_RANGE:
             raise CbamDeployError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
         low, high = OPSET_RANGE[self.exporter]
-        if not low <= self.opset <= high:
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not low <= self.opset <= high:
             raise CbamDeployError(
                 f"opset {self.opset} is out of range for the {self.exporter} exporter: choose {low}..{high} "
                 f"(default {DEFAULT_OPSET}; TensorRT 8.5 on JetPack 5 parses at most 17)"
             )
-        if self.input_size < 8:
-            raise CbamDeployError(f"input size {self.input_size} is too small (at least 8)")
-        if self.batch is not None and self.batch < 1:
-            raise CbamDeployError(f"batch must be 'dynamic' or a positive integer, got {self.batch}")
+        from ..options import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, is_int
+
+        if not is_int(self.input_size) or self.input_size < MIN_INPUT_SIZE:
+            raise CbamDeployError(f"input size {self.input_size!r} is too small (at least {MIN_INPUT_SIZE})")
+        if self.input_size > MAX_INPUT_SIZE:
+            raise CbamDeployError(f"input size {self.input_size} is too large (at most {MAX_INPUT_SIZE})")
+        if not is_int(self.in_channels) or self.in_channels < 1:
+            raise CbamDeployError(f"in_channels must be a positive integer, got {self.in_channels!r}")
+        if self.batch is not None and (not is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH):
+            raise CbamDeployError(f"batch must be 'dynamic' or an integer from 1 to {MAX_BATCH}, got {self.batch!r}")
 
     def symbolic_input_shape(self) -> list:
         hw = ["height", "width"] if self.dynamic_hw else [self.input_size, self.input_size]

@@ -211,12 +211,22 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_shape
         raise CbamDeployError("TensorRT failed to build the engine (see the TensorRT log above)")
     write_bytes_atomic(engine_path, bytes(serialized))
     if timing_cache:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     metadata = engine_metadata(trt.__version__, gpu, plan, profile, input_shape)
     metadata["build_seconds"] = round(time.perf_counter() - started, 1)
     metadata["notes"] = plan.notes
     write_bytes_atomic(sidecar(engine_path), (json.dumps(metadata, indent=2) + "\n").encode())
     return metadata
+
+
+def default_timing_cache() -> Path:
+    """The per-user TensorRT timing cache (beside the calibration cache; TensorRT itself rejects a cache
+    from another GPU or version, and the file name keeps versions apart)."""
+    from ..calib.recipes import default_cache_dir
+
+    trt = require_tensorrt()
+    return default_cache_dir().parent / "tensorrt" / f"timing-{trt.__version__}.cache"
 
 
 def sidecar(engine_path: Path) -> Path:

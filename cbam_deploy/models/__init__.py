@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,8 +17,22 @@ from .stats import count_gmacs, count_parameters
 
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "LoadedModel", "SpatialGate", "SqueezeExcite", "build_model",
-    "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "zoo_table",
+    "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
+    "zoo_table",
 ]
+
+
+INIT_SEED = 0
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names and bytes): proves a rebuilt model is the same one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
+                      else tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -36,7 +52,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         entry = get_entry(self.name) if self.source == "zoo" else None
-        return {
+        info = {
             "name": self.name,
             "source": self.source,
             "family": entry.family if entry else None,
@@ -48,6 +64,12 @@ class LoadedModel:
             "attention_modules": attention_modules(self.module),
             "notes": self.notes,
         }
+        if self.source == "factory":  # absolute, so that verify can rebuild it from any folder
+            path, _, factory = self.name.rpartition(":")
+            info["factory"] = f"{Path(path).resolve()}:{factory}"
+        if self.checkpoint is None and self.source == "zoo":
+            info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module)}
+        return info
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet") -> LoadedModel:
@@ -64,9 +86,10 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         num_classes = infer_num_classes(checkpoint.state_dict)
         if num_classes is not None:
             notes.append(f"num_classes={num_classes} inferred from the checkpoint's classifier")
-    num_classes = num_classes or 1000
+    if num_classes is None:  # not 'or': 0 must be refused by create_model, not become 1000
+        num_classes = 1000
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # without weights, the same model every time
+        torch.manual_seed(INIT_SEED)  # without weights, the same model every time
         module = create_model(spec, num_classes=num_classes, stem=stem)
     if checkpoint:
         apply_state_dict(module, checkpoint, spec)

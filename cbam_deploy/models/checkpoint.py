@@ -9,7 +9,13 @@ refused, never executed.
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +43,7 @@ class Checkpoint:
 
     def describe(self) -> dict:
         return {
-            "path": str(self.path),
+            "path": str(Path(self.path).resolve()),  # verify may run from another folder
             "sha256": self.sha256,
             "format": f"dict['{self.wrapper_key}']" if self.wrapper_key else "bare state dict",
             "stripped_prefixes": self.stripped_prefixes,
@@ -52,21 +58,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CbamDeployError(f"checkpoint {path} does not exist or is not a file")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        blocked = _blocked_global(str(exc))
-        if blocked:
-            raise CbamDeployError(
-                f"refused to load {path}: it is a pickle that would import or run code ({blocked}). Only "
-                "plain tensors and containers are accepted (torch.load weights_only=True). If you trust it, "
-                "re-save it as a state dict: torch.save(model.state_dict(), 'weights.pth')."
-            ) from None
-        raise CbamDeployError(
-            f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({_detail(str(exc))})"
-        ) from None
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it does not expect; the error below says what matters
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt data makes the unpickler fail in many ways (IndexError, KeyError, ...)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CbamDeployError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({msg})") from None
+        raise _load_error(path, exc) from None
     state, wrapper, metadata = _unwrap(raw, path)
     state, stripped = _strip_prefixes(state)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -78,20 +75,176 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, sha256_file(path), state, wrapper, stripped, metadata)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER (pre-1.6 file format)
+_REFUSED = (
+    "Only plain tensors and containers are accepted (torch.load weights_only=True), so nothing in it was run. "
+    "If you trust the file, re-save it as a state dict: torch.save(model.state_dict(), 'weights.pth')."
+)
+
+
+def _load_error(path: Path, exc: Exception) -> CbamDeployError:
+    """One clear message for a failed ``torch.load``, in three kinds:
+
+    * refused: the pickle names a global (a function or class to import and call) that weights-only
+      loading forbids, e.g. ``posix.system``; found by torch, or by our own static scan of the
+      pickle opcodes (torch's unpickler stops earlier on pickles it cannot parse, protocol 4+);
+    * not a PyTorch checkpoint: neither a torch.save zip archive nor a pickle (random bytes, an image...);
+    * corrupt: it looks like one of those, but is truncated or damaged.
+    """
+    message = str(exc)
+    blocked = _blocked_global(message) if isinstance(exc, pickle.UnpicklingError) else None
+    scan = _scan_file(path)
+    if blocked or scan.forbidden:
+        name = ", ".join(scan.forbidden[:3]) if scan.forbidden else blocked
+        return CbamDeployError(
+            f"refused to load checkpoint {path}: the file asks to import/run {name}, which weights_only loading "
+            f"forbids. {_REFUSED}"
+        )
+    detail = _detail(message) if message.strip() else type(exc).__name__
+    if scan.kind == "zip":
+        return CbamDeployError(f"cannot read checkpoint {path}: corrupt or truncated PyTorch archive ({detail})")
+    if scan.kind == "pickle":
+        if scan.legacy_torch:
+            return CbamDeployError(f"cannot read checkpoint {path}: corrupt or truncated PyTorch file (legacy format; {detail})")
+        if scan.complete:
+            return CbamDeployError(
+                f"cannot read checkpoint {path}: it is a Python pickle that weights-only loading cannot read ({detail}); "
+                "save the weights with torch.save(model.state_dict(), ...)"
+            )
+        return CbamDeployError(f"cannot read checkpoint {path}: corrupt or truncated pickle ({scan.error or detail})")
+    start = f"it starts with {scan.head!r}" if scan.head else "it is empty"
+    return CbamDeployError(
+        f"not a PyTorch checkpoint: {path} is neither a torch.save archive nor a pickle "
+        f"({start}); pass the .pth/.pt file that torch.save wrote"
+    )
+
+
+@dataclass
+class _Scan:
+    kind: str | None = None  # "zip", "pickle" or None (neither)
+    forbidden: list[str] = field(default_factory=list)
+    complete: bool = False
+    legacy_torch: bool = False  # opens with torch.save's legacy magic number
+    error: str | None = None
+    head: bytes = b""
+
+
+def _scan_file(path: Path) -> _Scan:
+    """Statically disassemble the checkpoint's pickle(s) (nothing is imported or run) and list the
+    globals that weights-only loading would refuse."""
+    scan = _Scan()
+    try:
+        with open(path, "rb") as fh:
+            scan.head = fh.read(8)
+            if scan.head.startswith(_ZIP_MAGIC):
+                scan.kind = "zip"
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                        if names:
+                            _scan_pickles(io.BytesIO(archive.read(names[0])), scan, limit=1)
+                except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error, KeyError, ValueError) as exc:
+                    scan.error = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+                return scan
+            fh.seek(0)
+            # a legacy torch.save file is several pickles in a row (magic, version, sys info, object, keys)
+            _scan_pickles(fh, scan, limit=5)
+    except OSError as exc:
+        scan.error = exc.strerror or str(exc)
+    # protocol 2+ pickles (torch.save, pickle.dumps) open with PROTO n; older ones must parse whole
+    framed = len(scan.head) >= 2 and scan.head[0] == 0x80 and 1 <= scan.head[1] <= 5
+    scan.kind = "pickle" if framed or scan.complete else None
+    return scan
+
+
+def _scan_pickles(stream, scan: _Scan, limit: int) -> None:
+    allowed = _allowed_globals()
+    for index in range(limit):
+        start = stream.tell()
+        strings: list = []  # recent pushes: str for string constants, None for anything else
+        memo: dict = {}
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                name = opcode.name
+                if name in ("GLOBAL", "INST"):
+                    module, _, attr = str(arg).partition(" ")
+                    _note_global(scan, f"{module}.{attr}", allowed)
+                elif name == "STACK_GLOBAL":
+                    module, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
+                    _note_global(scan, f"{module}.{attr}" if module and attr else "an unnamed global", allowed)
+                elif name == "LONG1" and index == 0 and arg == _LEGACY_MAGIC:
+                    scan.legacy_torch = True
+                elif "UNICODE" in name or "STRING" in name:
+                    strings.append(arg if isinstance(arg, str) else None)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(arg))
+                elif name not in ("PROTO", "FRAME", "MARK", "STOP"):
+                    strings.append(None)
+                if len(strings) > 64:
+                    del strings[:-8]
+        except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+            if index == 0:
+                scan.error = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return
+        if index == 0:
+            scan.complete = True
+        if stream.tell() == start or not stream.read(1):
+            return
+        stream.seek(-1, io.SEEK_CUR)
+
+
+def _note_global(scan: _Scan, name: str, allowed: set[str] | None) -> None:
+    if allowed is not None and name in allowed:
+        return
+    if allowed is None and name.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs"):
+        return  # torch's list was not available: trust only the modules weights-only loading allows
+    if name not in scan.forbidden:
+        scan.forbidden.append(name)
+
+
+def _allowed_globals() -> set[str] | None:
+    """The globals torch.load(weights_only=True) accepts (default list plus user-registered ones)."""
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except Exception:  # private API: fall back to module prefixes
+        return None
+
+
 def _blocked_global(message: str) -> str | None:
     """The 'GLOBAL module.name' a weights-only unpickler refused, if that is why it failed."""
     for line in message.splitlines():
-        if "GLOBAL" in line or "Unsupported global" in line:
-            return line.strip()
+        match = re.search(r"GLOBAL ([\w.]+)", line)
+        if match:
+            return match.group(1)
+        if "Unsupported global" in line:
+            return line.split("Unsupported global", 1)[1].strip(" :") or line.strip()
     return None
 
 
+_TORCH_NOISE = ("Please file an issue", "Weights only load failed", "Check the documentation", "Re-running",
+                "In PyTorch 2.6", "Do it only if")
+
+
 def _detail(message: str) -> str:
+    """The informative line of torch's error text, without its advice to file an issue."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     for ln in lines:
-        if ln.startswith("Unsupported") or "error:" in ln.lower() and not ln.startswith("Weights only"):
-            return ln.replace("WeightsUnpickler error:", "").strip() or ln
-    return lines[0] if lines else "unreadable"
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            if rest:
+                return rest
+    useful = [ln for ln in lines if not any(noise in ln for noise in _TORCH_NOISE)]
+    first = useful[0] if useful else "unreadable"
+    if len(first) > 120 and ". " in first:  # e.g. miniz: "...central directory. This is an internal error..."
+        first = first.split(". ", 1)[0]
+    return first
 
 
 def _unwrap(raw, path: Path) -> tuple[dict, str | None, dict]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from pathlib import Path
 
 from torch import nn
@@ -19,7 +21,12 @@ def is_factory_spec(spec: str) -> bool:
 
 
 def load_factory_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """Import the file, call the factory (with num_classes if it takes it and one is given)."""
+    """Import the file, call the factory (with num_classes if it takes it and one is given).
+
+    The user's code runs with stdout sent to stderr (``--json`` owns stdout). Whatever it raises,
+    including ``SystemExit`` from a ``sys.exit()`` call, becomes one ``CbamDeployError`` naming the
+    file, the line and the exception, never a traceback or a silent exit. Ctrl-C still interrupts.
+    """
     path_text, _, name = spec.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
@@ -27,24 +34,67 @@ def load_factory_model(spec: str, num_classes: int | None = None) -> nn.Module:
     module_name = f"cbam_deploy_user_{abs(hash(str(path.resolve())))}"
     try:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise CbamDeployError(f"cannot import {path}: not a Python source file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code: any failure is theirs to fix
+        with contextlib.redirect_stdout(sys.stderr):
+            module_spec.loader.exec_module(module)
+    except CbamDeployError:
         sys.modules.pop(module_name, None)
-        raise CbamDeployError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise
+    except KeyboardInterrupt:
+        sys.modules.pop(module_name, None)
+        raise
+    except BaseException as exc:  # the user's code: any failure (even sys.exit) is theirs to fix
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, SystemExit):
+            raise CbamDeployError(f"importing {path} called {_exit_call(exc)}{_where(exc, path)}; "
+                                  "a model file must not exit") from None
+        raise CbamDeployError(f"importing {path} failed{_where(exc, path)}: {_describe(exc)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise CbamDeployError(f"{path} has no callable named {name!r}")
     kwargs = {}
     if num_classes is not None:
-        params = inspect.signature(factory).parameters
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
         if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
             kwargs["num_classes"] = num_classes
     try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        raise CbamDeployError(f"{path}:{name}() raised {type(exc).__name__}: {exc}") from None
+        with contextlib.redirect_stdout(sys.stderr):
+            model = factory(**kwargs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise CbamDeployError(f"{path}:{name} called {_exit_call(exc)} while building the model"
+                                  f"{_where(exc, path)}") from None
+        raise CbamDeployError(f"{path}:{name}() raised {_describe(exc)}{_where(exc, path)}") from None
     if not isinstance(model, nn.Module):
         raise CbamDeployError(f"{path}:{name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
+
+
+def _exit_call(exc: SystemExit) -> str:
+    return "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+
+
+def _describe(exc: BaseException) -> str:
+    """'ValueError: first line of the message' (one line, whatever the message holds)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """' (file.py line N)' for the deepest frame of the traceback inside the user's file."""
+    try:
+        target = path.resolve()
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == target]
+    except (OSError, ValueError):
+        return ""
+    if not frames and isinstance(exc, SyntaxError) and exc.lineno:
+        return f" (line {exc.lineno})"
+    return f" (line {frames[-1].lineno})" if frames else ""

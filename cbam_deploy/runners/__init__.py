@@ -14,7 +14,7 @@ from .base import Runner
 from .onnxruntime import OnnxRuntimeRunner
 from .torch import TorchRunner
 
-__all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner", "open_artifact", "reference_runner"]
+__all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner", "is_stand_in", "open_artifact", "reference_runner"]
 
 
 def open_artifact(bundle_dir: str | Path, manifest: dict, name: str, threads: int | None = None) -> Runner:
@@ -36,22 +36,39 @@ def open_artifact(bundle_dir: str | Path, manifest: dict, name: str, threads: in
 
 
 def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tuple[Runner, str]:
-    """The PyTorch FP32 original, rebuilt from the manifest (model, stem, classes, checkpoint with its
-    sha256). Where there is no checkpoint (random init) or it is gone, the bundle's FP32 ONNX
-    (itself parity-checked against PyTorch at export) stands in, and the label says so."""
+    """The PyTorch FP32 original, rebuilt from the manifest: the checkpoint (by its absolute path,
+    checked against its sha256), or for a random-init zoo model the same seeded init (checked against
+    the state fingerprint recorded at export). Where neither is possible the bundle's FP32 ONNX
+    (checked against PyTorch at export) stands in; the label says so, and ``is_stand_in`` tells callers
+    not to count a comparison of that ONNX with itself as a pass."""
     from ..fsutil import sha256_file
-    from ..models import build_model
+    from ..models import build_model, state_fingerprint
 
     model = manifest["model"]
     weights = model.get("weights")
-    usable = weights is not None and Path(weights["path"]).is_file() and sha256_file(weights["path"]) == weights["sha256"]
-    if usable:
-        try:
-            loaded = build_model(model["name"], weights["path"], model["num_classes"], model["stem"])
+    spec = model.get("factory") or model["name"]
+    if weights is not None:
+        path = Path(weights["path"])
+        if path.is_file() and sha256_file(path) == weights["sha256"]:
+            try:
+                loaded = build_model(spec, str(path), model["num_classes"], model["stem"])
+                return TorchRunner(loaded.module), "pytorch-fp32"
+            except CbamDeployError as exc:
+                reason = f"the model could not be rebuilt: {exc}"
+        else:
+            reason = f"checkpoint {path} missing or changed"
+    elif model.get("init"):
+        loaded = build_model(spec, None, model["num_classes"], model["stem"])
+        if state_fingerprint(loaded.module) == model["init"]["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
-        except CbamDeployError:
-            pass
+        reason = "random init: this torch rebuilds different weights from the same seed"
+    else:
+        reason = "no checkpoint: a random-init model that cannot be rebuilt"
     if bundle_dir is None:
-        raise CbamDeployError("cannot rebuild the PyTorch model: its checkpoint is missing or changed")
-    reason = "no checkpoint: random init" if weights is None else "checkpoint missing or changed"
-    return open_artifact(bundle_dir, manifest, "onnx-fp32"), f"onnx-fp32 (stand-in, {reason})"
+        raise CbamDeployError(f"cannot rebuild the PyTorch model ({reason})")
+    return open_artifact(bundle_dir, manifest, "onnx-fp32"), f"onnx-fp32 (stand-in: {reason})"
+
+
+def is_stand_in(reference: Runner) -> bool:
+    """Whether the reference is the bundle's ONNX rather than the PyTorch original."""
+    return not isinstance(reference, TorchRunner)

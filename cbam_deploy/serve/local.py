@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from .app import bind_socket, make_server, socket_address
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -17,21 +19,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def running_server(app, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> Iterator[str]:
-    """Start uvicorn with ``app`` in a thread; yield 'host:port'; stop it on exit."""
-    import uvicorn
-
-    port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="cbam-deploy-server", daemon=True)
+    """Start uvicorn with ``app`` (from create_app) in a thread; yield 'host:port'; stop it on exit.
+    Without a port it binds a free one itself (no race with another process picking the same)."""
+    sock = bind_socket(host, port or 0)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cbam-deploy-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.05)
     try:
-        yield f"{host}:{port}"
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {socket_address(sock)}")
+            time.sleep(0.02)
+        yield socket_address(sock)
     finally:
         server.should_exit = True
         thread.join(timeout)
+        sock.close()

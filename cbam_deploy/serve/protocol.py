@@ -1,11 +1,20 @@
 """Open Inference Protocol (KServe v2) request/response encoding, including Triton's binary tensor
-data extension (what tritonclient sends by default). Pure functions: no HTTP here."""
+data extension (what tritonclient sends by default). Pure functions: no HTTP here.
+
+The request schema is a set of strict pydantic models read by pydantic's own JSON parser: a field of
+the wrong JSON type (``"shape": "abc"``, ``true`` for an integer, ``{}`` for the id), nesting
+deeper than the parser's limit, numbers out of range and invalid UTF-8 are all a ``ProtocolError``
+(400) with a message naming the field, never another exception.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -13,6 +22,8 @@ DATATYPES = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
     "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "BOOL": np.bool_,
 }
+MAX_DIMS = 16
+MAX_ELEMENTS = 2**31 - 1  # per tensor; the body limit keeps real requests far below this
 
 
 class ProtocolError(Exception):
@@ -23,8 +34,54 @@ class ProtocolError(Exception):
         self.status = status
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """Split the JSON part from the binary part (if any) and parse the JSON."""
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class _Parameters(_Strict):
+    model_config = ConfigDict(extra="allow")  # other parameters (Triton's, a client's own) are ignored
+
+
+class TensorParameters(_Parameters):
+    binary_data_size: Annotated[int, Field(ge=0)] | None = None
+    binary_data: bool | None = None
+
+
+class RequestParameters(_Parameters):
+    binary_data_output: bool | None = None
+
+
+class InputTensor(_Strict):
+    name: str
+    datatype: Literal[tuple(DATATYPES)]  # type: ignore[valid-type]
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DIMS)]
+    parameters: TensorParameters | None = None
+    data: Any = None  # a (nested) list of numbers; checked against shape and datatype by decode_input
+
+
+class OutputTensor(_Strict):
+    name: str
+    parameters: TensorParameters | None = None
+
+
+class InferRequest(_Strict):
+    id: str | None = None
+    inputs: Annotated[list[InputTensor], Field(min_length=1)]
+    outputs: list[OutputTensor] | None = None
+    parameters: RequestParameters | None = None
+
+
+def _describe(exc: ValidationError, shown: int = 3) -> str:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return f"malformed JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}"
+    parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in errors[:shown]]
+    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return "malformed request: " + "; ".join(parts) + more
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """Split the JSON part from the binary part (if any) and validate the JSON."""
     if header_length is not None:
         try:
             size = int(header_length)
@@ -36,51 +93,62 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, b
     else:
         head, binary = body, b""
     try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"malformed JSON: {exc}") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
-        raise ProtocolError("the request needs a non-empty 'inputs' list")
-    return request, binary
+        return InferRequest.model_validate_json(head), binary
+    except ValidationError as exc:
+        raise ProtocolError(_describe(exc)) from None
 
 
-def decode_input(spec: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def decode_input(spec: InputTensor, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     """One input tensor from JSON 'data' or from the binary section; returns it and the new offset."""
-    if not isinstance(spec, dict):
-        raise ProtocolError("each input must be an object")
-    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    if not isinstance(name, str) or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError("each input needs 'name' (string) and 'shape' (list of non-negative integers)")
-    if datatype not in DATATYPES:
-        raise ProtocolError(f"input {name!r}: unsupported datatype {datatype!r}")
+    name, shape, datatype = spec.name, spec.shape, spec.datatype
     dtype = np.dtype(DATATYPES[datatype])
-    count = int(np.prod(shape)) if shape else 1
-    params = spec.get("parameters") or {}
-    if "binary_data_size" in params:
-        size = params["binary_data_size"]
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+    count = math.prod(shape)  # a Python int: [2**40, 2**40] cannot overflow
+    if count > MAX_ELEMENTS:
+        raise ProtocolError(f"input {name!r}: shape {shape} has {count} elements (at most {MAX_ELEMENTS})")
+    size = spec.parameters.binary_data_size if spec.parameters else None
+    if size is not None:
+        if offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the request body")
         if size != count * dtype.itemsize:
             raise ProtocolError(f"input {name!r}: {size} bytes of binary data for shape {shape} {datatype} "
                                 f"(needs {count * dtype.itemsize})")
-        array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+        array = np.frombuffer(memoryview(binary)[offset:offset + size], dtype=dtype).reshape(shape)
         return array, offset + size
-    if "data" not in spec:
+    if "data" not in spec.model_fields_set:
         raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+    return _data_array(spec.data, name, shape, datatype, count), offset
+
+
+# Which numpy kinds the JSON numbers of each datatype may parse to (ints are fine in a float tensor).
+_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
+def _data_array(data: Any, name: str, shape: list[int], datatype: str, count: int) -> np.ndarray:
+    dtype = np.dtype(DATATYPES[datatype])
+    noun = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
     try:
-        array = np.asarray(spec["data"], dtype=dtype)
-    except (ValueError, TypeError):
-        raise ProtocolError(f"input {name!r}: 'data' is not a list of {datatype} numbers") from None
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):  # ragged nesting, > 64 dims, ...
+        raise ProtocolError(f"input {name!r}: 'data' is not a list of {datatype} {noun} of one shape") from None
+    if array.dtype.kind not in _KINDS[dtype.kind]:
+        raise ProtocolError(f"input {name!r}: 'data' is not a list of {datatype} {noun}")
     if array.size != count:
         raise ProtocolError(f"input {name!r}: {array.size} elements for shape {shape} (needs {count})")
-    return array.reshape(shape), offset
+    if array.ndim > 1 and list(array.shape) != shape:
+        raise ProtocolError(f"input {name!r}: 'data' is nested as {list(array.shape)}; send it flat or nested as {shape}")
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise ProtocolError(f"input {name!r}: a value is outside the {datatype} range")
+    with np.errstate(over="ignore"):  # 1e300 as FP32 is inf; the caller decides whether that is allowed
+        return array.astype(dtype).reshape(shape)
 
 
-def wants_binary(request: dict, output_name: str) -> bool:
-    for out in request.get("outputs") or []:
-        if isinstance(out, dict) and out.get("name") == output_name:
-            return bool((out.get("parameters") or {}).get("binary_data", False))
-    return bool((request.get("parameters") or {}).get("binary_data_output", False))
+def wants_binary(request: InferRequest, output_name: str) -> bool:
+    for out in request.outputs or []:
+        if out.name == output_name:
+            return bool(out.parameters and out.parameters.binary_data)
+    return bool(request.parameters and request.parameters.binary_data_output)
 
 
 def encode_response(model: str, request_id: str | None, output_name: str, output: np.ndarray, binary: bool) -> tuple[bytes, dict]:

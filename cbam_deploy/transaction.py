@@ -1,0 +1,315 @@
+"""Bundle transactions: a bundle is always the old valid one or the new valid one, never a mix.
+
+Every change to a bundle (export, quantize, build, verify's results) goes through ``BundleUpdate``:
+
+1. **Stage.** New files are written into a private staging folder inside the bundle
+   (``.staging-XXXX/``), owned by the writing process through an ``flock`` on ``.staging-XXXX/.owner``.
+   Slow work (export, parity, calibration) happens here, with no lock on the bundle, so readers and
+   other writers are never blocked by it.
+2. **Commit**, under the bundle's exclusive lock (``flock`` on ``.lock``): re-read the *current*
+   manifest, apply the caller's change to it (a merge, so two commands that overlap both keep their
+   results), write the new manifest into the staging folder, then write ``COMMIT`` (the list of files
+   to move in, the manifest last, and the files the new manifest no longer references) and fsync.
+   Writing ``COMMIT`` is the commit point.
+3. **Apply**: rename the staged files into place (SIGINT/SIGTERM are held back meanwhile), manifest
+   last; remove the files nothing references any more; delete the staging folder.
+
+A process killed before ``COMMIT`` exists leaves a staging folder whose owner lock is free: the next
+command that opens the bundle deletes it (the old bundle was never touched). One killed after leaves
+a ``COMMIT``: the next command rolls it forward (every step is idempotent). Readers take the shared
+lock while they read the manifest, so they never see a half-applied commit.
+
+A disk that fills up or a folder that cannot be written fails the stage or ``COMMIT`` write: one
+clear error, the staging folder removed, the bundle unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import CbamDeployError
+from .fsutil import fsync_dir, write_bytes_atomic
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
+STAGING_PREFIX = ".staging-"
+OWNER_NAME = ".owner"
+COMMIT_NAME = "COMMIT"
+LOCK_TIMEOUT_S = 600.0
+# errors a user can fix (space, permissions, read-only media): one line, not a traceback
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+class BundleLockTimeout(CbamDeployError):
+    """Another command held the bundle's lock for longer than ``LOCK_TIMEOUT_S``."""
+
+
+def faultpoint(name: str) -> None:
+    """Test hook for the fault-injection suite: when ``CBAM_DEPLOY_FAULTPOINT`` names this point, write
+    the file ``CBAM_DEPLOY_FAULT_MARKER`` and wait (up to 120 s) until that file is removed, so a test
+    can send a signal, or run another command, at exactly this phase. A no-op otherwise."""
+    if os.environ.get("CBAM_DEPLOY_FAULTPOINT") != name:
+        return
+    marker = Path(os.environ["CBAM_DEPLOY_FAULT_MARKER"])
+    marker.write_text(f"{os.getpid()} {name}\n")
+    deadline = time.monotonic() + 120
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def user_os_error(exc: OSError, doing: str) -> CbamDeployError | None:
+    """A ``CbamDeployError`` for an OSError the user can fix (disk full, read-only), else None."""
+    if exc.errno not in _USER_OS_ERRORS:
+        return None
+    return CbamDeployError(f"{doing}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def bundle_lock(bundle_dir: str | Path, shared: bool = False) -> Iterator[bool]:
+    """Hold the bundle's lock (shared for readers, exclusive for a commit); yields False when a reader
+    cannot even create the lock file (a read-only bundle: nobody can write it then either)."""
+    path = Path(bundle_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if shared:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                yield False
+                return
+        else:
+            raise user_os_error(exc, f"cannot lock bundle {bundle_dir}") or exc from None
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BundleLockTimeout(f"bundle {bundle_dir} stayed locked by another cbam-deploy command "
+                                            f"for {LOCK_TIMEOUT_S:.0f} s; try again when it has finished") from None
+                time.sleep(0.05)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _owner_alive(staging: Path) -> bool:
+    try:
+        fd = os.open(staging / OWNER_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def pending_work(bundle_dir: Path) -> bool:
+    """Whether a dead command left something behind (a staging folder or a temporary file)."""
+    try:
+        names = os.listdir(bundle_dir)
+    except OSError:
+        return False
+    return any(n.startswith(STAGING_PREFIX) or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+
+
+def recover(bundle_dir: str | Path) -> list[str]:
+    """Finish or discard what dead commands left; call with the exclusive lock held. Returns what it did."""
+    bundle_dir = Path(bundle_dir)
+    done = []
+    for entry in sorted(bundle_dir.iterdir()):
+        if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
+            if _owner_alive(entry):
+                continue
+            if (entry / COMMIT_NAME).is_file():
+                _apply(bundle_dir, entry)
+                done.append(f"rolled forward {entry.name}")
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+                done.append(f"discarded {entry.name}")
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            # a temporary file directly in the bundle is only ever written under this lock
+            entry.unlink(missing_ok=True)
+            done.append(f"removed {entry.name}")
+    return done
+
+
+def recover_if_needed(bundle_dir: Path) -> None:
+    if pending_work(bundle_dir):
+        try:
+            with bundle_lock(bundle_dir):
+                recover(bundle_dir)
+        except (OSError, CbamDeployError):
+            pass  # a read-only bundle: readers go on with what is committed
+
+
+def _apply(bundle_dir: Path, staging: Path) -> None:
+    plan = json.loads((staging / COMMIT_NAME).read_text())
+    for name in plan["files"]:
+        source = staging / name
+        if source.exists():
+            os.replace(source, bundle_dir / name)
+        if name != MANIFEST_NAME:
+            faultpoint("apply")
+    for name in plan["remove"]:
+        with contextlib.suppress(FileNotFoundError):
+            (bundle_dir / name).unlink()
+    fsync_dir(bundle_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a commit is applied; they are raised again right after.
+
+    Python-level handlers, not a signal mask: the kernel hands a process signal to any thread that
+    does not block it (torch and onnxruntime run their own), and Python's handler then interrupts
+    the main thread wherever it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            signal.raise_signal(sig)
+
+
+def referenced_files(manifest: dict | None) -> set[str]:
+    """Every file a manifest points at: artifacts and their companion files."""
+    if not manifest:
+        return set()
+    files = set()
+    for artifact in manifest.get("artifacts", []):
+        files.add(artifact["path"])
+        files.update(artifact.get("companion_files", {}))
+    return files
+
+
+def read_current(bundle_dir: Path) -> dict | None:
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    from .bundle import read_manifest_file
+
+    return read_manifest_file(path)
+
+
+class BundleUpdate:
+    """Stage files for a bundle and commit them with a change to its manifest, all or nothing.
+
+    ``create=True`` allows a folder without a bundle (a first export); the folder is removed again when
+    nothing was committed and it was created here.
+    """
+
+    def __init__(self, bundle_dir: str | Path, create: bool = False) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.create = create
+        self.created = False
+        self.staging: Path | None = None
+        self.committed: dict | None = None
+        self.removed: list[str] = []
+        self._owner_fd: int | None = None
+
+    def __enter__(self) -> BundleUpdate:
+        try:
+            if self.create:
+                self.created = not self.bundle_dir.exists()
+                self.bundle_dir.mkdir(parents=True, exist_ok=True)
+            elif not (self.bundle_dir / MANIFEST_NAME).is_file():
+                raise CbamDeployError(f"{self.bundle_dir} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
+            with bundle_lock(self.bundle_dir):
+                recover(self.bundle_dir)
+                self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.bundle_dir))
+                self._owner_fd = os.open(self.staging / OWNER_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            self._cleanup()
+            raise CbamDeployError(f"cannot write bundle {self.bundle_dir}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def path(self, name: str) -> Path:
+        """Where to write a file that will become ``<bundle>/<name>`` at commit."""
+        assert self.staging is not None, "use BundleUpdate as a context manager"
+        return self.staging / name
+
+    def commit(self, change: Callable[[dict | None], dict]) -> dict:
+        """Apply ``change`` to the current manifest (a deep copy; None for a new bundle) and commit the
+        result with the staged files it references. Returns the committed manifest."""
+        from .bundle import validate_manifest
+
+        assert self.staging is not None and self.committed is None
+        with bundle_lock(self.bundle_dir):
+            recover(self.bundle_dir)
+            current = read_current(self.bundle_dir)
+            manifest = change(copy.deepcopy(current))
+            validate_manifest(manifest, self.bundle_dir / MANIFEST_NAME)
+            wanted = referenced_files(manifest)
+            files = sorted(n for n in wanted if (self.staging / n).is_file())
+            missing = sorted(n for n in wanted if n not in files and not (self.bundle_dir / n).is_file())
+            if missing:
+                raise CbamDeployError(f"bundle {self.bundle_dir}: the new manifest names files that do not exist: {', '.join(missing)}")
+            remove = sorted(referenced_files(current) - wanted)
+            faultpoint("stage-manifest")
+            write_bytes_atomic(self.staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+            plan = {"files": files + [MANIFEST_NAME], "remove": remove}
+            faultpoint("before-commit")
+            write_bytes_atomic(self.staging / COMMIT_NAME, json.dumps(plan).encode())
+            fsync_dir(self.staging)
+            with _signals_held():
+                faultpoint("committed")
+                _apply(self.bundle_dir, self.staging)
+                self.committed, self.removed = manifest, remove
+        return manifest
+
+    def _cleanup(self) -> None:
+        if self.staging is not None and self.committed is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+        if self.created and self.committed is None and self.bundle_dir.is_dir():
+            with contextlib.suppress(OSError):
+                if set(os.listdir(self.bundle_dir)) <= {LOCK_NAME}:
+                    (self.bundle_dir / LOCK_NAME).unlink(missing_ok=True)
+                    self.bundle_dir.rmdir()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._cleanup()
+        if isinstance(exc, OSError):
+            mapped = user_os_error(exc, f"could not write bundle {self.bundle_dir}; it was left as it was")
+            if mapped is not None:
+                raise mapped from None
+
+
+def update_manifest(bundle_dir: str | Path, change: Callable[[dict], dict]) -> dict:
+    """Commit a manifest-only change (no new files), merged into the current manifest under the lock."""
+    with BundleUpdate(bundle_dir) as update:
+        return update.commit(change)
