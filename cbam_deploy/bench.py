@@ -1,42 +1,141 @@
-"""Latency measurement: every runner in the same process and run, interleaved, so that a noisy
-shared machine hits them alike and ratios against PyTorch stay meaningful."""
+"""Latency measurement a skeptic can trust: every runner in the same process and run, interleaved
+round by round, so a noisy shared machine hits them alike; medians with bootstrap intervals, ratios
+of medians to PyTorch eager from the same rounds (paired bootstrap), and a stability verdict per row
+(spread, drift, other processes' CPU use, steal, frequency; see ``benchstats``).
+
+Rounds: at least ``min_seconds`` of measuring, then more until every ratio's 95% interval is
+narrower than ``TARGET_CI_WIDTH`` of the ratio or ``max_seconds`` is spent."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 
+from .benchstats import LoadMonitor, LoadReport, median_ci, ratio_ci, verdict
+from .errors import CbamDeployError
 from .runners.base import Runner
 
+TARGET_CI_WIDTH = 0.06
 
-def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: int = 30, warmup: int = 5) -> dict[str, list[float]]:
-    """Milliseconds per run for each runner; the runners take turns, one call each per round."""
+
+class UnstableMeasurement(CbamDeployError):
+    """``bench --strict``: a row's measurement was disturbed (its reasons are in the message)."""
+
+    exit_code = 5
+
+
+def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: int = 30, warmup: int = 5,
+                        device_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Milliseconds per run for each runner; the runners take turns, one call each per round. Device
+    compute times (CUDA events) go into ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(iters):
         for name, runner in runners.items():
-            start = time.perf_counter()
-            runner.run(batch)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            total, compute = runner.run_timed(batch)
+            times[name].append(total)
+            if compute is not None and device_times is not None:
+                device_times.setdefault(name, []).append(compute)
     return times
-
-
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def summarize(values_ms: list[float], batch: int) -> dict:
     data = np.asarray(values_ms)
-    mean = float(data.mean())
+    p50, low, high = median_ci(data)
     return {
-        "batch": batch, "iterations": len(data), "mean_ms": mean, "p50_ms": float(np.percentile(data, 50)),
+        "batch": batch, "iterations": len(data), "p50_ms": p50, "p50_ci_ms": [low, high],
         "p90_ms": float(np.percentile(data, 90)), "p99_ms": float(np.percentile(data, 99)),
-        "min_ms": float(data.min()), "max_ms": float(data.max()), "throughput_ips": batch * 1000.0 / mean,
+        "mean_ms": float(data.mean()), "min_ms": float(data.min()), "max_ms": float(data.max()),
+        "throughput_ips": batch * 1000.0 / p50,
     }
+
+
+def _narrow_enough(times: dict[str, list[float]]) -> bool:
+    if "pytorch" not in times:
+        return True
+    for name, values in times.items():
+        if name == "pytorch":
+            continue
+        ratio, low, high = ratio_ci(values, times["pytorch"], resamples=500)
+        if (high - low) / ratio > TARGET_CI_WIDTH:
+            return False
+    return True
+
+
+def measure(runners: dict[str, Runner], x: np.ndarray, iters: int | None, min_seconds: float, max_seconds: float,
+            warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]], LoadReport | None]:
+    """Interleaved rounds: ``iters`` exactly, or adaptively (see the module doc), under a LoadMonitor."""
+    device_times: dict[str, list[float]] = {}
+    with LoadMonitor() as monitor:
+        if iters is not None:
+            times = interleaved_latency(runners, x, iters, warmup, device_times)
+        else:
+            start = time.perf_counter()
+            times = interleaved_latency(runners, x, 5, warmup, device_times)
+            while True:
+                spent = time.perf_counter() - start
+                if spent >= max_seconds or (spent >= min_seconds and _narrow_enough(times)):
+                    break
+                per_round = spent / len(next(iter(times.values())))
+                chunk = max(3, int(min(max_seconds - spent, max(min_seconds - spent, 1.0)) / max(per_round, 1e-6)))
+                more = interleaved_latency(runners, x, chunk, 0, device_times)
+                for name in times:
+                    times[name] += more[name]
+    return times, device_times, monitor.report
+
+
+def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batches: list[int], iters: int | None = None,
+                  min_seconds: float | None = None, warmup: int = 5, seed: int = 0, max_seconds: float | None = None,
+                  strict: bool = False, retries: int = 0) -> list[dict]:
+    """Latency for every runner at every batch size, interleaved, with ratios of medians (and their
+    intervals) to the runner named 'pytorch' (the eager original, which the caller includes), and a
+    stability verdict per row. An unstable batch is measured again up to ``retries`` times; with
+    ``strict`` a row still unstable then is an ``UnstableMeasurement``."""
+    from .options import validate_bench_options
+
+    validate_bench_options(list(batches), iters, min_seconds, warmup)
+    min_seconds = 5.0 if min_seconds is None else min_seconds
+    max_seconds = max_seconds if max_seconds is not None else 4 * min_seconds
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
+        for attempt in range(retries + 1):
+            times, device_times, load = measure(runners, x, iters, min_seconds, max_seconds, warmup)
+            batch_rows = _rows(runners, times, device_times, load, batch, attempt)
+            if all(r["stability"]["stable"] for r in batch_rows):
+                break
+        rows += batch_rows
+    unstable = [r for r in rows if not r["stability"]["stable"]]
+    if strict and unstable:
+        raise UnstableMeasurement("unstable measurement (--strict): " + "; ".join(
+            f"{r['runner']} batch {r['batch']}: {', '.join(r['stability']['reasons'])}" for r in unstable))
+    return rows
+
+
+def _rows(runners: dict[str, Runner], times: dict[str, list[float]], device_times: dict[str, list[float]],
+          load: LoadReport | None, batch: int, attempt: int) -> list[dict]:
+    rows = []
+    for name, values in times.items():
+        row = {"runner": name, **runners[name].describe(), **summarize(values, batch),
+               "timer": "host perf_counter (end to end)", "attempt": attempt + 1,
+               "samples_ms": [round(v, 4) for v in values]}
+        if name in device_times:
+            compute = median_ci(device_times[name])
+            row.update(timer="host perf_counter (end to end) + CUDA events (compute)", compute_p50_ms=compute[0],
+                       compute_p50_ci_ms=[compute[1], compute[2]], copy_p50_ms=row["p50_ms"] - compute[0])
+        ratio = None
+        if "pytorch" in times:
+            ratio = ratio_ci(values, times["pytorch"])
+            row["ratio_to_pytorch"] = ratio[0]
+            row["ratio_ci"] = [ratio[1], ratio[2]]
+            row["speedup_vs_pytorch"] = 1 / ratio[0]
+        row["stability"] = verdict(values, load, ratio if name != "pytorch" else None)
+        row["load"] = load.as_dict() if load else None
+        rows.append(row)
+    return rows
 
 
 def machine_info() -> dict:
@@ -77,45 +176,51 @@ def machine_info() -> dict:
     return info
 
 
-def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batches: list[int], iters: int | None = None,
-                  min_seconds: float | None = None, warmup: int = 5, seed: int = 0) -> list[dict]:
-    """Latency for every runner at every batch size, interleaved, with ratios to the runner named
-    'pytorch' (the eager original, which the caller always includes)."""
-    from .options import validate_bench_options
-
-    validate_bench_options(list(batches), iters, min_seconds, warmup)
-    rows = []
-    for batch in batches:
-        x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
-        count = iters
-        if count is None:
-            # enough rounds for min_seconds, estimated from one warm round
-            for runner in runners.values():
-                runner.run(x)
-            start = time.perf_counter()
-            for runner in runners.values():
-                runner.run(x)
-            per_round = time.perf_counter() - start
-            count = max(5, int((5.0 if min_seconds is None else min_seconds) / max(per_round, 1e-6)))
-        times = interleaved_latency(runners, x, count, warmup)
-        base = float(np.mean(times["pytorch"])) if "pytorch" in times else None
-        for name, values in times.items():
-            row = {"runner": name, **runners[name].describe(), **summarize(values, batch)}
-            if base:
-                row["ratio_to_pytorch"] = row["mean_ms"] / base
-                row["speedup_vs_pytorch"] = base / row["mean_ms"]
-            rows.append(row)
-    return rows
+COLUMNS = ("runner", "backend", "precision", "batch", "threads", "p50 ms [95% CI]", "p90", "p99", "img/s",
+           "x PyTorch [95% CI]", "stable")
 
 
-def markdown_report(rows: list[dict], machine: dict, title: str) -> str:
-    lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), "",
-             "| runner | backend | precision | batch | mean ms | p50 | p90 | p99 | img/s | x PyTorch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['runner']} | {r['backend']} | {r.get('inference_precision', r['precision'])} | {r['batch']} | "
-                     f"{r['mean_ms']:.2f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['throughput_ips']:.1f} | {r.get('ratio_to_pytorch', float('nan')):.2f} |")
+def row_cells(r: dict) -> list[str]:
+    """One row of the table (CLI and markdown): medians and ratios of medians with their intervals."""
+    low, high = r["p50_ci_ms"]
+    ratio = (f"{r['ratio_to_pytorch']:.2f} [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}]"
+             if "ratio_to_pytorch" in r else "-")
+    stable = "yes" if r["stability"]["stable"] else "NO"
+    return [r["runner"], r["backend"], r.get("inference_precision", r["precision"]), str(r["batch"]),
+            str(r.get("threads") or "-"), f"{r['p50_ms']:.2f} [{low:.2f}, {high:.2f}]", f"{r['p90_ms']:.2f}",
+            f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}", ratio, stable]
+
+
+OVERHEAD_COLUMNS = ("engine", "batch", "attention p50 ms", "plain p50 ms", "overhead [95% CI]", "stable")
+
+
+def overhead_cells(o: dict) -> list[str]:
+    return [o["engine"], str(o["batch"]), f"{o['attention_p50_ms']:.2f}", f"{o['plain_p50_ms']:.2f}",
+            f"{o['overhead']:.2f} [{o['overhead_ci'][0]:.2f}, {o['overhead_ci'][1]:.2f}]", "yes" if o["stable"] else "NO"]
+
+
+def unstable_notes(rows: list[dict]) -> list[str]:
+    """Why each unstable row is unstable, one line per row."""
+    return [f"{r['runner']} (batch {r['batch']}): {'; '.join(r['stability']['reasons'])}"
+            for r in rows if not r["stability"]["stable"]]
+
+
+def _markdown_table(columns, rows) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown_report(result: dict, title: str) -> str:
+    lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()), ""]
+    lines += _markdown_table(COLUMNS, [row_cells(r) for r in result["results"]])
+    if result.get("overhead"):
+        lines += ["", f"Attention overhead ({result['model']} / {result['overhead']['plain']}):", ""]
+        lines += _markdown_table(OVERHEAD_COLUMNS, [overhead_cells(o) for o in result["overhead"]["rows"]])
+    notes = unstable_notes(result["results"])
+    if notes:
+        lines += ["", "Unstable rows (not to be quoted):", ""] + [f"- {n}" for n in notes]
+    made = [r for r in result["results"] if r.get("made_by")]
+    if made:
+        lines += ["", "How each peer was made:", ""] + [f"- {r['runner']}: {r['made_by']}" for r in made]
     return "\n".join(lines) + "\n"
 
 
@@ -135,10 +240,11 @@ def plot_latency(rows: list[dict], path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name in dict.fromkeys(r["runner"] for r in rows):
-        points = sorted((r["batch"], r["mean_ms"]) for r in rows if r["runner"] == name)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        points = sorted((r["batch"], r["p50_ms"], *r["p50_ci_ms"]) for r in rows if r["runner"] == name)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                    yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], marker="o", capsize=3, label=name)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("mean latency (ms)")
+    ax.set_ylabel("median latency (ms), 95% interval")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -154,53 +260,168 @@ def plot_latency(rows: list[dict], path, title: str) -> None:
 
 def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[str] | None = None,
                  iters: int | None = None, min_seconds: float | None = None, warmup: int = 5,
-                 threads: int | None = None) -> dict:
-    """Benchmark a bundle's artifacts against its PyTorch eager original, in one run."""
+                 threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
+                 retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
+                 calib_data: str | None = None) -> dict:
+    """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
+    also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
+    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine."""
+    import tempfile
     from pathlib import Path
 
+    from .benchstats import wait_until_quiet
     from .bundle import read_manifest
-    from .errors import BackendUnavailable, CbamDeployError
-    from .models import build_model
     from .options import check_artifact_names, validate_bench_options
-    from .runners import TorchRunner, open_artifact
+    from .runners import TorchRunner
 
     validate_bench_options(list(batches or [1]), iters, min_seconds, warmup, threads)  # before any work
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     check_artifact_names(manifest, artifacts, bundle_dir)
     model = manifest["model"]
+    twin = plain_twin(model) if overhead else None
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    weights = model.get("weights")
-    usable = weights and Path(weights["path"]).is_file()
-    if model["source"] == "factory" and not Path(model["name"].rpartition(":")[0]).is_file():
-        raise CbamDeployError(f"cannot rebuild the PyTorch model from {model['name']}: the file is gone")
-    loaded = build_model(model["name"], weights["path"] if usable else None, model["num_classes"], model["stem"])
-    runners: dict[str, Runner] = {"pytorch": TorchRunner(loaded.module)}
-    skipped = []
-    max_batch: dict[str, int] = {}
-    for artifact in manifest["artifacts"]:
-        if artifacts and artifact["name"] not in artifacts:
-            continue
-        try:
-            runners[artifact["name"]] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads)
-        except BackendUnavailable as exc:
-            skipped.append({"artifact": artifact["name"], "reason": str(exc)})
-            continue
-        profile = (artifact.get("export") or {}).get("profile")
-        if profile:
-            max_batch[artifact["name"]] = profile["max_batch"]
+    module = _pytorch_model(manifest)
+    runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
+    skipped: list[dict] = []
+    limits: dict[str, int] = {}
+    _open_artifacts(bundle_dir, manifest, artifacts, threads, "", runners, skipped, limits)
     shape = manifest["input"]["shape"]
     side = int(manifest["input"]["preprocess"]["center_crop"])
     chw = (shape[1], side, side)
-    if isinstance(shape[0], int):
-        batches = [shape[0]]
-    batches = batches or [1]
-    rows = []
-    for batch in batches:
-        usable_runners = {n: r for n, r in runners.items() if max_batch.get(n, batch) >= batch}
-        rows += bench_runners(usable_runners, chw, [batch], iters, min_seconds, warmup)
-    return {"bundle": str(bundle_dir), "model": model["name"], "machine": machine_info(), "threads": threads,
-            "results": rows, "skipped": skipped}
+    batches = [shape[0]] if isinstance(shape[0], int) else (batches or [1])
+    with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
+        calib = _calibration(manifest, calib_data) if (peers or overhead) else None
+        if peers:
+            from .peers import build_peers
+
+            example = np.random.default_rng(0).standard_normal((1, *chw), dtype=np.float32)
+            built, peer_skips = build_peers(module, example, None if calib is None else calib.inputs, Path(tmp) / "peers",
+                                            threads)
+            runners.update(built)
+            skipped += [{"artifact": s["peer"], "reason": s["reason"]} for s in peer_skips]
+        if twin:
+            twin_bundle = _build_twin(manifest, twin, calib, Path(tmp) / "plain", [r for r in runners if r in
+                                      {a["name"] for a in manifest["artifacts"]}], skipped)
+            runners["plain:pytorch"] = TorchRunner(_pytorch_model(read_manifest(twin_bundle)))
+            _open_artifacts(twin_bundle, read_manifest(twin_bundle), None, threads, "plain:", runners, skipped, limits)
+        quiet = wait_until_quiet(wait_quiet) if wait_quiet > 0 else None
+        rows = []
+        for batch in batches:
+            usable = {n: r for n, r in runners.items() if limits.get(n, batch) >= batch}
+            rows += bench_runners(usable, chw, [batch], iters, min_seconds, warmup, max_seconds=max_seconds,
+                                  strict=strict, retries=retries)
+    result = {"bundle": str(bundle_dir), "model": model["name"], "machine": machine_info(), "threads": threads,
+              "results": [r for r in rows if not r["runner"].startswith("plain:")], "skipped": skipped,
+              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet}
+    if twin:
+        result["overhead"] = {"plain": twin, "rows": overhead_rows(rows)}
+    return result
+
+
+def plain_twin(model: dict) -> str:
+    """The zoo model without attention (resnet50 for resnet50_cbam)."""
+    from .models.registry import get_entry, list_models
+
+    if model.get("source") != "zoo":
+        raise CbamDeployError("--overhead compares a zoo model with its plain twin; this bundle is a factory model")
+    entry = get_entry(model["name"])
+    if entry.attention is None or entry.family not in list_models():
+        raise CbamDeployError(f"--overhead: {model['name']} has no attention, so no plain twin to compare with")
+    return entry.family
+
+
+def overhead_rows(rows: list[dict]) -> list[dict]:
+    """Per engine and batch: latency of the attention model over its plain twin, from the same rounds."""
+    out = []
+    by_key = {(r["runner"], r["batch"]): r for r in rows}
+    for r in rows:
+        if r["runner"].startswith("plain:"):
+            continue
+        plain = by_key.get(("plain:" + r["runner"], r["batch"]))
+        if plain is None:
+            continue
+        ratio, low, high = ratio_ci(r["samples_ms"], plain["samples_ms"])
+        out.append({"engine": r["runner"], "batch": r["batch"], "attention_p50_ms": r["p50_ms"],
+                    "plain_p50_ms": plain["p50_ms"], "overhead": ratio, "overhead_ci": [low, high],
+                    "stable": r["stability"]["stable"] and plain["stability"]["stable"]})
+    return out
+
+
+def _pytorch_model(manifest: dict):
+    """The eager model for timing: with its checkpoint when it is there (weights do not change the
+    time, so a lost checkpoint falls back to the architecture's seeded init)."""
+    from pathlib import Path
+
+    from .models import build_model
+
+    model = manifest["model"]
+    spec = model.get("factory") or model["name"]
+    if model["source"] == "factory" and not Path(spec.rpartition(":")[0]).is_file():
+        raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
+    weights = model.get("weights")
+    usable = weights and Path(weights["path"]).is_file()
+    return build_model(spec, weights["path"] if usable else None, model["num_classes"], model["stem"]).module
+
+
+def _open_artifacts(bundle_dir, manifest: dict, names: list[str] | None, threads: int | None, prefix: str,
+                    runners: dict, skipped: list, limits: dict) -> None:
+    from .errors import BackendUnavailable
+    from .runners import open_artifact
+
+    for artifact in manifest["artifacts"]:
+        if names and artifact["name"] not in names:
+            continue
+        try:
+            runners[prefix + artifact["name"]] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads)
+        except BackendUnavailable as exc:
+            skipped.append({"artifact": prefix + artifact["name"], "reason": str(exc)})
+            continue
+        profile = (artifact.get("export") or {}).get("profile")
+        if profile:
+            limits[prefix + artifact["name"]] = profile["max_batch"]
+
+
+def _calibration(manifest: dict, calib_data: str | None, size: int = 128):
+    """Calibration images for peers and the plain twin: --calib-data, else the source the bundle's
+    INT8 artifacts were calibrated on (when it is still there); None when there is neither."""
+    from pathlib import Path
+
+    from .calib.data import SYNTHETIC, load_calibration
+
+    source = calib_data or next((a["calibration"]["source"] for a in manifest["artifacts"]
+                                 if a.get("calibration") and (a["calibration"]["source"] == SYNTHETIC
+                                                              or Path(a["calibration"]["source"]).exists())), None)
+    return load_calibration(source, manifest["input"], size) if source else None
+
+
+def _build_twin(manifest: dict, twin: str, calib, out: "Path", artifacts: list[str], skipped: list) -> "Path":
+    """The plain twin exported and built like the bundle: same input, batch, opset and exporter; the
+    same INT8 recipes on the same calibration data."""
+    from .build import build_artifacts
+    from .pipeline import ExportRequest, export_bundle
+    from .quantize import quantize_bundle
+
+    shape = manifest["input"]["shape"]
+    export = manifest["artifacts"][0].get("export", {})
+    export_bundle(ExportRequest(model=twin, num_classes=manifest["model"]["num_classes"], stem=manifest["model"]["stem"],
+                                output=str(out), input_size=int(manifest["input"]["preprocess"]["center_crop"]),
+                                batch=shape[0] if isinstance(shape[0], int) else None,
+                                dynamic_hw=isinstance(shape[2], str), opset=export.get("opset", 17), parity=False))
+    by_name = {a["name"]: a for a in manifest["artifacts"]}
+    for name in artifacts:
+        artifact = by_name[name]
+        if artifact["format"] == "openvino" and artifact["precision"] in ("fp32", "fp16"):
+            build_artifacts(out, "openvino", artifact["precision"])
+        elif artifact["precision"] == "int8" and artifact.get("quantization"):
+            if calib is None:
+                skipped.append({"artifact": "plain:" + name, "reason": "no calibration data for the plain twin's INT8 "
+                                "(give --calib-data)"})
+                continue
+            q = artifact["quantization"]
+            quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
+                            gates=q["gates"], check_samples=8)
+    return out

@@ -304,22 +304,39 @@ def bench_command(
     model: Annotated[Optional[str], typer.Option(help="Export this zoo model to a temporary bundle and bench it.")] = None,
     batch: Annotated[str, typer.Option(help="Comma list of batch sizes, e.g. 1,8,32.")] = "1",
     artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Interleaved rounds (default: enough for --min-seconds).")] = None,
-    min_seconds: Annotated[float, typer.Option(help="Minimum measuring time per batch size.")] = 5.0,
+    iters: Annotated[Optional[int], typer.Option(help="Interleaved rounds (default: adaptive, see --min-seconds).")] = None,
+    min_seconds: Annotated[float, typer.Option(help="Measure at least this long per batch size, then on until every "
+                                                    "ratio's 95% interval is narrow.")] = 5.0,
+    max_seconds: Annotated[Optional[float], typer.Option(help="Measuring budget per batch size (default 4x --min-seconds).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up runs per runner.")] = 5,
     threads: Annotated[Optional[int], typer.Option(help="Threads for every backend (default: theirs).")] = None,
+    peers: Annotated[bool, typer.Option("--peers", help="Also bench what the engines' own documented paths give "
+                                                        "(torch.compile, ov.convert_model, NNCF and ORT defaults).")] = False,
+    overhead: Annotated[bool, typer.Option("--overhead", help="Also bench the plain twin (resnet50 for resnet50_cbam): "
+                                                              "attention overhead per engine.")] = False,
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration data for INT8 peers and the plain twin (default: "
+                                                           "the bundle's INT8 calibration source).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="An unstable measurement is an error (exit 5).")] = False,
+    retries: Annotated[int, typer.Option(help="Measure an unstable batch size again, up to this many times.")] = 0,
+    wait_quiet: Annotated[float, typer.Option(help="Wait up to this many seconds for other processes to go quiet first.")] = 0.0,
     markdown: Annotated[Optional[str], typer.Option(help="Write a markdown report here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot (latency vs batch) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
-    """Latency and throughput of every artifact next to PyTorch eager, measured in the same run."""
+    """Latency and throughput of every artifact next to PyTorch eager, measured in the same run:
+    medians with 95% intervals, ratios of medians, and a stability verdict per row."""
     import tempfile
 
     from .bench import bench_bundle, markdown_report, plot_latency
-    from .options import check_artifact_names, check_model_spec, parse_list, validate_bench_options
+    from .options import check_artifact_names, check_int, check_model_spec, check_number, parse_list, validate_bench_options
 
     # every option, and the report paths, before any measuring: a typo must not cost the whole run
     batches = validate_bench_options(batch, iters, min_seconds, warmup, threads, markdown, plot)
+    check_int("--retries", retries, 0, 10)
+    if max_seconds is not None:
+        check_number("--max-seconds", max_seconds)
+    if wait_quiet < 0:
+        raise CbamDeployError(f"--wait-quiet must be >= 0 seconds, got {wait_quiet}")
     if (bundle is None) == (model is None):
         raise CbamDeployError("give a BUNDLE folder or --model NAME (one of them)")
     names = parse_list(artifact, "--artifact") if artifact is not None else None
@@ -335,13 +352,14 @@ def bench_command(
             from .pipeline import ExportRequest, export_bundle
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
-        result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads)
+        result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads, max_seconds, strict, retries,
+                              wait_quiet, peers, overhead, calib_data)
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:
             from .fsutil import write_bytes_atomic
 
-            write_bytes_atomic(markdown, markdown_report(result["results"], result["machine"], title).encode())
+            write_bytes_atomic(markdown, markdown_report(result, title).encode())
         if plot:
             plot_latency(result["results"], plot, title)
     except OSError as exc:
@@ -349,17 +367,75 @@ def bench_command(
     if as_json:
         _print_json(result)
         return
+    _print_bench(result, title)
+
+
+def _print_bench(result: dict, title: str) -> None:
+    from .bench import COLUMNS, OVERHEAD_COLUMNS, overhead_cells, row_cells, unstable_notes
+
     table = Table(title=title)
-    for column in ("runner", "backend", "precision", "batch", "mean ms", "p50", "p90", "p99", "img/s", "x PyTorch"):
-        table.add_column(column, justify="left" if column in ("runner", "backend", "precision") else "right")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("runner", "backend", "precision", "stable") else "right")
     for r in result["results"]:
-        table.add_row(r["runner"], r["backend"], r.get("inference_precision", r["precision"]), str(r["batch"]),
-                      f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['throughput_ips']:.1f}", f"{r.get('ratio_to_pytorch', float('nan')):.2f}")
+        table.add_row(*(escape(c) for c in row_cells(r)))
     out.print(table)
+    if result.get("overhead"):
+        table = Table(title=f"attention overhead: {result['model']} / {result['overhead']['plain']}, same engine, same rounds")
+        for column in OVERHEAD_COLUMNS:
+            table.add_column(column, justify="left" if column == "engine" else "right")
+        for row in result["overhead"]["rows"]:
+            table.add_row(*overhead_cells(row))
+        out.print(table)
+    for r in result["results"]:
+        if r.get("made_by"):
+            out.print(f"[dim]{escape(r['runner'])}: {escape(r['made_by'])}[/]")
     out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    for note in unstable_notes(result["results"]):
+        out.print(f"[yellow]unstable[/] {escape(note)}")
+    if not result["stable"]:
+        out.print("[yellow]unstable measurement:[/] the rows marked NO are not to be quoted; try --wait-quiet 60 "
+                  "--retries 2 on a quieter machine, or --strict to make this an error")
     for skip in result["skipped"]:
         out.print(f"[yellow]skipped[/] {skip['artifact']}: {escape(skip['reason'])}")
+
+
+@app.command("profile")
+@_handle_errors
+def profile_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: every onnx and openvino one).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size (a fixed-batch model uses its own).")] = 1,
+    runs: Annotated[int, typer.Option(help="Profiled runs (after the warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs, not profiled.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for every backend (default: theirs).")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG (stacked bar per artifact) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """Per-operator time (onnxruntime profiler, OpenVINO performance counters), rolled up into conv,
+    CBAM channel gate, CBAM spatial gate, layout, quantize/dequantize and other."""
+    from .options import check_int, check_output_file, parse_list
+    from .profile import plot_profile, profile_bundle
+
+    check_int("--batch", batch, 1, 1024)
+    check_int("--runs", runs, 1, 100000)
+    check_int("--warmup", warmup, 0, 100000)
+    check_int("--threads", threads, 1, allow_none=True)
+    check_output_file("--plot", plot)
+    result = profile_bundle(bundle, parse_list(artifact, "--artifact") if artifact else None, batch, runs, warmup, threads)
+    if plot:
+        plot_profile(result, plot)
+    if as_json:
+        _print_json(result)
+        return
+    for row in result["results"]:
+        table = Table(title=f"{row['artifact']} ({row['tool']}): {row['total_ms']:.3f} ms per inference in kernels, "
+                            f"batch {result['batch']}")
+        for column in ("category", "ms", "share"):
+            table.add_column(column, justify="left" if column == "category" else "right")
+        for category in row["categories"]:
+            table.add_row(category["category"], f"{category['ms']:.3f}", f"{category['share'] * 100:.1f}%")
+        out.print(table)
+        out.print("slowest ops: " + ", ".join(f"{o['op']} ({o['category']}) {o['ms']:.3f} ms" for o in row["top_ops"][:5]))
 
 
 @app.command("quantize")

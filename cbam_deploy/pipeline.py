@@ -226,7 +226,7 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
     rows = [{"artifact": "pytorch (eager)", "format": "pytorch", "precision": "fp32", "passed": None,
-             "latency_ms": pytorch["mean_ms"] if pytorch else None, "speedup": 1.0}]
+             "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0}]
     for outcome in outcomes:
         if outcome.skipped:
             rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision, "skipped": outcome.skipped})
@@ -234,7 +234,7 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
         measured = latency.get(outcome.name)
         rows.append({"artifact": outcome.name, "format": outcome.format, "precision": outcome.precision,
                      "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
-                     "latency_ms": measured["mean_ms"] if measured else None,
+                     "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],

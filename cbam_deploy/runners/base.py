@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -22,5 +23,16 @@ class Runner(ABC):
         """Run ``inputs`` in chunks of ``batch`` and join the outputs."""
         return np.concatenate([self.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
+    def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
+        """(end-to-end milliseconds on the host clock, device compute milliseconds or None). GPU
+        runners measure compute with CUDA events, so the copies can be reported apart."""
+        start = time.perf_counter()
+        self.run(batch)
+        return (time.perf_counter() - start) * 1e3, None
+
+    def threads(self) -> int | None:
+        """Compute threads the backend uses (None when it does not say)."""
+        return None
+
     def describe(self) -> dict:
-        return {"backend": self.backend, "device": self.device, "precision": self.precision}
+        return {"backend": self.backend, "device": self.device, "precision": self.precision, "threads": self.threads()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", profile_dir: str | Path | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -26,14 +27,40 @@ class OnnxRuntimeRunner(Runner):
         # No busy-waiting between runs: a spinning thread pool steals the CPU from whatever runs
         # next (another runner in an interleaved benchmark, the server's other work).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_dir is not None:  # onnxruntime's own profiler: per-node kernel times (see node_times)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(profile_dir) / "ort-profile")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise CbamDeployError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.input_name = self.session.get_inputs()[0].name
+        self._threads = threads
         self.device = "cpu" if self.session.get_providers()[0] == "CPUExecutionProvider" else self.session.get_providers()[0]
         self.precision = precision
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         return np.asarray(out, dtype=np.float32)
+
+    def threads(self) -> int | None:
+        """intra-op threads: as set, or onnxruntime's default (one per physical core)."""
+        if self._threads:
+            return self._threads
+        try:
+            import psutil
+
+            return psutil.cpu_count(logical=False) or os.cpu_count()
+        except ImportError:
+            return os.cpu_count()
+
+    def node_times(self, skip_runs: int = 0) -> list[tuple[str, str, float]]:
+        """(node name, op type, microseconds) for every kernel run after the first ``skip_runs`` runs;
+        needs ``profile_dir``. Ends the profiling session."""
+        import json
+
+        events = json.loads(Path(self.session.end_profiling()).read_text())
+        runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+        start = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if 0 < skip_runs <= len(runs) else 0
+        return [(e["name"][: -len("_kernel_time")].removeprefix("fused "), e.get("args", {}).get("op_name", "?"), float(e["dur"]))
+                for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]

@@ -17,12 +17,15 @@ class OpenVINORunner(Runner):
     backend = "openvino"
 
     def __init__(self, xml: str | Path, device: str = "CPU", precision: str = "fp32",
-                 inference_precision: str | None = None, hint: str = "LATENCY", threads: int | None = None) -> None:
+                 inference_precision: str | None = None, hint: str = "LATENCY", threads: int | None = None,
+                 perf_counters: bool = False) -> None:
         ov = require_openvino()
         self.core = ov.Core()
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision or _HINT[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if perf_counters:  # per-node times of the last inference (see node_times)
+            config["PERF_COUNT"] = True
         self.compiled = self.core.compile_model(str(xml), device, config)
         self.request = self.compiled.create_infer_request()
         self.device = device
@@ -34,6 +37,17 @@ class OpenVINORunner(Runner):
     def run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
+
+    def threads(self) -> int | None:
+        try:
+            return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        except Exception:  # a device without the property
+            return None
+
+    def node_times(self) -> list[tuple[str, str, float]]:
+        """(node name, node type, microseconds) of the last inference; needs ``perf_counters``."""
+        return [(info.node_name, info.node_type, info.real_time.total_seconds() * 1e6)
+                for info in self.request.profiling_info if info.real_time.total_seconds() > 0]
 
     def describe(self) -> dict:
         return {**super().describe(), "inference_precision": self.inference_precision, "performance_hint": self.hint}

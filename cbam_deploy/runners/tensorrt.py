@@ -36,6 +36,7 @@ class TensorRTRunner(Runner):
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.stream = torch.cuda.Stream()
+        self._events = None  # (start, end) CUDA events while run_timed measures
         self.device = f"cuda:{torch.cuda.current_device()}"
         self.precision = precision
 
@@ -48,8 +49,25 @@ class TensorRTRunner(Runner):
             y = torch.empty(out_shape, dtype=torch.float32, device=x.device)
             self.context.set_tensor_address(self.input_name, x.data_ptr())
             self.context.set_tensor_address(self.output_name, y.data_ptr())
+            if self._events:
+                self._events[0].record(self.stream)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise CbamDeployError("TensorRT execution failed")
+            if self._events:
+                self._events[1].record(self.stream)
             host = y.to("cpu", non_blocking=False)
         self.stream.synchronize()
         return host.numpy()
+
+    def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
+        """End to end on the host clock; the engine's execution alone with CUDA events on its stream."""
+        import time
+
+        self._events = (self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True))
+        try:
+            start = time.perf_counter()
+            self.run(batch)
+            total = (time.perf_counter() - start) * 1e3
+            return total, self._events[0].elapsed_time(self._events[1])
+        finally:
+            self._events = None

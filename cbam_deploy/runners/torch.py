@@ -30,3 +30,21 @@ class TorchRunner(Runner):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, dtype=self.dtype)
             out = self.model(x)
         return out.float().cpu().numpy()
+
+    def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
+        if not self.device.startswith("cuda"):
+            return super().run_timed(batch)
+        import time
+
+        start = time.perf_counter()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, dtype=self.dtype)
+            begin.record()
+            out = self.model(x)
+            end.record()
+            out.float().cpu()
+        return (time.perf_counter() - start) * 1e3, begin.elapsed_time(end)
+
+    def threads(self) -> int | None:
+        return torch.get_num_threads() if self.device == "cpu" else None

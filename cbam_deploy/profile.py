@@ -1,0 +1,147 @@
+"""``profile``: where an artifact's time goes, per operator, rolled up by the module it came from.
+
+onnxruntime's profiler and OpenVINO's performance counters give per-node kernel times. Each node is
+put in one category from its scoped name (``/layer1/layer1.0/cbam/ChannelGate/mlp/...``, mapped back
+to its module with the same code that finds the gates for INT8) and its op type:
+
+- ``layout``: reorders and transposes the engine inserted (a cost of the layout, whichever module);
+- ``cbam channel gate`` / ``cbam spatial gate`` (and ``attention (other)`` for SE/BAM and CBAM's own
+  glue): nodes inside a recorded attention module;
+- ``conv``: convolutions outside the gates;
+- ``quantize/dequantize``: Q/DQ nodes not attributable to a module;
+- ``other``: everything else (pools, adds, the classifier).
+
+Times are per inference, averaged over ``runs`` runs after ``warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import artifact_path, fixed_batch, read_manifest
+from .calib.gates import inside, name_module_path
+from .errors import CbamDeployError
+
+CATEGORIES = ("conv", "cbam channel gate", "cbam spatial gate", "attention (other)", "layout",
+              "quantize/dequantize", "other")
+_LAYOUT = {"Reorder", "ReorderInput", "ReorderOutput", "Transpose"}
+_CONV = {"Conv", "QLinearConv", "FusedConv", "ConvInteger", "Convolution", "GroupConvolution", "ConvolutionBackpropData"}
+_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "FakeQuantize"}
+
+
+def categorize(name: str, op_type: str, modules: list[dict]) -> tuple[str, str | None]:
+    """(category, module path) of one profiled node."""
+    path = name_module_path(name)
+    if op_type in _LAYOUT:
+        return "layout", path
+    if inside(path, modules):
+        if "ChannelGate" in path:
+            return "cbam channel gate", path
+        if "SpatialGate" in path:
+            return "cbam spatial gate", path
+        return "attention (other)", path
+    if op_type in _CONV:
+        return "conv", path
+    if op_type in _QDQ:
+        return "quantize/dequantize", path
+    return "other", path
+
+
+def roll_up(node_times: list[tuple[str, str, float]], runs: int, modules: list[dict]) -> dict:
+    """Per-inference milliseconds by category, by top-level module (stage) and the slowest ops."""
+    by_category: dict[str, float] = defaultdict(float)
+    by_module: dict[str, float] = defaultdict(float)
+    by_op: dict[tuple[str, str], float] = defaultdict(float)
+    for name, op_type, microseconds in node_times:
+        category, path = categorize(name, op_type, modules)
+        ms = microseconds / 1000.0 / runs
+        by_category[category] += ms
+        by_module[".".join(path.split(".")[:2]) if path else "(unscoped)"] += ms
+        by_op[(category, op_type)] += ms
+    total = sum(by_category.values())
+    return {
+        "total_ms": total,
+        "categories": [{"category": c, "ms": by_category.get(c, 0.0),
+                        "share": by_category.get(c, 0.0) / total if total else 0.0} for c in CATEGORIES],
+        "modules": sorted(({"module": m, "ms": t} for m, t in by_module.items()), key=lambda r: -r["ms"]),
+        "top_ops": sorted(({"category": c, "op": o, "ms": t} for (c, o), t in by_op.items()), key=lambda r: -r["ms"])[:12],
+    }
+
+
+def _profile_one(bundle_dir: Path, manifest: dict, name: str, x: np.ndarray, runs: int, warmup: int,
+                 threads: int | None) -> dict:
+    artifact, path = artifact_path(bundle_dir, manifest, name)
+    if artifact["format"] == "onnx":
+        from .runners import OnnxRuntimeRunner
+
+        with tempfile.TemporaryDirectory(prefix="cbam-profile-") as tmp:
+            runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact["precision"], profile_dir=tmp)
+            for _ in range(warmup + runs):
+                runner.run(x)
+            times = runner.node_times(skip_runs=warmup)
+        tool = "onnxruntime profiler (CPU execution provider)"
+    elif artifact["format"] == "openvino":
+        from .runners.openvino import OpenVINORunner
+
+        runner = OpenVINORunner(path, precision=artifact["precision"], threads=threads, perf_counters=True)
+        for _ in range(warmup):
+            runner.run(x)
+        times = []
+        for _ in range(runs):
+            runner.run(x)
+            times.extend(runner.node_times())
+        tool = f"OpenVINO performance counters ({runner.inference_precision})"
+    else:
+        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact['format']}")
+    return {"artifact": name, "format": artifact["format"], "precision": artifact["precision"], "tool": tool,
+            "runs": runs, **roll_up(times, runs, manifest["model"].get("attention_modules", []))}
+
+
+def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, batch: int = 1, runs: int = 20,
+                   warmup: int = 5, threads: int | None = None) -> dict:
+    """Per-operator time of each artifact (default: every onnx and openvino artifact), rolled up."""
+    if runs < 1 or warmup < 0 or batch < 1:
+        raise CbamDeployError("--runs and --batch must be >= 1, --warmup >= 0")
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    known = [a["name"] for a in manifest["artifacts"]]
+    unknown = [a for a in artifacts or [] if a not in known]
+    if unknown:
+        raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(unknown)}; it has {', '.join(known)}")
+    chosen = artifacts or [a["name"] for a in manifest["artifacts"] if a["format"] in ("onnx", "openvino")]
+    batch = fixed_batch(manifest) or batch
+    side = int(manifest["input"]["preprocess"]["center_crop"])
+    channels = manifest["input"]["shape"][1]
+    x = np.random.default_rng(0).standard_normal((batch, channels, side, side), dtype=np.float32)
+    results = []
+    for name in chosen:
+        results.append(_profile_one(bundle_dir, manifest, name, x, runs, warmup, threads))
+    return {"bundle": str(bundle_dir), "model": manifest["model"]["name"], "batch": batch, "input": [side, side],
+            "results": results}
+
+
+def plot_profile(result: dict, path: str | Path) -> None:
+    """One horizontal stacked bar per artifact: milliseconds per category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))
+    left = np.zeros(len(rows))
+    colors = plt.get_cmap("tab10").colors
+    for index, category in enumerate(CATEGORIES):
+        values = np.array([next(c["ms"] for c in r["categories"] if c["category"] == category) for r in rows])
+        ax.barh([r["artifact"] for r in rows], values, left=left, label=category, color=colors[index % len(colors)])
+        left += values
+    ax.set_xlabel("ms per inference (sum of kernel times)")
+    ax.set_title(f"{result['model']}: where the time goes (batch {result['batch']})")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
