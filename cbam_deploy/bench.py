@@ -27,14 +27,17 @@ class UnstableMeasurement(CbamDeployError):
 
 def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: int = 30, warmup: int = 5,
                         device_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Milliseconds per run for each runner; the runners take turns, one call each per round. Device
+    """Milliseconds per run for each runner; the runners take turns, one call each per round, the order
+    rotating from round to round. Device
     compute times (CUDA events) go into ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(iters):
-        for name, runner in runners.items():
+    order = list(runners.items())
+    for round_index in range(iters):
+        shift = round_index % len(order)  # rotate: every runner follows every other one equally often
+        for name, runner in order[shift:] + order[:shift]:
             total, compute = runner.run_timed(batch)
             times[name].append(total)
             if compute is not None and device_times is not None:
@@ -138,6 +141,10 @@ def _rows(runners: dict[str, Runner], times: dict[str, list[float]], device_time
     return rows
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+              "amx_bf16", "asimddp", "i8mm", "bf16")
+
+
 def machine_info() -> dict:
     """CPU model and cores; GPU name; on Jetson the model, L4T/JetPack release and power mode."""
     import os
@@ -149,9 +156,13 @@ def machine_info() -> dict:
     info: dict = {"platform": platform.platform(), "machine": platform.machine(), "cpu_cores": os.cpu_count()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("model name", "hardware") and "cpu" not in info:
                 info["cpu"] = line.split(":", 1)[1].strip()
-                break
+            elif key in ("flags", "features") and "cpu_features" not in info:
+                flags = set(line.split(":", 1)[1].split())
+                # what decides the INT8/BF16 kernels the engines pick, detected rather than assumed
+                info["cpu_features"] = " ".join(f for f in _ISA_FLAGS if f in flags) or "none of note"
     except OSError:
         pass
     try:
@@ -180,13 +191,18 @@ COLUMNS = ("runner", "backend", "precision", "batch", "threads", "p50 ms [95% CI
            "x PyTorch [95% CI]", "stable")
 
 
+_SHORT = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16"}
+
+
 def row_cells(r: dict) -> list[str]:
     """One row of the table (CLI and markdown): medians and ratios of medians with their intervals."""
     low, high = r["p50_ci_ms"]
     ratio = (f"{r['ratio_to_pytorch']:.2f} [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}]"
              if "ratio_to_pytorch" in r else "-")
     stable = "yes" if r["stability"]["stable"] else "NO"
-    return [r["runner"], r["backend"], r.get("inference_precision", r["precision"]), str(r["batch"]),
+    computes = _SHORT.get(r.get("inference_precision"), r.get("inference_precision"))
+    precision = r["precision"] + (f" ({computes})" if computes and computes != r["precision"] else "")
+    return [r["runner"], r["backend"], precision, str(r["batch"]),
             str(r.get("threads") or "-"), f"{r['p50_ms']:.2f} [{low:.2f}, {high:.2f}]", f"{r['p90_ms']:.2f}",
             f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}", ratio, stable]
 

@@ -1,0 +1,318 @@
+"""Peers for ``bench --peers``: what a user gets WITHOUT this tool, built on the fly from the same
+PyTorch model through each library's own documented, default path, so the bench shows what the
+project's artifacts are worth.
+
+* ``peer-torch-compile``        ``torch.compile(model)``: inductor, default mode, FP32.
+* ``peer-openvino-fp32``        ``ov.convert_model(model, example_input=...)`` compiled for "CPU" with no
+                                config (OpenVINO's default hint and inference precision, bf16 on CPUs
+                                that have it; ``describe()["inference_precision"]`` says which).
+* ``peer-openvino-nncf-int8``   ``nncf.quantize(ov_model, nncf.Dataset(...))`` with default settings.
+* ``peer-ort-quantize-static``  ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch),
+                                then ``onnxruntime.quantization.quantize_static`` with its defaults.
+
+Settings are the libraries' defaults on purpose; the one exception is ``threads``, passed to the
+libraries that take a thread count (OpenVINO, onnxruntime) when the bench pins one. torch's thread
+count is process-wide and left to the caller. Every runner's ``describe()`` carries ``made_by``:
+the library, the call and the settings. A peer whose library is missing or whose build fails is
+returned as skipped with the reason; building peers never fails the bench.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import BackendUnavailable, CbamDeployError
+from .runners.base import Runner
+
+NEEDS_CALIBRATION = "needs calibration data (--calib-data)"
+
+
+class PeerRunner(Runner):
+    """A peer: ``run`` calls what the library built; ``describe`` adds how it was made and what it took."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], backend: str, precision: str, made_by: str,
+                 threads: Callable[[], int | None], facts: dict | None = None) -> None:
+        self._run = run
+        self._threads = threads
+        self.backend = backend
+        self.precision = precision
+        self.made_by = made_by
+        self.facts = dict(facts or {})
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
+
+    def threads(self) -> int | None:
+        return self._threads()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "made_by": self.made_by, **self.facts}
+
+
+class _Source:
+    """What every builder starts from; the OpenVINO conversion is shared by the two OpenVINO peers."""
+
+    def __init__(self, module: torch.nn.Module, example: np.ndarray, calib: np.ndarray | None, workdir: Path,
+                 threads: int | None) -> None:
+        self.module = module.eval()
+        self.example = np.ascontiguousarray(example, dtype=np.float32)
+        self.calib = None if calib is None else np.ascontiguousarray(calib, dtype=np.float32)
+        self.workdir = workdir
+        self.threads = threads
+
+    def example_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.example.copy())
+
+    def example_text(self) -> str:
+        return f"torch.randn{tuple(self.example.shape)}"
+
+    def calibration(self) -> np.ndarray:
+        if self.calib is None or not len(self.calib):
+            raise _Skip(NEEDS_CALIBRATION)
+        return self.calib
+
+    @functools.cached_property
+    def ov_model(self):
+        """``ov.convert_model`` straight from the torch module, as OpenVINO's PyTorch guide does it."""
+        ov = _require("openvino", "OpenVINO is not installed: pip install 'cbam-deploy[openvino]'")
+        started = time.perf_counter()
+        model = ov.convert_model(self.module, example_input=self.example_tensor())
+        self.ov_convert_seconds = round(time.perf_counter() - started, 3)
+        return model
+
+
+class _Skip(Exception):
+    """A peer that cannot be built here for a known reason (the message)."""
+
+
+def _require(name: str, hint: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise BackendUnavailable(hint) from None
+
+
+def _timed(call: Callable, *args, **kwargs):
+    started = time.perf_counter()
+    result = call(*args, **kwargs)
+    return result, round(time.perf_counter() - started, 3)
+
+
+# --- torch.compile ------------------------------------------------------------------------------------
+
+
+def _torch_compile(src: _Source) -> PeerRunner:
+    compiled = torch.compile(src.module)  # inductor, mode=None ("default"), dynamic=None, fullgraph=False
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return compiled(torch.from_numpy(batch)).float().numpy()
+
+    # The first call compiles; a couple more take any lazy initialisation out of the timed loop.
+    _, compile_seconds = _timed(run, src.example)
+    _, warmup_seconds = _timed(lambda: [run(src.example) for _ in range(2)])
+    return PeerRunner(
+        run, "torch-inductor", "fp32",
+        "torch.compile(model) (inductor backend, default mode, dynamic=None, no options), fp32, "
+        "called under torch.inference_mode()",
+        torch.get_num_threads,
+        {"torch": torch.__version__, "compile_seconds": compile_seconds, "warmup_calls": 3,
+         "warmup_seconds": warmup_seconds,
+         "note": "compiled for the example's batch size; another batch size recompiles (dynamic shapes) "
+                 "on its first call, inside the bench's warm-up"},
+    )
+
+
+# --- OpenVINO -----------------------------------------------------------------------------------------
+
+
+def _ov_compiled_runner(src: _Source, model, precision: str, made_by: str, facts: dict) -> PeerRunner:
+    """``core.compile_model(model, "CPU")`` with no config (only INFERENCE_NUM_THREADS when pinned)."""
+    ov = _require("openvino", "OpenVINO is not installed: pip install 'cbam-deploy[openvino]'")
+    config = {"INFERENCE_NUM_THREADS": src.threads} if src.threads else {}
+    compiled, compile_seconds = _timed(ov.Core().compile_model, model, "CPU", config)
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return request.infer({0: batch})[output]
+
+    def prop(name: str) -> str:
+        value = str(compiled.get_property(name))
+        return value.replace("<Type: '", "").rstrip("'>")  # <Type: 'bfloat16'> -> bfloat16, as OpenVINORunner
+
+    settings = f"config={config}" if config else "no config"
+    hint, inference_precision = prop("PERFORMANCE_HINT"), prop("INFERENCE_PRECISION_HINT")
+    return PeerRunner(
+        run, "openvino", precision,
+        f"{made_by}; ov.Core().compile_model(model, 'CPU') with {settings} "
+        f"(OpenVINO defaults here: PERFORMANCE_HINT={hint}, INFERENCE_PRECISION_HINT={inference_precision})",
+        lambda: int(compiled.get_property("INFERENCE_NUM_THREADS")) or None,
+        {**facts, "openvino": ov.__version__, "inference_precision": inference_precision, "performance_hint": hint,
+         "compile_seconds": compile_seconds},
+    )
+
+
+def _openvino_fp32(src: _Source) -> PeerRunner:
+    model = src.ov_model
+    return _ov_compiled_runner(
+        src, model, "fp32",
+        f"openvino.convert_model(model, example_input={src.example_text()}) from the torch module",
+        {"convert_seconds": src.ov_convert_seconds},
+    )
+
+
+def _openvino_nncf_int8(src: _Source) -> PeerRunner:
+    calib = src.calibration()
+    nncf = _require("nncf", "NNCF is not installed: pip install 'cbam-deploy[openvino]'")
+    model = src.ov_model
+    batches = [calib[i:i + 1] for i in range(len(calib))]
+    nncf.set_log_level(logging.ERROR)
+    quantized, seconds = _timed(nncf.quantize, model.clone(), nncf.Dataset(batches))
+    return _ov_compiled_runner(
+        src, quantized, "int8",
+        f"openvino.convert_model(model, example_input={src.example_text()}); nncf.quantize(ov_model, "
+        f"nncf.Dataset({len(batches)} calibration images, batch 1)) with defaults (no preset, no ignored scope, "
+        "subset_size=300, fast_bias_correction=True, target_device=ANY)",
+        {"nncf": nncf.__version__, "convert_seconds": src.ov_convert_seconds, "quantize_seconds": seconds,
+         "calibration_samples": len(batches)},
+    )
+
+
+# --- onnxruntime --------------------------------------------------------------------------------------
+
+
+class _CalibrationReader:
+    """onnxruntime's ``CalibrationDataReader`` protocol over the calibration images, one image per batch."""
+
+    def __init__(self, images: np.ndarray, input_name: str) -> None:
+        self._images, self._name, self._index = images, input_name, 0
+
+    def get_next(self):
+        if self._index >= len(self._images):
+            return None
+        self._index += 1
+        return {self._name: self._images[self._index - 1:self._index]}
+
+    def rewind(self) -> None:
+        self._index = 0
+
+
+def _ort_quantize_static(src: _Source) -> PeerRunner:
+    calib = src.calibration()
+    ort = _require("onnxruntime", "onnxruntime is not installed: pip install onnxruntime")
+    from onnxruntime.quantization import quantize_static
+
+    fp32, int8 = src.workdir / "peer-ort-fp32.onnx", src.workdir / "peer-ort-int8.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        _, export_seconds = _timed(
+            torch.onnx.export, src.module, (src.example_tensor(),), str(fp32), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    _, quantize_seconds = _timed(quantize_static, str(fp32), str(int8), _CalibrationReader(calib, "input"))
+    options = ort.SessionOptions()
+    if src.threads:
+        options.intra_op_num_threads = src.threads
+    # The one change from the defaults: onnxruntime's pool spins after each run and takes the CPU from
+    # whichever runner the interleaved bench times next (measured: PyTorch after it ran 2x slower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input": batch})[0]
+
+    settings = (f"intra_op_num_threads={src.threads}, " if src.threads else "default SessionOptions except ") + \
+        "session.intra_op.allow_spinning=0 (so that its spinning pool does not slow the runner timed next)"
+    return PeerRunner(
+        run, "onnxruntime", "int8",
+        f"torch.onnx.export(model, {src.example_text()}, dynamo=False, opset_version=17, dynamic batch axis); "
+        f"onnxruntime.quantization.quantize_static(fp32.onnx, int8.onnx, reader over {len(calib)} calibration "
+        "images, batch 1) with defaults (QuantFormat.QDQ, QInt8 activations and weights, per_channel=False, "
+        "reduce_range=False, CalibrationMethod.MinMax, no quant_pre_process); "
+        f"onnxruntime.InferenceSession(int8.onnx, providers=['CPUExecutionProvider']) with {settings}",
+        lambda: src.threads or _ort_default_threads(),
+        {"onnxruntime": ort.__version__, "export_seconds": export_seconds, "quantize_seconds": quantize_seconds,
+         "calibration_samples": len(calib)},
+    )
+
+
+def _ort_default_threads() -> int | None:
+    """onnxruntime's default intra-op pool: one thread per physical core."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count()
+    except ImportError:
+        return os.cpu_count()
+
+
+PEERS: dict[str, Callable[[_Source], PeerRunner]] = {
+    "peer-torch-compile": _torch_compile,
+    "peer-openvino-fp32": _openvino_fp32,
+    "peer-openvino-nncf-int8": _openvino_nncf_int8,
+    "peer-ort-quantize-static": _ort_quantize_static,
+}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """NNCF's progress bars and prints go to stdout, which belongs to ``--json`` output; onnxruntime's
+    quantizer logs every node it skips on the root logger."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(previous, logging.ERROR))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.setLevel(previous)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (_Skip, CbamDeployError)):
+        return str(exc)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    detail = lines[0][:300] if lines else ""
+    return f"build failed: {type(exc).__name__}" + (f": {detail}" if detail else "")
+
+
+def build_peers(module: torch.nn.Module, example: np.ndarray, calib: np.ndarray | None, workdir: Path,
+                threads: int | None = None, which: list[str] | None = None) -> tuple[dict[str, Runner], list[dict]]:
+    """Build the peers named in ``which`` (default all, see ``PEERS``) from ``module``.
+
+    ``example`` is an (N, C, H, W) float32 batch used for tracing, export and the compile warm-up;
+    ``calib`` holds calibration images (N, C, H, W) for the INT8 peers (None: they are skipped).
+    Returns (runners by peer name, [{"peer": name, "reason": ...} for each peer not built]).
+    """
+    unknown = [name for name in which or [] if name not in PEERS]
+    if unknown:
+        raise CbamDeployError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = _Source(module, example, calib, workdir, threads)
+    runners: dict[str, Runner] = {}
+    skipped: list[dict] = []
+    for name in which or list(PEERS):
+        started = time.perf_counter()
+        try:
+            with _quiet():
+                runner = PEERS[name](src)
+        except Exception as exc:  # a peer that cannot be built here is reported, never fatal
+            skipped.append({"peer": name, "reason": _reason(exc)})
+            continue
+        runner.facts["build_seconds"] = round(time.perf_counter() - started, 3)
+        runners[name] = runner
+    return runners, skipped
