@@ -380,7 +380,8 @@ def _pytorch_model(manifest: dict):
         raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
     weights = model.get("weights")
     usable = weights and Path(weights["path"]).is_file()
-    return build_model(spec, weights["path"] if usable else None, model["num_classes"], model["stem"]).module
+    return build_model(spec, weights["path"] if usable else None, model["num_classes"], model["stem"],
+                       model.get("outputs_mode")).module
 
 
 def _open_artifacts(bundle_dir, manifest: dict, names: list[str] | None, threads: int | None, prefix: str,
@@ -424,6 +425,7 @@ def _build_twin(manifest: dict, twin: str, calib, out: "Path", artifacts: list[s
     shape = manifest["input"]["shape"]
     export = manifest["artifacts"][0].get("export", {})
     export_bundle(ExportRequest(model=twin, num_classes=manifest["model"]["num_classes"], stem=manifest["model"]["stem"],
+                                outputs=manifest["model"].get("outputs_mode") or "logits",
                                 output=str(out), input_size=int(manifest["input"]["preprocess"]["center_crop"]),
                                 batch=shape[0] if isinstance(shape[0], int) else None,
                                 dynamic_hw=isinstance(shape[2], str), opset=export.get("opset", 17), parity=False))

@@ -90,6 +90,12 @@ def _parse_batch(value: str) -> int | None:
     return parse_batch(value)
 
 
+def _top1(metrics: dict, decimals: int = 1) -> str:
+    """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
+    value = metrics.get("top1_agreement")
+    return "-" if value is None else f"{value * 100:.{decimals}f}%"
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -147,6 +153,8 @@ def export_command(
     workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace limit (MiB).")] = 2048,
     timing_cache: Annotated[Optional[str], typer.Option(help="TensorRT timing cache file, reused across builds.")] = None,
     dla_core: Annotated[Optional[int], typer.Option(help="Jetson: build for this DLA core, GPU fallback on.")] = None,
+    outputs: Annotated[str, typer.Option(help="Zoo models: logits (the classifier) or features (the backbone's stage "
+                                               "outputs C2..C5, for detectors and FPNs).")] = "logits",
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
     target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
@@ -164,7 +172,7 @@ def export_command(
     request = ExportRequest(
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
         batch=_parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
-        parity=parity, force=force,
+        parity=parity, force=force, outputs=outputs,
     )
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
@@ -221,7 +229,7 @@ def _print_export(result: dict) -> None:
         table.add_row(
             str(case["batch"]), f"{case['height']}x{case['width']}", str(case["samples"]),
             f"{case.get('max_abs_err', float('nan')):.1e}", f"{case.get('mean_abs_err', float('nan')):.1e}",
-            f"{case.get('cosine_min', float('nan')):.6f}", f"{case.get('top1_agreement', 0) * 100:.0f}%",
+            f"{case.get('cosine_min', float('nan')):.6f}", _top1(case, 0),
             "[green]pass[/]" if case["passed"] else f"[red]FAIL[/] {escape(case.get('reason', ''))}",
         )
     out.print(table)
@@ -280,7 +288,7 @@ def verify_command(
                 continue
             cosine = row.get("cosine_min", row.get("cosine_mean"))
             table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
-                          f"{cosine:.5f}", f"{row.get('top1_agreement', 0) * 100:.1f}%",
+                          f"{cosine:.5f}", _top1(row),
                           "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
         out.print(table)
         for row in result["results"]:
@@ -482,7 +490,7 @@ def _print_quantize(result: dict) -> None:
         quant, parity = artifact["quantization"], artifact["parity"]
         table.add_row(
             artifact["name"], quant["recipe"], quant["method"], quant["gates"], f"{artifact['size_bytes'] / 1e6:.1f} MB",
-            f"{parity['top1_agreement'] * 100:.1f}%", f"{parity['cosine_mean']:.4f}",
+            _top1(parity), f"{parity['cosine_mean']:.4f}",
             "hit" if quant["calibration_cache"].get("hit") else "-",
             "[green]pass[/]" if parity["passed"] else "[red]FAIL[/]",
         )

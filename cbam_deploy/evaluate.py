@@ -14,6 +14,7 @@ import numpy as np
 from .bundle import fit_to_batch, read_manifest
 from .calib.data import _Unreadable, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
+from .outputs import classification_output
 from .runners import open_artifact, reference_runner
 
 
@@ -53,6 +54,10 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     check_artifact_names(manifest, [artifact] if artifact else None, bundle_dir)
+    if classification_output(manifest) is None:
+        raise CbamDeployError(f"eval measures top-1/top-5 of a classifier; {manifest['model']['name']} has the outputs "
+                              f"{', '.join(o['name'] + ' (' + o.get('kind', 'logits') + ')' for o in manifest['outputs'])}: "
+                              "use 'cbam-deploy verify' for its per-output parity")
     inputs, labels, classes, skipped = load_labelled(data_dir, manifest["input"], limit)
     num_classes = manifest["model"].get("num_classes")
     if num_classes and len(classes) > num_classes:

@@ -42,18 +42,26 @@ INT8_MIN_TOP1 = 0.90
 INT8_MIN_COSINE = 0.98
 
 
-def compare_int8(reference: np.ndarray, candidate: np.ndarray, judge_top1: bool = True) -> dict:
+def compare_int8(reference, candidate, judge_top1: bool = True, kind: str = "logits",
+                 kinds: dict[str, str] | None = None) -> dict:
     """INT8 verdict. ``judge_top1=False`` for models without trained weights: their logits are
-    near ties, so top-1 flips say nothing about the quantization; only the cosine is judged then."""
+    near ties, so top-1 flips say nothing about the quantization; only the cosine is judged then.
+    Dense outputs (feature maps, detection heads) are judged by cosine alone. Dicts of outputs go
+    through ``compare_all``."""
+    if isinstance(reference, dict):
+        return compare_all(reference, candidate, None, kinds, judge_top1=judge_top1)
     ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
     cand = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cosine = (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30)
-    metrics = {"samples": len(ref), "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
-               "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+    metrics = {"samples": len(ref), "kind": kind, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
                "max_abs_err": float(np.abs(ref - cand).max())}
+    if kind == "logits":
+        metrics["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())
     reasons = []
-    if not judge_top1:
+    if kind != "logits":
+        pass
+    elif not judge_top1:
         metrics["note"] = "random (untrained) weights: top-1 agreement reported, not judged"
     elif metrics["top1_agreement"] < INT8_MIN_TOP1:
         reasons.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {INT8_MIN_TOP1}")
@@ -65,8 +73,48 @@ def compare_int8(reference: np.ndarray, candidate: np.ndarray, judge_top1: bool 
     return metrics
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> dict:
-    """Metrics of one case (a batch of outputs) and whether it passes."""
+def compare_all(reference, candidate, tolerance: Tolerance | None = None, kinds: dict[str, str] | None = None,
+                judge_top1: bool = True) -> dict:
+    """Every output of a case: per-output metrics (``outputs``) and the verdict over all of them. An
+    output's kind decides what is judged: logits get top-1 checks, dense/other outputs only cosine and
+    element-wise bounds. ``tolerance`` None: the INT8 verdict (``compare_int8``) per output. One
+    output gives exactly that output's metrics (what classifiers always had)."""
+    reference, candidate = _as_dict(reference), _as_dict(candidate)
+    missing = [name for name in reference if name not in candidate]
+    if missing:
+        return {"passed": False, "reason": f"outputs {missing} are missing from the candidate",
+                "samples": len(next(iter(reference.values())))}
+    per_output = {}
+    for name, ref in reference.items():
+        kind = (kinds or {}).get(name, "logits")
+        if tolerance is None:
+            per_output[name] = compare_int8(ref, candidate[name], judge_top1=judge_top1, kind=kind)
+        else:
+            per_output[name] = compare_outputs(ref, candidate[name], tolerance, kind=kind)
+    if len(per_output) == 1:
+        return next(iter(per_output.values()))
+    first = next(iter(per_output.values()))
+    failed = [f"{name}: {m['reason']}" for name, m in per_output.items() if not m["passed"]]
+    summary = {"samples": first["samples"], "passed": not failed, "outputs": per_output,
+               "max_abs_err": max(m.get("max_abs_err", float("inf")) for m in per_output.values()),
+               "cosine_min": min(m.get("cosine_min", 0.0) for m in per_output.values()),
+               "cosine_mean": float(np.mean([m.get("cosine_mean", 0.0) for m in per_output.values()]))}
+    logits = [m for name, m in per_output.items() if (kinds or {}).get(name, "logits") == "logits"]
+    if logits:
+        summary["top1_agreement"] = logits[0]["top1_agreement"]
+    if all("mean_abs_err" in m for m in per_output.values()):
+        summary["mean_abs_err"] = float(np.mean([m["mean_abs_err"] for m in per_output.values()]))
+    if failed:
+        summary["reason"] = "; ".join(failed)
+    return summary
+
+
+def _as_dict(outputs) -> dict[str, np.ndarray]:
+    return outputs if isinstance(outputs, dict) else {"output": outputs}
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, kind: str = "logits") -> dict:
+    """Metrics of one output of one case (a batch) and whether it passes; top-1 only for logits."""
     reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     candidate = np.asarray(candidate, dtype=np.float64)
     if candidate.size != reference.size:
@@ -78,33 +126,32 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tol
     bound = tolerance.bound(reference)
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     cosine = np.where(norms > 0, (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
-    ref_top = reference.argmax(axis=1)
-    cand_top = candidate.argmax(axis=1)
-    agree = ref_top == cand_top
-    if reference.shape[1] > 1:
-        ordered = np.sort(reference, axis=1)
-        decisive = (ordered[:, -1] - ordered[:, -2]) > bound
-    else:
-        decisive = np.ones(len(reference), dtype=bool)
-    decisive_agree = float(agree[decisive].mean()) if decisive.any() else 1.0
     metrics = {
         "samples": len(reference),
+        "kind": kind,
         "max_abs_err": float(diff.max()),
         "mean_abs_err": float(diff.mean()),
         "max_rel_err": float(diff.max() / max(np.abs(reference).max(), 1e-30)),
         "bound": bound,
         "cosine_min": float(cosine.min()),
         "cosine_mean": float(cosine.mean()),
-        "top1_agreement": float(agree.mean()),
-        "top1_agreement_decisive": decisive_agree,
     }
     reasons = []
     if metrics["max_abs_err"] > bound:
         reasons.append(f"max abs error {metrics['max_abs_err']:.3g} > {bound:.3g}")
     if metrics["cosine_min"] < tolerance.min_cosine:
         reasons.append(f"cosine {metrics['cosine_min']:.6f} < {tolerance.min_cosine}")
-    if decisive_agree < tolerance.min_top1:
-        reasons.append(f"top-1 agreement {decisive_agree:.3f} < {tolerance.min_top1}")
+    if kind == "logits":
+        agree = reference.argmax(axis=1) == candidate.argmax(axis=1)
+        if reference.shape[1] > 1:
+            ordered = np.sort(reference, axis=1)
+            decisive = (ordered[:, -1] - ordered[:, -2]) > bound
+        else:
+            decisive = np.ones(len(reference), dtype=bool)
+        decisive_agree = float(agree[decisive].mean()) if decisive.any() else 1.0
+        metrics.update(top1_agreement=float(agree.mean()), top1_agreement_decisive=decisive_agree)
+        if decisive_agree < tolerance.min_top1:
+            reasons.append(f"top-1 agreement {decisive_agree:.3f} < {tolerance.min_top1}")
     metrics["passed"] = not reasons
     if reasons:
         metrics["reason"] = "; ".join(reasons)
@@ -149,14 +196,15 @@ def run_parity(
     precision: str = "fp32",
     channels: int = 3,
     seed: int = 0,
+    kinds: dict[str, str] | None = None,
 ) -> dict:
     """Run both runners on every case; aggregate metrics and a pass/fail per case and overall."""
     tolerance = TOLERANCES[precision]
     results = []
     for case in cases:
         inputs = make_inputs(case, channels, seed)
-        metrics = compare_outputs(reference.run_batched(inputs, case.batch), candidate.run_batched(inputs, case.batch),
-                                  tolerance)
+        metrics = compare_all(reference.infer_batched(inputs, case.batch), candidate.infer_batched(inputs, case.batch),
+                              tolerance, kinds)
         results.append({"batch": case.batch, "height": case.height, "width": case.width, **metrics})
     passed = all(r["passed"] for r in results)
     summary = {
@@ -170,7 +218,8 @@ def run_parity(
         "max_abs_err": max(r.get("max_abs_err", float("inf")) for r in results),
         "mean_abs_err": float(np.mean([r.get("mean_abs_err", float("inf")) for r in results])),
         "cosine_min": min(r.get("cosine_min", 0.0) for r in results),
-        "top1_agreement": float(np.mean([r.get("top1_agreement", 0.0) for r in results])),
+        **({"top1_agreement": float(np.mean([r["top1_agreement"] for r in results]))}
+           if all("top1_agreement" in r for r in results) else {}),
         "cases": results,
     }
     return summary

@@ -20,6 +20,7 @@ from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
 from .fsutil import sha256_file
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
+from .outputs import output_kinds
 from .parity import plan_cases, run_parity
 from .runners import OnnxRuntimeRunner, TorchRunner
 from .transaction import BundleUpdate, faultpoint
@@ -45,6 +46,7 @@ class ExportRequest:
     parity_samples: int = 8
     seed: int = 0
     force: bool = False
+    outputs: str = "logits"  # zoo models: "logits" (classifier) or "features" (backbone: C2..C5)
     extra_notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -64,6 +66,9 @@ class ExportRequest:
             parse_batch(self.batch if isinstance(self.batch, int) and not isinstance(self.batch, bool) else repr(self.batch))
         check_opset(self.exporter, self.opset)
         check_int("parity_samples", self.parity_samples, 1)
+        check_choice("--outputs", self.outputs, ("logits", "features"))
+        if self.outputs == "features" and ":" in self.model:
+            raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
 
 
 def default_output_dir(model_spec: str) -> Path:
@@ -119,7 +124,7 @@ def export_bundle(request: ExportRequest) -> dict:
     started = time.perf_counter()
     out_dir = Path(request.output) if request.output else default_output_dir(request.model)
     _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
-    loaded = build_model(request.model, request.weights, request.num_classes, request.stem)
+    loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
     options = OnnxExportOptions(
         input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
         batch=request.batch,
@@ -143,7 +148,8 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     parity = None
     if request.parity:
         cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
-        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed)
+        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed,
+                            kinds=output_kinds(info["outputs"]))
     faultpoint("parity-done")
 
     model_info = loaded.describe()
@@ -153,12 +159,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     except Exception:  # a user's factory model may not run on the counter; the count is optional
         model_info["gflops"] = None
     model_info["notes"] = model_info["notes"] + request.extra_notes
-    manifest = new_manifest(
-        model_info,
-        input_spec(loaded, options),
-        [{"name": info["output_name"], "shape": ["batch" if options.batch is None else options.batch, loaded.num_classes or "classes"],
-          "dtype": "float32", "kind": "logits"}],
-    )
+    manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     artifact = {
         "name": "onnx-fp32",

@@ -14,6 +14,7 @@ from .calib.data import load_calibration
 from .calib.recipes import DEFAULT_GATES, TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
 from .fsutil import sha256_file
+from .outputs import output_kinds
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
 from .transaction import BundleUpdate, faultpoint
@@ -66,7 +67,7 @@ def quantize_bundle(
         check, _ = fit_to_batch(manifest, check, calib_batch)
         attention = manifest["model"].get("attention_modules", [])
         reference, reference_label = reference_runner(manifest, bundle_dir)
-        ref_out = reference.run_batched(check, calib_batch)
+        ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32["sha256"]
         results = []
@@ -119,8 +120,8 @@ def _quantize_one(update, manifest: dict, target: str, method: str | None, gates
         artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
     staged_manifest = {**manifest, "artifacts": [artifact]}
     runner = open_artifact(update.staging, staged_manifest, name)
-    measured = compare_int8(ref_out, runner.run_batched(check, calib_batch),
-                            judge_top1=manifest["model"].get("weights") is not None)
+    measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch),
+                            judge_top1=manifest["model"].get("weights") is not None, kinds=output_kinds(manifest))
     artifact["parity"] = {
         "precision": "int8", "reference": reference_label, "inputs": check_source,
         "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,

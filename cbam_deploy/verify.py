@@ -16,7 +16,8 @@ import numpy as np
 from .bundle import fit_to_batch, fixed_batch, read_manifest
 from .calib.data import load_calibration
 from .errors import BackendUnavailable, CbamDeployError
-from .parity import TOLERANCES, compare_int8, compare_outputs, make_inputs, plan_cases, run_parity
+from .outputs import output_kinds
+from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
 from .runners import is_stand_in, open_artifact, reference_runner
 from .transaction import faultpoint, update_manifest
 
@@ -44,17 +45,18 @@ def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference,
         inputs, label = _int8_inputs(manifest, artifact, data, samples, seed)
         inputs, batch = fit_to_batch(manifest, inputs)
         trained = manifest["model"].get("weights") is not None
-        return {**compare_int8(reference.run_batched(inputs, batch), runner.run_batched(inputs, batch), judge_top1=trained),
+        return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
+                               judge_top1=trained, kinds=output_kinds(manifest)),
                 "precision": "int8", "inputs": label, "candidate": runner.describe()}
     tolerance = artifact["precision"] if artifact["precision"] in TOLERANCES else "fp32"
     dynamic_hw = isinstance(manifest["input"]["shape"][2], str)
     cases = plan_cases(_side(manifest), fixed_batch(manifest), dynamic_hw, 8)
-    result = run_parity(reference, runner, cases, tolerance, seed=seed)
+    result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=output_kinds(manifest))
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     if data:
         images, batch = fit_to_batch(manifest, load_calibration(data, manifest["input"], samples, seed).inputs)
-        on_images = compare_outputs(reference.run_batched(images, batch), runner.run_batched(images, batch),
-                                    TOLERANCES[tolerance])
+        on_images = compare_all(reference.infer_batched(images, batch), runner.infer_batched(images, batch),
+                                TOLERANCES[tolerance], output_kinds(manifest))
         result["images"] = {"source": data, **on_images}
         result["passed"] = result["passed"] and on_images["passed"]
     return result

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..errors import CbamDeployError
 from ..fsutil import atomic_path
+from ..outputs import describe_outputs, dynamic_output_axes, flatten_outputs
 
 INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
 OPSET_RANGE = {"torchscript": (13, 20), "dynamo": (18, 20)}
 EXPORTERS = tuple(OPSET_RANGE)
@@ -71,8 +71,10 @@ def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) 
     model = model.eval()
     example = torch.randn(options.batch or 1, options.in_channels, options.input_size, options.input_size)
     started = time.perf_counter()
+    with torch.no_grad():
+        outputs = describe_outputs(flatten_outputs(model(example)), options.batch, options.dynamic_hw)
     with atomic_path(path) as tmp:
-        _run_exporter(model, example, tmp, options)
+        _run_exporter(model, example, tmp, options, outputs)
         proto = onnx.load(str(tmp))
         _scope_node_names(proto)
         simplified = False
@@ -86,7 +88,8 @@ def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) 
         "exporter": f"torch.onnx ({options.exporter})",
         "opset": options.opset,
         "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
+        "output_name": outputs[0]["name"],
+        "outputs": outputs,
         "input_shape": options.symbolic_input_shape(),
         "simplified": simplified,
         "export_seconds": round(seconds, 3),
@@ -94,7 +97,8 @@ def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) 
     }
 
 
-def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options: OnnxExportOptions) -> None:
+def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options: OnnxExportOptions,
+                  outputs: list[dict]) -> None:
     dynamic_axes: dict[int, str] = {}
     if options.batch is None:
         dynamic_axes[0] = "batch"
@@ -103,7 +107,7 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options
     kwargs: dict = {}
     if options.exporter == "torchscript":
         if dynamic_axes:
-            kwargs["dynamic_axes"] = {INPUT_NAME: dynamic_axes, OUTPUT_NAME: {0: "batch"} if 0 in dynamic_axes else {}}
+            kwargs["dynamic_axes"] = {INPUT_NAME: dynamic_axes, **dynamic_output_axes(outputs)}
         kwargs["do_constant_folding"] = True
     else:
         dims = {}
@@ -124,7 +128,7 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options
                 (example,),
                 str(target),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[o["name"] for o in outputs],
                 opset_version=options.opset,
                 dynamo=options.exporter == "dynamo",
                 **kwargs,

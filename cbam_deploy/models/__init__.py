@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CbamDeployError
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import is_factory_spec, load_factory_model
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite, attention_modules
-from .registry import IMAGENET_MEAN, IMAGENET_STD, create_model, get_entry, list_models
+from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
 
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "LoadedModel", "SpatialGate", "SqueezeExcite", "build_model",
-    "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
+    "OUTPUTS", "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
     "zoo_table",
 ]
 
@@ -49,6 +50,7 @@ class LoadedModel:
     std: tuple[float, ...] = IMAGENET_STD
     checkpoint: Checkpoint | None = None
     notes: list[str] = field(default_factory=list)
+    outputs: str | None = "logits"  # zoo: "logits" or "features" (C2..C5); factory: None, its forward decides
 
     def describe(self) -> dict:
         entry = get_entry(self.name) if self.source == "zoo" else None
@@ -59,6 +61,7 @@ class LoadedModel:
             "attention": entry.attention if entry else None,
             "stem": self.stem,
             "num_classes": self.num_classes,
+            "outputs_mode": self.outputs,
             "parameters": count_parameters(self.module),
             "weights": self.checkpoint.describe() if self.checkpoint else None,
             "attention_modules": attention_modules(self.module),
@@ -67,20 +70,34 @@ class LoadedModel:
         if self.source == "factory":  # absolute, so that verify can rebuild it from any folder
             path, _, factory = self.name.rpartition(":")
             info["factory"] = f"{Path(path).resolve()}:{factory}"
-        if self.checkpoint is None and self.source == "zoo":
+        if self.checkpoint is None:  # verify rebuilds it and checks it is the same model
             info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module)}
         return info
 
 
-def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet") -> LoadedModel:
-    """A zoo name or 'file.py:factory', with optional weights; num_classes inferred from them."""
+def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet",
+                outputs: str | None = "logits") -> LoadedModel:
+    """A zoo name or 'file.py:factory', with optional weights; num_classes inferred from them.
+
+    ``outputs``: 'logits' (the classifier) or 'features' (a zoo backbone returning C2..C5; it keeps the
+    classifier's fc, unused, so a classification checkpoint loads unchanged). None means the default
+    (a manifest written before the choice existed). A factory decides its own outputs: 'features' is refused.
+    """
+    if outputs is not None:
+        check_outputs(outputs)
     checkpoint = read_checkpoint(weights) if weights else None
     notes = [] if checkpoint else ["no --weights given: random (official) initialisation, parity only"]
     if is_factory_spec(spec):
-        module = load_factory_model(spec, num_classes)
+        if outputs == "features":
+            raise CbamDeployError(f"--outputs features is for zoo models; your factory decides its outputs ({spec}): "
+                                  "return the stage outputs (a dict or tuple of tensors) from its forward instead")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)  # a random-init factory model is the same model every time too
+            module = load_factory_model(spec, num_classes)
         if checkpoint:
             apply_state_dict(module, checkpoint, spec)
-        return LoadedModel(module, spec, "factory", num_classes, stem, 224, checkpoint=checkpoint, notes=notes)
+        return LoadedModel(module, spec, "factory", num_classes, stem, 224, checkpoint=checkpoint, notes=notes,
+                           outputs=None)
     entry = get_entry(spec)
     if checkpoint and num_classes is None:
         num_classes = infer_num_classes(checkpoint.state_dict)
@@ -90,11 +107,14 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         num_classes = 1000
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)  # without weights, the same model every time
-        module = create_model(spec, num_classes=num_classes, stem=stem)
+        module = create_model(spec, num_classes=num_classes, stem=stem, outputs=outputs or "logits")
     if checkpoint:
         apply_state_dict(module, checkpoint, spec)
+    if outputs == "features":
+        notes.append("outputs=features: the forward returns the stage outputs C2..C5; the classifier (fc) is kept "
+                     "only so that classification checkpoints load, and is not part of the graph")
     return LoadedModel(module, spec, "zoo", num_classes, stem, entry.default_input_size(stem),
-                       entry.mean, entry.std, checkpoint, notes)
+                       entry.mean, entry.std, checkpoint, notes, outputs or "logits")
 
 
 def zoo_table(input_size: int = 224) -> list[dict]:

@@ -1,7 +1,9 @@
 """A registry of named model constructors (timm's idea, without its hundreds of variants).
 
 ``create_model('resnet50_cbam', num_classes=10, stem='cifar')`` builds a model; ``list_models()``
-names them. Each entry also carries the input defaults that export writes into the manifest.
+names them. ``outputs='features'`` builds the same network as a backbone whose forward returns the
+stage outputs ``{"C2", "C3", "C4", "C5"}`` (same state dict, same module names). Each entry also
+carries the input defaults that export writes into the manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from . import resnet as _resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OUTPUTS = _resnet.OUTPUTS  # what a zoo model's forward returns: "logits" or "features" (C2..C5)
+
+
+def check_outputs(outputs: object) -> str:
+    """``outputs`` itself if it is 'logits' or 'features', else a CbamDeployError."""
+    if not isinstance(outputs, str) or outputs not in OUTPUTS:
+        raise CbamDeployError(f"outputs must be one of {', '.join(OUTPUTS)} (logits: the classifier; features: the "
+                              f"stage outputs C2..C5 for a detector or FPN), got {outputs!r}")
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -68,14 +79,16 @@ def get_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def create_model(name: str, num_classes: int = 1000, stem: str = "imagenet", **kwargs) -> nn.Module:
-    """Build a registered model in eval mode."""
+def create_model(name: str, num_classes: int = 1000, stem: str = "imagenet", outputs: str = "logits",
+                 **kwargs) -> nn.Module:
+    """Build a registered model in eval mode; ``outputs='features'`` for the C2..C5 backbone."""
     entry = get_entry(name)
+    check_outputs(outputs)
     if stem not in entry.stems:
         raise CbamDeployError(f"model {name!r} has no {stem!r} stem; choose one of {', '.join(entry.stems)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise CbamDeployError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = entry.build(num_classes=num_classes, stem=stem, **kwargs)
+    model = entry.build(num_classes=num_classes, stem=stem, outputs=outputs, **kwargs)
     return model.eval()
 
 

@@ -7,7 +7,10 @@ Differences, all invisible to a state dict:
 * the head is a global average (``mean`` over H, W) instead of ``nn.AvgPool2d(7)``: identical at
   224x224 and still correct at other sizes, where the fixed 7x7 window averaged only a corner;
 * Bottleneck takes ``groups``/``base_width`` so ResNeXt uses the same block (torchvision's rule);
-* the attention module is chosen by ``attention`` in {None, "cbam", "se", "bam"}.
+* the attention module is chosen by ``attention`` in {None, "cbam", "se", "bam"};
+* ``outputs="features"`` makes ``forward`` return the stage outputs ``{"C2", "C3", "C4", "C5"}`` (what
+  detectors and FPNs consume) instead of logits. ``fc`` stays in the model, unused, so the state
+  dict and every module name are those of the classifier: official checkpoints load unchanged.
 
 CBAM (and SE) sit on the residual branch after the block's last BN, before the residual add and
 the final ReLU; BAM sits after stages 1-3, as in the official code.
@@ -22,6 +25,8 @@ from .layers import BAM, CBAM, SqueezeExcite
 
 ATTENTIONS = (None, "cbam", "se", "bam")
 STEMS = ("imagenet", "cifar")
+OUTPUTS = ("logits", "features")
+FEATURE_NAMES = ("C2", "C3", "C4", "C5")  # layer1..layer4: strides 4, 8, 16, 32 (imagenet stem)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -112,7 +117,8 @@ class Bottleneck(_Block):
 
 
 class ResNet(nn.Module):
-    """ResNet/ResNeXt with the official CBAM code's module names; ``stem`` 'imagenet' or 'cifar'."""
+    """ResNet/ResNeXt with the official CBAM code's module names; ``stem`` 'imagenet' or 'cifar';
+    ``outputs`` 'logits' (the classifier) or 'features' (a backbone: the dict of C2..C5)."""
 
     def __init__(
         self,
@@ -124,8 +130,11 @@ class ResNet(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         width: int = 64,
+        outputs: str = "logits",
     ) -> None:
         super().__init__()
+        if outputs not in OUTPUTS:
+            raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if stem not in STEMS:
@@ -157,6 +166,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 8 * width, layers[3], 2, block_attention)
         self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         self.num_classes = num_classes
+        self.outputs = outputs  # a plain attribute: not in the state dict
         official_init(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, attention: str | None) -> nn.Sequential:
@@ -172,19 +182,34 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, attention=attention, **extra) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The four stage outputs, in order: C2 (layer1), C3 (layer2), C4 (layer3), C5 (layer4).
+
+        With BAM, C2..C4 are taken after the stage's BAM, i.e. what the next stage consumes."""
         x = self.relu(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
-        for stage, bam in ((self.layer1, self.bam1), (self.layer2, self.bam2), (self.layer3, self.bam3)):
+        stages = {}
+        for name, stage, bam in zip(FEATURE_NAMES, (self.layer1, self.layer2, self.layer3, self.layer4),
+                                    (self.bam1, self.bam2, self.bam3, None)):
             x = stage(x)
             if bam is not None:
                 x = bam(x)
-        return self.layer4(x)
+            stages[name] = x
+        return stages
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (C5), which the classifier head averages."""
+        return self.forward_stages(x)["C5"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.outputs == "features":
+            return self.forward_stages(x)
         x = self.forward_features(x)
         return self.fc(x.mean(dim=(2, 3)))
+
+    def extra_repr(self) -> str:
+        return "outputs='features'" if self.outputs == "features" else ""
 
 
 @torch.no_grad()
@@ -214,13 +239,15 @@ _DEPTHS = {
 
 
 def resnet(depth: int, attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet",
-           width: int = 64) -> ResNet:
+           width: int = 64, outputs: str = "logits") -> ResNet:
     """The official ``ResidualNet`` for depth 18/34/50/101 (and a one-block-per-stage depth 10)."""
     block, layers = _DEPTHS[depth]
-    return ResNet(block, layers, num_classes=num_classes, attention=attention, stem=stem, width=width)
+    return ResNet(block, layers, num_classes=num_classes, attention=attention, stem=stem, width=width,
+                  outputs=outputs)
 
 
-def resnext50_32x4d(attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet") -> ResNet:
+def resnext50_32x4d(attention: str | None = None, num_classes: int = 1000, stem: str = "imagenet",
+                    outputs: str = "logits") -> ResNet:
     """ResNeXt-50 32x4d (Xie et al.), as in the CBAM paper's Table 4."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, attention=attention, stem=stem,
-                  groups=32, width_per_group=4)
+                  groups=32, width_per_group=4, outputs=outputs)

@@ -51,14 +51,14 @@ def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tu
         path = Path(weights["path"])
         if path.is_file() and sha256_file(path) == weights["sha256"]:
             try:
-                loaded = build_model(spec, str(path), model["num_classes"], model["stem"])
+                loaded = build_model(spec, str(path), model["num_classes"], model["stem"], model.get("outputs_mode"))
                 return TorchRunner(loaded.module), "pytorch-fp32"
             except CbamDeployError as exc:
                 reason = f"the model could not be rebuilt: {exc}"
         else:
             reason = f"checkpoint {path} missing or changed"
     elif model.get("init"):
-        loaded = build_model(spec, None, model["num_classes"], model["stem"])
+        loaded = build_model(spec, None, model["num_classes"], model["stem"], model.get("outputs_mode"))
         if state_fingerprint(loaded.module) == model["init"]["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
         reason = "random init: this torch rebuilds different weights from the same seed"

@@ -9,25 +9,36 @@ import numpy as np
 
 
 class Runner(ABC):
-    """Loads one model or artifact; ``run`` maps an NCHW float32 batch to the model's output."""
+    """Loads one model or artifact; ``infer`` maps an NCHW float32 batch to every output, by name, in
+    the model's order (see ``cbam_deploy.outputs``); ``run`` gives the first output alone."""
 
     backend: str = ""
     device: str = "cpu"
     precision: str = "fp32"
 
     @abstractmethod
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch (N, C, H, W float32); every output as float32, by name."""
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run one batch (N, C, H, W float32) and return the first output as float32."""
+        """The first output (a classifier's logits)."""
+        return next(iter(self.infer(batch).values()))
+
+    def infer_batched(self, inputs: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+        """``infer`` in chunks of ``batch``, outputs joined along the batch axis."""
+        from ..outputs import concat_outputs
+
+        return concat_outputs([self.infer(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
     def run_batched(self, inputs: np.ndarray, batch: int) -> np.ndarray:
-        """Run ``inputs`` in chunks of ``batch`` and join the outputs."""
+        """Run ``inputs`` in chunks of ``batch`` and join the first output."""
         return np.concatenate([self.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
     def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
         """(end-to-end milliseconds on the host clock, device compute milliseconds or None). GPU
         runners measure compute with CUDA events, so the copies can be reported apart."""
         start = time.perf_counter()
-        self.run(batch)
+        self.infer(batch)
         return (time.perf_counter() - start) * 1e3, None
 
     def threads(self) -> int | None:

@@ -35,13 +35,14 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:
             raise CbamDeployError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self._threads = threads
         self.device = "cpu" if self.session.get_providers()[0] == "CPUExecutionProvider" else self.session.get_providers()[0]
         self.precision = precision
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return {name: np.asarray(out, dtype=np.float32) for name, out in zip(self.output_names, outs)}
 
     def threads(self) -> int | None:
         """intra-op threads: as set, or onnxruntime's default (one per physical core)."""

@@ -28,15 +28,16 @@ class OpenVINORunner(Runner):
             config["PERF_COUNT"] = True
         self.compiled = self.core.compile_model(str(xml), device, config)
         self.request = self.compiled.create_infer_request()
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
         self.device = device
         self.precision = precision
         self.hint = hint
         # what OpenVINO will really compute in (it may refuse a hint the CPU cannot honour)
         self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         result = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
+        return {name: np.asarray(result[port], dtype=np.float32) for name, port in zip(self.output_names, self.compiled.outputs)}
 
     def threads(self) -> int | None:
         try:

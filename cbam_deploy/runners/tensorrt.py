@@ -34,30 +34,33 @@ class TensorRTRunner(Runner):
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.stream = torch.cuda.Stream()
         self._events = None  # (start, end) CUDA events while run_timed measures
         self.device = f"cuda:{torch.cuda.current_device()}"
         self.precision = precision
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         with torch.cuda.stream(self.stream):  # copies and execution ordered on one stream
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda(non_blocking=True)
-            self.context.set_input_shape(self.input_name, tuple(x.shape))
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            y = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+                raise CbamDeployError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile; "
+                                      "rebuild it with a larger --max-batch or send smaller batches")
+            outputs = {}
+            for name in self.output_names:
+                outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device=x.device)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
             self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, y.data_ptr())
             if self._events:
                 self._events[0].record(self.stream)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise CbamDeployError("TensorRT execution failed")
             if self._events:
                 self._events[1].record(self.stream)
-            host = y.to("cpu", non_blocking=False)
+            host = {name: y.to("cpu", non_blocking=False) for name, y in outputs.items()}
         self.stream.synchronize()
-        return host.numpy()
+        return {name: y.numpy() for name, y in host.items()}
 
     def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
         """End to end on the host clock; the engine's execution alone with CUDA events on its stream."""
@@ -66,7 +69,7 @@ class TensorRTRunner(Runner):
         self._events = (self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True))
         try:
             start = time.perf_counter()
-            self.run(batch)
+            self.infer(batch)
             total = (time.perf_counter() - start) * 1e3
             return total, self._events[0].elapsed_time(self._events[1])
         finally:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import CbamDeployError
+from ..outputs import flatten_outputs
 from .base import Runner
 
 
@@ -25,11 +26,11 @@ class TorchRunner(Runner):
         self.device = device
         self.precision = precision
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, dtype=self.dtype)
             out = self.model(x)
-        return out.float().cpu().numpy()
+        return {name: t.float().cpu().numpy() for name, t in flatten_outputs(out)}
 
     def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
         if not self.device.startswith("cuda"):
@@ -43,7 +44,7 @@ class TorchRunner(Runner):
             begin.record()
             out = self.model(x)
             end.record()
-            out.float().cpu()
+            [t.float().cpu() for _, t in flatten_outputs(out)]
         return (time.perf_counter() - start) * 1e3, begin.elapsed_time(end)
 
     def threads(self) -> int | None:

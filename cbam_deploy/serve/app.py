@@ -39,6 +39,7 @@ from ..errors import BackendUnavailable, CbamDeployError
 from ..runners import open_artifact
 from .batcher import BatcherError, DynamicBatcher
 from .images import decode_image
+from ..outputs import classification_output
 from .protocol import HEADER_LENGTH, ProtocolError, decode_input, encode_response, parse_infer_request, wants_binary
 from .threads import DaemonThreads
 
@@ -117,11 +118,12 @@ def create_app(config: ServeConfig):
     runner = open_artifact(config.bundle, manifest, artifact, threads=config.threads)
     model_name = config.name or manifest["model"]["name"].replace(":", "_").replace("/", "_")
     input_spec = manifest["input"]
-    output_spec = manifest["outputs"][0]
+    output_specs = manifest["outputs"]
+    output_names = [o["name"] for o in output_specs]
+    classifier = classification_output(manifest)  # /v1/classify serves classifiers only
     shape = input_spec["shape"]
     batch_size = fixed_batch(manifest)
-    classes = manifest["model"].get("num_classes") or output_spec["shape"][-1]
-    labels = _labels(config, manifest, classes)
+    labels = _labels(config, manifest, manifest["model"].get("num_classes") or classifier["shape"][-1]) if classifier else []
     max_body = int(config.max_body_mb * 1024 * 1024)
     side = int(input_spec["preprocess"]["center_crop"])
     max_side = 8 * side  # for a dynamic height/width: bounds the activations one request can cost
@@ -135,7 +137,7 @@ def create_app(config: ServeConfig):
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
     batch_sizes = Histogram("cbam_batch_size", "Samples per executed batch", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    batcher = DynamicBatcher(runner.run, 1 if batch_size else config.max_batch, config.batch_timeout_ms,
+    batcher = DynamicBatcher(runner.infer, 1 if batch_size else config.max_batch, config.batch_timeout_ms,
                              on_batch=batch_sizes.observe, max_queue=config.max_queue, wait_s=config.request_timeout_s)
     Gauge("cbam_queue_depth", "Requests waiting for or in inference", registry=registry).set_function(lambda: batcher.depth)
     Gauge("cbam_ready", "1 while inference requests are served", registry=registry).set_function(
@@ -260,8 +262,8 @@ def create_app(config: ServeConfig):
         if spec.datatype != "FP32":
             raise ProtocolError(f"input datatype {spec.datatype} is not accepted; send FP32")
         for out in request.outputs or []:
-            if out.name != output_spec["name"]:
-                raise ProtocolError(f"unknown output {out.name!r}; the model's output is {output_spec['name']!r}")
+            if out.name not in output_names:
+                raise ProtocolError(f"unknown output {out.name!r}; the model's outputs are {', '.join(output_names)}")
         array, _ = decode_input(spec, binary, 0)
         return request, validate_batch(array)
 
@@ -289,7 +291,7 @@ def create_app(config: ServeConfig):
         return JSONResponse({
             "name": model_name, "versions": ["1"], "platform": f"cbam-deploy/{runner.backend}",
             "inputs": [{"name": input_spec["name"], "datatype": "FP32", "shape": tensor_shape(shape)}],
-            "outputs": [{"name": output_spec["name"], "datatype": "FP32", "shape": tensor_shape(output_spec["shape"])}],
+            "outputs": [{"name": o["name"], "datatype": "FP32", "shape": tensor_shape(o["shape"])} for o in output_specs],
             "parameters": {"artifact": artifact, "precision": runner.precision, "device": runner.device},
         })
 
@@ -304,9 +306,10 @@ def create_app(config: ServeConfig):
         check_model(request)
         body = await read_body(request)
         parsed, batch = await workers.run(prepare_infer, body, request.headers.get(HEADER_LENGTH))
-        output = await batcher.infer(batch)
-        payload, headers = encode_response(model_name, parsed.id, output_spec["name"], output,
-                                           wants_binary(parsed, output_spec["name"]))
+        outputs = await batcher.infer(batch)
+        wanted = [out.name for out in parsed.outputs] if parsed.outputs else output_names  # none asked: all of them
+        payload, headers = encode_response(model_name, parsed.id,
+                                           [(name, outputs[name], wants_binary(parsed, name)) for name in wanted])
         media = headers.pop("content-type")
         return Response(payload, media_type=media, headers=headers)
 
@@ -316,13 +319,16 @@ def create_app(config: ServeConfig):
             top_k = int(request.query_params.get("top_k", config.top_k))
         except ValueError:
             raise ProtocolError("top_k must be an integer") from None
+        if classifier is None:
+            raise ProtocolError(f"/v1/classify serves classifiers; {model_name} has the outputs "
+                                f"{', '.join(output_names)} (use /v2/models/{model_name}/infer)", 404)
         data = await read_upload(request)
         if not data:
             raise ProtocolError("empty body: send an image (raw bytes or multipart)")
         array = (await workers.run(decode_image, data, input_spec, config.max_image_pixels, config.max_aspect))[None]
         if batch_size:
             array = np.repeat(array, batch_size, axis=0)
-        logits = (await batcher.infer(array))[0].astype(np.float64)
+        logits = (await batcher.infer(array))[classifier["name"]][0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         top = np.argsort(-probs)[:max(1, min(top_k, len(probs)))]

@@ -44,7 +44,7 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 8, timeout_ms: float = 5.0,
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray | dict[str, np.ndarray]], max_batch: int = 8, timeout_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None, max_queue: int = 256, wait_s: float = 30.0) -> None:
         self.run = run
         self.max_batch = max(1, max_batch)
@@ -164,13 +164,16 @@ class DynamicBatcher:
             self.on_batch(len(joined))
         self._running_since = asyncio.get_running_loop().time()
         output = await self._worker.run(self.run, joined)
-        if len(output) != len(joined):
-            raise RuntimeError(f"the runner answered {len(output)} rows for a batch of {len(joined)}")
+        arrays = output.values() if isinstance(output, dict) else [output]  # a runner's infer() or run()
+        rows = {len(a) for a in arrays}
+        if rows != {len(joined)}:
+            raise RuntimeError(f"the runner answered {sorted(rows)} rows for a batch of {len(joined)}")
         start = 0
         for item in items:
             end = start + len(item.batch)
             if not item.future.done():
-                item.future.set_result(output[start:end])
+                item.future.set_result({k: v[start:end] for k, v in output.items()} if isinstance(output, dict)
+                                       else output[start:end])
             start = end
 
     def _ended(self, task: asyncio.Task) -> None:

@@ -151,19 +151,22 @@ def wants_binary(request: InferRequest, output_name: str) -> bool:
     return bool(request.parameters and request.parameters.binary_data_output)
 
 
-def encode_response(model: str, request_id: str | None, output_name: str, output: np.ndarray, binary: bool) -> tuple[bytes, dict]:
-    """The response body and extra headers; binary outputs follow the JSON header."""
-    entry = {"name": output_name, "datatype": "FP32", "shape": list(output.shape)}
-    payload = b""
-    if binary:
-        payload = np.ascontiguousarray(output, dtype=np.float32).tobytes()
-        entry["parameters"] = {"binary_data_size": len(payload)}
-    else:
-        entry["data"] = output.astype(np.float32).ravel().tolist()
-    response = {"model_name": model, "model_version": "1", "outputs": [entry]}
+def encode_response(model: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, dict]:
+    """The response body and extra headers for (name, array, binary?) outputs, in order; binary
+    outputs follow the JSON header, in the same order."""
+    entries, payloads = [], []
+    for name, output, binary in outputs:
+        entry = {"name": name, "datatype": "FP32", "shape": list(output.shape)}
+        if binary:
+            payloads.append(np.ascontiguousarray(output, dtype=np.float32).tobytes())
+            entry["parameters"] = {"binary_data_size": len(payloads[-1])}
+        else:
+            entry["data"] = output.astype(np.float32).ravel().tolist()
+        entries.append(entry)
+    response = {"model_name": model, "model_version": "1", "outputs": entries}
     if request_id is not None:
         response["id"] = request_id
     head = json.dumps(response).encode()
-    if binary:
-        return head + payload, {HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"}
+    if payloads:
+        return head + b"".join(payloads), {HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"}
     return head, {"content-type": "application/json"}

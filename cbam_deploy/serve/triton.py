@@ -32,7 +32,6 @@ def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, inst
     """config.pbtxt text for one artifact."""
     platform, _, default_kind = _BACKENDS[artifact["format"]]
     shape = manifest["input"]["shape"]
-    output = manifest["outputs"][0]
     batched = fixed_batch(manifest) is None
     if artifact["format"] == "tensorrt":
         profile = (artifact.get("export") or {}).get("profile") or {}
@@ -41,13 +40,15 @@ def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, inst
                                   "rebuild the engine with a larger --max-batch")
     lines = [f'name: "{name}"', platform, f"max_batch_size: {max_batch if batched else 0}"]
     in_dims = shape[1:] if batched else shape
-    out_dims = output["shape"][1:] if batched else output["shape"]
     lines += [
         "input [", "  {", f'    name: "{manifest["input"]["name"]}"', "    data_type: TYPE_FP32",
-        f"    dims: {_dims(in_dims)}", "  }", "]",
-        "output [", "  {", f'    name: "{output["name"]}"', "    data_type: TYPE_FP32",
-        f"    dims: {_dims(out_dims)}", "  }", "]",
+        f"    dims: {_dims(in_dims)}", "  }", "]", "output [",
     ]
+    for index, output in enumerate(manifest["outputs"]):  # every output, in the model's order
+        out_dims = output["shape"][1:] if batched else output["shape"]
+        lines += ["  {", f'    name: "{output["name"]}"', "    data_type: TYPE_FP32", f"    dims: {_dims(out_dims)}",
+                  "  }" + ("," if index < len(manifest["outputs"]) - 1 else "")]
+    lines.append("]")
     if batched:
         preferred = [b for b in (2, 4, 8, 16, 32) if b <= max_batch]
         lines += ["dynamic_batching {"]

@@ -1,0 +1,103 @@
+"""A model's outputs, whatever its forward returns: a tensor, a tuple, a list or a dict (nested too).
+
+One flattening order and one naming scheme for everyone, the same order the ONNX exporters use
+(tuples and lists depth first, dicts in insertion order), so the PyTorch reference, the ONNX graph
+and every runner name the same output the same way:
+
+- a single tensor: ``logits`` when it is (batch, classes), else ``output``;
+- a tuple or list: ``output0``, ``output1``, ... (nested: ``output1_0``);
+- a dict: its keys (nested under a tuple: ``output0_boxes``).
+
+Each output has a kind: ``logits`` (batch, classes): classification, judged on top-1 too;
+``dense`` (batch, ...) of 3 or more dims: detection maps, segmentation, features, judged by cosine
+and element-wise bounds per output; ``other``: anything else, judged by element-wise bounds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .errors import CbamDeployError
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def flatten_outputs(value) -> list[tuple[str, object]]:
+    """[(name, tensor)] in the exporters' order; raises on what no exporter can flatten."""
+    if _is_tensor(value):
+        return [("logits" if len(value.shape) == 2 else "output", value)]
+    if isinstance(value, (tuple, list, dict)):
+        pairs = _flatten(value, "")
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CbamDeployError(f"the model's outputs have repeated names: {names}")
+        if not pairs:
+            raise CbamDeployError("the model's forward returned no tensor")
+        return pairs
+    raise CbamDeployError(f"the model's forward returned {type(value).__name__}; return a tensor, or a tuple, list "
+                          "or dict of tensors")
+
+
+def _flatten(value, prefix: str) -> list[tuple[str, object]]:
+    if _is_tensor(value):
+        return [(prefix, value)]
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+        named = [(f"{prefix}_{_SAFE.sub('_', k)}" if prefix else _SAFE.sub("_", k), v) for k, v in items]
+    elif isinstance(value, (tuple, list)):
+        named = [(f"{prefix}_{i}" if prefix else f"output{i}", v) for i, v in enumerate(value)]
+    elif value is None:
+        return []
+    else:
+        raise CbamDeployError(f"the model's outputs hold a {type(value).__name__}; only tensors, tuples, lists and "
+                              "dicts can be exported")
+    return [pair for name, v in named for pair in _flatten(v, name)]
+
+
+def _is_tensor(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, (tuple, list, dict))
+
+
+def output_kind(shape) -> str:
+    if len(shape) == 2 and shape[1] > 1:
+        return "logits"
+    if len(shape) >= 3:
+        return "dense"
+    return "other"
+
+
+def describe_outputs(pairs: list[tuple[str, object]], batch, dynamic_dims: bool = False) -> list[dict]:
+    """The manifest's ``outputs``: name, shape (batch symbolic or fixed; spatial dims symbolic when
+    the input's H/W are), dtype, kind."""
+    described = []
+    for name, tensor in pairs:
+        shape = list(tensor.shape)
+        symbolic = ["batch" if batch is None else batch] + [
+            f"{name}_dim{i}" if dynamic_dims and i >= 2 else int(d) for i, d in enumerate(shape[1:], start=1)]
+        dtype = str(tensor.dtype).replace("torch.", "")
+        described.append({"name": name, "shape": symbolic if shape else [], "dtype": dtype, "kind": output_kind(shape)})
+    return described
+
+
+def dynamic_output_axes(outputs: list[dict]) -> dict[str, dict[int, str]]:
+    """dynamic_axes for the TorchScript exporter, from the manifest's symbolic output shapes."""
+    return {o["name"]: {i: d for i, d in enumerate(o["shape"]) if isinstance(d, str)} for o in outputs}
+
+
+def classification_output(manifest: dict) -> dict | None:
+    """The one logits output of a classifier; None for detectors, segmenters, backbones."""
+    outputs = manifest["outputs"]
+    return outputs[0] if len(outputs) == 1 and outputs[0].get("kind", "logits") == "logits" else None
+
+
+def concat_outputs(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Join per-chunk output dicts along the batch axis."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def output_kinds(manifest_or_outputs) -> dict[str, str]:
+    """{output name: kind} from a manifest (or its ``outputs`` list)."""
+    outputs = manifest_or_outputs["outputs"] if isinstance(manifest_or_outputs, dict) else manifest_or_outputs
+    return {o["name"]: o.get("kind", "logits") for o in outputs}
