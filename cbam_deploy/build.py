@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import artifact_path, read_manifest, snapshot_artifact, upsert_artifact
+from .bundle import artifact_file, artifact_name, artifact_path, new_artifact, read_manifest, snapshot_artifact, upsert_artifact
 from .errors import BackendUnavailable, CbamDeployError
-from .fsutil import sha256_file
 from .transaction import BundleUpdate
 
 FORMATS = ("onnx", "openvino", "tensorrt")
@@ -52,7 +51,7 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
     precisions = comma_list(precisions, "precision", PRECISIONS)
     outcomes: list[BuildOutcome] = []
     if "int8" in precisions:
-        from .quantize import artifact_name, quantize_bundle
+        from .quantize import quantize_bundle
 
         for fmt in formats:
             target = QUANT_TARGET[fmt]
@@ -65,7 +64,7 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                 outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
                 continue
             if fmt != "tensorrt":  # the tensorrt Q/DQ ONNX becomes an engine below
-                outcomes.append(BuildOutcome(fmt, "int8", artifact_name(target, gates)))
+                outcomes.append(BuildOutcome(fmt, "int8", artifact_name("int8", "int8", target, gates)))
     for fmt in formats:
         for precision in precisions:
             if fmt == "onnx" and precision == "fp32":
@@ -102,20 +101,17 @@ def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
 
     manifest = read_manifest(bundle_dir)
     artifact_path(bundle_dir, manifest, "onnx-fp32")
-    name = f"openvino-{precision}"
+    name = artifact_name("openvino", precision)
     with BundleUpdate(bundle_dir) as update:
         source, onnx_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
-        xml = update.path(f"model.{name}.xml")
+        xml = update.path(artifact_file(name, "openvino"))
         try:
             info = export_ir(onnx_path, xml, precision)
         except BackendUnavailable as exc:
             return BuildOutcome("openvino", precision, skipped=str(exc))
-        _commit_artifact(update, source["sha256"], {
-            "name": name, "path": xml.name, "format": "openvino", "precision": precision, "sha256": sha256_file(xml),
-            "companion_files": {xml.with_suffix(".bin").name: sha256_file(xml.with_suffix(".bin"))},
-            "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
-            "export": {**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]},
-        })
+        _commit_artifact(update, source["sha256"], new_artifact(
+            update.staging, name, "openvino", precision, (xml.with_suffix(".bin").name,),
+            export={**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]}))
     return BuildOutcome("openvino", precision, name)
 
 
@@ -130,27 +126,22 @@ def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, 
         return BuildOutcome("tensorrt", precision, skipped=str(exc))
     manifest = read_manifest(bundle_dir)
     plan = plan_build(parse_version(trt.__version__), precision, options.dla_core)
-    name = f"tensorrt-{precision}"
+    name = artifact_name("tensorrt", precision)
     with BundleUpdate(bundle_dir) as update:
         onnx_fp32, _ = artifact_path(bundle_dir, manifest, "onnx-fp32", verify_hash=False)
         if plan.onnx_variant == "qdq":
-            from .quantize import artifact_name
-
-            _, source = snapshot_artifact(bundle_dir, manifest, artifact_name("tensorrt", gates), update)
+            _, source = snapshot_artifact(bundle_dir, manifest, artifact_name("int8", "int8", "tensorrt", gates), update)
         else:
             _, source = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
             if plan.onnx_variant == "fp16":
                 fp16_path = update.path(".source.fp16.onnx")  # an intermediate: not committed
                 fp16_onnx(source, fp16_path)
                 source = fp16_path
-        engine = update.path(f"model.{name}.engine")
+        engine = update.path(artifact_file(name, "tensorrt"))
         profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
         timing_cache = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
         metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
                                 timing_cache, options.dla_core)
-        _commit_artifact(update, onnx_fp32["sha256"], {
-            "name": name, "path": engine.name, "format": "tensorrt", "precision": precision, "sha256": sha256_file(engine),
-            "companion_files": {sidecar(engine).name: sha256_file(sidecar(engine))},
-            "size_bytes": engine.stat().st_size, "export": metadata,
-        })
+        _commit_artifact(update, onnx_fp32["sha256"], new_artifact(
+            update.staging, name, "tensorrt", precision, (sidecar(engine).name,), export=metadata))
     return BuildOutcome("tensorrt", precision, name)

@@ -284,6 +284,59 @@ def fit_to_batch(manifest: dict, inputs, preferred: int = 8):
     return inputs[:usable], fixed
 
 
+_EXTENSION = {"onnx": "onnx", "openvino": "xml", "tensorrt": "engine"}
+QUANTIZED_FORMAT = {"ort-cpu": "onnx", "tensorrt": "onnx", "openvino": "openvino"}  # INT8 recipe -> what it writes
+
+
+def artifact_name(fmt: str, precision: str, recipe: str | None = None, gates: str | None = None) -> str:
+    """The one naming scheme: ``<format>-<precision>`` for conversions (onnx-fp32, openvino-fp16,
+    tensorrt-int8); ``int8-<recipe>`` for a quantization recipe's output, ``-gates-<policy>`` added
+    when the gate policy is not the recipe's default."""
+    if recipe is None:
+        return f"{fmt}-{precision}"
+    from .calib.recipes import DEFAULT_GATES
+
+    gates = gates or DEFAULT_GATES[recipe]
+    return f"int8-{recipe}" + ("" if gates == DEFAULT_GATES[recipe] else f"-gates-{gates}")
+
+
+def artifact_file(name: str, fmt: str) -> str:
+    """``model.onnx`` for the FP32 ONNX, ``model.<artifact name>.<onnx|xml|engine>`` for the rest."""
+    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{_EXTENSION[fmt]}"
+
+
+def new_artifact(root: str | Path, name: str, fmt: str, precision: str, companions: tuple[str, ...] = (),
+                 **fields) -> dict:
+    """An artifact record for the file ``artifact_file(name, fmt)`` in ``root`` (a staging folder):
+    sha256 and size of the file and its companions (an IR's .bin, an engine's sidecar)."""
+    root = Path(root)
+    path = artifact_file(name, fmt)
+    record = {"name": name, "path": path, "format": fmt, "precision": precision, "sha256": sha256_file(root / path),
+              "size_bytes": sum((root / f).stat().st_size for f in (path, *companions))}
+    if companions:
+        record["companion_files"] = {c: sha256_file(root / c) for c in companions}
+    record.update(fields)
+    return record
+
+
+def integrity(bundle_dir: str | Path, manifest: dict) -> dict[str, str]:
+    """Per artifact: 'ok', 'changed' (a file no longer matches its sha256) or 'missing'."""
+    states = {}
+    for artifact in manifest["artifacts"]:
+        files = {artifact["path"]: artifact["sha256"], **artifact.get("companion_files", {})}
+        paths = [Path(bundle_dir) / f for f in files]
+        try:
+            if not all(p.is_file() for p in paths):
+                states[artifact["name"]] = "missing"
+            elif any(sha256_file(p) != digest for p, digest in zip(paths, files.values())):
+                states[artifact["name"]] = "changed"
+            else:
+                states[artifact["name"]] = "ok"
+        except OSError:  # unreadable: as good as missing
+            states[artifact["name"]] = "missing"
+    return states
+
+
 def upsert_artifact(manifest: dict, artifact: dict) -> None:
     """Add an artifact, replacing one of the same name."""
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != artifact["name"]] + [artifact]

@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .build import comma_list
 from .errors import CbamDeployError
 
 # Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
@@ -167,48 +166,35 @@ def export_command(
         model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
         min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target,
     )
-    from .pipeline import ExportRequest, export_bundle
+    from .build import TensorRTOptions
+    from .pipeline import ExportRequest, plan_export, run_export
 
     request = ExportRequest(
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
         batch=_parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
         parity=parity, force=force, outputs=outputs,
     )
+    plan = plan_export(formats, precisions, int8, target, calib_data, gates,
+                       TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core))
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
-    if int8 and (formats != "onnx" or precisions != "fp32") and "int8" not in precisions:
-        precisions += ",int8"
-    result = export_bundle(request)
-    if formats != "onnx" or precisions != "fp32":
-        from .build import TensorRTOptions
-        from .pipeline import build_verify_bench
-
-        trt = TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core)
-        summary = build_verify_bench(result["bundle"], formats, precisions, calib_data, gates, trt)
-        if as_json:
-            _print_json({**result, "summary": summary})
-        else:
-            _print_export(result)
-            _print_summary(summary)
-        if result["passed"] is False or summary["passed"] is False:
-            err.print("[bold red]error:[/] an artifact failed verification (recorded in the manifest)")
-            raise typer.Exit(3)
-        return
-    if int8:
-        from .quantize import quantize_bundle
-
-        result["int8"] = quantize_bundle(result["bundle"], comma_list(target, "target"), calib_data, gates=gates)
+    result = run_export(request, plan)
     if as_json:
         _print_json(result)
     else:
         _print_export(result)
-        if int8:
+        if result.get("int8"):
             _print_quantize(result["int8"])
+        if result.get("summary"):
+            _print_summary(result["summary"])
     if result["passed"] is False:
         err.print("[bold red]error:[/] parity check failed: the ONNX model does not match PyTorch (recorded in the manifest)")
         raise typer.Exit(3)
-    if int8 and not result["int8"]["passed"]:
+    if result.get("int8") and not result["int8"]["passed"]:
         err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
+        raise typer.Exit(3)
+    if result.get("summary") and result["summary"]["passed"] is False:
+        err.print("[bold red]error:[/] an artifact failed verification (recorded in the manifest)")
         raise typer.Exit(3)
 
 
@@ -614,11 +600,11 @@ def info_command(
     "missing" (also in --json). Exit code 0 when all are intact, 3 when any changed or is missing (the
     same code as a failed verification), 2 for an unreadable or damaged manifest.
     """
+    from .bundle import integrity as check_integrity
     from .bundle import read_manifest
 
     manifest = read_manifest(bundle)
-    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
-    integrity = {a["name"]: artifact_integrity(bundle_dir, a) for a in manifest["artifacts"]}
+    integrity = check_integrity(Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent, manifest)
     if as_json:
         _print_json({**manifest, "artifacts": [{**a, "integrity": integrity[a["name"]]} for a in manifest["artifacts"]]})
     else:
@@ -642,20 +628,6 @@ def info_command(
         err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "
                   "ones the manifest recorded (sha256); rebuild these artifacts or re-export the bundle", soft_wrap=True)
         raise typer.Exit(3)
-
-
-def artifact_integrity(bundle_dir: Path, artifact: dict) -> str:
-    """'ok', 'missing' (a file is gone) or 'changed' (a file's sha256 differs from the manifest's)."""
-    from .fsutil import sha256_file
-
-    expected = {artifact["path"]: artifact["sha256"], **(artifact.get("companion_files") or {})}
-    files = {bundle_dir / relative: digest for relative, digest in expected.items()}
-    if not all(path.is_file() for path in files):
-        return "missing"
-    try:
-        return "ok" if all(sha256_file(path) == digest for path, digest in files.items()) else "changed"
-    except OSError:
-        return "missing"
 
 
 def main() -> None:  # console-script entry point

@@ -9,6 +9,7 @@ the conv, so their ONNX outputs have no PyTorch counterpart).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import onnx
 import torch
 from torch import nn
 
-from .calib.gates import inside, node_module_path
+from .runners import OnnxRuntimeRunner
+from .scopes import inside, node_module_path
 
 _LEAVES = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Identity, nn.Flatten, nn.MaxPool2d)
 
@@ -25,8 +27,6 @@ def locate_divergence(model: nn.Module, onnx_path: str | Path, inputs: np.ndarra
                       rtol: float = 1e-3) -> dict | None:
     """The first module (in graph order) whose ONNX output differs from PyTorch beyond
     ``atol + rtol * max|reference|``, with its error; None when every compared point agrees."""
-    import onnxruntime as ort
-
     proto = onnx.load(str(onnx_path))
     candidates = {name: m for name, m in model.named_modules() if name and not isinstance(m, _LEAVES)}
     calls: dict[str, int] = {name: 0 for name in candidates}
@@ -62,9 +62,10 @@ def locate_divergence(model: nn.Module, onnx_path: str | Path, inputs: np.ndarra
         if tensor not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
             existing.add(tensor)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: inputs})))
+    with tempfile.TemporaryDirectory(prefix="cbam-diagnose-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(probe))
+        values = OnnxRuntimeRunner(probe).infer(inputs)  # every tapped tensor comes back by name
     for name, (index, tensor) in sorted(last_output.items(), key=lambda item: item[1][0]):
         reference = captured[name]
         got = values.get(tensor)

@@ -15,17 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import MANIFEST_NAME, new_manifest, read_manifest, upsert_artifact
+from .bundle import MANIFEST_NAME, artifact_file, new_artifact, new_manifest, read_manifest, upsert_artifact
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
-from .fsutil import sha256_file
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .outputs import output_kinds
 from .parity import plan_cases, run_parity
 from .runners import OnnxRuntimeRunner, TorchRunner
 from .transaction import BundleUpdate, faultpoint
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = artifact_file("onnx-fp32", "onnx")
 CROP_PCT = 0.875
 
 
@@ -161,16 +160,8 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     model_info["notes"] = model_info["notes"] + request.extra_notes
     manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    artifact = {
-        "name": "onnx-fp32",
-        "path": ONNX_FILE,
-        "format": "onnx",
-        "precision": "fp32",
-        "sha256": sha256_file(staged),
-        "size_bytes": staged.stat().st_size,
-        "export": info,
-        "parity": parity if parity is not None else {"passed": None, "skipped": "--no-parity"},
-    }
+    artifact = new_artifact(update.staging, "onnx-fp32", "onnx", "fp32", export=info,
+                            parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
     upsert_artifact(manifest, artifact)
     dropped: list[str] = []
 
@@ -206,6 +197,55 @@ def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:
     artifacts = current.get("artifacts", [])
     previous = next((a["sha256"] for a in artifacts if a["name"] == "onnx-fp32"), None)
     return [a for a in artifacts if a["name"] != "onnx-fp32" and a.get("source_sha256", previous) == new_onnx_sha]
+
+
+@dataclass
+class ExportPlan:
+    """What ``export`` does after the ONNX: nothing; quantize to INT8 for some targets (``--int8``);
+    or build, verify and time a format x precision matrix (``--format/--precision``, INT8 included
+    when asked for). One plan, made here, so the CLI has one route."""
+
+    quantize_targets: list[str] = field(default_factory=list)
+    formats: str = "onnx"
+    precisions: str = "fp32"
+    calib_data: str | None = None
+    gates: str | None = None
+    trt: object = None
+
+    @property
+    def builds(self) -> bool:
+        return self.formats != "onnx" or self.precisions != "fp32"
+
+
+def plan_export(formats: str = "onnx", precisions: str = "fp32", int8: bool = False, targets: str = "ort-cpu",
+                calib_data: str | None = None, gates: str | None = None, trt=None) -> ExportPlan:
+    """The one plan for export's options: ``--int8`` alone quantizes ``--target``s; with a
+    ``--format/--precision`` matrix it adds int8 to the matrix (built, verified and timed like the rest)."""
+    from .build import comma_list
+
+    if int8 and not calib_data:
+        raise CbamDeployError("--int8 needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
+    plan = ExportPlan(formats=formats, precisions=precisions, calib_data=calib_data, gates=gates, trt=trt)
+    if int8 and plan.builds:
+        if "int8" not in comma_list(precisions, "precision"):
+            plan.precisions += ",int8"
+    elif int8:
+        plan.quantize_targets = comma_list(targets, "target")
+    return plan
+
+
+def run_export(request: ExportRequest, plan: ExportPlan | None = None) -> dict:
+    """Export, then carry out the plan; the summary that ``export --json`` prints."""
+    result = export_bundle(request)
+    plan = plan or ExportPlan()
+    if plan.quantize_targets:
+        from .quantize import quantize_bundle
+
+        result["int8"] = quantize_bundle(result["bundle"], plan.quantize_targets, plan.calib_data, gates=plan.gates)
+    if plan.builds:
+        result["summary"] = build_verify_bench(result["bundle"], plan.formats, plan.precisions, plan.calib_data, plan.gates,
+                                               plan.trt)
+    return result
 
 
 def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, calib_data: str | None = None,

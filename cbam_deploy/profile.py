@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import artifact_path, fixed_batch, read_manifest
-from .calib.gates import inside, name_module_path
+from .scopes import inside, name_module_path
 from .errors import CbamDeployError
 
 CATEGORIES = ("conv", "cbam channel gate", "cbam spatial gate", "attention (other)", "layout",

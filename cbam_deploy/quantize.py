@@ -9,26 +9,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .bundle import artifact_path, fit_to_batch, fixed_batch, read_manifest, snapshot_artifact, upsert_artifact
+from .bundle import (QUANTIZED_FORMAT, artifact_file, artifact_name, artifact_path, fit_to_batch, fixed_batch,
+                     new_artifact, read_manifest, snapshot_artifact, upsert_artifact)
 from .calib.data import load_calibration
-from .calib.recipes import DEFAULT_GATES, TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
+from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
-from .fsutil import sha256_file
 from .outputs import output_kinds
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
 from .transaction import BundleUpdate, faultpoint
-
-
-def artifact_name(target: str, gates: str | None = None) -> str:
-    """int8-<target> for the default gate policy, int8-<target>-gates-<policy> otherwise."""
-    gates = gates or DEFAULT_GATES[target]
-    return f"int8-{target}" + ("" if gates == DEFAULT_GATES[target] else f"-gates-{gates}")
-
-
-def artifact_file(target: str, gates: str | None = None) -> str:
-    """model.<artifact name>.onnx, or .xml (+ .bin) for OpenVINO."""
-    return f"model.{artifact_name(target, gates)}." + ("xml" if target == "openvino" else "onnx")
 
 
 def quantize_bundle(
@@ -95,8 +84,9 @@ def _quantize_one(update, manifest: dict, target: str, method: str | None, gates
                   ref_out, reference_label: str) -> dict:
     """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
     chosen_method, chosen_gates = resolve(target, method, gates)
-    name = artifact_name(target, chosen_gates)
-    out_path = update.path(artifact_file(target, chosen_gates))
+    name = artifact_name("int8", "int8", target, chosen_gates)
+    fmt = QUANTIZED_FORMAT[target]
+    out_path = update.path(artifact_file(name, fmt))
     started = time.perf_counter()
     if target == "openvino":
         result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
@@ -105,19 +95,9 @@ def _quantize_one(update, manifest: dict, target: str, method: str | None, gates
         result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
                                calib_batch, cache_dir)
     seconds = time.perf_counter() - started
-    artifact = {
-        "name": name,
-        "path": out_path.name,
-        "format": result.format,
-        "precision": "int8",
-        "sha256": sha256_file(out_path),
-        "size_bytes": out_path.stat().st_size + (out_path.with_suffix(".bin").stat().st_size if result.format == "openvino" else 0),
-        "source_sha256": source_sha,
-        "quantization": {**result.info, "seconds": round(seconds, 2)},
-        "calibration": data.describe(),
-    }
-    if result.format == "openvino":
-        artifact["companion_files"] = {out_path.with_suffix(".bin").name: sha256_file(out_path.with_suffix(".bin"))}
+    companions = (out_path.with_suffix(".bin").name,) if fmt == "openvino" else ()
+    artifact = new_artifact(update.staging, name, fmt, "int8", companions, source_sha256=source_sha,
+                            quantization={**result.info, "seconds": round(seconds, 2)}, calibration=data.describe())
     staged_manifest = {**manifest, "artifacts": [artifact]}
     runner = open_artifact(update.staging, staged_manifest, name)
     measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch),
@@ -131,4 +111,4 @@ def _quantize_one(update, manifest: dict, target: str, method: str | None, gates
     return artifact
 
 
-__all__ = ["TARGETS", "artifact_name", "quantize_bundle"]
+__all__ = ["TARGETS", "quantize_bundle"]

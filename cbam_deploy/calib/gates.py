@@ -16,50 +16,10 @@ Two steps, neither a hand-kept list of node names:
 
 from __future__ import annotations
 
-import ast
-import re
-
 import onnx
 
 from ..models.layers import attention_modules  # noqa: F401  (step 1 lives with the layers)
-
-_SUFFIX = re.compile(r"_\d+$")
-
-
-def node_module_path(node: onnx.NodeProto) -> str | None:
-    """The qualified module name that produced ``node``, or None when the graph does not say."""
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                continue
-            scopes = [s for s in scopes if s]
-            return scopes[-1] if scopes else None
-    return name_module_path(node.name)
-
-
-def name_module_path(name: str) -> str | None:
-    """Module path from a scoped name such as ``/layer1/layer1.0/cbam/ChannelGate/mlp/mlp.1/Gemm``
-    (TorchScript exporter) or OpenVINO's friendly name derived from it (``.../Conv/WithoutBiases``);
-    trailing op segments may remain, which prefix matching ignores."""
-    if not name.startswith("/"):
-        return None
-    segments = [_SUFFIX.sub("", s) for s in name.strip("/").split("/")[:-1]]
-    path = ""
-    for segment in segments:
-        if path and segment.startswith(path + "."):
-            path = segment  # a fully qualified scope (dynamo exports, see exporters.onnx)
-        elif path and segment.startswith(path.rsplit(".", 1)[-1] + "."):
-            # Sequential children are scoped 'parent.index' under 'parent': replace, don't append
-            path = path[: len(path) - len(path.rsplit(".", 1)[-1])] + segment
-        else:
-            path = f"{path}.{segment}" if path else segment
-    return path or None
-
-
-def inside(path: str | None, modules: list[dict]) -> bool:
-    return bool(path) and any(path == m["path"] or path.startswith(m["path"] + ".") for m in modules)
+from ..scopes import inside, name_module_path, node_module_path
 
 
 def gate_nodes(model: onnx.ModelProto, modules: list[dict]) -> list[str]:

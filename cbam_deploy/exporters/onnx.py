@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import CbamDeployError
 from ..fsutil import atomic_path
 from ..outputs import describe_outputs, dynamic_output_axes, flatten_outputs
+from ..scopes import metadata_scopes
 
 INPUT_NAME = "input"
 DEFAULT_OPSET = 17
@@ -148,18 +149,13 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, target: Path, options
 
 def _scope_node_names(proto: onnx.ModelProto) -> None:
     """Give dynamo-exported nodes scoped names (``/layer1/layer1.0/.../node_mul``) from their
-    ``pkg.torch.onnx.name_scopes`` metadata, as the TorchScript exporter does: simplification drops
-    node metadata but keeps names, and the INT8 gate policy reads the module scope from them."""
-    import ast
-
+    name-scope metadata, as the TorchScript exporter does: simplification drops node metadata but
+    keeps names, and the INT8 gate policy reads the module scope from them."""
     for node in proto.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        scopes = metadata_scopes(node)
         if scopes is None or node.name.startswith("/"):
             continue
-        try:
-            modules = [s for s in ast.literal_eval(scopes)[:-1] if s]
-        except (ValueError, SyntaxError):
-            continue
+        modules = scopes[:-1]
         if modules:
             node.name = "/" + "/".join(modules) + "/" + node.name
 
