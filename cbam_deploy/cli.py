@@ -89,6 +89,13 @@ def _parse_batch(value: str) -> int | None:
     return parse_batch(value)
 
 
+def _attention(parity: dict | None) -> str:
+    """The worst spatial gate: 'corr 0.9976 IoU 0.864'; '-' without CBAM spatial gates."""
+    if not parity or parity.get("min_correlation") is None:
+        return "-" if not parity or not parity.get("skipped") else "skipped"
+    return f"corr {parity['min_correlation']:.4f} IoU {parity['min_top_iou']:.3f}"
+
+
 def _top1(metrics: dict, decimals: int = 1) -> str:
     """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
     value = metrics.get("top1_agreement")
@@ -266,15 +273,16 @@ def verify_command(
         _print_json(result)
     else:
         table = Table(title=f"verify {result['bundle']} against {result['reference']}")
-        for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "result"):
+        for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
             table.add_column(column)
         for row in result["results"]:
             if row.get("skipped"):
-                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
+                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-",
+                              f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
                 continue
             cosine = row.get("cosine_min", row.get("cosine_mean"))
             table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
-                          f"{cosine:.5f}", _top1(row),
+                          f"{cosine:.5f}", _top1(row), _attention(row.get("attention")),
                           "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
         out.print(table)
         for row in result["results"]:

@@ -62,6 +62,24 @@ def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference,
     return result
 
 
+def _check_attention(bundle_dir: Path, manifest: dict, artifact: dict, model, result: dict, data: str | None,
+                     samples: int, seed: int) -> None:
+    """Attention parity (``attention``): every CBAM spatial gate of the artifact against PyTorch's, on
+    images where there are any. A gate that drifted fails the artifact even when its logits agree."""
+    from .attention import attention_parity
+
+    x, label = _int8_inputs(manifest, artifact, data, min(samples, 16), seed + 7)
+    x, _ = fit_to_batch(manifest, x)
+    x = x[:fixed_batch(manifest)] if fixed_batch(manifest) else x
+    parity = attention_parity(bundle_dir, manifest, artifact["name"], model, x)
+    if parity is None:
+        return
+    result["attention"] = {**parity, "inputs": label}
+    if parity["passed"] is False:
+        result["passed"] = False
+        result["reason"] = "; ".join(r for r in (result.get("reason"), "attention drifted: " + parity["reason"]) if r)
+
+
 def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: list[str] | None = None,
                   samples: int = 16, seed: int = 0) -> dict:
     bundle_dir = Path(bundle_dir)
@@ -81,6 +99,8 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
         else:
             result = verify_artifact(bundle_dir, manifest, artifact, reference, data, samples, seed)
         result["reference"] = label
+        if result.get("passed") is not None and not is_stand_in(reference):
+            _check_attention(bundle_dir, manifest, artifact, reference.model, result, data, samples, seed)
         if result.get("passed") is False and artifact["format"] == "onnx" and artifact["precision"] != "int8" \
                 and not is_stand_in(reference):
             from .diagnose import locate_divergence
