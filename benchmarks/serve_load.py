@@ -12,6 +12,11 @@ plus --slow-clients that trickle their bodies. Good answers are checked against 
 onnxruntime run; readiness is polled throughout. Prints requests, statuses, wrong answers,
 p50/p99 latency, and whether the server stayed ready.
 Usage: python benchmarks/serve_load.py --chaos [--model resnet10_half_cbam --stem cifar] [--clients 32] [--seconds 40]
+
+--protocols: HTTP JSON vs HTTP binary vs gRPC against one server (HTTP and gRPC endpoints, one
+batcher), the same model, N clients (tritonclient.http / tritonclient.grpc), R batch-1 requests
+each, --rounds rounds in rotated order; prints throughput, p50 and p99 per protocol (a Markdown table).
+Usage: python benchmarks/serve_load.py --protocols [--model resnet50_cbam] [--clients 16] [--requests 10] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -43,25 +48,47 @@ from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from cbam_deploy.serve.local import running_server  # noqa: E402
 
 
-def load(url: str, name: str, shape: tuple, clients: int, requests: int) -> dict:
-    latencies, errors = [], []
+PROTOCOLS = ("http-json", "http-binary", "grpc")
+
+
+def load(url: str, name: str, shape: tuple, clients: int, requests: int, protocol: str = "http-binary",
+         check=None) -> dict:
+    """``clients`` threads, each with its own client, sending ``requests`` batch-1 requests one after
+    another over ``protocol`` (http-json: JSON tensors both ways; http-binary: Triton's binary tensor
+    extension, tritonclient's default; grpc: raw tensor contents). ``check(x, logits)`` verifies the
+    first answer of each client."""
+    import tritonclient.grpc as grpcclient
+
+    latencies, errors, wrong = [], [], []
     lock = threading.Lock()
 
     def worker(seed: int) -> None:
-        client = httpclient.InferenceServerClient(url=url, network_timeout=120)
         x = np.random.default_rng(seed).standard_normal((1, *shape), dtype=np.float32)
-        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        for _ in range(requests):
+        if protocol == "grpc":
+            client = grpcclient.InferenceServerClient(url=url)
+            tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            outputs = [grpcclient.InferRequestedOutput("logits")]
+        else:
+            binary = protocol == "http-binary"
+            client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+            tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            outputs = [httpclient.InferRequestedOutput("logits", binary_data=binary)]
+        for i in range(requests):
             start = time.perf_counter()
             try:
-                client.infer(name, [tensor]).as_numpy("logits")
+                logits = client.infer(name, [tensor], outputs=outputs).as_numpy("logits")
             except Exception as exc:
                 with lock:
                     errors.append(repr(exc))
                 continue
+            elapsed = (time.perf_counter() - start) * 1e3
             with lock:
-                latencies.append((time.perf_counter() - start) * 1e3)
+                latencies.append(elapsed)
+                if i == 0 and check is not None and not check(x, logits):
+                    wrong.append(seed)
+        client.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -70,8 +97,51 @@ def load(url: str, name: str, shape: tuple, clients: int, requests: int) -> dict
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    return {"requests": len(latencies), "errors": len(errors), "seconds": wall, "throughput": len(latencies) / wall,
-            "p50": statistics.median(latencies), "p99": float(np.percentile(latencies, 99))}
+    return {"protocol": protocol, "requests": len(latencies), "errors": len(errors), "wrong": len(wrong),
+            "seconds": wall, "throughput": len(latencies) / wall, "latencies": latencies,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": float(np.percentile(latencies, 99)) if latencies else float("nan")}
+
+
+def protocols(args) -> None:
+    """HTTP JSON vs HTTP binary vs gRPC: one server (HTTP and gRPC on free loopback ports, one
+    batcher), the same model and clients; ``--rounds`` rounds, each running the three in a rotated
+    order (so drift and warm-up do not favour one), latencies pooled per protocol."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export_bundle(ExportRequest(model=args.model, stem=args.stem, output=tmp, parity=False))
+        app = create_app(ServeConfig(tmp, max_batch=args.max_batch, batch_timeout_ms=args.timeout_ms, grpc_port=0,
+                                     threads=args.threads))
+        name, runner = app.state.model_name, app.state.runner
+        side = int(read_manifest(tmp)["input"]["preprocess"]["center_crop"])
+        shape = (3, side, side)
+
+        def check(x, logits):
+            return np.allclose(logits, runner.run(x), rtol=1e-4, atol=1e-4)
+
+        pooled = {p: {"requests": 0, "errors": 0, "wrong": 0, "seconds": 0.0, "latencies": []} for p in PROTOCOLS}
+        with running_server(app) as url:
+            addresses = {"http-json": url, "http-binary": url, "grpc": app.state.grpc_address}
+            for protocol in PROTOCOLS:  # warm-up: connections, first batches, allocator
+                load(addresses[protocol], name, shape, min(args.clients, 4), 2, protocol)
+            for round_index in range(args.rounds):
+                order = PROTOCOLS[round_index % 3:] + PROTOCOLS[:round_index % 3]
+                for protocol in order:
+                    result = load(addresses[protocol], name, shape, args.clients, args.requests, protocol, check)
+                    for key in ("requests", "errors", "wrong", "seconds"):
+                        pooled[protocol][key] += result[key]
+                    pooled[protocol]["latencies"] += result["latencies"]
+                    print(f"  round {round_index + 1} {protocol:11s}: {result['throughput']:6.1f} req/s, "
+                          f"p50 {result['p50']:6.1f} ms, p99 {result['p99']:6.1f} ms", file=sys.stderr)
+    threads = runner.threads()
+    print(f"{args.model} ({args.stem} stem, {side}x{side}) onnxruntime{f' {threads} threads' if threads else ''}, "
+          f"dynamic batching max {args.max_batch} / {args.timeout_ms:g} ms, {args.clients} clients x {args.requests} "
+          f"batch-1 requests x {args.rounds} rounds per protocol, one server, 127.0.0.1")
+    print("| protocol | requests | errors | wrong | throughput (req/s) | p50 (ms) | p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for protocol, row in pooled.items():
+        lat = row["latencies"]
+        print(f"| {protocol} | {row['requests']} | {row['errors']} | {row['wrong']} | "
+              f"{row['requests'] / row['seconds']:.1f} | {statistics.median(lat):.1f} | {np.percentile(lat, 99):.1f} |")
 
 
 # ---------------------------------------------------------------- --chaos
@@ -278,7 +348,14 @@ def main() -> None:
     parser.add_argument("--bad-fraction", type=float, default=0.2)
     parser.add_argument("--slow-clients", type=int, default=4)
     parser.add_argument("--request-timeout-s", type=float, default=5.0)
+    parser.add_argument("--protocols", action="store_true", help="HTTP JSON vs HTTP binary vs gRPC (see above)")
+    parser.add_argument("--rounds", type=int, default=2, help="--protocols: rounds, each protocol once per round")
+    parser.add_argument("--threads", type=int, default=None, help="--protocols: onnxruntime threads")
     args = parser.parse_args()
+    if args.protocols:
+        args.model, args.stem, args.clients = args.model or "resnet50_cbam", args.stem or "imagenet", args.clients or 16
+        protocols(args)
+        return
     if args.chaos:
         args.model, args.stem = args.model or "resnet10_half_cbam", args.stem or "cifar"
         args.clients = args.clients or 32

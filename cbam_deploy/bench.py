@@ -122,7 +122,8 @@ def _rows(runners: dict[str, Runner], times: dict[str, list[float]], device_time
           load: LoadReport | None, batch: int, attempt: int) -> list[dict]:
     rows = []
     for name, values in times.items():
-        row = {"runner": name, **runners[name].describe(), **summarize(values, batch),
+        row = {"runner": name, "runtime": getattr(runners[name], "runtime", None), **runners[name].describe(),
+               **summarize(values, batch),
                "timer": "host perf_counter (end to end)", "attempt": attempt + 1,
                "samples_ms": [round(v, 4) for v in values]}
         if name in device_times:
@@ -187,7 +188,7 @@ def machine_info() -> dict:
     return info
 
 
-COLUMNS = ("runner", "backend", "precision", "batch", "threads", "p50 ms [95% CI]", "p90", "p99", "img/s",
+COLUMNS = ("runner", "runtime", "precision", "batch", "threads", "p50 ms [95% CI]", "p90", "p99", "img/s",
            "x PyTorch [95% CI]", "stable")
 
 
@@ -202,7 +203,7 @@ def row_cells(r: dict) -> list[str]:
     stable = "yes" if r["stability"]["stable"] else "NO"
     computes = _SHORT.get(r.get("inference_precision"), r.get("inference_precision"))
     precision = r["precision"] + (f" ({computes})" if computes and computes != r["precision"] else "")
-    return [r["runner"], r["backend"], precision, str(r["batch"]),
+    return [r["runner"], r.get("runtime") or r["backend"], precision, str(r["batch"]),
             str(r.get("threads") or "-"), f"{r['p50_ms']:.2f} [{low:.2f}, {high:.2f}]", f"{r['p90_ms']:.2f}",
             f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}", ratio, stable]
 
@@ -213,6 +214,15 @@ OVERHEAD_COLUMNS = ("engine", "batch", "attention p50 ms", "plain p50 ms", "over
 def overhead_cells(o: dict) -> list[str]:
     return [o["engine"], str(o["batch"]), f"{o['attention_p50_ms']:.2f}", f"{o['plain_p50_ms']:.2f}",
             f"{o['overhead']:.2f} [{o['overhead_ci'][0]:.2f}, {o['overhead_ci'][1]:.2f}]", "yes" if o["stable"] else "NO"]
+
+
+def fallback_notes(rows: list[dict]) -> list[str]:
+    """Rows whose runtime ran (some) nodes elsewhere than asked (onnxruntime's silent fallback), one line each."""
+    seen = {}
+    for r in rows:
+        if r.get("fallback"):
+            seen.setdefault(r["runner"], f"{r['runner']}: {r['fallback']}")
+    return list(seen.values())
 
 
 def unstable_notes(rows: list[dict]) -> list[str]:
@@ -231,6 +241,9 @@ def markdown_report(result: dict, title: str) -> str:
     if result.get("overhead"):
         lines += ["", f"Attention overhead ({result['model']} / {result['overhead']['plain']}):", ""]
         lines += _markdown_table(OVERHEAD_COLUMNS, [overhead_cells(o) for o in result["overhead"]["rows"]])
+    fallbacks = fallback_notes(result["results"])
+    if fallbacks:
+        lines += ["", "Runtimes that did not run everything where asked:", ""] + [f"- {n}" for n in fallbacks]
     notes = unstable_notes(result["results"])
     if notes:
         lines += ["", "Unstable rows (not to be quoted):", ""] + [f"- {n}" for n in notes]
@@ -278,10 +291,14 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
                  iters: int | None = None, min_seconds: float | None = None, warmup: int = 5,
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
-                 calib_data: str | None = None) -> dict:
+                 calib_data: str | None = None, runtime: str | list[str] | None = None) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
-    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine."""
+    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine.
+
+    ``runtime``: a comma list (or list) of runtimes (see ``cbam_deploy.runtimes``); each artifact runs
+    under every listed runtime that runs its format, interleaved in the same rounds, its rows named
+    ``artifact@runtime`` when it runs under more than one. Default: the best runtime for each format."""
     import tempfile
     from pathlib import Path
 
@@ -289,8 +306,10 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     from .bundle import read_manifest
     from .options import check_artifact_names, validate_bench_options
     from .runners import TorchRunner
+    from .runtimes import parse_runtimes
 
     validate_bench_options(list(batches or [1]), iters, min_seconds, warmup, threads)  # before any work
+    runtimes = parse_runtimes(runtime)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     check_artifact_names(manifest, artifacts, bundle_dir)
@@ -303,8 +322,8 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     module = _pytorch_model(manifest)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
     skipped: list[dict] = []
-    limits: dict[str, int] = {}
-    _open_artifacts(bundle_dir, manifest, artifacts, threads, "", runners, skipped, limits)
+    limits: dict[str, tuple[int, int] | None] = {}
+    _open_artifacts(bundle_dir, manifest, artifacts, threads, "", runners, skipped, limits, runtimes)
     shape = manifest["input"]["shape"]
     side = int(manifest["input"]["preprocess"]["center_crop"])
     chw = (shape[1], side, side)
@@ -320,19 +339,24 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
             runners.update(built)
             skipped += [{"artifact": s["peer"], "reason": s["reason"]} for s in peer_skips]
         if twin:
-            twin_bundle = _build_twin(manifest, twin, calib, Path(tmp) / "plain", [r for r in runners if r in
+            opened = list(dict.fromkeys(r.partition("@")[0] for r in runners))  # each artifact once, whatever its runtimes
+            twin_bundle = _build_twin(manifest, twin, calib, Path(tmp) / "plain", [r for r in opened if r in
                                       {a["name"] for a in manifest["artifacts"]}], skipped)
             runners["plain:pytorch"] = TorchRunner(_pytorch_model(read_manifest(twin_bundle)))
-            _open_artifacts(twin_bundle, read_manifest(twin_bundle), None, threads, "plain:", runners, skipped, limits)
+            _open_artifacts(twin_bundle, read_manifest(twin_bundle), None, threads, "plain:", runners, skipped, limits,
+                            runtimes)
         quiet = wait_until_quiet(wait_quiet) if wait_quiet > 0 else None
         rows = []
         for batch in batches:
-            usable = {n: r for n, r in runners.items() if limits.get(n, batch) >= batch}
+            # an engine is timed only at batches its profile runs in one call (never split or padded)
+            usable = {n: r for n, r in runners.items() if limits.get(n) is None or limits[n][0] <= batch <= limits[n][1]}
+            skipped += [{"artifact": n, "reason": f"batch {batch} is outside its TensorRT profile {list(limits[n])}"}
+                        for n in runners if n not in usable]
             rows += bench_runners(usable, chw, [batch], iters, min_seconds, warmup, max_seconds=max_seconds,
                                   strict=strict, retries=retries)
     result = {"bundle": str(bundle_dir), "model": model["name"], "machine": machine_info(), "threads": threads,
               "results": [r for r in rows if not r["runner"].startswith("plain:")], "skipped": skipped,
-              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet}
+              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet, "runtimes": runtimes}
     if twin:
         result["overhead"] = {"plain": twin, "rows": overhead_rows(rows)}
     return result
@@ -385,21 +409,31 @@ def _pytorch_model(manifest: dict):
 
 
 def _open_artifacts(bundle_dir, manifest: dict, names: list[str] | None, threads: int | None, prefix: str,
-                    runners: dict, skipped: list, limits: dict) -> None:
+                    runners: dict, skipped: list, limits: dict, runtimes: list[str] | None = None) -> None:
+    """A runner per artifact and runtime (``runtimes`` None: the default one, rows named as the artifact)."""
     from .errors import BackendUnavailable
     from .runners import open_artifact
+    from .runtimes import fitting
 
     for artifact in manifest["artifacts"]:
         if names and artifact["name"] not in names:
             continue
-        try:
-            runners[prefix + artifact["name"]] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads)
-        except BackendUnavailable as exc:
-            skipped.append({"artifact": prefix + artifact["name"], "reason": str(exc)})
+        chosen = [None] if runtimes is None else fitting(artifact["format"], runtimes)
+        if not chosen:
+            skipped.append({"artifact": prefix + artifact["name"], "reason": f"no runtime of --runtime {','.join(runtimes)} "
+                            f"runs {artifact['format']} artifacts"})
             continue
-        profile = (artifact.get("export") or {}).get("profile")
-        if profile:
-            limits[prefix + artifact["name"]] = profile["max_batch"]
+        for runtime in chosen:
+            name = prefix + artifact["name"] + (f"@{runtime}" if len(chosen) > 1 else "")
+            try:
+                runners[name] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads, runtime=runtime)
+            except BackendUnavailable as exc:
+                skipped.append({"artifact": name, "reason": str(exc)})
+                continue
+            if artifact["format"] == "tensorrt":
+                from .exporters.tensorrt import profile_batch_limit
+
+                limits[name] = profile_batch_limit(manifest, artifact)
 
 
 def _calibration(manifest: dict, calib_data: str | None, size: int = 128):

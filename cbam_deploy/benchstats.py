@@ -32,8 +32,7 @@ def median_ci(values, confidence: float = CONFIDENCE, resamples: int = RESAMPLES
         raise ValueError("no samples")
     rng = np.random.default_rng(seed)
     boots = np.median(data[rng.integers(0, data.size, (resamples, data.size))], axis=1)
-    alpha = (1 - confidence) / 2
-    return float(np.median(data)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    return _with_estimate(float(np.median(data)), boots, confidence)
 
 
 def ratio_ci(candidate, reference, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
@@ -52,8 +51,15 @@ def ratio_ci(candidate, reference, confidence: float = CONFIDENCE, resamples: in
     else:
         boots = (np.median(a[rng.integers(0, a.size, (resamples, a.size))], axis=1)
                  / np.median(b[rng.integers(0, b.size, (resamples, b.size))], axis=1))
+    return _with_estimate(float(np.median(a) / np.median(b)), boots, confidence)
+
+
+def _with_estimate(estimate: float, boots: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """(estimate, low, high): the percentile interval, stretched to hold the estimate itself (with few
+    samples a median's bootstrap distribution is lumpy and its percentiles can miss the estimate)."""
     alpha = (1 - confidence) / 2
-    return float(np.median(a) / np.median(b)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    low, high = float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    return estimate, min(low, estimate), max(high, estimate)
 
 
 def spread(values) -> float:

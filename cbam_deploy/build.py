@@ -141,7 +141,7 @@ def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, 
         profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
         timing_cache = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
         metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
-                                timing_cache, options.dla_core)
+                                timing_cache, options.dla_core, bundle_dir=bundle_dir)
         _commit_artifact(update, onnx_fp32["sha256"], new_artifact(
             update.staging, name, "tensorrt", precision, (sidecar(engine).name,), export=metadata))
     return BuildOutcome("tensorrt", precision, name)

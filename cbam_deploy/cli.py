@@ -20,6 +20,10 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import CbamDeployError
+from .runtimes import runtime_help
+
+_RUNTIME_HELP = ("Runtime that runs the artifacts: " + runtime_help() + ". Default: the best available here (for ONNX "
+                 "ort-tensorrt > ort-cuda > ort-openvino > ort-cpu).")
 
 # Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -258,6 +262,7 @@ def verify_command(
     data: Annotated[Optional[str], typer.Option(help="Also compare on these images (folder) or arrays.")] = None,
     artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
     samples: Annotated[int, typer.Option(help="Images for the --data and INT8 checks.")] = 16,
+    runtime: Annotated[Optional[str], typer.Option(help=_RUNTIME_HELP + " Artifacts it does not run are skipped.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
@@ -268,11 +273,12 @@ def verify_command(
     validate_verify_options(data, samples)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     check_artifact_names(read_manifest(bundle), names, bundle)
-    result = verify_bundle(bundle, data, names, samples)
+    result = verify_bundle(bundle, data, names, samples, runtime=runtime)
     if as_json:
         _print_json(result)
     else:
-        table = Table(title=f"verify {result['bundle']} against {result['reference']}")
+        under = f" (runtime {runtime})" if runtime else ""
+        table = Table(title=f"verify {result['bundle']}{under} against {result['reference']}")
         for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
             table.add_column(column)
         for row in result["results"]:
@@ -291,6 +297,10 @@ def verify_command(
                 out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
                           f"({divergence['type']}, ONNX node {divergence['onnx_node']}): max abs error "
                           f"{divergence['max_abs_err']:.3g} > {divergence['bound']:.3g}")
+    for row in result["results"]:
+        if row.get("fallback"):
+            err.print(f"[yellow]warning:[/] {escape(row['artifact'])} under {row.get('runtime')}: {escape(row['fallback'])}",
+                      soft_wrap=True)
     for warning in result.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if result["passed"] is False:
@@ -318,6 +328,9 @@ def bench_command(
                                                               "attention overhead per engine.")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration data for INT8 peers and the plain twin (default: "
                                                            "the bundle's INT8 calibration source).")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help="Comma list. " + _RUNTIME_HELP + " Each artifact runs under every "
+                                                   "listed runtime that runs its format, in the same rounds (rows "
+                                                   "ARTIFACT@RUNTIME).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="An unstable measurement is an error (exit 5).")] = False,
     retries: Annotated[int, typer.Option(help="Measure an unstable batch size again, up to this many times.")] = 0,
     wait_quiet: Annotated[float, typer.Option(help="Wait up to this many seconds for other processes to go quiet first.")] = 0.0,
@@ -335,6 +348,9 @@ def bench_command(
     # every option, and the report paths, before any measuring: a typo must not cost the whole run
     batches = validate_bench_options(batch, iters, min_seconds, warmup, threads, markdown, plot)
     check_int("--retries", retries, 0, 10)
+    from .runtimes import parse_runtimes
+
+    parse_runtimes(runtime)  # an unknown or missing runtime before any export or measuring
     if max_seconds is not None:
         check_number("--max-seconds", max_seconds)
     if wait_quiet < 0:
@@ -355,7 +371,7 @@ def bench_command(
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
         result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads, max_seconds, strict, retries,
-                              wait_quiet, peers, overhead, calib_data)
+                              wait_quiet, peers, overhead, calib_data, runtime)
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:
@@ -377,7 +393,8 @@ def _print_bench(result: dict, title: str) -> None:
 
     table = Table(title=title)
     for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("runner", "backend", "precision", "stable") else "right")
+        table.add_column(column, justify="left" if column in ("runner", "runtime", "precision", "stable") else "right",
+                         overflow="fold" if column == "runner" else "ellipsis")  # ARTIFACT@RUNTIME in full
     for r in result["results"]:
         table.add_row(*(escape(c) for c in row_cells(r)))
     out.print(table)
@@ -392,6 +409,10 @@ def _print_bench(result: dict, title: str) -> None:
         if r.get("made_by"):
             out.print(f"[dim]{escape(r['runner'])}: {escape(r['made_by'])}[/]")
     out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    from .bench import fallback_notes
+
+    for note in fallback_notes(result["results"]):
+        out.print(f"[yellow]fallback[/] {escape(note)}")
     for note in unstable_notes(result["results"]):
         out.print(f"[yellow]unstable[/] {escape(note)}")
     if not result["stable"]:
@@ -526,39 +547,105 @@ def eval_command(
 @app.command("serve")
 @_handle_errors
 def serve_command(
-    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
-    artifact: Annotated[Optional[str], typer.Option(help="Artifact to serve (default: the first, onnx-fp32).")] = None,
+    bundles: Annotated[list[str], typer.Argument(
+        help="Bundle folder(s), or a folder of bundles: each is served as its own model, with its own batcher.")],
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact to serve (default: each bundle's first, onnx-fp32).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless told otherwise.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: any free one; the line 'serving ... on' names it).")] = 8000,
-    name: Annotated[Optional[str], typer.Option(help="Model name in the API (default: the bundle's model).")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port (0: any free one; the line 'serving ... on' names it).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(
+        help="gRPC port of the same protocol (KServe v2 GRPCInferenceService), 8001 as Triton; 0 turns it off.")] = 8001,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the API (default: the bundle's model); one bundle only.")] = None,
     max_batch: Annotated[int, typer.Option(help="Dynamic batching: most samples per run (1 = off).")] = 8,
     batch_timeout_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more requests.")] = 5.0,
-    max_body_mb: Annotated[float, typer.Option(help="Larger request bodies get 413.")] = 32.0,
+    max_body_mb: Annotated[float, typer.Option(help="Larger request bodies get 413 (gRPC: RESOURCE_EXHAUSTED).")] = 32.0,
     labels: Annotated[Optional[str], typer.Option(help="Class names, one per line, for /v1/classify.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Inference threads.")] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests waiting for inference; more get 503 at once.")] = 256,
+    threads: Annotated[Optional[int], typer.Option(help="Inference threads (per model).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for inference, per model; more get 503 at once.")] = 256,
     request_timeout_s: Annotated[float, typer.Option(
         help="Seconds to receive a body (else 408) and to wait for a result (else 504).")] = 30.0,
     limit_concurrency: Annotated[int, typer.Option(help="Connections and requests in flight; more get 503.")] = 256,
 ) -> None:
-    """Serve an artifact over the Open Inference Protocol (KServe v2), plus /v1/classify and /metrics.
+    """Serve artifacts over the Open Inference Protocol (KServe v2), HTTP and gRPC, plus /v1/classify and /metrics.
 
-    Exit codes: 0 stopped by Ctrl-C, 2 a bad option or bundle, 4 the address could not be bound or
-    the server could not start. SIGTERM stops it within a few seconds."""
+    Several bundles (or a folder of bundles) are several models, each named after its bundle's model
+    (its folder when two would clash) and listed by /v2/repository/index. Exit codes: 0 stopped by
+    Ctrl-C, 2 a bad option or bundle, 4 an address could not be bound or the server could not start.
+    SIGTERM stops it within a few seconds."""
     from .serve.app import ServeConfig, serve
 
-    config = ServeConfig(bundle, artifact=artifact, name=name, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms,
-                         max_body_mb=max_body_mb, labels=labels, threads=threads, max_queue=max_queue,
-                         request_timeout_s=request_timeout_s, limit_concurrency=limit_concurrency)
+    if not 0 <= grpc_port <= 65535:
+        raise CbamDeployError(f"--grpc-port must be 0 to 65535, got {grpc_port}")
+    if grpc_port and grpc_port == port:
+        raise CbamDeployError(f"--port and --grpc-port are both {port}")
+    config = ServeConfig(bundles[0] if len(bundles) == 1 else list(bundles), artifact=artifact, name=name,
+                         max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, labels=labels,
+                         threads=threads, max_queue=max_queue, request_timeout_s=request_timeout_s,
+                         limit_concurrency=limit_concurrency, grpc_port=grpc_port or None)
+    state = {}
 
     def started(address: str) -> None:
-        err.print(f"serving {escape(bundle)} on http://{address} (Open Inference Protocol: /v2/models/...; Ctrl-C stops)",
-                  soft_wrap=True)
+        app = state.get("app")
+        models = ", ".join(app.state.repository.models) if app is not None else ""
+        grpc_address = app.state.grpc_address if app is not None else None
+        endpoints = f"http://{address}" + (f" and grpc://{grpc_address}" if grpc_address else "")
+        err.print(f"serving {escape(models or ' '.join(bundles))} on {endpoints} "
+                  "(Open Inference Protocol: /v2/models/...; Ctrl-C stops)", soft_wrap=True)
 
     try:
-        serve(config, host, port, on_started=started)
+        serve(config, host, port, on_started=started, on_app=lambda app: state.update(app=app))
     except KeyboardInterrupt:
         err.print("stopped")
+
+
+@app.command("kserve")
+@_handle_errors
+def kserve_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The InferenceService manifest to write (YAML).")] = ...,
+    storage_uri: Annotated[str, typer.Option(
+        help="Where the cluster fetches the model from (s3://, gs://, pvc://, ...): the Triton repository "
+             "(triton) or the bundle (cbam-deploy).")] = ...,
+    predictor: Annotated[str, typer.Option(
+        help="triton: KServe's Triton runtime over the Triton repository; cbam-deploy: this server as a custom "
+             "predictor image.")] = "triton",
+    repository: Annotated[Optional[str], typer.Option(
+        help="triton: also write the Triton model repository here (what to upload to --storage-uri).")] = None,
+    image: Annotated[Optional[str], typer.Option(help="cbam-deploy: the image (the Dockerfile's, in your registry).")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact (default onnx-fp32 for triton, the first for cbam-deploy).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default: from the model's).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Kubernetes namespace (default: kubectl's).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Model name in the API (default: the bundle's model).")] = None,
+    cpu: Annotated[str, typer.Option(help="CPU per replica, request = limit (2, 500m).")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory per replica, request = limit (4Gi).")] = "4Gi",
+    gpus: Annotated[Optional[int], typer.Option(help="nvidia.com/gpu per replica (default 1 for a TensorRT artifact, else 0).")] = None,
+    min_replicas: Annotated[int, typer.Option(help="Replicas at least (0: scale to zero).")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Replicas at most.")] = 4,
+    scale_target: Annotated[int, typer.Option(help="Autoscaler target: requests in flight per replica.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Dynamic batching: most samples per run (both predictors).")] = 8,
+) -> None:
+    """Write a KServe InferenceService manifest for the bundle (kubectl apply -f it)."""
+    from .serve.kserve import inference_service, write_yaml
+
+    service = inference_service(bundle, storage_uri, predictor=predictor, name=name, namespace=namespace,
+                                artifact=artifact, image=image, model_name=model_name, cpu=cpu, memory=memory, gpus=gpus,
+                                min_replicas=min_replicas, max_replicas=max_replicas, scale_target=scale_target,
+                                max_batch=max_batch)
+    header = [f"KServe InferenceService for {bundle} (artifact {service['metadata']['annotations']['cbam-deploy/artifact']}), "
+              f"made by cbam-deploy kserve"]
+    if predictor == "triton":
+        if repository:
+            from .serve.triton import write_repository
+
+            written = write_repository(bundle, repository, [service["metadata"]["annotations"]["cbam-deploy/artifact"]],
+                                       name=model_name, max_batch=max_batch)
+            out.print(f"Triton repository: {written[0]['path']} (model {written[0]['model']})")
+        header.append(f"upload the Triton repository ({repository or 'cbam-deploy triton BUNDLE -o REPO'}) to {storage_uri}")
+    else:
+        header.append(f"upload the bundle folder to {storage_uri}; push the image {image}")
+    header.append(f"then: kubectl apply -f {Path(output).name}")
+    path = write_yaml(service, output, header)
+    out.print(f"{path}: InferenceService {service['metadata']['name']} ({predictor} predictor, "
+              f"{min_replicas}-{max_replicas} replicas, readiness /v2/health/ready)")
 
 
 @app.command("triton")
@@ -572,6 +659,8 @@ def triton_command(
     instances: Annotated[int, typer.Option(help="instance_group count.")] = 1,
     delay_us: Annotated[int, typer.Option(help="dynamic_batching max_queue_delay_microseconds.")] = 5000,
     kind: Annotated[Optional[str], typer.Option(help="KIND_CPU or KIND_GPU (default: by backend).")] = None,
+    triton_release: Annotated[Optional[str], typer.Option(help="Triton release (YY.MM) the repository is for; TensorRT "
+                                                               "engines are checked against it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository for the bundle's artifacts."""
@@ -586,14 +675,16 @@ def triton_command(
     bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
     for chosen in names or ["onnx-fp32"]:  # present and intact, before the repository folder is made
         artifact_path(bundle_dir, manifest, chosen)
-    written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind)
+    written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind, triton_release)
     if as_json:
         _print_json(written)
         return
     for entry in written:
         out.print(f"{entry['model']}: {entry['format']} artifact {entry['artifact']} -> {entry['path']}")
+        for warning in entry.get("warnings", []):
+            out.print(f"[yellow]warning:[/] {escape(warning)}")
     out.print(f"start Triton: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/{output}:/models "
-              "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
+              f"nvcr.io/nvidia/tritonserver:{triton_release or '<yy.mm>'}-py3 tritonserver --model-repository=/models")
 
 
 @app.command("info")
@@ -613,8 +704,12 @@ def info_command(
 
     manifest = read_manifest(bundle)
     integrity = check_integrity(Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent, manifest)
+    from .exporters.tensorrt import image_stack
+
+    stack = image_stack()  # the pinned stack of a cbam-deploy Docker image; None elsewhere
     if as_json:
-        _print_json({**manifest, "artifacts": [{**a, "integrity": integrity[a["name"]]} for a in manifest["artifacts"]]})
+        _print_json({**manifest, "artifacts": [{**a, "integrity": integrity[a["name"]]} for a in manifest["artifacts"]],
+                     **({"image_stack": stack} if stack else {})})
     else:
         model = manifest["model"]
         params = f"{model['parameters']:,}" if isinstance(model.get("parameters"), int) else "?"
@@ -631,6 +726,8 @@ def info_command(
             size = f"{artifact['size_bytes'] / 1e6:.1f} MB" if "size_bytes" in artifact else "-"
             table.add_row(artifact["name"], artifact["format"], artifact["precision"], size, shown, verdict)
         out.print(table)
+        if stack:
+            out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))
     broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
     if broken:
         err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "

@@ -219,6 +219,11 @@ def read_current(bundle_dir: Path) -> dict | None:
     return read_manifest_file(path)
 
 
+def _make_staging(bundle_dir: Path) -> Path:
+    """A new private staging folder inside the bundle (the fault-injection tests replace this)."""
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=bundle_dir))
+
+
 class BundleUpdate:
     """Stage files for a bundle and commit them with a change to its manifest, all or nothing.
 
@@ -244,7 +249,7 @@ class BundleUpdate:
                 raise CbamDeployError(f"{self.bundle_dir} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
             with bundle_lock(self.bundle_dir):
                 recover(self.bundle_dir)
-                self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.bundle_dir))
+                self.staging = _make_staging(self.bundle_dir)
                 self._owner_fd = os.open(self.staging / OWNER_NAME, os.O_RDWR | os.O_CREAT, 0o600)
                 fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
         except OSError as exc:

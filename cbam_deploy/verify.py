@@ -36,23 +36,25 @@ def _side(manifest: dict) -> int:
 
 
 def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference, data: str | None = None,
-                    samples: int = 16, seed: int = 0) -> dict:
+                    samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
     try:
-        runner = open_artifact(bundle_dir, manifest, artifact["name"])
+        runner = open_artifact(bundle_dir, manifest, artifact["name"], runtime=runtime)
     except BackendUnavailable as exc:
         return {"passed": None, "skipped": str(exc)}
+    ran = _ran(runner)
     if artifact["precision"] == "int8":
         inputs, label = _int8_inputs(manifest, artifact, data, samples, seed)
         inputs, batch = fit_to_batch(manifest, inputs)
         trained = manifest["model"].get("weights") is not None
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
                                judge_top1=trained, kinds=output_kinds(manifest)),
-                "precision": "int8", "inputs": label, "candidate": runner.describe()}
+                "precision": "int8", "inputs": label, "candidate": runner.describe(), **ran}
     tolerance = artifact["precision"] if artifact["precision"] in TOLERANCES else "fp32"
     dynamic_hw = isinstance(manifest["input"]["shape"][2], str)
     cases = plan_cases(_side(manifest), fixed_batch(manifest), dynamic_hw, 8)
     result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=output_kinds(manifest))
     result["inputs"] = "seeded N(0,1) in the normalised input space"
+    result.update(ran)
     if data:
         images, batch = fit_to_batch(manifest, load_calibration(data, manifest["input"], samples, seed).inputs)
         on_images = compare_all(reference.infer_batched(images, batch), runner.infer_batched(images, batch),
@@ -80,8 +82,21 @@ def _check_attention(bundle_dir: Path, manifest: dict, artifact: dict, model, re
         result["reason"] = "; ".join(r for r in (result.get("reason"), "attention drifted: " + parity["reason"]) if r)
 
 
+def _ran(runner) -> dict:
+    """Which runtime and providers really ran the artifact (onnxruntime may fall back silently)."""
+    described = runner.describe()
+    return {key: described[key] for key in ("runtime", "providers_active", "fallback") if key in described} or \
+        {"runtime": getattr(runner, "runtime", None)}
+
+
 def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: list[str] | None = None,
-                  samples: int = 16, seed: int = 0) -> dict:
+                  samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
+    """``runtime``: run every artifact whose format it runs under that runtime (see
+    ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format."""
+    from .runtimes import RUNTIMES, parse_runtimes
+
+    if runtime is not None and len(parse_runtimes(runtime)) != 1:
+        raise CbamDeployError(f"--runtime: verify takes one runtime, got {runtime}")
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     if artifacts:
@@ -96,8 +111,10 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
         if is_stand_in(reference) and artifact["name"] == "onnx-fp32":
             result = {"passed": None, "skipped": f"no independent reference ({label}); it was checked against "
                                                  "PyTorch at export (see its parity)"}
+        elif runtime is not None and artifact["format"] not in RUNTIMES[runtime].formats:
+            result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact['format']} artifacts"}
         else:
-            result = verify_artifact(bundle_dir, manifest, artifact, reference, data, samples, seed)
+            result = verify_artifact(bundle_dir, manifest, artifact, reference, data, samples, seed, runtime)
         result["reference"] = label
         if result.get("passed") is not None and not is_stand_in(reference):
             _check_attention(bundle_dir, manifest, artifact, reference.model, result, data, samples, seed)

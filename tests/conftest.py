@@ -17,3 +17,15 @@ def tiny_cbam():
     from cbam_deploy.models import create_model
 
     return randomize(create_model("resnet18_cbam", num_classes=10, stem="cifar"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory):
+    """The trained reference digits model exported once per test session (no parity run): a small
+    classifier with real attention, for tests that need a bundle but not its making."""
+    from cbam_deploy.pipeline import ExportRequest, export_bundle
+    from reference.digits import CHECKPOINT, MODEL_NAME, STEM
+
+    out = tmp_path_factory.mktemp("digits-bundle") / "digits"
+    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(out), parity=False))
+    return out

@@ -264,7 +264,7 @@ def test_verify_on_a_bundle_it_cannot_write_reports_and_says_so(old_bundle, tmp_
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(transaction.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(transaction, "_make_staging", read_only)
     result = CliRunner().invoke(app, ["verify", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "Read-only file system" in result.output and "could not be updated" in result.output

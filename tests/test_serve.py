@@ -194,9 +194,9 @@ def test_serve_command_end_to_end(bundle):
     from cbam_deploy.serve.local import free_port
 
     exe = shutil.which("cbam-deploy", path=os.path.dirname(sys.executable)) or shutil.which("cbam-deploy")
-    port = free_port()
-    process = subprocess.Popen([exe, "serve", str(bundle), "--port", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    port, grpc_port = free_port(), free_port()  # gRPC on a free port, not the default 8001 another run may hold
+    process = subprocess.Popen([exe, "serve", str(bundle), "--port", str(port), "--grpc-port", str(grpc_port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -210,6 +210,9 @@ def test_serve_command_end_to_end(bundle):
                 time.sleep(0.2)
         client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
         assert client.get_model_metadata("resnet10_half_cbam")["name"] == "resnet10_half_cbam"
+        import tritonclient.grpc as grpcclient
+
+        assert grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_model_ready("resnet10_half_cbam")
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)

@@ -649,7 +649,7 @@ def _console_script() -> str:
 
 
 def test_sigterm_stops_the_server_under_traffic(bundle):
-    process = subprocess.Popen([_console_script(), "serve", str(bundle), "--port", "0", "--max-batch", "4"],
+    process = subprocess.Popen([_console_script(), "serve", str(bundle), "--port", "0", "--grpc-port", "0", "--max-batch", "4"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert select.select([process.stderr], [], [], 60)[0], "no 'serving' line within 60 s"

@@ -1,7 +1,7 @@
 """PyTorch -> ONNX, checked (onnx.checker full check, shape inference) and written atomically.
 
 Exporter choice: the TorchScript exporter (``dynamo=False``) is the default because it writes
-opset 17 natively, which both TensorRT 8.5 (JetPack 5, parses opsets <= 17) and 10.x parse, and it
+opset 17 natively, which both TensorRT 8.5 (parses opsets <= 17) and 10.x parse, and it
 names nodes after their modules (``/layer1/layer1.0/cbam/ChannelGate/...``), which the INT8
 gate policy uses. torch 2.13's dynamo exporter starts at opset 18; asked for 17 its version
 converter fails on this graph and silently keeps 18, and it is ~12x slower. It is available
@@ -47,7 +47,7 @@ class OnnxExportOptions:
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not low <= self.opset <= high:
             raise CbamDeployError(
                 f"opset {self.opset} is out of range for the {self.exporter} exporter: choose {low}..{high} "
-                f"(default {DEFAULT_OPSET}; TensorRT 8.5 on JetPack 5 parses at most 17)"
+                f"(default {DEFAULT_OPSET}; TensorRT 8.5 parses at most 17)"
             )
         from ..options import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, is_int
 

@@ -17,22 +17,16 @@ from .torch import TorchRunner
 __all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner", "is_stand_in", "open_artifact", "reference_runner"]
 
 
-def open_artifact(bundle_dir: str | Path, manifest: dict, name: str, threads: int | None = None) -> Runner:
-    """A runner for one artifact of a bundle (its sha256 checked first)."""
+def open_artifact(bundle_dir: str | Path, manifest: dict, name: str, threads: int | None = None,
+                  runtime: str | None = None) -> Runner:
+    """A runner for one artifact of a bundle (its sha256 checked first), under ``runtime`` (a name from
+    ``cbam_deploy.runtimes.RUNTIMES``; default: the best this machine has for the artifact's format).
+    A runtime that is missing here, or does not run that format, is refused in one line."""
     from ..bundle import artifact_path
+    from ..runtimes import select_runtime
 
     artifact, path = artifact_path(bundle_dir, manifest, name)
-    if artifact["format"] == "onnx":
-        return OnnxRuntimeRunner(path, threads=threads, precision=artifact["precision"])
-    if artifact["format"] == "openvino":
-        from .openvino import OpenVINORunner
-
-        return OpenVINORunner(path, precision=artifact["precision"], threads=threads)
-    if artifact["format"] == "tensorrt":
-        from .tensorrt import TensorRTRunner
-
-        return TensorRTRunner(path, precision=artifact["precision"])
-    raise CbamDeployError(f"no runner for artifact format {artifact['format']!r}")
+    return select_runtime(artifact["format"], runtime).open(path, artifact["precision"], threads)
 
 
 def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tuple[Runner, str]:
@@ -66,7 +60,8 @@ def reference_runner(manifest: dict, bundle_dir: str | Path | None = None) -> tu
         reason = "no checkpoint: a random-init model that cannot be rebuilt"
     if bundle_dir is None:
         raise CbamDeployError(f"cannot rebuild the PyTorch model ({reason})")
-    return open_artifact(bundle_dir, manifest, "onnx-fp32"), f"onnx-fp32 (stand-in: {reason})"
+    # on onnxruntime's CPU provider whatever else this machine has: a reference must not compute in TF32
+    return open_artifact(bundle_dir, manifest, "onnx-fp32", runtime="ort-cpu"), f"onnx-fp32 (stand-in: {reason})"
 
 
 def is_stand_in(reference: Runner) -> bool:

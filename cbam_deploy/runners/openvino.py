@@ -1,5 +1,6 @@
-"""OpenVINO runtime. The inference precision is always set explicitly: on CPUs with bf16 support
-OpenVINO would otherwise run an "fp32" model in bf16, and a latency labelled fp32 would be wrong."""
+"""OpenVINO runtime, over an IR (.xml) or an ONNX file (OpenVINO reads ONNX itself: the ``openvino``
+runtime of an ONNX artifact). The inference precision is always set explicitly: on CPUs with bf16
+support OpenVINO would otherwise run an "fp32" model in bf16, and a latency labelled fp32 would be wrong."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CbamDeployError
 from ..exporters.openvino import require_openvino
 from .base import Runner
 
@@ -19,14 +21,20 @@ class OpenVINORunner(Runner):
     def __init__(self, xml: str | Path, device: str = "CPU", precision: str = "fp32",
                  inference_precision: str | None = None, hint: str = "LATENCY", threads: int | None = None,
                  perf_counters: bool = False) -> None:
+        """``xml``: an IR's .xml, or an .onnx (read and converted by OpenVINO as it compiles)."""
         ov = require_openvino()
+        self.source = "onnx" if Path(xml).suffix.lower() == ".onnx" else "ir"
         self.core = ov.Core()
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision or _HINT[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if perf_counters:  # per-node times of the last inference (see node_times)
             config["PERF_COUNT"] = True
-        self.compiled = self.core.compile_model(str(xml), device, config)
+        try:
+            self.compiled = self.core.compile_model(str(xml), device, config)
+        except RuntimeError as exc:  # an op OpenVINO cannot read or compile, a damaged file
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise CbamDeployError(f"OpenVINO cannot compile {xml}: {' '.join(lines) or exc}") from None
         self.request = self.compiled.create_infer_request()
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
         self.device = device
@@ -51,4 +59,5 @@ class OpenVINORunner(Runner):
                 for info in self.request.profiling_info if info.real_time.total_seconds() > 0]
 
     def describe(self) -> dict:
-        return {**super().describe(), "inference_precision": self.inference_precision, "performance_hint": self.hint}
+        return {**super().describe(), "runtime": getattr(self, "runtime", None) or "openvino", "model_source": self.source,
+                "inference_precision": self.inference_precision, "performance_hint": self.hint}

@@ -1,9 +1,12 @@
 """The inference server: Starlette on uvicorn, Open Inference Protocol (KServe v2) over HTTP/JSON with
-Triton's binary tensor extension, ``/v1/classify`` for images, Prometheus ``/metrics``.
+Triton's binary tensor extension, the same protocol over gRPC (``grpc_server.py``), ``/v1/classify``
+for images, ``/v2/repository/index``, Prometheus ``/metrics``. One or several models (``serve B1
+B2 ...`` or a folder of bundles), each with its own batcher; the routes here are thin: they read
+and write HTTP, ``service.ModelService`` does the rest.
 
 Client errors (wrong shape, datatype or element count, malformed or type-confused JSON, undecodable
 image, unknown model) are 4xx with a JSON message; a body over ``max_body_mb`` is 413. No request
-names a file: the server only ever reads the bundle it was started with.
+names a file: the server only ever reads the bundles it was started with.
 
 What keeps it serving (each is tested in tests/test_serve_faults.py):
 
@@ -18,7 +21,7 @@ What keeps it serving (each is tested in tests/test_serve_faults.py):
 - Anything unexpected is a JSON 500, counted in ``cbam_unhandled_errors_total``; the server goes on.
 - A request body must arrive within ``request_timeout_s`` (else 408): a client trickling its body
   holds only its own connection. uvicorn runs with a keep-alive timeout, a concurrency limit (503
-  beyond it) and a bounded graceful shutdown.
+  beyond it) and a bounded graceful shutdown; the gRPC endpoint stops with it.
 """
 
 from __future__ import annotations
@@ -30,18 +33,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-
-from ..bundle import fixed_batch, read_manifest
 from ..errors import BackendUnavailable, CbamDeployError
-from ..runners import open_artifact
-from .batcher import BatcherError, DynamicBatcher
-from .images import decode_image
-from ..outputs import classification_output
-from .protocol import HEADER_LENGTH, ProtocolError, decode_input, encode_response, parse_infer_request, wants_binary
-from .threads import DaemonThreads
+from .batcher import BatcherError
+from .protocol import HEADER_LENGTH, ProtocolError, encode_response, wants_binary
+from .service import Metrics, ModelRepository, load_repository
 
 logger = logging.getLogger("cbam_deploy.serve")
 
@@ -55,32 +51,43 @@ class ServeError(CbamDeployError):
 
 @dataclass
 class ServeConfig:
-    bundle: str
+    bundle: str | list[str]            # a bundle, a folder of bundles, or a list of either
     artifact: str | None = None
-    name: str | None = None
+    name: str | None = None            # one bundle only
     max_batch: int = 8
     batch_timeout_ms: float = 5.0
     max_body_mb: float = 32.0
     labels: str | None = None
     threads: int | None = None
+    runtime: str | None = None         # see cbam_deploy.runtimes; None: the best this machine has for the format
     top_k: int = 5
     max_queue: int = 256               # requests waiting for inference; more get 503 at once
     request_timeout_s: float = 30.0    # to receive a body (408) and to wait for a result (504)
     max_image_pixels: int = 24_000_000  # /v1/classify, from the image header (413); PIL's own bomb limit is ~89M
     max_aspect: float = 50.0           # /v1/classify: longer side / shorter side (422)
     decode_threads: int = 2            # worker threads for request decoding and image preprocessing
-    limit_concurrency: int = 256       # uvicorn: connections + requests in flight; more get 503
+    limit_concurrency: int = 256       # uvicorn: connections + requests in flight; more get 503 (gRPC: RPCs in flight)
     keep_alive_s: int = 5              # uvicorn: idle keep-alive connections are closed after this
     shutdown_timeout_s: int = 3        # uvicorn: requests still running this long after SIGTERM are cancelled
+    grpc_port: int | None = None       # the gRPC endpoint: None none (the CLI's --grpc-port 0), 0 any free port
 
     def check(self) -> None:
+        skip = ("grpc_port",)
         bad = [f"--{name.replace('_', '-')} {value}" for name, value in vars(self).items()
-               if isinstance(value, (int, float)) and not (value >= 0 if name == "batch_timeout_ms" else value > 0)]
+               if name not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)
+               and not (value >= 0 if name == "batch_timeout_ms" else value > 0)]
         if bad:
             raise CbamDeployError("these serve settings must be positive: " + ", ".join(bad))
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise CbamDeployError(f"--grpc-port must be 0 to 65535, got {self.grpc_port}")
+        if self.runtime is not None:
+            from ..runtimes import parse_runtimes
+
+            if len(parse_runtimes(self.runtime)) != 1:
+                raise CbamDeployError(f"--runtime: serve takes one runtime, got {self.runtime}")
 
 
-def _require_serving():
+def _require_serving(grpc: bool = False):
     try:
         import prometheus_client  # noqa: F401
         import pydantic  # noqa: F401
@@ -88,70 +95,38 @@ def _require_serving():
         import uvicorn  # noqa: F401
     except ImportError:
         raise BackendUnavailable("serving needs the serve extra: pip install 'cbam-deploy[serve]'") from None
-
-
-def _labels(config: ServeConfig, manifest: dict, classes: int) -> list[str]:
-    if config.labels:
+    if grpc:
         try:
-            names = [line.strip() for line in Path(config.labels).read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CbamDeployError(f"cannot read labels file {config.labels}: {exc}") from None
-        if len(names) != classes:
-            raise CbamDeployError(f"labels file {config.labels} has {len(names)} lines; the model has {classes} classes")
-        return names
-    return list(manifest.get("labels") or [str(i) for i in range(classes)])
+            import grpc as _grpc  # noqa: F401
+            from tritonclient.grpc import service_pb2_grpc  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("the gRPC endpoint needs grpcio and tritonclient[grpc] (the serve extra: "
+                                     "pip install 'cbam-deploy[serve]'); --grpc-port 0 turns it off") from None
 
 
 def create_app(config: ServeConfig):
-    """Build the ASGI app (the bundle and its runner are loaded here, before the first request)."""
-    _require_serving()
+    """Build the ASGI app (the bundles and their runners are loaded here, before the first request).
+    With ``config.grpc_port`` set, the gRPC endpoint starts and stops with the app (its lifespan),
+    on ``app.state.grpc_host`` (127.0.0.1 unless ``serve`` says otherwise); once it listens,
+    ``app.state.grpc_address`` is 'host:port'."""
+    _require_serving(grpc=config.grpc_port is not None)
     config.check()
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    manifest = read_manifest(config.bundle)
-    artifact = config.artifact or manifest["artifacts"][0]["name"]
-    runner = open_artifact(config.bundle, manifest, artifact, threads=config.threads)
-    model_name = config.name or manifest["model"]["name"].replace(":", "_").replace("/", "_")
-    input_spec = manifest["input"]
-    output_specs = manifest["outputs"]
-    output_names = [o["name"] for o in output_specs]
-    classifier = classification_output(manifest)  # /v1/classify serves classifiers only
-    shape = input_spec["shape"]
-    batch_size = fixed_batch(manifest)
-    labels = _labels(config, manifest, manifest["model"].get("num_classes") or classifier["shape"][-1]) if classifier else []
+    metrics = Metrics()
+    repository = load_repository(config, metrics)
     max_body = int(config.max_body_mb * 1024 * 1024)
-    side = int(input_spec["preprocess"]["center_crop"])
-    max_side = 8 * side  # for a dynamic height/width: bounds the activations one request can cost
-
-    registry = CollectorRegistry()
-    requests_total = Counter("cbam_requests_total", "Requests by endpoint and status code", ["endpoint", "code"], registry=registry)
-    errors_total = Counter("cbam_errors_total", "Requests answered with an error", ["endpoint"], registry=registry)
-    unhandled_total = Counter("cbam_unhandled_errors_total", "Unexpected exceptions, answered with 500",
-                              ["endpoint"], registry=registry)
-    latency = Histogram("cbam_request_latency_seconds", "Request latency", ["endpoint"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-    batch_sizes = Histogram("cbam_batch_size", "Samples per executed batch", registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    batcher = DynamicBatcher(runner.infer, 1 if batch_size else config.max_batch, config.batch_timeout_ms,
-                             on_batch=batch_sizes.observe, max_queue=config.max_queue, wait_s=config.request_timeout_s)
-    Gauge("cbam_queue_depth", "Requests waiting for or in inference", registry=registry).set_function(lambda: batcher.depth)
-    Gauge("cbam_ready", "1 while inference requests are served", registry=registry).set_function(
-        lambda: 0 if not_ready() else 1)
-    workers: DaemonThreads | None = None  # both made when the app starts (lifespan)
-    stopping: asyncio.Event | None = None  # set when the server begins to shut down
 
     def error(endpoint: str, status: int, message: str) -> JSONResponse:
-        errors_total.labels(endpoint).inc()
+        metrics.errors.labels(endpoint).inc()
         headers = {"retry-after": "1"} if status == 503 else None
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     def unexpected(endpoint: str, exc: BaseException) -> JSONResponse:
-        unhandled_total.labels(endpoint).inc()
+        metrics.unhandled.labels(endpoint).inc()
         logger.error("unhandled error in %s", endpoint, exc_info=exc)
         return error(endpoint, 500, f"internal error ({type(exc).__name__}); the server log has the details")
 
@@ -168,15 +143,15 @@ def create_app(config: ServeConfig):
                     response = error(name, 400, str(exc))
                 except Exception as exc:
                     response = unexpected(name, exc)
-                latency.labels(name).observe(time.perf_counter() - started)
-                requests_total.labels(name, str(response.status_code)).inc()
+                metrics.latency.labels(name).observe(time.perf_counter() - started)
+                metrics.requests.labels(name, str(response.status_code)).inc()
                 return response
             return route
         return wrap
 
     async def receive(awaitable):
         """The body (or form) unless it takes over request_timeout_s (408) or the server begins to stop (503)."""
-        body, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(stopping.wait())
+        body, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(repository.stopping.wait())
         try:
             done, _ = await asyncio.wait({body, stop}, timeout=config.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -222,50 +197,8 @@ def create_app(config: ServeConfig):
             raise ProtocolError("multipart body has no file part")
         return await upload.read()
 
-    def check_model(request: Request) -> None:
-        name = request.path_params["model"]
-        if name != model_name:
-            raise ProtocolError(f"unknown model {name!r}; this server serves {model_name!r}", 404)
-        version = request.path_params.get("version")
-        if version not in (None, "", "1"):
-            raise ProtocolError(f"model {name!r} has only version 1", 404)
-
-    def not_ready() -> str | None:
-        return "the server is shutting down" if stopping is not None and stopping.is_set() else batcher.not_ready()
-
-    def check_ready() -> None:
-        reason = not_ready()
-        if reason:
-            raise BatcherError(f"not ready: {reason}")
-
-    def validate_batch(array: np.ndarray) -> np.ndarray:
-        fixed = [d if isinstance(d, int) else None for d in shape[1:]]
-        if array.ndim != 4 or any(e is not None and a != e for a, e in zip(array.shape[1:], fixed)):
-            raise ProtocolError(f"input shape {list(array.shape)} does not match the model's {shape} "
-                                f"(e.g. [1, {shape[1]}, {side}, {side}])")
-        if array.shape[0] < 1 or (batch_size and array.shape[0] != batch_size):
-            raise ProtocolError(f"batch {array.shape[0]} is not accepted: the model takes {batch_size or 'any positive'}")
-        if not all(1 <= d <= max_side for d, e in zip(array.shape[2:], fixed[1:]) if e is None):
-            raise ProtocolError(f"input height and width must be 1 to {max_side} pixels, got {list(array.shape[2:])}")
-        if not np.isfinite(array).all():
-            raise ProtocolError("input holds NaN or Inf")
-        return np.ascontiguousarray(array, dtype=np.float32)
-
-    def prepare_infer(body: bytes, header_length: str | None):
-        """Parse and check an infer request (on a worker thread): the request and its input batch."""
-        request, binary = parse_infer_request(body, header_length)
-        if len(request.inputs) != 1:
-            raise ProtocolError(f"the model has one input ({input_spec['name']!r}); got {len(request.inputs)}")
-        spec = request.inputs[0]
-        if spec.name != input_spec["name"]:
-            raise ProtocolError(f"unknown input {spec.name!r}; the model's input is {input_spec['name']!r}")
-        if spec.datatype != "FP32":
-            raise ProtocolError(f"input datatype {spec.datatype} is not accepted; send FP32")
-        for out in request.outputs or []:
-            if out.name not in output_names:
-                raise ProtocolError(f"unknown output {out.name!r}; the model's outputs are {', '.join(output_names)}")
-        array, _ = decode_input(spec, binary, 0)
-        return request, validate_batch(array)
+    def model_of(request: Request):
+        return repository.get(request.path_params["model"], request.path_params.get("version"))
 
     @endpoint("live")
     async def live(request: Request) -> Response:
@@ -273,43 +206,59 @@ def create_app(config: ServeConfig):
 
     @endpoint("server_ready")
     async def ready(request: Request) -> Response:
-        check_ready()
+        repository.check_ready()
         return JSONResponse({"ready": True})
 
     @endpoint("server_metadata")
     async def server_metadata(request: Request) -> Response:
-        from .. import __version__
-
-        return JSONResponse({"name": "cbam-deploy", "version": __version__, "extensions": ["binary_tensor_data"]})
-
-    def tensor_shape(dims: list) -> list:
-        return [d if isinstance(d, int) else -1 for d in dims]
+        return JSONResponse(server_info())
 
     @endpoint("metadata")
     async def model_metadata(request: Request) -> Response:
-        check_model(request)
-        return JSONResponse({
-            "name": model_name, "versions": ["1"], "platform": f"cbam-deploy/{runner.backend}",
-            "inputs": [{"name": input_spec["name"], "datatype": "FP32", "shape": tensor_shape(shape)}],
-            "outputs": [{"name": o["name"], "datatype": "FP32", "shape": tensor_shape(o["shape"])} for o in output_specs],
-            "parameters": {"artifact": artifact, "precision": runner.precision, "device": runner.device},
-        })
+        return JSONResponse(model_of(request).metadata())
 
     @endpoint("ready")
     async def model_ready(request: Request) -> Response:
-        check_model(request)
-        check_ready()
-        return JSONResponse({"name": model_name, "ready": True})
+        service = model_of(request)
+        repository.check_ready(service)
+        return JSONResponse({"name": service.name, "ready": True})
+
+    @endpoint("repository_index")
+    async def repository_index(request: Request) -> Response:
+        ready_only = False
+        if request.method == "POST":
+            body = await read_body(request)
+            if body.strip():
+                import json
+
+                try:
+                    options = json.loads(body)
+                except (ValueError, RecursionError):
+                    raise ProtocolError("malformed JSON in the repository index request") from None
+                if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+                    raise ProtocolError('the repository index request is {"ready": true|false}')
+                ready_only = options.get("ready", False)
+        return JSONResponse(repository.index(ready_only))
 
     @endpoint("infer")
     async def infer(request: Request) -> Response:
-        check_model(request)
-        body = await read_body(request)
-        parsed, batch = await workers.run(prepare_infer, body, request.headers.get(HEADER_LENGTH))
-        outputs = await batcher.infer(batch)
-        wanted = [out.name for out in parsed.outputs] if parsed.outputs else output_names  # none asked: all of them
-        payload, headers = encode_response(model_name, parsed.id,
-                                           [(name, outputs[name], wants_binary(parsed, name)) for name in wanted])
+        service = model_of(request)
+        code = "500"
+        try:
+            body = await read_body(request)
+            parsed, batch, wanted = await repository.workers.run(service.parse_rest, body, request.headers.get(HEADER_LENGTH))
+            outputs = await service.infer(batch)
+            payload, headers = encode_response(service.name, parsed.id,
+                                               [(name, outputs[name], wants_binary(parsed, name)) for name in wanted])
+            code = "200"
+        except (ProtocolError, BatcherError) as exc:
+            code = str(exc.status)
+            raise
+        except CbamDeployError:
+            code = "400"
+            raise
+        finally:
+            service.count("http", code)
         media = headers.pop("content-type")
         return Response(payload, media_type=media, headers=headers)
 
@@ -319,25 +268,23 @@ def create_app(config: ServeConfig):
             top_k = int(request.query_params.get("top_k", config.top_k))
         except ValueError:
             raise ProtocolError("top_k must be an integer") from None
-        if classifier is None:
-            raise ProtocolError(f"/v1/classify serves classifiers; {model_name} has the outputs "
-                                f"{', '.join(output_names)} (use /v2/models/{model_name}/infer)", 404)
+        name = request.query_params.get("model")
+        if name is None and len(repository.models) > 1:
+            raise ProtocolError(f"several models are served ({', '.join(repository.models)}); name one: "
+                                "/v1/classify?model=NAME")
+        service = repository.get(name) if name is not None else repository.first
+        if service.classifier is None:  # before reading the body
+            raise ProtocolError(f"/v1/classify serves classifiers; {service.name} has the outputs "
+                                f"{', '.join(service.output_names)} (use /v2/models/{service.name}/infer)", 404)
         data = await read_upload(request)
-        if not data:
-            raise ProtocolError("empty body: send an image (raw bytes or multipart)")
-        array = (await workers.run(decode_image, data, input_spec, config.max_image_pixels, config.max_aspect))[None]
-        if batch_size:
-            array = np.repeat(array, batch_size, axis=0)
-        logits = (await batcher.infer(array))[classifier["name"]][0].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        top = np.argsort(-probs)[:max(1, min(top_k, len(probs)))]
-        return JSONResponse({"model": model_name, "top_k": [
-            {"index": int(i), "label": labels[i], "score": float(probs[i])} for i in top]})
+        result = await service.classify(data, top_k, repository.workers)
+        service.count("http", "200")
+        return JSONResponse(result)
 
     @endpoint("metrics")
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_route(request: Request) -> Response:
+        payload, media = metrics.text()
+        return Response(payload, media_type=media)
 
     async def not_found(request: Request, exc) -> Response:
         return JSONResponse({"error": f"no route {request.url.path}"}, status_code=getattr(exc, "status_code", 404))
@@ -347,44 +294,80 @@ def create_app(config: ServeConfig):
 
     routes = [
         Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
         Route("/v2/models/{model}", model_metadata), Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v1/classify", classify, methods=["POST"]),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_route),
     ]
+
+    grpc_stop: asyncio.Task | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        nonlocal workers, stopping
-        workers, stopping = DaemonThreads(config.decode_threads, "cbam-deploy-decode"), asyncio.Event()
-        batcher.start()
+        nonlocal grpc_stop
+        await repository.start()
+        grpc_server = None
         try:
+            if config.grpc_port is not None:
+                from .grpc_server import start_grpc
+
+                try:
+                    grpc_server, port = await start_grpc(repository, app.state.grpc_host, config.grpc_port)
+                except ServeError as exc:
+                    app.state.startup_error = exc
+                    raise
+                app.state.grpc_server = grpc_server
+                app.state.grpc_address = format_address(app.state.grpc_host, port)
             yield
         finally:
-            await batcher.stop()
-            workers.close()
+            repository.begin_shutdown()
+            if grpc_server is not None:
+                await (grpc_stop or grpc_server.stop(config.shutdown_timeout_s))
+                app.state.grpc_server, grpc_stop = None, None
+            await repository.stop()
 
     def begin_shutdown() -> None:  # make_server calls it, on the event loop
-        if stopping is not None:
-            stopping.set()
+        nonlocal grpc_stop
+        repository.begin_shutdown()
+        server = getattr(app.state, "grpc_server", None)
+        if server is not None and grpc_stop is None:  # the gRPC endpoint drains alongside HTTP
+            grpc_stop = asyncio.ensure_future(server.stop(config.shutdown_timeout_s))
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: not_found, 405: not_found, Exception: server_error})
+    first = repository.first
     app.state.config = config
-    app.state.model_name = model_name
-    app.state.runner = runner
-    app.state.artifact = artifact
-    app.state.batcher = batcher
+    app.state.repository = repository
+    app.state.metrics = metrics
+    app.state.model_name = first.name  # the first (or only) model, as before several models were served
+    app.state.runner = first.runner
+    app.state.artifact = first.artifact
+    app.state.batcher = first.batcher
     app.state.begin_shutdown = begin_shutdown
+    app.state.grpc_host = "127.0.0.1"
+    app.state.grpc_address = None
+    app.state.startup_error = None
     return app
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def server_info() -> dict:
+    from .. import __version__
+
+    return {"name": "cbam-deploy", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_socket(host: str, port: int, option: str = "--port") -> socket.socket:
     """A socket bound to host:port (port 0: any free one), or one clear ServeError naming the address."""
     if not 0 <= port <= 65535:
-        raise CbamDeployError(f"--port must be 0 to 65535, got {port}")
+        raise CbamDeployError(f"{option} must be 0 to 65535, got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
@@ -401,7 +384,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def socket_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(host, port)
 
 
 def make_server(app, on_started: Callable[[], None] | None = None):
@@ -422,26 +405,41 @@ def make_server(app, on_started: Callable[[], None] | None = None):
                 app.state.begin_shutdown()
             return exiting
 
-    return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=config.keep_alive_s,
-                                 limit_concurrency=config.limit_concurrency,
+    # the standard asyncio loop, also where uvloop is installed: the gRPC endpoint (grpc.aio) shares it
+    return Server(uvicorn.Config(app, loop="asyncio", log_level="warning", access_log=False,
+                                 timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.limit_concurrency,
                                  timeout_graceful_shutdown=config.shutdown_timeout_s))
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-          on_started: Callable[[str], None] | None = None) -> None:
-    """Bind, load the model, serve until SIGINT/SIGTERM. ``on_started('host:port')`` once it listens."""
+          on_started: Callable[[str], None] | None = None, on_app: Callable[[object], None] | None = None) -> None:
+    """Bind, load the models, serve until SIGINT/SIGTERM. ``on_app(app)`` once the models are loaded,
+    ``on_started('host:port')`` once it listens (then ``app.state.grpc_address`` names the gRPC
+    endpoint, if any)."""
     config.check()
-    sock = bind_socket(host, port)  # before the model loads: a taken port fails at once
+    sock = bind_socket(host, port)  # before the models load: a taken port fails at once
     try:
+        if config.grpc_port:  # the same for the gRPC port (it is bound again, by grpc, once the models are loaded)
+            if config.grpc_port == sock.getsockname()[1]:
+                raise CbamDeployError(f"--port and --grpc-port are both {config.grpc_port}")
+            bind_socket(host, config.grpc_port, "--grpc-port").close()
         app = create_app(config)
+        app.state.grpc_host = host
+        if on_app:
+            on_app(app)
         address = socket_address(sock)
         server = make_server(app, (lambda: on_started(address)) if on_started else None)
         try:
             server.run(sockets=[sock])
         except SystemExit:  # uvicorn's own startup failure (it would exit 3, the code for a failed check)
             raise ServeError(f"the server on {address} failed to start; the log above says why") from None
+        if app.state.startup_error is not None:
+            raise app.state.startup_error
+        if not server.started:
+            raise ServeError(f"the server on {address} failed to start; the log above says why")
     finally:
         sock.close()
 
 
-__all__ = ["ServeConfig", "ServeError", "bind_socket", "create_app", "make_server", "serve", "socket_address"]
+__all__ = ["ModelRepository", "ServeConfig", "ServeError", "bind_socket", "create_app", "format_address", "make_server",
+           "serve", "socket_address"]

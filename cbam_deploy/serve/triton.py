@@ -2,12 +2,32 @@
 
 ``REPO/<model>/config.pbtxt`` and ``REPO/<model>/1/<file>`` for the onnxruntime backend (ONNX FP32
 or INT8 Q/DQ), the TensorRT backend (engine, as ``model.plan``) and the OpenVINO backend (IR, as
-``model.xml`` + ``model.bin``). Names, datatypes and dims come from the manifest. Each model folder
-is staged beside the repository and swapped in with renames, so Triton never sees half a model.
+``model.xml`` + ``model.bin``). Names, datatypes and dims come from the manifest. Every config is
+made and checked before anything is written; each model folder is staged *beside* the repository
+(a folder inside it would be polled by Triton as a model) and swapped in with renames, so Triton
+never sees half a model.
+
+What each backend accepts, read from the backends' sources (triton-inference-server/*_backend):
+
+* TensorRT: instance kind GPU only ("TensorRT backend supports only GPU device"); max_batch_size
+  must not exceed the engine's profile max; Triton sends any batch from 1 up, so an engine whose
+  profile min is above 1 cannot serve a batched model. A plan loads only in a tritonserver with the
+  TensorRT version that built it: ``triton_release`` is checked against the release recorded in the
+  engine's metadata when it was built in a cbam-deploy image (which pins one).
+* OpenVINO: instance kind CPU only; with max_batch_size > 0 the backend reshapes the model to that
+  batch (``ov::set_batch``) and answers any smaller batch with an error unless
+  ``ENABLE_BATCH_PADDING`` is YES (then it pads: a batch of 1 costs a batch of max_batch_size). Its
+  parameters are INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS, HINT_BF16 (YES only),
+  NUM_STREAMS, PERFORMANCE_HINT; anything else, INFERENCE_PRECISION_HINT included, is never read.
+  There is no way to pin f32 there: on a CPU with bf16 (AMX, AVX512-BF16) OpenVINO's default runs
+  the IR in bf16, and the written entry says so.
+* onnxruntime: CPU or GPU (the GPU needs Triton's onnxruntime backend with CUDA, as in the -py3
+  images).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,28 +36,75 @@ from ..bundle import artifact_path, fixed_batch, read_manifest
 from ..errors import CbamDeployError
 
 _BACKENDS = {
-    # format: (config lines naming the backend, model file name(s) in the version folder, instance kind)
-    "onnx": ('platform: "onnxruntime_onnx"', ["model.onnx"], "KIND_CPU"),
-    "tensorrt": ('platform: "tensorrt_plan"', ["model.plan"], "KIND_GPU"),
-    "openvino": ('backend: "openvino"', ["model.xml", "model.bin"], "KIND_CPU"),
+    # format: (config line naming the backend, model file name(s) in the version folder, default kind, allowed kinds)
+    "onnx": ('platform: "onnxruntime_onnx"', ["model.onnx"], "KIND_CPU", ("KIND_CPU", "KIND_GPU")),
+    "tensorrt": ('platform: "tensorrt_plan"', ["model.plan"], "KIND_GPU", ("KIND_GPU",)),
+    "openvino": ('backend: "openvino"', ["model.xml", "model.bin"], "KIND_CPU", ("KIND_CPU",)),
 }
+OPENVINO_BF16_NOTE = ("Triton's OpenVINO backend has no f32 pin (INFERENCE_PRECISION_HINT is not one of its parameters): "
+                      "on a CPU with bf16 (AMX/AVX512-BF16) this IR runs in bf16; for strict fp32 there, serve the ONNX "
+                      "with the onnxruntime backend")
 
 
 def _dims(shape: list) -> str:
     return "[ " + ", ".join(str(d if isinstance(d, int) else -1) for d in shape) + " ]"
 
 
-def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, instances: int, delay_us: int,
-                 kind: str | None = None) -> str:
-    """config.pbtxt text for one artifact."""
-    platform, _, default_kind = _BACKENDS[artifact["format"]]
-    shape = manifest["input"]["shape"]
-    batched = fixed_batch(manifest) is None
-    if artifact["format"] == "tensorrt":
-        profile = (artifact.get("export") or {}).get("profile") or {}
+def check_kind(artifact: dict, kind: str | None) -> str:
+    """The instance kind for an artifact: ``kind`` when its backend accepts it, else an error."""
+    _, _, default, allowed = _BACKENDS[artifact["format"]]
+    if kind is None:
+        return default
+    if kind not in allowed:
+        raise CbamDeployError(f"--kind {kind} does not fit artifact {artifact['name']}: Triton's {artifact['format']} "
+                              f"backend runs {' or '.join(allowed)} only")
+    return kind
+
+
+def check_triton_release(text: str | None) -> str | None:
+    if text is not None and not re.fullmatch(r"\d{2}\.\d{2}", text):
+        raise CbamDeployError(f"--triton-release takes a Triton container release like 25.01, got {text!r}")
+    return text
+
+
+def tensorrt_triton_check(artifact: dict, batched: bool, max_batch: int, triton_release: str | None) -> list[str]:
+    """Refuse what Triton's TensorRT backend would refuse at load or at the first small request;
+    return warnings for what cannot be checked here."""
+    export = artifact.get("export") or {}
+    profile = export.get("profile") or {}
+    warnings = []
+    if batched and profile:
         if profile.get("max_batch") and max_batch > profile["max_batch"]:
             raise CbamDeployError(f"--max-batch {max_batch} exceeds the engine's profile (max {profile['max_batch']}); "
                                   "rebuild the engine with a larger --max-batch")
+        if profile.get("min_batch", 1) > 1:
+            raise CbamDeployError(f"{artifact['name']} was built with --min-batch {profile['min_batch']}, but Triton sends "
+                                  "batches from 1 up; rebuild it with --min-batch 1 for Triton")
+    built_for, trt_version = export.get("triton_release"), export.get("tensorrt")
+    if triton_release and built_for and triton_release != built_for:
+        raise CbamDeployError(f"{artifact['name']} was built with TensorRT {trt_version} in the image for Triton {built_for}; "
+                              f"tritonserver {triton_release} cannot load it. Rebuild it in the cuda image built with "
+                              f"--build-arg TRITON_RELEASE={triton_release}")
+    if not built_for:
+        warnings.append(f"{artifact['name']}: built with TensorRT {trt_version} outside a cbam-deploy image, so the Triton "
+                        "release cannot be checked: use a tritonserver whose TensorRT is exactly that version")
+    elif not triton_release:
+        warnings.append(f"{artifact['name']}: built for Triton {built_for} (TensorRT {trt_version}); use "
+                        f"nvcr.io/nvidia/tritonserver:{built_for}-py3")
+    return warnings
+
+
+def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, instances: int, delay_us: int,
+                 kind: str | None = None, triton_release: str | None = None, warnings: list[str] | None = None) -> str:
+    """config.pbtxt text for one artifact (problems that Triton would meet at load or on the first
+    request are errors here; what cannot be checked is appended to ``warnings``)."""
+    platform, _, _, _ = _BACKENDS[artifact["format"]]
+    instance_kind = check_kind(artifact, kind)
+    shape = manifest["input"]["shape"]
+    batched = fixed_batch(manifest) is None
+    notes = warnings if warnings is not None else []
+    if artifact["format"] == "tensorrt":
+        notes += tensorrt_triton_check(artifact, batched, max_batch, check_triton_release(triton_release))
     lines = [f'name: "{name}"', platform, f"max_batch_size: {max_batch if batched else 0}"]
     in_dims = shape[1:] if batched else shape
     lines += [
@@ -55,10 +122,16 @@ def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, inst
         if preferred:
             lines.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
         lines += [f"  max_queue_delay_microseconds: {delay_us}", "}"]
-    lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind or default_kind}", "  }", "]"]
+    lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {instance_kind}", "  }", "]"]
     if artifact["format"] == "openvino":
-        hint = "f32" if artifact["precision"] in ("fp32", "int8") else "f16"
-        lines += _parameters({"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+        parameters = {"PERFORMANCE_HINT": "LATENCY"}
+        if batched and max_batch > 1:  # the backend fixes the batch at max_batch_size; smaller ones are padded
+            parameters["ENABLE_BATCH_PADDING"] = "YES"
+        lines += _parameters(parameters)
+        notes.append(f"{artifact['name']}: {OPENVINO_BF16_NOTE}")
+        if batched and max_batch > 1:
+            notes.append(f"{artifact['name']}: OpenVINO runs every batch padded to {max_batch}; --max-batch 1 for "
+                         "lowest single-request latency")
     lines.append(f'# made by cbam-deploy from artifact "{artifact["name"]}" ({artifact["format"]}, {artifact["precision"]}, '
                  f'sha256 {artifact["sha256"][:16]}...)')
     return "\n".join(lines) + "\n"
@@ -72,7 +145,8 @@ def _parameters(values: dict[str, str]) -> list[str]:
 
 
 def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[str] | None = None, name: str | None = None,
-                     max_batch: int = 8, instances: int = 1, delay_us: int = 5000, kind: str | None = None) -> list[dict]:
+                     max_batch: int = 8, instances: int = 1, delay_us: int = 5000, kind: str | None = None,
+                     triton_release: str | None = None) -> list[dict]:
     bundle_dir, repo = Path(bundle_dir), Path(repo)
     manifest = read_manifest(bundle_dir)
     if max_batch < 1 or instances < 1 or delay_us < 0:
@@ -81,30 +155,55 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
         raise CbamDeployError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
     chosen = artifacts or ["onnx-fp32"]
     base = name or manifest["model"]["name"].replace(":", "_").replace("/", "_").replace(".py", "")
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CbamDeployError(f"cannot create the repository folder {repo}: {exc.strerror or exc}") from None
-    written = []
+    plans = []  # every config made (and so checked) before anything is written
     for artifact_name in chosen:
         artifact, path = artifact_path(bundle_dir, manifest, artifact_name)
         if artifact["format"] not in _BACKENDS:
             raise CbamDeployError(f"artifact {artifact_name} ({artifact['format']}) has no Triton backend here")
         model_name = base if len(chosen) == 1 else f"{base}-{artifact_name}"
-        _, files, _ = _BACKENDS[artifact["format"]]
-        config = model_config(manifest, artifact, model_name, max_batch, instances, delay_us, kind)
-        with tempfile.TemporaryDirectory(prefix=".cbam-triton-", dir=repo) as staging:
-            staged = Path(staging) / model_name
+        warnings: list[str] = []
+        config = model_config(manifest, artifact, model_name, max_batch, instances, delay_us, kind, triton_release, warnings)
+        plans.append((artifact, path, model_name, config, warnings))
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CbamDeployError(f"cannot create the repository folder {repo}: {exc.strerror or exc}") from None
+    written = []
+    for artifact, path, model_name, config, warnings in plans:
+        _, files, _, _ = _BACKENDS[artifact["format"]]
+        final = repo / model_name
+        with _staging_beside(repo) as staging:
+            staged = staging / model_name
             (staged / "1").mkdir(parents=True)
             sources = [path] if len(files) == 1 else [path, path.with_suffix(".bin")]
             for source, target in zip(sources, files):
                 shutil.copyfile(source, staged / "1" / target)
             (staged / "config.pbtxt").write_text(config)
-            final = repo / model_name
-            old = Path(staging) / "previous"
+            old = staging / "previous"
             if final.exists():
                 final.rename(old)
             staged.rename(final)
-        written.append({"model": model_name, "artifact": artifact_name, "format": artifact["format"],
-                        "path": str(final), "config": str(final / "config.pbtxt")})
+        written.append({"model": model_name, "artifact": artifact["name"], "format": artifact["format"],
+                        "path": str(final), "config": str(final / "config.pbtxt"), "warnings": warnings})
     return written
+
+
+def _staging_beside(repo: Path):
+    """A temporary folder next to the repository (same filesystem, so the renames are atomic), never
+    inside it: Triton's repository polling would take a folder there for a model."""
+    try:
+        return _TemporaryDir(tempfile.mkdtemp(prefix=f".cbam-triton-{repo.name}-", dir=repo.resolve().parent))
+    except OSError as exc:
+        raise CbamDeployError(f"cannot stage beside the repository {repo} (its parent folder must be writable): "
+                              f"{exc.strerror or exc}") from None
+
+
+class _TemporaryDir:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
