@@ -441,7 +441,7 @@ def _calibration(manifest: dict, calib_data: str | None, size: int = 128):
     INT8 artifacts were calibrated on (when it is still there); None when there is neither."""
     from pathlib import Path
 
-    from .calib.data import SYNTHETIC, load_calibration
+    from .data import SYNTHETIC, load_calibration
 
     source = calib_data or next((a["calibration"]["source"] for a in manifest["artifacts"]
                                  if a.get("calibration") and (a["calibration"]["source"] == SYNTHETIC

@@ -1,18 +1,20 @@
-"""Build the bundle's other artifacts from its FP32 ONNX: OpenVINO IR and TensorRT engines in
-fp32/fp16/int8, INT8 ONNX. What cannot be built here is returned as skipped, with its reason."""
+"""Build the bundle's other artifacts from its FP32 ONNX, for every backend of the table
+(``cbam_deploy.backends``): each backend's ``build`` per precision, INT8 through its quantize recipe.
+What cannot be built here is returned as skipped, with its reason."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import artifact_file, artifact_name, artifact_path, new_artifact, read_manifest, snapshot_artifact, upsert_artifact
+from .backends import BuildOptions
+from .backends import formats as backend_formats
+from .backends import get as get_backend
+from .bundle import artifact_name, upsert_artifact
 from .errors import BackendUnavailable, CbamDeployError
 from .transaction import BundleUpdate
 
-FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-QUANT_TARGET = {"onnx": "ort-cpu", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
 @dataclass
@@ -47,14 +49,14 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                     calib_data: str | None = None, calib_size: int = 128, gates: str | None = None,
                     trt: TensorRTOptions | None = None) -> list[BuildOutcome]:
     bundle_dir = Path(bundle_dir)
-    formats = comma_list(formats, "format", FORMATS)
+    formats = comma_list(formats, "format", backend_formats())
     precisions = comma_list(precisions, "precision", PRECISIONS)
     outcomes: list[BuildOutcome] = []
     if "int8" in precisions:
         from .quantize import quantize_bundle
 
         for fmt in formats:
-            target = QUANT_TARGET[fmt]
+            target = get_backend(fmt).quantize_recipe
             if not calib_data:
                 outcomes.append(BuildOutcome(fmt, "int8", skipped="INT8 needs --calib-data (images, .npy/.npz or 'synthetic')"))
                 continue
@@ -66,22 +68,24 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
             if fmt != "tensorrt":  # the tensorrt Q/DQ ONNX becomes an engine below
                 outcomes.append(BuildOutcome(fmt, "int8", artifact_name("int8", "int8", target, gates)))
     for fmt in formats:
+        backend = get_backend(fmt)
         for precision in precisions:
-            if fmt == "onnx" and precision == "fp32":
-                outcomes.append(BuildOutcome("onnx", "fp32", "onnx-fp32"))
-            elif fmt == "onnx" and precision == "fp16":
-                outcomes.append(BuildOutcome("onnx", "fp16", skipped="onnxruntime's CPU provider has no fast fp16 kernels; "
-                                             "fp16 is built as OpenVINO IR or a TensorRT engine"))
-            elif fmt == "openvino" and precision in ("fp32", "fp16"):
-                outcomes.append(_build_openvino(bundle_dir, precision))
-            elif fmt == "tensorrt":
-                if precision == "int8" and not calib_data:
-                    continue  # already reported above
-                outcomes.append(_build_tensorrt(bundle_dir, precision, trt or TensorRTOptions(), gates))
+            if fmt == "tensorrt" and precision == "int8" and not calib_data:
+                continue  # already reported above
+            if precision == "int8" and fmt != "tensorrt":
+                continue  # the recipe's output is the artifact (above)
+            if precision not in backend.precisions:
+                outcomes.append(BuildOutcome(fmt, precision, skipped=f"{backend.title} is not built in {precision} here"))
+                continue
+            missing = backend.probe()
+            if missing:
+                outcomes.append(BuildOutcome(fmt, precision, skipped=missing))
+                continue
+            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(gates=gates, trt=trt)))
     return outcomes
 
 
-def _commit_artifact(update: BundleUpdate, source_sha: str, artifact: dict) -> None:
+def commit_artifact(update: BundleUpdate, source_sha: str, artifact: dict) -> None:
     """Commit one built artifact, unless the ONNX it was built from was replaced meanwhile."""
     artifact["source_sha256"] = source_sha
 
@@ -94,54 +98,3 @@ def _commit_artifact(update: BundleUpdate, source_sha: str, artifact: dict) -> N
         return current
 
     update.commit(merge)
-
-
-def _build_openvino(bundle_dir: Path, precision: str) -> BuildOutcome:
-    from .exporters.openvino import export_ir
-
-    manifest = read_manifest(bundle_dir)
-    artifact_path(bundle_dir, manifest, "onnx-fp32")
-    name = artifact_name("openvino", precision)
-    with BundleUpdate(bundle_dir) as update:
-        source, onnx_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
-        xml = update.path(artifact_file(name, "openvino"))
-        try:
-            info = export_ir(onnx_path, xml, precision)
-        except BackendUnavailable as exc:
-            return BuildOutcome("openvino", precision, skipped=str(exc))
-        _commit_artifact(update, source["sha256"], new_artifact(
-            update.staging, name, "openvino", precision, (xml.with_suffix(".bin").name,),
-            export={**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]}))
-    return BuildOutcome("openvino", precision, name)
-
-
-def _build_tensorrt(bundle_dir: Path, precision: str, options: TensorRTOptions, gates: str | None = None) -> BuildOutcome:
-    from .exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
-                                     plan_build, require_tensorrt, sidecar)
-
-    try:
-        trt = require_tensorrt()
-        current_gpu()
-    except BackendUnavailable as exc:
-        return BuildOutcome("tensorrt", precision, skipped=str(exc))
-    manifest = read_manifest(bundle_dir)
-    plan = plan_build(parse_version(trt.__version__), precision, options.dla_core)
-    name = artifact_name("tensorrt", precision)
-    with BundleUpdate(bundle_dir) as update:
-        onnx_fp32, _ = artifact_path(bundle_dir, manifest, "onnx-fp32", verify_hash=False)
-        if plan.onnx_variant == "qdq":
-            _, source = snapshot_artifact(bundle_dir, manifest, artifact_name("int8", "int8", "tensorrt", gates), update)
-        else:
-            _, source = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
-            if plan.onnx_variant == "fp16":
-                fp16_path = update.path(".source.fp16.onnx")  # an intermediate: not committed
-                fp16_onnx(source, fp16_path)
-                source = fp16_path
-        engine = update.path(artifact_file(name, "tensorrt"))
-        profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
-        timing_cache = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
-        metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, options.workspace_mb,
-                                timing_cache, options.dla_core, bundle_dir=bundle_dir)
-        _commit_artifact(update, onnx_fp32["sha256"], new_artifact(
-            update.staging, name, "tensorrt", precision, (sidecar(engine).name,), export=metadata))
-    return BuildOutcome("tensorrt", precision, name)

@@ -284,7 +284,6 @@ def fit_to_batch(manifest: dict, inputs, preferred: int = 8):
     return inputs[:usable], fixed
 
 
-_EXTENSION = {"onnx": "onnx", "openvino": "xml", "tensorrt": "engine"}
 QUANTIZED_FORMAT = {"ort-cpu": "onnx", "tensorrt": "onnx", "openvino": "openvino"}  # INT8 recipe -> what it writes
 
 
@@ -302,7 +301,9 @@ def artifact_name(fmt: str, precision: str, recipe: str | None = None, gates: st
 
 def artifact_file(name: str, fmt: str) -> str:
     """``model.onnx`` for the FP32 ONNX, ``model.<artifact name>.<onnx|xml|engine>`` for the rest."""
-    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{_EXTENSION[fmt]}"
+    from .backends import get
+
+    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{get(fmt).extension}"
 
 
 def new_artifact(root: str | Path, name: str, fmt: str, precision: str, companions: tuple[str, ...] = (),

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from .backends import formats as backend_formats
 from .errors import CbamDeployError
 from .runtimes import runtime_help
 
@@ -154,7 +155,8 @@ def export_command(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")] = True,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Check onnxruntime against PyTorch after export.")] = True,
     force: Annotated[bool, typer.Option(help="Replace a bundle of another model in the output folder.")] = False,
-    formats: Annotated[str, typer.Option("--format", help="Comma list of onnx, openvino, tensorrt.")] = "onnx",
+    formats: Annotated[str, typer.Option("--format", help=f"Comma list of {', '.join(backend_formats())} "
+                                                          "(the backend table).")] = "onnx",
     precisions: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16, int8.")] = "fp32",
     gates: Annotated[Optional[str], typer.Option(help="INT8 gate policy: int8 or fp (default per target).")] = None,
     min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import fit_to_batch, read_manifest
-from .calib.data import _Unreadable, image_folder, load_image_file
+from .data import _Unreadable, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
 from .outputs import classification_output
 from .runners import open_artifact, reference_runner

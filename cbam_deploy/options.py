@@ -148,7 +148,7 @@ def check_data_source(option: str, source: str | None, *, images_only: bool = Fa
     (recognised by its first bytes, not its name). ``images_only``: a folder (eval's ImageFolder)."""
     if source is None:
         return
-    from .calib.data import IMAGE_SUFFIXES, SYNTHETIC, array_file_kind, has_images
+    from .data import IMAGE_SUFFIXES, SYNTHETIC, array_file_kind, has_images
 
     if not images_only and source == SYNTHETIC:
         return
@@ -258,7 +258,8 @@ def validate_export_options(
     target: str = "ort-cpu",
 ) -> ExportPlan:
     """Every ``export`` option, checked before anything is built or written."""
-    from .build import FORMATS, PRECISIONS
+    from .backends import formats as backend_formats
+    from .build import PRECISIONS
     from .calib.recipes import GATES, TARGETS
 
     if not isinstance(model, str) or not model.strip():
@@ -268,7 +269,7 @@ def validate_export_options(
     check_input_size(input_size, model, stem)
     parsed_batch = parse_batch(batch)
     check_opset(exporter, opset)
-    format_list = parse_list(formats, "--format", FORMATS)
+    format_list = parse_list(formats, "--format", backend_formats())
     precision_list = parse_list(precisions, "--precision", PRECISIONS)
     target_list = parse_list(target, "--target", TARGETS)
     if gates is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .bundle import (QUANTIZED_FORMAT, artifact_file, artifact_name, artifact_path, fit_to_batch, fixed_batch,
                      new_artifact, read_manifest, snapshot_artifact, upsert_artifact)
-from .calib.data import load_calibration
+from .data import load_calibration
 from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
 from .outputs import output_kinds

@@ -179,14 +179,6 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("tensorrt", ("tensorrt",), "TensorRT runtime (engines built by cbam-deploy)", _probe_tensorrt, _tensorrt),
 )}
 
-# the default for each format: the first of these this machine has, else the last (whose own error then says why)
-PREFERENCE: dict[str, tuple[str, ...]] = {
-    "onnx": ("ort-tensorrt", "ort-cuda", "ort-openvino", "ort-cpu"),
-    "openvino": ("openvino",),
-    "tensorrt": ("tensorrt",),
-}
-
-
 def runtime_names() -> list[str]:
     return list(RUNTIMES)
 
@@ -202,10 +194,13 @@ def available_runtimes(fmt: str | None = None) -> list[str]:
 
 
 def default_runtime(fmt: str) -> str:
-    """The best runtime this machine has for format ``fmt`` (see ``PREFERENCE``)."""
-    if fmt not in PREFERENCE:
+    """The best runtime this machine has for format ``fmt``: the first of its backend's
+    ``preferred_runtimes`` that is available, else the last (whose own error then says why)."""
+    from .backends import formats, get
+
+    if fmt not in formats():
         raise CbamDeployError(f"no runner for artifact format {fmt!r}")
-    order = PREFERENCE[fmt]
+    order = get(fmt).preferred_runtimes  # the backend table says which it prefers
     return next((n for n in order if RUNTIMES[n].probe() is None), order[-1])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import fit_to_batch, fixed_batch, read_manifest
-from .calib.data import load_calibration
+from .data import load_calibration
 from .errors import BackendUnavailable, CbamDeployError
 from .outputs import output_kinds
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cbam_deploy.calib.data import preprocess_image
+from cbam_deploy.data import preprocess_image
 from cbam_deploy.models import create_model
 from cbam_deploy.pipeline import make_input_spec
 

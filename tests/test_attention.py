@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.attention import THRESHOLDS, artifact_maps, compare_maps, onnx_gate_tensors, torch_maps  # noqa: E402
 from cbam_deploy.bundle import read_manifest, write_manifest  # noqa: E402
-from cbam_deploy.calib.data import load_calibration  # noqa: E402
+from cbam_deploy.data import load_calibration  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
 from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402

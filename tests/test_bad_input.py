@@ -342,7 +342,7 @@ def test_openvino_cache_entry_is_checked_against_its_digests(tmp_path):
 
 
 def test_arrays_are_recognised_by_content_not_name(tmp_path):
-    from cbam_deploy.calib.data import load_calibration
+    from cbam_deploy.data import load_calibration
     from cbam_deploy.pipeline import make_input_spec
 
     spec = make_input_spec(32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_deploy.calib.data import load_calibration, preprocess_image
+from cbam_deploy.data import load_calibration, preprocess_image
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.pipeline import make_input_spec
 

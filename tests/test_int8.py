@@ -249,7 +249,7 @@ def test_export_int8_needs_data(tmp_path):
 def test_imagenet_sized_model_calibrates_on_real_photos(tmp_path):
     skimage = pytest.importorskip("skimage", reason="scikit-image ships the sample photographs")
     photos = Path(skimage.__file__).parent / "data"
-    from cbam_deploy.calib.data import load_calibration
+    from cbam_deploy.data import load_calibration
 
     export_bundle(ExportRequest(model="resnet18_cbam", output=str(tmp_path / "b"), parity=False))
     manifest = read_manifest(tmp_path / "b")

@@ -36,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cbam_deploy.calib.data import preprocess_image  # noqa: E402
+from cbam_deploy.data import preprocess_image  # noqa: E402
 from cbam_deploy.cli import app as cli_app  # noqa: E402
 from cbam_deploy.pipeline import ExportRequest, export_bundle, make_input_spec  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402

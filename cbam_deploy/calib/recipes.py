@@ -30,7 +30,7 @@ import onnx
 
 from ..errors import BackendUnavailable, CbamDeployError
 from ..fsutil import atomic_path, sha256_file
-from .data import CalibrationSet
+from ..data import CalibrationSet
 from .gates import gate_nodes, gate_op_names
 
 TARGETS = ("ort-cpu", "tensorrt", "openvino")

@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from ..calib.data import preprocess_image
+from ..data import preprocess_image
 from .protocol import ProtocolError
 
 # Formats the server decodes; others (EPS, which would call Ghostscript, PSD, ...) are refused.

@@ -22,11 +22,11 @@ import math
 import re
 from pathlib import Path
 
+from ..backends import all_backends
 from ..bundle import artifact_path, read_manifest
 from ..errors import CbamDeployError
 
 PREDICTORS = ("triton", "cbam-deploy")
-TRITON_FORMATS = ("onnx", "tensorrt", "openvino")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _CPU = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -91,9 +91,10 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
                "namespace": namespace, "cpu": str(cpu), "memory": str(memory), "gpus": gpus, "min_replicas": min_replicas,
                "max_replicas": max_replicas, "scale_target": scale_target, "max_batch": max_batch, "image": image}
     _check(options)
-    if predictor == "triton" and record["format"] not in TRITON_FORMATS:
+    triton_formats = [b.format for b in all_backends() if b.triton]
+    if predictor == "triton" and record["format"] not in triton_formats:
         raise CbamDeployError(f"artifact {chosen} ({record['format']}) has no Triton backend; choose one of the "
-                              f"{', '.join(TRITON_FORMATS)} artifacts")
+                              f"{', '.join(triton_formats)} artifacts")
     gpus = gpus if gpus is not None else (1 if record["format"] == "tensorrt" else 0)
     quantities = {"cpu": str(cpu), "memory": str(memory)}
     resources = {"requests": dict(quantities), "limits": {**quantities, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}}

@@ -32,15 +32,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..backends import get as get_backend
 from ..bundle import artifact_path, fixed_batch, read_manifest
 from ..errors import CbamDeployError
 
-_BACKENDS = {
-    # format: (config line naming the backend, model file name(s) in the version folder, default kind, allowed kinds)
-    "onnx": ('platform: "onnxruntime_onnx"', ["model.onnx"], "KIND_CPU", ("KIND_CPU", "KIND_GPU")),
-    "tensorrt": ('platform: "tensorrt_plan"', ["model.plan"], "KIND_GPU", ("KIND_GPU",)),
-    "openvino": ('backend: "openvino"', ["model.xml", "model.bin"], "KIND_CPU", ("KIND_CPU",)),
-}
+def _fragment(artifact: dict):
+    """The backend table's Triton fragment for the artifact's format."""
+    fragment = get_backend(artifact["format"]).triton
+    if fragment is None:
+        raise CbamDeployError(f"artifact {artifact['name']} ({artifact['format']}) has no Triton backend")
+    return fragment
+
+
 OPENVINO_BF16_NOTE = ("Triton's OpenVINO backend has no f32 pin (INFERENCE_PRECISION_HINT is not one of its parameters): "
                       "on a CPU with bf16 (AMX/AVX512-BF16) this IR runs in bf16; for strict fp32 there, serve the ONNX "
                       "with the onnxruntime backend")
@@ -52,7 +55,8 @@ def _dims(shape: list) -> str:
 
 def check_kind(artifact: dict, kind: str | None) -> str:
     """The instance kind for an artifact: ``kind`` when its backend accepts it, else an error."""
-    _, _, default, allowed = _BACKENDS[artifact["format"]]
+    fragment = _fragment(artifact)
+    default, allowed = fragment.default_kind, fragment.kinds
     if kind is None:
         return default
     if kind not in allowed:
@@ -98,7 +102,7 @@ def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, inst
                  kind: str | None = None, triton_release: str | None = None, warnings: list[str] | None = None) -> str:
     """config.pbtxt text for one artifact (problems that Triton would meet at load or on the first
     request are errors here; what cannot be checked is appended to ``warnings``)."""
-    platform, _, _, _ = _BACKENDS[artifact["format"]]
+    platform = _fragment(artifact).config_line
     instance_kind = check_kind(artifact, kind)
     shape = manifest["input"]["shape"]
     batched = fixed_batch(manifest) is None
@@ -158,8 +162,7 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
     plans = []  # every config made (and so checked) before anything is written
     for artifact_name in chosen:
         artifact, path = artifact_path(bundle_dir, manifest, artifact_name)
-        if artifact["format"] not in _BACKENDS:
-            raise CbamDeployError(f"artifact {artifact_name} ({artifact['format']}) has no Triton backend here")
+        _fragment(artifact)  # a format without a Triton backend is refused before anything is written
         model_name = base if len(chosen) == 1 else f"{base}-{artifact_name}"
         warnings: list[str] = []
         config = model_config(manifest, artifact, model_name, max_batch, instances, delay_us, kind, triton_release, warnings)
@@ -170,7 +173,7 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
         raise CbamDeployError(f"cannot create the repository folder {repo}: {exc.strerror or exc}") from None
     written = []
     for artifact, path, model_name, config, warnings in plans:
-        _, files, _, _ = _BACKENDS[artifact["format"]]
+        files = _fragment(artifact).files
         final = repo / model_name
         with _staging_beside(repo) as staging:
             staged = staging / model_name

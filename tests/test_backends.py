@@ -1,0 +1,48 @@
+"""The backend table: one entry per format, read by naming, build, Triton and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from cbam_deploy.backends import all_backends, formats, get
+from cbam_deploy.bundle import artifact_file
+from cbam_deploy.cli import app
+from cbam_deploy.errors import CbamDeployError
+from cbam_deploy.runtimes import RUNTIMES, default_runtime
+
+
+def test_every_backend_is_complete_and_consistent():
+    assert formats() == ("onnx", "openvino", "tensorrt")
+    for backend in all_backends():
+        assert backend.build is not None and backend.triton is not None and backend.quantize_recipe
+        assert backend.preferred_runtimes and all(backend.format in RUNTIMES[r].formats for r in backend.preferred_runtimes)
+        assert default_runtime(backend.format) in backend.preferred_runtimes
+        assert artifact_file(f"{backend.format}-fp16", backend.format).endswith("." + backend.extension)
+    assert get("openvino").companions("model.openvino-fp32.xml") == ("model.openvino-fp32.bin",)
+    assert get("tensorrt").companions("model.tensorrt-fp16.engine") == ("model.tensorrt-fp16.engine.json",)
+    with pytest.raises(CbamDeployError, match="unknown artifact format"):
+        get("tflite")
+
+
+def test_the_cli_and_triton_read_the_table(tmp_path):
+    from cbam_deploy.serve.triton import model_config
+
+    help_text = CliRunner().invoke(app, ["export", "--help"]).output
+    assert all(fmt in help_text for fmt in formats())
+    manifest = {"input": {"name": "input", "shape": ["batch", 3, 32, 32]},
+                "outputs": [{"name": "logits", "shape": ["batch", 10]}]}
+    artifact = {"name": "onnx-fp32", "format": "onnx", "precision": "fp32", "sha256": "0" * 64}
+    assert get("onnx").triton.config_line in model_config(manifest, artifact, "m", 8, 1, 100)
+
+
+def test_a_format_without_its_library_is_skipped_by_its_probe(tmp_path):
+    from cbam_deploy.build import build_artifacts
+    from cbam_deploy.pipeline import ExportRequest, export_bundle
+
+    if get("tensorrt").probe() is None:
+        pytest.skip("TensorRT is installed here")
+    bundle = tmp_path / "b"
+    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
+    outcomes = build_artifacts(bundle, "tensorrt", "fp32")
+    assert outcomes[0].skipped and "TensorRT" in outcomes[0].skipped
