@@ -689,6 +689,55 @@ def triton_command(
               f"nvcr.io/nvidia/tritonserver:{triton_release or '<yy.mm>'}-py3 tritonserver --model-repository=/models")
 
 
+@app.command("explain")
+@_handle_errors
+def explain_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
+    image: Annotated[str, typer.Option(help="The image to explain (preprocessed as the manifest says).")] = ...,
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of onnx/openvino artifacts (default: all of them).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for the PNGs and the page "
+                                                                         "(default explain/<bundle name>/).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+) -> None:
+    """See what the network sees: Grad-CAM, every CBAM gate per stage, and the attention parity of each artifact.
+
+    Writes PNG overlays and one self-contained HTML page (every image embedded) into the output folder.
+    Exit codes: 0 the page was written (also for a model without spatial gates: the page says so),
+    2 a bad option, bundle or image."""
+    from .explain import explain_bundle
+    from .options import check_existing_file, check_output_dir, parse_list
+
+    check_existing_file("--image", image)
+    check_output_dir("--output", output)
+    names = parse_list(artifact, "--artifact") if artifact is not None else None
+    result = explain_bundle(bundle, image, names, output)
+    if as_json:
+        _print_json(result)
+        return
+    if result["artifacts"] and result["gates"]:
+        rows = result["artifacts"]
+        table = Table(title=f"attention parity vs {result['reference']}: correlation / top-10% IoU per spatial gate")
+        table.add_column("gate")
+        for name in rows:
+            table.add_column(name, justify="right")
+        for gate in result["gates"]:
+            cells = [rows[n]["attention"]["gates"][gate] for n in rows]
+            table.add_row(gate, *(f"{c['correlation']:.4f} / {c['top_iou']:.3f}" if c.get("found") else "[red]missing[/]"
+                                  for c in cells))
+        if result["classifier"]:
+            table.add_row("top-1", *("agrees" if rows[n]["top1_agrees"] else "[red]differs[/]" for n in rows))
+        table.add_row("attention", *("[green]pass[/]" if rows[n]["attention"]["passed"] else "[red]FAIL[/]" for n in rows))
+        out.print(table)
+    if result["gradcam"]:
+        out.print(f"Grad-CAM: class {result['gradcam']['target']} on {result['gradcam']['layer']}")
+    for note in result["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    for name, reason in result["skipped"].items():
+        out.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", soft_wrap=True)
+    out.print(f"page: {escape(result['page'])} ({len(result['files'])} files in {escape(result['output_dir'])})",
+              soft_wrap=True)
+
+
 @app.command("info")
 @_handle_errors
 def info_command(
