@@ -17,26 +17,18 @@ from cbam_deploy.attention import THRESHOLDS, artifact_maps, compare_maps, onnx_
 from cbam_deploy.bundle import read_manifest, write_manifest  # noqa: E402
 from cbam_deploy.data import load_calibration  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
-from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.runners import reference_runner  # noqa: E402
 from cbam_deploy.scopes import node_module_path  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
-from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 
 GATES = [f"layer{i}.0.cbam.SpatialGate" for i in range(1, 5)]
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attention")
-    train = write_image_folder(root / "train", "train")
-    test = write_image_folder(root / "test", "test")
-    bundle = root / "bundle"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
-    quantize_bundle(bundle, ["ort-cpu", "openvino"], str(train), calib_size=64, check_samples=16, use_cache=False)
+def digits(digits_int8):
+    bundle, _, test = digits_int8
     manifest = read_manifest(bundle)
     x = load_calibration(str(test), manifest["input"], 16, seed=3).inputs
     return bundle, manifest, x, reference_runner(manifest, bundle)[0].model

@@ -22,25 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.explain import explain_bundle  # noqa: E402
 from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
-from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
 pytest.importorskip("captum", reason="Grad-CAM comes from captum (explain extra)")
-from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
+from reference.digits import CHECKPOINT  # noqa: E402
 
 GATES = [f"layer{i}.0.cbam.SpatialGate" for i in range(1, 5)]
 ARTIFACTS = ["onnx-fp32", "int8-ort-cpu", "int8-openvino"]
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(digits_int8, tmp_path_factory):
     pytest.importorskip("openvino", reason="the int8-openvino artifact needs OpenVINO and NNCF")
+    bundle, train, test = digits_int8
     root = tmp_path_factory.mktemp("explain")
-    train = write_image_folder(root / "train", "train")
-    test = write_image_folder(root / "test", "test")
-    bundle = root / "bundle"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
-    quantize_bundle(bundle, ["ort-cpu", "openvino"], str(train), calib_size=64, check_samples=16, use_cache=False)
     image = sorted((test / "3").glob("*.png"))[0]
     result = explain_bundle(bundle, image, output_dir=root / "page")
     return {"root": root, "bundle": bundle, "image": image, "result": result}
