@@ -566,6 +566,7 @@ def serve_command(
     request_timeout_s: Annotated[float, typer.Option(
         help="Seconds to receive a body (else 408) and to wait for a result (else 504).")] = 30.0,
     limit_concurrency: Annotated[int, typer.Option(help="Connections and requests in flight; more get 503.")] = 256,
+    runtime: Annotated[Optional[str], typer.Option(help=_RUNTIME_HELP)] = None,
 ) -> None:
     """Serve artifacts over the Open Inference Protocol (KServe v2), HTTP and gRPC, plus /v1/classify and /metrics.
 
@@ -582,7 +583,7 @@ def serve_command(
     config = ServeConfig(bundles[0] if len(bundles) == 1 else list(bundles), artifact=artifact, name=name,
                          max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, labels=labels,
                          threads=threads, max_queue=max_queue, request_timeout_s=request_timeout_s,
-                         limit_concurrency=limit_concurrency, grpc_port=grpc_port or None)
+                         limit_concurrency=limit_concurrency, grpc_port=grpc_port or None, runtime=runtime)
     state = {}
 
     def started(address: str) -> None:
