@@ -357,6 +357,9 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     result = {"bundle": str(bundle_dir), "model": model["name"], "machine": machine_info(), "threads": threads,
               "results": [r for r in rows if not r["runner"].startswith("plain:")], "skipped": skipped,
               "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet, "runtimes": runtimes}
+    source = next((a for a in manifest["artifacts"] if a["name"] == "onnx-fp32"), {})
+    result["cbam_opt"] = source.get("export", {}).get("cbam_opt") or {"mode": "off", "rewrites": [],
+                                                                      "note": "exported before --cbam-opt existed"}
     if twin:
         result["overhead"] = {"plain": twin, "rows": overhead_rows(rows)}
     return result

@@ -170,6 +170,8 @@ def export_command(
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
     target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
+    cbam_opt: Annotated[str, typer.Option(help="on: CBAM rewrites for speed (exact ones checked by the parity run; "
+                                               "recorded in the manifest); off: export the model as written.")] = "on",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
@@ -178,6 +180,7 @@ def export_command(
     validate_export_options(  # every option, before anything is built or written
         model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
         min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target,
+        cbam_opt=cbam_opt,
     )
     from .build import TensorRTOptions
     from .pipeline import ExportRequest, plan_export, run_export
@@ -185,7 +188,7 @@ def export_command(
     request = ExportRequest(
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
         batch=_parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
-        parity=parity, force=force, outputs=outputs,
+        parity=parity, force=force, outputs=outputs, cbam_opt=cbam_opt,
     )
     plan = plan_export(formats, precisions, int8, target, calib_data, gates,
                        TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core))
@@ -217,6 +220,10 @@ def _print_export(result: dict) -> None:
     out.print(f"model   {model['name']}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
     out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
               f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
+    rewrites = result["export"].get("cbam_opt") or {}
+    if rewrites.get("mode") == "on":
+        done = ", ".join(f"{r['name']} ({r['modules']} gates{', exact' if r['exact'] else ''})" for r in rewrites["rewrites"])
+        out.print(f"cbam-opt {done or rewrites.get('note', 'nothing to rewrite')}  (--cbam-opt off exports as written)")
     parity = result["parity"]
     if parity.get("passed") is None:
         out.print("parity  skipped (--no-parity)")

@@ -256,15 +256,18 @@ def validate_export_options(
     int8: bool = False,
     calib_data: str | None = None,
     target: str = "ort-cpu",
+    cbam_opt: str = "on",
 ) -> ExportPlan:
     """Every ``export`` option, checked before anything is built or written."""
     from .backends import formats as backend_formats
+    from .cbam_opt import MODES as CBAM_OPT_MODES
     from .build import PRECISIONS
     from .calib.recipes import GATES, TARGETS
 
     if not isinstance(model, str) or not model.strip():
         raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models') or path/to/file.py:factory")
     check_choice("--stem", stem, STEMS)
+    check_choice("--cbam-opt", cbam_opt, CBAM_OPT_MODES)
     check_num_classes(num_classes)
     check_input_size(input_size, model, stem)
     parsed_batch = parse_batch(batch)

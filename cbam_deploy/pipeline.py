@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cbam_opt import optimize_for_export
 from .bundle import MANIFEST_NAME, artifact_file, new_artifact, new_manifest, read_manifest, upsert_artifact
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
@@ -46,6 +47,7 @@ class ExportRequest:
     seed: int = 0
     force: bool = False
     outputs: str = "logits"  # zoo models: "logits" (classifier) or "features" (backbone: C2..C5)
+    cbam_opt: str = "on"  # CBAM rewrites (cbam_opt.py); "off" exports the module as written
     extra_notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,7 @@ class ExportRequest:
     def validate(self) -> None:
         """Value checks (no file access): ranges, choices, types. ``options.validate_export_options``
         does these and the path checks for the CLI."""
+        from .cbam_opt import MODES as CBAM_OPT_MODES
         from .options import STEMS, check_choice, check_input_size, check_int, check_num_classes, check_opset, parse_batch
 
         if not isinstance(self.model, str) or not self.model.strip():
@@ -66,6 +69,7 @@ class ExportRequest:
         check_opset(self.exporter, self.opset)
         check_int("parity_samples", self.parity_samples, 1)
         check_choice("--outputs", self.outputs, ("logits", "features"))
+        check_choice("--cbam-opt", self.cbam_opt, CBAM_OPT_MODES)
         if self.outputs == "features" and ":" in self.model:
             raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
 
@@ -141,7 +145,9 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
                  started: float) -> dict:
     out_dir = update.bundle_dir
     staged = update.path(ONNX_FILE)
-    info = export_onnx(loaded.module, staged, options)
+    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
+    info = export_onnx(exported, staged, options)
+    info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
     faultpoint("exported")
 
     parity = None
