@@ -74,14 +74,17 @@ def onnx_gate_tensors(proto) -> dict[str, str]:
     return found
 
 
-def artifact_maps(bundle_dir: str | Path, manifest: dict, name: str, x: np.ndarray,
+def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
                   threads: int | None = None) -> dict[str, np.ndarray]:
-    """The spatial gates an artifact computes for ``x``, under its own runtime."""
-    from .bundle import artifact_path
+    """The spatial gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict)
+    computes for ``x``, under its own runtime."""
+    from .bundle import Bundle
 
-    artifact, path = artifact_path(bundle_dir, manifest, name)
+    bundle = Bundle(Bundle.of(manifest).manifest, bundle_dir)
+    path = bundle.path_of(name)
+    artifact = bundle.artifact(name)
     with tempfile.TemporaryDirectory(prefix="cbam-attention-") as tmp:
-        if artifact["format"] == "onnx":
+        if artifact.format == "onnx":
             import onnx
 
             from .runners import OnnxRuntimeRunner
@@ -94,8 +97,8 @@ def artifact_maps(bundle_dir: str | Path, manifest: dict, name: str, x: np.ndarr
                     proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
             probe = Path(tmp) / "probe.onnx"
             onnx.save(proto, str(probe))
-            outputs = OnnxRuntimeRunner(probe, threads=threads, precision=artifact["precision"]).infer(x)
-        elif artifact["format"] == "openvino":
+            outputs = OnnxRuntimeRunner(probe, threads=threads, precision=artifact.precision).infer(x)
+        elif artifact.format == "openvino":
             from .exporters.openvino import require_openvino
             from .runners.openvino import OpenVINORunner
 
@@ -109,9 +112,9 @@ def artifact_maps(bundle_dir: str | Path, manifest: dict, name: str, x: np.ndarr
                     tensors[gate] = op.output(0).get_any_name()
             probe = Path(tmp) / "probe.xml"
             ov.save_model(model, str(probe), compress_to_fp16=False)
-            outputs = OpenVINORunner(probe, precision=artifact["precision"], threads=threads).infer(x)
+            outputs = OpenVINORunner(probe, precision=artifact.precision, threads=threads).infer(x)
         else:
-            raise BackendUnavailable(f"attention maps are read from onnx and openvino artifacts; {name} is {artifact['format']}")
+            raise BackendUnavailable(f"attention maps are read from onnx and openvino artifacts; {name} is {artifact.format}")
     return {gate: outputs[tensor] for gate, tensor in tensors.items() if tensor in outputs}
 
 
@@ -156,17 +159,19 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
     return len(top_a & top_b) / len(top_a | top_b)
 
 
-def attention_parity(bundle_dir: str | Path, manifest: dict, name: str, model: nn.Module, x: np.ndarray) -> dict | None:
-    """Attention parity of one artifact against the PyTorch model on ``x``; None for a model without
-    spatial gates."""
+def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray) -> dict | None:
+    """Attention parity of one artifact (``manifest``: a ``Bundle`` or its manifest dict) against the
+    PyTorch model on ``x``; None for a model without spatial gates."""
+    from .bundle import Bundle
+
     reference = torch_maps(model, x)
     if not reference:
         return None
-    artifact = next(a for a in manifest["artifacts"] if a["name"] == name)
+    artifact = Bundle.of(manifest).artifact(name)
     try:
         candidate = artifact_maps(bundle_dir, manifest, name, x)
     except BackendUnavailable as exc:
         return {"passed": None, "skipped": str(exc)}
     except CbamDeployError:
         raise
-    return compare_maps(reference, candidate, artifact["precision"])
+    return compare_maps(reference, candidate, artifact.precision)

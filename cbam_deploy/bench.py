@@ -9,12 +9,16 @@ narrower than ``TARGET_CI_WIDTH`` of the ratio or ``max_seconds`` is spent."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .benchstats import LoadMonitor, LoadReport, median_ci, ratio_ci, verdict
 from .errors import CbamDeployError
 from .runners.base import Runner
+
+if TYPE_CHECKING:
+    from .bundle import Bundle, ModelInfo
 
 TARGET_CI_WIDTH = 0.06
 
@@ -241,6 +245,11 @@ def markdown_report(result: dict, title: str) -> str:
     if result.get("overhead"):
         lines += ["", f"Attention overhead ({result['model']} / {result['overhead']['plain']}):", ""]
         lines += _markdown_table(OVERHEAD_COLUMNS, [overhead_cells(o) for o in result["overhead"]["rows"]])
+    if result.get("cbam_opt_compare"):
+        mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
+        lines += ["", f"--cbam-opt {mode} over {other}, same engine, same rounds:", ""]
+        lines += _markdown_table(("engine", "batch", f"{mode} p50 ms", f"{other} p50 ms", f"{mode}/{other} [95% CI]", "stable"),
+                                 [overhead_cells(o) for o in result["cbam_opt_compare"]["rows"]])
     fallbacks = fallback_notes(result["results"])
     if fallbacks:
         lines += ["", "Runtimes that did not run everything where asked:", ""] + [f"- {n}" for n in fallbacks]
@@ -291,10 +300,13 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
                  iters: int | None = None, min_seconds: float | None = None, warmup: int = 5,
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
-                 calib_data: str | None = None, runtime: str | list[str] | None = None) -> dict:
+                 calib_data: str | None = None, runtime: str | list[str] | None = None,
+                 cbam_opt_compare: bool = False) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
-    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine.
+    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine; with
+    ``cbam_opt_compare`` the same model exported with the other ``--cbam-opt`` mode and built with the
+    same recipes, for an on/off ratio per engine (rows ``cbam-opt-off:ARTIFACT``, or ``-on:``).
 
     ``runtime``: a comma list (or list) of runtimes (see ``cbam_deploy.runtimes``); each artifact runs
     under every listed runtime that runs its format, interleaved in the same rounds, its rows named
@@ -303,7 +315,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     from pathlib import Path
 
     from .benchstats import wait_until_quiet
-    from .bundle import read_manifest
+    from .bundle import Bundle
     from .options import check_artifact_names, validate_bench_options
     from .runners import TorchRunner
     from .runtimes import parse_runtimes
@@ -311,25 +323,24 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     validate_bench_options(list(batches or [1]), iters, min_seconds, warmup, threads)  # before any work
     runtimes = parse_runtimes(runtime)
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    check_artifact_names(manifest, artifacts, bundle_dir)
-    model = manifest["model"]
+    bundle = Bundle.open(bundle_dir)
+    check_artifact_names(bundle, artifacts, bundle_dir)
+    model = bundle.model
     twin = plain_twin(model) if overhead else None
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    module = _pytorch_model(manifest)
+    module = _pytorch_model(bundle)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
     skipped: list[dict] = []
     limits: dict[str, tuple[int, int] | None] = {}
-    _open_artifacts(bundle_dir, manifest, artifacts, threads, "", runners, skipped, limits, runtimes)
-    shape = manifest["input"]["shape"]
-    side = int(manifest["input"]["preprocess"]["center_crop"])
-    chw = (shape[1], side, side)
-    batches = [shape[0]] if isinstance(shape[0], int) else (batches or [1])
+    _open_artifacts(bundle, artifacts, threads, "", runners, skipped, limits, runtimes)
+    side = bundle.input.side
+    chw = (bundle.input.channels, side, side)
+    batches = [bundle.fixed_batch] if bundle.fixed_batch else (batches or [1])
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
-        calib = _calibration(manifest, calib_data) if (peers or overhead) else None
+        calib = _calibration(bundle, calib_data) if (peers or overhead or cbam_opt_compare) else None
         if peers:
             from .peers import build_peers
 
@@ -340,11 +351,17 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
             skipped += [{"artifact": s["peer"], "reason": s["reason"]} for s in peer_skips]
         if twin:
             opened = list(dict.fromkeys(r.partition("@")[0] for r in runners))  # each artifact once, whatever its runtimes
-            twin_bundle = _build_twin(manifest, twin, calib, Path(tmp) / "plain", [r for r in opened if r in
-                                      {a["name"] for a in manifest["artifacts"]}], skipped)
-            runners["plain:pytorch"] = TorchRunner(_pytorch_model(read_manifest(twin_bundle)))
-            _open_artifacts(twin_bundle, read_manifest(twin_bundle), None, threads, "plain:", runners, skipped, limits,
-                            runtimes)
+            twin_bundle = Bundle.open(_build_twin(bundle, twin, calib, Path(tmp) / "plain",
+                                                  [r for r in opened if bundle.has_artifact(r)], skipped))
+            runners["plain:pytorch"] = TorchRunner(_pytorch_model(twin_bundle))
+            _open_artifacts(twin_bundle, None, threads, "plain:", runners, skipped, limits, runtimes)
+        other_mode = None
+        if cbam_opt_compare:
+            other_mode = "off" if bundle.cbam_opt.get("mode") == "on" else "on"
+            mine = [name for name in dict.fromkeys(r.partition("@")[0] for r in runners) if bundle.has_artifact(name)]
+            other = Bundle.open(_build_twin(bundle, None, calib, Path(tmp) / f"cbam-opt-{other_mode}", mine, skipped,
+                                            cbam_opt=other_mode))
+            _open_artifacts(other, mine, threads, f"cbam-opt-{other_mode}:", runners, skipped, limits, runtimes)
         quiet = wait_until_quiet(wait_quiet) if wait_quiet > 0 else None
         rows = []
         for batch in batches:
@@ -354,37 +371,38 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
                         for n in runners if n not in usable]
             rows += bench_runners(usable, chw, [batch], iters, min_seconds, warmup, max_seconds=max_seconds,
                                   strict=strict, retries=retries)
-    result = {"bundle": str(bundle_dir), "model": model["name"], "machine": machine_info(), "threads": threads,
-              "results": [r for r in rows if not r["runner"].startswith("plain:")], "skipped": skipped,
+    result = {"bundle": str(bundle_dir), "model": model.name, "machine": machine_info(), "threads": threads,
+              "results": [r for r in rows if not r["runner"].startswith(("plain:", "cbam-opt-"))], "skipped": skipped,
               "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet, "runtimes": runtimes}
-    source = next((a for a in manifest["artifacts"] if a["name"] == "onnx-fp32"), {})
-    result["cbam_opt"] = source.get("export", {}).get("cbam_opt") or {"mode": "off", "rewrites": [],
-                                                                      "note": "exported before --cbam-opt existed"}
+    result["cbam_opt"] = bundle.cbam_opt
     if twin:
         result["overhead"] = {"plain": twin, "rows": overhead_rows(rows)}
+    if other_mode:
+        result["cbam_opt_compare"] = {"other": other_mode, "rows": overhead_rows(rows, f"cbam-opt-{other_mode}:")}
     return result
 
 
-def plain_twin(model: dict) -> str:
+def plain_twin(model: ModelInfo) -> str:
     """The zoo model without attention (resnet50 for resnet50_cbam)."""
     from .models.registry import get_entry, list_models
 
-    if model.get("source") != "zoo":
+    if model.source != "zoo":
         raise CbamDeployError("--overhead compares a zoo model with its plain twin; this bundle is a factory model")
-    entry = get_entry(model["name"])
+    entry = get_entry(model.name)
     if entry.attention is None or entry.family not in list_models():
-        raise CbamDeployError(f"--overhead: {model['name']} has no attention, so no plain twin to compare with")
+        raise CbamDeployError(f"--overhead: {model.name} has no attention, so no plain twin to compare with")
     return entry.family
 
 
-def overhead_rows(rows: list[dict]) -> list[dict]:
-    """Per engine and batch: latency of the attention model over its plain twin, from the same rounds."""
+def overhead_rows(rows: list[dict], prefix: str = "plain:") -> list[dict]:
+    """Per engine and batch: latency of the bundle's artifact over its counterpart named ``prefix`` +
+    artifact (the plain twin, or the other --cbam-opt mode), from the same rounds."""
     out = []
     by_key = {(r["runner"], r["batch"]): r for r in rows}
     for r in rows:
-        if r["runner"].startswith("plain:"):
+        if ":" in r["runner"].partition("@")[0]:  # plain:..., cbam-opt-off:..., peer rows have no colon
             continue
-        plain = by_key.get(("plain:" + r["runner"], r["batch"]))
+        plain = by_key.get((prefix + r["runner"], r["batch"]))
         if plain is None:
             continue
         ratio, low, high = ratio_ci(r["samples_ms"], plain["samples_ms"])
@@ -394,89 +412,91 @@ def overhead_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _pytorch_model(manifest: dict):
+def _pytorch_model(bundle: Bundle):
     """The eager model for timing: with its checkpoint when it is there (weights do not change the
     time, so a lost checkpoint falls back to the architecture's seeded init)."""
     from pathlib import Path
 
     from .models import build_model
 
-    model = manifest["model"]
-    spec = model.get("factory") or model["name"]
-    if model["source"] == "factory" and not Path(spec.rpartition(":")[0]).is_file():
-        raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
-    weights = model.get("weights")
-    usable = weights and Path(weights["path"]).is_file()
-    return build_model(spec, weights["path"] if usable else None, model["num_classes"], model["stem"],
-                       model.get("outputs_mode")).module
+    model = bundle.model
+    if model.source == "factory" and not Path(model.spec.rpartition(":")[0]).is_file():
+        raise CbamDeployError(f"cannot rebuild the PyTorch model from {model.spec}: the file is gone")
+    usable = model.weights is not None and Path(model.weights.path).is_file()
+    return build_model(model.spec, model.weights.path if usable else None, model.num_classes, model.stem,
+                       model.outputs_mode).module
 
 
-def _open_artifacts(bundle_dir, manifest: dict, names: list[str] | None, threads: int | None, prefix: str,
+def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None, prefix: str,
                     runners: dict, skipped: list, limits: dict, runtimes: list[str] | None = None) -> None:
     """A runner per artifact and runtime (``runtimes`` None: the default one, rows named as the artifact)."""
     from .errors import BackendUnavailable
     from .runners import open_artifact
     from .runtimes import fitting
 
-    for artifact in manifest["artifacts"]:
-        if names and artifact["name"] not in names:
+    for artifact in bundle.artifacts:
+        if names and artifact.name not in names:
             continue
-        chosen = [None] if runtimes is None else fitting(artifact["format"], runtimes)
+        chosen = [None] if runtimes is None else fitting(artifact.format, runtimes)
         if not chosen:
-            skipped.append({"artifact": prefix + artifact["name"], "reason": f"no runtime of --runtime {','.join(runtimes)} "
-                            f"runs {artifact['format']} artifacts"})
+            skipped.append({"artifact": prefix + artifact.name,
+                            "reason": f"no runtime of --runtime {','.join(runtimes)} runs {artifact.format} artifacts"})
             continue
         for runtime in chosen:
-            name = prefix + artifact["name"] + (f"@{runtime}" if len(chosen) > 1 else "")
+            name = prefix + artifact.name + (f"@{runtime}" if len(chosen) > 1 else "")
             try:
-                runners[name] = open_artifact(bundle_dir, manifest, artifact["name"], threads=threads, runtime=runtime)
+                runners[name] = open_artifact(bundle.directory, bundle, artifact.name, threads=threads, runtime=runtime)
             except BackendUnavailable as exc:
                 skipped.append({"artifact": name, "reason": str(exc)})
                 continue
-            if artifact["format"] == "tensorrt":
+            if artifact.format == "tensorrt":
                 from .exporters.tensorrt import profile_batch_limit
 
-                limits[name] = profile_batch_limit(manifest, artifact)
+                limits[name] = profile_batch_limit(bundle, artifact.raw)
 
 
-def _calibration(manifest: dict, calib_data: str | None, size: int = 128):
+def _calibration(bundle: Bundle, calib_data: str | None, size: int = 128):
     """Calibration images for peers and the plain twin: --calib-data, else the source the bundle's
     INT8 artifacts were calibrated on (when it is still there); None when there is neither."""
     from pathlib import Path
 
     from .data import SYNTHETIC, load_calibration
 
-    source = calib_data or next((a["calibration"]["source"] for a in manifest["artifacts"]
-                                 if a.get("calibration") and (a["calibration"]["source"] == SYNTHETIC
-                                                              or Path(a["calibration"]["source"]).exists())), None)
-    return load_calibration(source, manifest["input"], size) if source else None
+    source = calib_data or next((a.calibration["source"] for a in bundle.artifacts
+                                 if a.calibration and (a.calibration["source"] == SYNTHETIC
+                                                       or Path(a.calibration["source"]).exists())), None)
+    return load_calibration(source, bundle.input.raw, size) if source else None
 
 
-def _build_twin(manifest: dict, twin: str, calib, out: "Path", artifacts: list[str], skipped: list) -> "Path":
-    """The plain twin exported and built like the bundle: same input, batch, opset and exporter; the
-    same INT8 recipes on the same calibration data."""
+def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts: list[str], skipped: list,
+                cbam_opt: str = "on") -> "Path":
+    """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
+    weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
+    exporter; the same INT8 recipes on the same calibration data."""
+    from pathlib import Path
+
     from .build import build_artifacts
     from .pipeline import ExportRequest, export_bundle
     from .quantize import quantize_bundle
 
-    shape = manifest["input"]["shape"]
-    export = manifest["artifacts"][0].get("export", {})
-    export_bundle(ExportRequest(model=twin, num_classes=manifest["model"]["num_classes"], stem=manifest["model"]["stem"],
-                                outputs=manifest["model"].get("outputs_mode") or "logits",
-                                output=str(out), input_size=int(manifest["input"]["preprocess"]["center_crop"]),
-                                batch=shape[0] if isinstance(shape[0], int) else None,
-                                dynamic_hw=isinstance(shape[2], str), opset=export.get("opset", 17), parity=False))
-    by_name = {a["name"]: a for a in manifest["artifacts"]}
+    export = bundle.artifact().export or {}
+    model = bundle.model
+    weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
+    export_bundle(ExportRequest(model=twin or model.spec, weights=weights, num_classes=model.num_classes, stem=model.stem,
+                                cbam_opt=cbam_opt,
+                                outputs=bundle.model.outputs_mode or "logits", output=str(out),
+                                input_size=bundle.input.side, batch=bundle.fixed_batch,
+                                dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
     for name in artifacts:
-        artifact = by_name[name]
-        if artifact["format"] == "openvino" and artifact["precision"] in ("fp32", "fp16"):
-            build_artifacts(out, "openvino", artifact["precision"])
-        elif artifact["precision"] == "int8" and artifact.get("quantization"):
+        artifact = bundle.artifact(name)
+        if artifact.format == "openvino" and artifact.precision in ("fp32", "fp16"):
+            build_artifacts(out, "openvino", artifact.precision)
+        elif artifact.precision == "int8" and artifact.quantization:
             if calib is None:
-                skipped.append({"artifact": "plain:" + name, "reason": "no calibration data for the plain twin's INT8 "
-                                "(give --calib-data)"})
+                skipped.append({"artifact": f"{out.name}:{name}", "reason": "no calibration data for the "
+                                f"{out.name} build's INT8 (give --calib-data)"})
                 continue
-            q = artifact["quantization"]
+            q = artifact.quantization
             quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
                             gates=q["gates"], check_samples=8)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 from .backends import BuildOptions
 from .backends import formats as backend_formats
 from .backends import get as get_backend
-from .bundle import artifact_name, upsert_artifact
+from .bundle import artifact_name
 from .errors import BackendUnavailable, CbamDeployError
 from .transaction import BundleUpdate
 
@@ -85,16 +85,16 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
     return outcomes
 
 
-def commit_artifact(update: BundleUpdate, source_sha: str, artifact: dict) -> None:
-    """Commit one built artifact, unless the ONNX it was built from was replaced meanwhile."""
-    artifact["source_sha256"] = source_sha
+def commit_artifact(update: BundleUpdate, source_sha: str) -> None:
+    """Commit the artifacts built in ``update`` (``update.add_artifact``), unless the ONNX they were
+    built from was replaced meanwhile."""
 
-    def merge(current: dict) -> dict:
+    def check(current: dict) -> dict:
         onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
         if onnx_now is None or onnx_now["sha256"] != source_sha:
-            raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {artifact['name']} was built "
-                                  "from it; build again")
-        upsert_artifact(current, artifact)
+            built = ", ".join(a["name"] for a in update.added)
+            raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {built} was built from it; "
+                                  "build again")
         return current
 
-    update.commit(merge)
+    update.commit(check)

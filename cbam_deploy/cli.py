@@ -167,6 +167,10 @@ def export_command(
     dla_core: Annotated[Optional[int], typer.Option(help="Jetson: build for this DLA core, GPU fallback on.")] = None,
     outputs: Annotated[str, typer.Option(help="Zoo models: logits (the classifier) or features (the backbone's stage "
                                                "outputs C2..C5, for detectors and FPNs).")] = "logits",
+    output_kind: Annotated[Optional[list[str]], typer.Option(
+        "--output-kind", help="NAME=KIND, repeatable: how parity judges that output. KIND: logits (top-1 too), dense "
+                              "(cosine and bounds: embeddings, boxes, maps) or other (bounds). Default: logits for a "
+                              "2-D (N, C) output, dense for 3-D and up.")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
     target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino.")] = "ort-cpu",
@@ -177,9 +181,9 @@ def export_command(
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
     from .options import validate_export_options
 
-    validate_export_options(  # every option, before anything is built or written
+    checked = validate_export_options(  # every option, before anything is built or written
         model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
-        min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target,
+        min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target, output_kind,
         cbam_opt=cbam_opt,
     )
     from .build import TensorRTOptions
@@ -188,7 +192,7 @@ def export_command(
     request = ExportRequest(
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
         batch=_parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
-        parity=parity, force=force, outputs=outputs, cbam_opt=cbam_opt,
+        parity=parity, force=force, outputs=outputs, output_kinds=checked.output_kinds, cbam_opt=cbam_opt,
     )
     plan = plan_export(formats, precisions, int8, target, calib_data, gates,
                        TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core))
@@ -275,13 +279,13 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
-    from .bundle import read_manifest
+    from .bundle import Bundle
     from .options import check_artifact_names, parse_list, validate_verify_options
     from .verify import verify_bundle
 
     validate_verify_options(data, samples)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    check_artifact_names(read_manifest(bundle), names, bundle)
+    check_artifact_names(Bundle.open(bundle), names, bundle)
     result = verify_bundle(bundle, data, names, samples, runtime=runtime)
     if as_json:
         _print_json(result)
@@ -335,6 +339,9 @@ def bench_command(
                                                         "(torch.compile, ov.convert_model, NNCF and ORT defaults).")] = False,
     overhead: Annotated[bool, typer.Option("--overhead", help="Also bench the plain twin (resnet50 for resnet50_cbam): "
                                                               "attention overhead per engine.")] = False,
+    cbam_opt_compare: Annotated[bool, typer.Option("--cbam-opt-compare", help="Also bench the same model exported with "
+                                                   "the other --cbam-opt mode, built with the same recipes: the "
+                                                   "rewrites' speed-up per engine.")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration data for INT8 peers and the plain twin (default: "
                                                            "the bundle's INT8 calibration source).")] = None,
     runtime: Annotated[Optional[str], typer.Option(help="Comma list. " + _RUNTIME_HELP + " Each artifact runs under every "
@@ -371,16 +378,16 @@ def bench_command(
         check_model_spec(model)
         check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, names, f"(exported from --model {model})")
     else:
-        from .bundle import read_manifest
+        from .bundle import Bundle
 
-        check_artifact_names(read_manifest(bundle), names, bundle)
+        check_artifact_names(Bundle.open(bundle), names, bundle)
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
         if model:
             from .pipeline import ExportRequest, export_bundle
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
         result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads, max_seconds, strict, retries,
-                              wait_quiet, peers, overhead, calib_data, runtime)
+                              wait_quiet, peers, overhead, calib_data, runtime, cbam_opt_compare)
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:
@@ -412,6 +419,15 @@ def _print_bench(result: dict, title: str) -> None:
         for column in OVERHEAD_COLUMNS:
             table.add_column(column, justify="left" if column == "engine" else "right")
         for row in result["overhead"]["rows"]:
+            table.add_row(*overhead_cells(row))
+        out.print(table)
+    if result.get("cbam_opt_compare"):
+        mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
+        table = Table(title=f"--cbam-opt {mode} / {other} ({', '.join(r['name'] for r in result['cbam_opt']['rewrites']) or 'no rewrites'}), "
+                            "same engine, same rounds")
+        for column in ("engine", "batch", f"{mode} p50 ms", f"{other} p50 ms", f"{mode}/{other} [95% CI]", "stable"):
+            table.add_column(column, justify="left" if column == "engine" else "right")
+        for row in result["cbam_opt_compare"]["rows"]:
             table.add_row(*overhead_cells(row))
         out.print(table)
     for r in result["results"]:
@@ -485,12 +501,12 @@ def quantize_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
-    from .bundle import read_manifest
+    from .bundle import Bundle
     from .options import validate_quantize_options
     from .quantize import quantize_bundle
 
     targets = validate_quantize_options(target, calib_data, calib_size, calib_batch, method, gates)
-    read_manifest(bundle)  # a missing or damaged bundle is reported before the calibration data is read
+    Bundle.open(bundle)  # a missing or damaged bundle is reported before the calibration data is read
     result = quantize_bundle(bundle, targets, calib_data, calib_size, calib_batch, method, gates, cache, seed)
     if as_json:
         _print_json(result)
@@ -674,17 +690,16 @@ def triton_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository for the bundle's artifacts."""
-    from .bundle import artifact_path, read_manifest
+    from .bundle import Bundle
     from .options import check_artifact_names, parse_list, validate_triton_options
     from .serve.triton import write_repository
 
     validate_triton_options(output, max_batch, instances, delay_us, kind)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    manifest = read_manifest(bundle)
-    check_artifact_names(manifest, names, bundle)
-    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
+    opened = Bundle.open(bundle)
+    check_artifact_names(opened, names, bundle)
     for chosen in names or ["onnx-fp32"]:  # present and intact, before the repository folder is made
-        artifact_path(bundle_dir, manifest, chosen)
+        opened.path_of(chosen)
     written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind, triton_release)
     if as_json:
         _print_json(written)
@@ -758,32 +773,31 @@ def info_command(
     "missing" (also in --json). Exit code 0 when all are intact, 3 when any changed or is missing (the
     same code as a failed verification), 2 for an unreadable or damaged manifest.
     """
-    from .bundle import integrity as check_integrity
-    from .bundle import read_manifest
+    from .bundle import Bundle
 
-    manifest = read_manifest(bundle)
-    integrity = check_integrity(Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent, manifest)
+    opened = Bundle.open(bundle)
+    integrity = opened.check_integrity()
     from .exporters.tensorrt import image_stack
 
     stack = image_stack()  # the pinned stack of a cbam-deploy Docker image; None elsewhere
     if as_json:
-        _print_json({**manifest, "artifacts": [{**a, "integrity": integrity[a["name"]]} for a in manifest["artifacts"]],
-                     **({"image_stack": stack} if stack else {})})
+        artifacts = [{**a.raw, "integrity": integrity[a.name]} for a in opened.artifacts]
+        _print_json({**opened.manifest, "artifacts": artifacts, **({"image_stack": stack} if stack else {})})
     else:
-        model = manifest["model"]
-        params = f"{model['parameters']:,}" if isinstance(model.get("parameters"), int) else "?"
-        out.print(f"[bold]{escape(model['name'])}[/]  classes={model['num_classes']}  params={params}  "
-                  f"input {manifest['input']['shape']}")
+        model = opened.model
+        params = f"{model.parameters:,}" if isinstance(model.parameters, int) else "?"
+        out.print(f"[bold]{escape(model.name)}[/]  classes={model.num_classes}  params={params}  "
+                  f"input {opened.input.shape}")
         table = Table()
         for column in ("artifact", "format", "precision", "size", "sha256", "parity"):
             table.add_column(column)
-        for artifact in manifest["artifacts"]:
-            state = integrity[artifact["name"]]
+        for artifact in opened.artifacts:
+            state = integrity[artifact.name]
             shown = "ok" if state == "ok" else f"[red]{state}[/]"
-            passed = (artifact.get("parity") or {}).get("passed")
+            passed = (artifact.parity or {}).get("passed")
             verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not run"}[passed]
-            size = f"{artifact['size_bytes'] / 1e6:.1f} MB" if "size_bytes" in artifact else "-"
-            table.add_row(artifact["name"], artifact["format"], artifact["precision"], size, shown, verdict)
+            size = f"{artifact.size_bytes / 1e6:.1f} MB" if artifact.size_bytes is not None else "-"
+            table.add_row(artifact.name, artifact.format, artifact.precision, size, shown, verdict)
         out.print(table)
         if stack:
             out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import fit_to_batch, read_manifest
+from .bundle import Bundle
 from .data import _Unreadable, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
-from .outputs import classification_output
 from .runners import open_artifact, reference_runner
 
 
@@ -52,17 +51,17 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
 
     validate_eval_options(str(data_dir), batch, limit)  # every option before any work
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    check_artifact_names(manifest, [artifact] if artifact else None, bundle_dir)
-    if classification_output(manifest) is None:
-        raise CbamDeployError(f"eval measures top-1/top-5 of a classifier; {manifest['model']['name']} has the outputs "
-                              f"{', '.join(o['name'] + ' (' + o.get('kind', 'logits') + ')' for o in manifest['outputs'])}: "
+    bundle = Bundle.open(bundle_dir)
+    check_artifact_names(bundle, [artifact] if artifact else None, bundle_dir)
+    if bundle.classification_output is None:
+        raise CbamDeployError(f"eval measures top-1/top-5 of a classifier; {bundle.model.name} has the outputs "
+                              f"{', '.join(f'{o.name} ({o.kind})' for o in bundle.outputs)}: "
                               "use 'cbam-deploy verify' for its per-output parity")
-    inputs, labels, classes, skipped = load_labelled(data_dir, manifest["input"], limit)
-    num_classes = manifest["model"].get("num_classes")
+    inputs, labels, classes, skipped = load_labelled(data_dir, bundle.input.raw, limit)
+    num_classes = bundle.model.num_classes
     if num_classes and len(classes) > num_classes:
         raise CbamDeployError(f"{data_dir} has {len(classes)} class folders but the model has {num_classes} outputs")
-    inputs, batch = fit_to_batch(manifest, inputs, batch)
+    inputs, batch = bundle.fit_to_batch(inputs, batch)
     labels = labels[:len(inputs)]
 
     def run(runner):
@@ -70,23 +69,20 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         out = runner.run_batched(inputs, batch)
         return out, time.perf_counter() - started
 
-    reference, reference_label = reference_runner(manifest, bundle_dir)
+    reference, reference_label = reference_runner(bundle)
     ref_logits, ref_seconds = run(reference)
     ref_top1 = ref_logits.argmax(1)
     rows = [{"artifact": reference_label, "format": "pytorch" if reference_label == "pytorch-fp32" else "onnx",
              "precision": "fp32", **topk_metrics(ref_logits, labels, ref_top1), "seconds": round(ref_seconds, 2)}]
-    names = [artifact] if artifact else [a["name"] for a in manifest["artifacts"]]
-    for name in names:
-        entry = next((a for a in manifest["artifacts"] if a["name"] == name), None)
-        if entry is None:
-            raise CbamDeployError(f"bundle {bundle_dir} has no artifact {name!r}")
+    for name in [artifact] if artifact else bundle.artifact_names:
+        entry = bundle.artifact(name)
         try:
-            runner = open_artifact(bundle_dir, manifest, name)
+            runner = open_artifact(bundle.directory, bundle, name)
         except BackendUnavailable as exc:
-            rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"], "skipped": str(exc)})
+            rows.append({"artifact": name, "format": entry.format, "precision": entry.precision, "skipped": str(exc)})
             continue
         logits, seconds = run(runner)
-        rows.append({"artifact": name, "format": entry["format"], "precision": entry["precision"],
+        rows.append({"artifact": name, "format": entry.format, "precision": entry.precision,
                      **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
     return {"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)), "classes": len(classes),
             "skipped_unreadable": skipped, "reference": reference_label, "results": rows}

@@ -26,10 +26,14 @@ import html
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BackendUnavailable, CbamDeployError
+
+if TYPE_CHECKING:
+    from .bundle import Bundle, Preprocess
 
 PAGE_NAME = "index.html"
 MAPS_NAME = "maps.npz"
@@ -52,29 +56,26 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     "files": {gate: png}, ...}}, ``skipped`` {name: reason}, ``notes``.
     """
     from .attention import artifact_maps, compare_maps, torch_maps
-    from .bundle import fixed_batch, read_manifest
+    from .bundle import Bundle
     from .data import _Unreadable, load_image_file
-    from .outputs import classification_output
     from .runners import is_stand_in, open_artifact, reference_runner
 
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    if not bundle_dir.is_dir():  # a manifest file was given
-        bundle_dir = bundle_dir.parent
+    bundle = Bundle.open(bundle_dir)
+    bundle_dir = bundle.directory  # the folder, also when a manifest file was given
     image_path = Path(image_path)
     if not image_path.is_file():
         raise CbamDeployError(f"--image {image_path} is not a file")
     try:
-        chw = load_image_file(image_path, manifest["input"])
+        chw = load_image_file(image_path, bundle.input.raw)
     except _Unreadable as exc:
         raise CbamDeployError(f"--image {image_path} is not an image this machine can read: {exc}") from None
-    x = np.repeat(chw[None], fixed_batch(manifest) or 1, axis=0).astype(np.float32)  # a fixed batch gets copies
+    x = np.repeat(chw[None], bundle.fixed_batch or 1, axis=0).astype(np.float32)  # a fixed batch gets copies
 
-    chosen, skipped = _choose_artifacts(manifest, artifacts, bundle_dir)
-    classifier = classification_output(manifest) is not None
+    chosen, skipped = _choose_artifacts(bundle, artifacts)
+    classifier = bundle.classification_output is not None
     notes: list[str] = []
 
-    runner, label = reference_runner(manifest, bundle_dir)
+    runner, label = reference_runner(bundle)
     key = label.split(" ")[0]  # 'pytorch-fp32', or 'onnx-fp32' standing in
     stand_in = is_stand_in(runner)
     model = None if stand_in else runner.model
@@ -90,7 +91,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
         channel_maps = {g: m[:1] for g, m in torch_maps(model, x, "channel").items()}
     else:
         try:
-            reference_maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, manifest, "onnx-fp32", x).items()}
+            reference_maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, "onnx-fp32", x).items()}
         except BackendUnavailable:
             reference_maps = {}
         channel_maps = {}
@@ -107,32 +108,32 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
             notes.append(str(exc))
     elif not classifier:
         notes.append("Grad-CAM and top-5 are for classifiers; this bundle's outputs are "
-                     f"{', '.join(o['name'] for o in manifest['outputs'])} (maps only).")
+                     f"{', '.join(o.name for o in bundle.outputs)} (maps only).")
 
     if not gates and not classifier and not channel_maps:
         raise CbamDeployError(f"nothing to explain in {bundle_dir}: the model has no CBAM spatial gates and is not a "
                               "classifier (no Grad-CAM)")
     if not gates:
-        notes.append(f"{manifest['model']['name']} has no CBAM spatial gates: there are no attention maps to show or "
+        notes.append(f"{bundle.model.name} has no CBAM spatial gates: there are no attention maps to show or "
                      "to compare across artifacts" + ("; Grad-CAM and predictions only." if classifier else "."))
 
     # --- the artifacts ----------------------------------------------------------------------------
     candidate_maps: dict[str, dict[str, np.ndarray]] = {}
     rows: dict[str, dict] = {}
     for name in chosen:
-        artifact = next(a for a in manifest["artifacts"] if a["name"] == name)
+        artifact = bundle.artifact(name)
         try:
-            maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, manifest, name, x).items()} if gates else {}
-            logits = open_artifact(bundle_dir, manifest, name).run(x)[0] if classifier else None
+            maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, name, x).items()} if gates else {}
+            logits = open_artifact(bundle_dir, bundle, name).run(x)[0] if classifier else None
         except BackendUnavailable as exc:
             if artifacts:  # asked for by name: say why it cannot be done
                 raise
             skipped[name] = str(exc)
             continue
         candidate_maps[name] = maps
-        row = {"format": artifact["format"], "precision": artifact["precision"], "files": {}}
+        row = {"format": artifact.format, "precision": artifact.precision, "files": {}}
         if gates:
-            row["attention"] = compare_maps(reference_maps, maps, artifact["precision"])
+            row["attention"] = compare_maps(reference_maps, maps, artifact.precision)
         if classifier:
             predictions[name] = _top_k(logits)
             row["top1_agrees"] = predictions[name][0]["class"] == predictions[key][0]["class"]
@@ -145,8 +146,8 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     except OSError as exc:
         raise CbamDeployError(f"-o {output_dir}: cannot create the folder ({exc.strerror or exc})") from None
     writer = _Writer(output_dir)
-    picture = _display_image(chw, manifest["input"]["preprocess"])
-    outline = _outline(chw, manifest["input"]["preprocess"], picture.shape[0])
+    picture = _display_image(chw, bundle.input.preprocess)
+    outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
 
     writer.png("input.png", _render_image(picture))
     if gradcam_map is not None:
@@ -182,7 +183,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
 
     result = {
         "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
-        "model": manifest["model"]["name"], "reference": key, "reference_label": label, "classifier": classifier,
+        "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
         "input_shape": list(chw.shape), "gates": gates,
         "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
         "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
@@ -197,21 +198,20 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
 
 # --- choosing --------------------------------------------------------------------------------------
 
-def _choose_artifacts(manifest: dict, names: list[str] | None, bundle_dir: Path) -> tuple[list[str], dict[str, str]]:
+def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """The artifacts to explain, and {name: why not} for those of the bundle left out by default."""
     from .options import check_artifact_names
 
-    by_name = {a["name"]: a for a in manifest["artifacts"]}
     if names:
-        check_artifact_names(manifest, names, bundle_dir)
-        wrong = [n for n in names if by_name[n]["format"] not in EXPLAINABLE_FORMATS]
+        check_artifact_names(bundle, names, bundle.directory)
+        wrong = [n for n in names if bundle.artifact(n).format not in EXPLAINABLE_FORMATS]
         if wrong:
-            shown = ", ".join(f"{n} is {by_name[n]['format']}" for n in wrong)
+            shown = ", ".join(f"{n} is {bundle.artifact(n).format}" for n in wrong)
             raise CbamDeployError(f"--artifact: explain reads the gates of onnx and openvino artifacts; {shown}")
         return list(dict.fromkeys(names)), {}
-    chosen = [a["name"] for a in manifest["artifacts"] if a["format"] in EXPLAINABLE_FORMATS]
-    skipped = {a["name"]: f"{a['format']} artifact: explain reads the gates of onnx and openvino artifacts"
-               for a in manifest["artifacts"] if a["format"] not in EXPLAINABLE_FORMATS}
+    chosen = [a.name for a in bundle.artifacts if a.format in EXPLAINABLE_FORMATS]
+    skipped = {a.name: f"{a.format} artifact: explain reads the gates of onnx and openvino artifacts"
+               for a in bundle.artifacts if a.format not in EXPLAINABLE_FORMATS}
     return chosen, skipped
 
 
@@ -274,11 +274,11 @@ def _last_stage(model, x: np.ndarray):
     return maps[-1]
 
 
-def _display_image(chw: np.ndarray, preprocess: dict, upscale: bool = True) -> np.ndarray:
+def _display_image(chw: np.ndarray, preprocess: Preprocess, upscale: bool = True) -> np.ndarray:
     """The crop the model sees, back in [0, 1] RGB (H, W, 3), upscaled (nearest) to >= MIN_DISPLAY px."""
-    mean = np.asarray(preprocess["mean"], np.float32)[:, None, None]
-    std = np.asarray(preprocess["std"], np.float32)[:, None, None]
-    scale = float(preprocess.get("scale", 1 / 255)) * 255.0
+    mean = np.asarray(preprocess.mean, np.float32)[:, None, None]
+    std = np.asarray(preprocess.std, np.float32)[:, None, None]
+    scale = float(preprocess.scale) * 255.0
     rgb = np.clip((chw * std + mean) / scale, 0.0, 1.0).transpose(1, 2, 0)
     if not upscale:
         return rgb
@@ -286,7 +286,7 @@ def _display_image(chw: np.ndarray, preprocess: dict, upscale: bool = True) -> n
     return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 
 
-def _outline(chw: np.ndarray, preprocess: dict, display_side: int):
+def _outline(chw: np.ndarray, preprocess: Preprocess, display_side: int):
     """For a small input (<= OUTLINE_MAX px, upscaled for display): (xs, ys, luminance, level) to draw
     the image's outline over the maps, where the colours of the map would hide it; None otherwise."""
     side = chw.shape[1]

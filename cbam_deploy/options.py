@@ -232,6 +232,47 @@ class ExportPlan:
     targets: list[str]
     int8: bool
     notes: list[str] = field(default_factory=list)
+    output_kinds: dict[str, str] = field(default_factory=dict)
+
+
+def parse_output_kinds(values, option: str = "--output-kind") -> dict[str, str]:
+    """``NAME=KIND`` items (or a {name: kind} dict) -> {name: kind}, each KIND one of logits, dense,
+    other; one error naming the bad item, the unknown kind or the output given twice."""
+    from .outputs import OUTPUT_KINDS
+
+    if values is None:
+        return {}
+    if isinstance(values, dict):
+        pairs = list(values.items())
+        shown = [f"{k}={v}" for k, v in pairs]
+    elif isinstance(values, (list, tuple)):
+        shown = list(values)
+        pairs = []
+        for item in values:
+            name, sep, kind = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not sep or not name.strip() or not kind.strip():
+                raise CbamDeployError(f"{option} takes NAME=KIND (KIND one of {', '.join(OUTPUT_KINDS)}), got {item!r}")
+            pairs.append((name.strip(), kind.strip()))
+    else:
+        raise CbamDeployError(f"{option} must be a dict of output name to kind, got {type(values).__name__}")
+    kinds: dict[str, str] = {}
+    for (name, kind), item in zip(pairs, shown):
+        if not isinstance(name, str) or not name:
+            raise CbamDeployError(f"{option}: {item!r} does not name an output")
+        if kind not in OUTPUT_KINDS:
+            raise CbamDeployError(f"{option} {item!r}: unknown kind {kind!r}; the kinds are {', '.join(OUTPUT_KINDS)}")
+        if name in kinds and kinds[name] != kind:
+            raise CbamDeployError(f"{option}: output {name!r} is given two kinds ({kinds[name]}, {kind})")
+        kinds[name] = kind
+    return kinds
+
+
+def check_output_kinds(kinds: dict[str, str], outputs: list[str], option: str = "--output-kind") -> None:
+    """Every output named in ``kinds`` is one of the model's ``outputs`` (known once it has run)."""
+    unknown = [name for name in kinds if name not in outputs]
+    if unknown:
+        raise CbamDeployError(f"{option}: no output {', '.join(repr(u) for u in unknown)}; the model's outputs are "
+                              f"{', '.join(outputs)}")
 
 
 def validate_export_options(
@@ -256,9 +297,11 @@ def validate_export_options(
     int8: bool = False,
     calib_data: str | None = None,
     target: str = "ort-cpu",
+    output_kinds: list[str] | None = None,
     cbam_opt: str = "on",
 ) -> ExportPlan:
-    """Every ``export`` option, checked before anything is built or written."""
+    """Every ``export`` option, checked before anything is built or written (the names in
+    ``--output-kind`` are checked against the model's outputs once it has run, before the ONNX export)."""
     from .backends import formats as backend_formats
     from .cbam_opt import MODES as CBAM_OPT_MODES
     from .build import PRECISIONS
@@ -296,10 +339,11 @@ def validate_export_options(
         flag = "--int8" if int8 else "--precision int8"
         raise CbamDeployError(f"{flag} needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
     check_data_source("--calib-data", calib_data)
+    kinds = parse_output_kinds(output_kinds)
     check_existing_file("--weights", weights)
     check_output_dir("--output", output)
     check_model_spec(model, stem)  # last: it imports the model registry (and torch)
-    return ExportPlan(parsed_batch, format_list, precision_list, target_list, wants_int8)
+    return ExportPlan(parsed_batch, format_list, precision_list, target_list, wants_int8, output_kinds=kinds)
 
 
 def validate_quantize_options(targets: str | list[str], calib_data: str, calib_size: int = 128, calib_batch: int = 8,
@@ -354,11 +398,13 @@ def validate_triton_options(output: str, max_batch: int = 8, instances: int = 1,
     check_output_dir("--output", output)
 
 
-def check_artifact_names(manifest: dict, names: list[str] | None, bundle: str | Path, option: str = "--artifact") -> None:
+def check_artifact_names(manifest, names: list[str] | None, bundle: str | Path, option: str = "--artifact") -> None:
     """Every requested artifact exists in the bundle (checked before any measuring)."""
     if not names:
         return
-    have = [a["name"] for a in manifest["artifacts"]]
+    from .bundle import Bundle
+
+    have = Bundle.of(manifest).artifact_names
     unknown = [n for n in names if n not in have]
     if unknown:
         raise CbamDeployError(

@@ -11,6 +11,9 @@ and every runner name the same output the same way:
 Each output has a kind: ``logits`` (batch, classes): classification, judged on top-1 too;
 ``dense`` (batch, ...) of 3 or more dims: detection maps, segmentation, features, judged by cosine
 and element-wise bounds per output; ``other``: anything else, judged by element-wise bounds.
+The kind is guessed from the shape; a 2-D output that is not a classifier's (an embedding, a box
+tensor) is given its kind by ``export --output-kind NAME=KIND`` or by the factory's model declaring
+``output_kinds = {name: kind}``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from .errors import CbamDeployError
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+OUTPUT_KINDS = ("logits", "dense", "other")
 
 
 def flatten_outputs(value) -> list[tuple[str, object]]:
@@ -68,16 +72,23 @@ def output_kind(shape) -> str:
     return "other"
 
 
-def describe_outputs(pairs: list[tuple[str, object]], batch, dynamic_dims: bool = False) -> list[dict]:
+def describe_outputs(pairs: list[tuple[str, object]], batch, dynamic_dims: bool = False,
+                     kinds: dict[str, str] | None = None) -> list[dict]:
     """The manifest's ``outputs``: name, shape (batch symbolic or fixed; spatial dims symbolic when
-    the input's H/W are), dtype, kind."""
+    the input's H/W are), dtype, kind (``kinds`` overrides the kind guessed from the shape; every name
+    in it must be an output)."""
+    if kinds:
+        from .options import check_output_kinds
+
+        check_output_kinds(kinds, [name for name, _ in pairs], option="output_kinds")
     described = []
     for name, tensor in pairs:
         shape = list(tensor.shape)
         symbolic = ["batch" if batch is None else batch] + [
             f"{name}_dim{i}" if dynamic_dims and i >= 2 else int(d) for i, d in enumerate(shape[1:], start=1)]
         dtype = str(tensor.dtype).replace("torch.", "")
-        described.append({"name": name, "shape": symbolic if shape else [], "dtype": dtype, "kind": output_kind(shape)})
+        kind = (kinds or {}).get(name) or output_kind(shape)
+        described.append({"name": name, "shape": symbolic if shape else [], "dtype": dtype, "kind": kind})
     return described
 
 
@@ -86,18 +97,12 @@ def dynamic_output_axes(outputs: list[dict]) -> dict[str, dict[int, str]]:
     return {o["name"]: {i: d for i, d in enumerate(o["shape"]) if isinstance(d, str)} for o in outputs}
 
 
-def classification_output(manifest: dict) -> dict | None:
-    """The one logits output of a classifier; None for detectors, segmenters, backbones."""
-    outputs = manifest["outputs"]
-    return outputs[0] if len(outputs) == 1 and outputs[0].get("kind", "logits") == "logits" else None
-
-
 def concat_outputs(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Join per-chunk output dicts along the batch axis."""
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def output_kinds(manifest_or_outputs) -> dict[str, str]:
-    """{output name: kind} from a manifest (or its ``outputs`` list)."""
+    """{output name: kind} from a manifest (or its ``outputs`` list); ``Bundle.output_kinds`` for a bundle."""
     outputs = manifest_or_outputs["outputs"] if isinstance(manifest_or_outputs, dict) else manifest_or_outputs
     return {o["name"]: o.get("kind", "logits") for o in outputs}

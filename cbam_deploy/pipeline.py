@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cbam_opt import optimize_for_export
-from .bundle import MANIFEST_NAME, artifact_file, new_artifact, new_manifest, read_manifest, upsert_artifact
+from .bundle import MANIFEST_NAME, Bundle, artifact_file, new_manifest, read_manifest
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
@@ -49,15 +49,21 @@ class ExportRequest:
     outputs: str = "logits"  # zoo models: "logits" (classifier) or "features" (backbone: C2..C5)
     cbam_opt: str = "on"  # CBAM rewrites (cbam_opt.py); "off" exports the module as written
     extra_notes: list[str] = field(default_factory=list)
+    # {output name: kind} (or ["NAME=KIND", ...]) over the kind guessed from each output's shape
+    output_kinds: dict[str, str] | list[str] | None = None
 
     def __post_init__(self) -> None:
+        from .options import parse_output_kinds
+
+        self.output_kinds = parse_output_kinds(self.output_kinds)
         self.validate()  # a bad request fails where it is made, before any model is built or file written
 
     def validate(self) -> None:
         """Value checks (no file access): ranges, choices, types. ``options.validate_export_options``
         does these and the path checks for the CLI."""
         from .cbam_opt import MODES as CBAM_OPT_MODES
-        from .options import STEMS, check_choice, check_input_size, check_int, check_num_classes, check_opset, parse_batch
+        from .options import (STEMS, check_choice, check_input_size, check_int, check_num_classes, check_opset,
+                              parse_batch, parse_output_kinds)
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise CbamDeployError("--model needs a zoo name or path/to/file.py:factory")
@@ -72,6 +78,7 @@ class ExportRequest:
         check_choice("--cbam-opt", self.cbam_opt, CBAM_OPT_MODES)
         if self.outputs == "features" and ":" in self.model:
             raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
+        parse_output_kinds(self.output_kinds)
 
 
 def default_output_dir(model_spec: str) -> Path:
@@ -137,14 +144,41 @@ def export_bundle(request: ExportRequest) -> dict:
         simplify=request.simplify,
     )
     options.validate()
+    options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
     with BundleUpdate(out_dir, create=True) as update:
         return _export_into(request, loaded, options, update, started)
+
+
+def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options: OnnxExportOptions) -> dict[str, str]:
+    """The output kinds set by hand: those the model declares (an ``output_kinds`` attribute, {name:
+    kind}, on a factory's module), overridden by ``--output-kind`` (which also sets right a wrong
+    declaration). Each name is checked against the model's outputs (one forward pass) before anything
+    is exported or written."""
+    import torch
+
+    from .options import check_output_kinds, parse_output_kinds
+    from .outputs import flatten_outputs
+
+    requested = parse_output_kinds(requested)
+    declared = getattr(loaded.module, "output_kinds", None)
+    where = f"output_kinds of {loaded.name}"
+    if isinstance(declared, dict):
+        declared = {name: kind for name, kind in declared.items() if name not in requested}
+    declared = parse_output_kinds(declared, option=where) if declared is not None else {}
+    if not declared and not requested:
+        return {}
+    example = torch.zeros(options.batch or 1, options.in_channels, options.input_size, options.input_size)
+    with torch.no_grad():
+        names = [name for name, _ in flatten_outputs(loaded.module.eval()(example))]
+    check_output_kinds(declared, names, option=where)
+    check_output_kinds(requested, names)
+    return {**declared, **requested}
 
 
 def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, update: BundleUpdate,
                  started: float) -> dict:
     out_dir = update.bundle_dir
-    staged = update.path(ONNX_FILE)
+    staged = update.stage_artifact("onnx", "fp32")
     exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
     info = export_onnx(exported, staged, options)
     info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
@@ -166,9 +200,9 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     model_info["notes"] = model_info["notes"] + request.extra_notes
     manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    artifact = new_artifact(update.staging, "onnx-fp32", "onnx", "fp32", export=info,
-                            parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
-    upsert_artifact(manifest, artifact)
+    artifact = update.add_artifact("onnx", "fp32", export=info,
+                                   parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
+    manifest["artifacts"] = [artifact]  # first: the artifact commands take when none is named
     dropped: list[str] = []
 
     def replace(current: dict | None) -> dict:
@@ -260,15 +294,13 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
     from .bench import bench_bundle
     from .build import build_artifacts
-    from .bundle import read_manifest
     from .verify import verify_bundle
 
     outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt)
     built = [o.name for o in outcomes if o.name]
     verified = verify_bundle(bundle_dir, artifacts=built)
     timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters)
-    manifest = read_manifest(bundle_dir)
-    sizes = {a["name"]: a.get("size_bytes") for a in manifest["artifacts"]}
+    sizes = {a.name: a.size_bytes for a in Bundle.open(bundle_dir).artifacts}
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import artifact_path, fixed_batch, read_manifest
+from .bundle import Bundle
 from .scopes import inside, name_module_path
 from .errors import CbamDeployError
 
@@ -72,22 +72,22 @@ def roll_up(node_times: list[tuple[str, str, float]], runs: int, modules: list[d
     }
 
 
-def _profile_one(bundle_dir: Path, manifest: dict, name: str, x: np.ndarray, runs: int, warmup: int,
-                 threads: int | None) -> dict:
-    artifact, path = artifact_path(bundle_dir, manifest, name)
-    if artifact["format"] == "onnx":
+def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: int, threads: int | None) -> dict:
+    path = bundle.path_of(name)
+    artifact = bundle.artifact(name)
+    if artifact.format == "onnx":
         from .runners import OnnxRuntimeRunner
 
         with tempfile.TemporaryDirectory(prefix="cbam-profile-") as tmp:
-            runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact["precision"], profile_dir=tmp)
+            runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact.precision, profile_dir=tmp)
             for _ in range(warmup + runs):
                 runner.run(x)
             times = runner.node_times(skip_runs=warmup)
         tool = "onnxruntime profiler (CPU execution provider)"
-    elif artifact["format"] == "openvino":
+    elif artifact.format == "openvino":
         from .runners.openvino import OpenVINORunner
 
-        runner = OpenVINORunner(path, precision=artifact["precision"], threads=threads, perf_counters=True)
+        runner = OpenVINORunner(path, precision=artifact.precision, threads=threads, perf_counters=True)
         for _ in range(warmup):
             runner.run(x)
         times = []
@@ -96,9 +96,9 @@ def _profile_one(bundle_dir: Path, manifest: dict, name: str, x: np.ndarray, run
             times.extend(runner.node_times())
         tool = f"OpenVINO performance counters ({runner.inference_precision})"
     else:
-        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact['format']}")
-    return {"artifact": name, "format": artifact["format"], "precision": artifact["precision"], "tool": tool,
-            "runs": runs, **roll_up(times, runs, manifest["model"].get("attention_modules", []))}
+        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact.format}")
+    return {"artifact": name, "format": artifact.format, "precision": artifact.precision, "tool": tool,
+            "runs": runs, **roll_up(times, runs, bundle.model.attention_modules)}
 
 
 def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, batch: int = 1, runs: int = 20,
@@ -107,20 +107,19 @@ def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, b
     if runs < 1 or warmup < 0 or batch < 1:
         raise CbamDeployError("--runs and --batch must be >= 1, --warmup >= 0")
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    known = [a["name"] for a in manifest["artifacts"]]
+    bundle = Bundle.open(bundle_dir)
+    known = bundle.artifact_names
     unknown = [a for a in artifacts or [] if a not in known]
     if unknown:
         raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(unknown)}; it has {', '.join(known)}")
-    chosen = artifacts or [a["name"] for a in manifest["artifacts"] if a["format"] in ("onnx", "openvino")]
-    batch = fixed_batch(manifest) or batch
-    side = int(manifest["input"]["preprocess"]["center_crop"])
-    channels = manifest["input"]["shape"][1]
-    x = np.random.default_rng(0).standard_normal((batch, channels, side, side), dtype=np.float32)
+    chosen = artifacts or [a.name for a in bundle.artifacts if a.format in ("onnx", "openvino")]
+    batch = bundle.fixed_batch or batch
+    side = bundle.input.side
+    x = np.random.default_rng(0).standard_normal((batch, bundle.input.channels, side, side), dtype=np.float32)
     results = []
     for name in chosen:
-        results.append(_profile_one(bundle_dir, manifest, name, x, runs, warmup, threads))
-    return {"bundle": str(bundle_dir), "model": manifest["model"]["name"], "batch": batch, "input": [side, side],
+        results.append(_profile_one(bundle, name, x, runs, warmup, threads))
+    return {"bundle": str(bundle_dir), "model": bundle.model.name, "batch": batch, "input": [side, side],
             "results": results}
 
 

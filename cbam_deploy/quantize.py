@@ -9,12 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .bundle import (QUANTIZED_FORMAT, artifact_file, artifact_name, artifact_path, fit_to_batch, fixed_batch,
-                     new_artifact, read_manifest, snapshot_artifact, upsert_artifact)
+from .bundle import QUANTIZED_FORMAT, Bundle
 from .data import load_calibration
 from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
 from .errors import CbamDeployError
-from .outputs import output_kinds
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .runners import open_artifact, reference_runner
 from .transaction import BundleUpdate, faultpoint
@@ -33,18 +31,18 @@ def quantize_bundle(
     check_samples: int = 64,
 ) -> dict:
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    artifact_path(bundle_dir, manifest, "onnx-fp32")
+    bundle = Bundle.open(bundle_dir)
+    bundle.path_of("onnx-fp32")
     for target in targets:
         resolve(target, method, gates)  # reject bad options before any work
     if calib_batch < 1:
         raise CbamDeployError(f"--calib-batch must be at least 1, got {calib_batch}")
     with BundleUpdate(bundle_dir) as update:
         # quantize a snapshot: a re-export that lands meanwhile cannot change the file under our feet
-        fp32, fp32_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
-        data = load_calibration(calib_data, manifest["input"], calib_size + check_samples, seed)
-        data.inputs, calib_batch = fit_to_batch(manifest, data.inputs, calib_batch)
-        if fixed_batch(manifest):  # calibration and check sets both whole batches
+        fp32, fp32_path = bundle.snapshot("onnx-fp32", update)
+        data = load_calibration(calib_data, bundle.input.raw, calib_size + check_samples, seed)
+        data.inputs, calib_batch = bundle.fit_to_batch(data.inputs, calib_batch)
+        if bundle.fixed_batch:  # calibration and check sets both whole batches
             calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
         if len(data.inputs) > calib_size:
             check = data.inputs[calib_size:]
@@ -53,40 +51,37 @@ def quantize_bundle(
         else:
             check = data.inputs[: min(len(data.inputs), check_samples)]
             check_source = "calibration samples (source too small to hold any out)"
-        check, _ = fit_to_batch(manifest, check, calib_batch)
-        attention = manifest["model"].get("attention_modules", [])
-        reference, reference_label = reference_runner(manifest, bundle_dir)
+        check, _ = bundle.fit_to_batch(check, calib_batch)
+        attention = bundle.model.attention_modules
+        reference, reference_label = reference_runner(bundle)
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
-        source_sha = fp32["sha256"]
+        source_sha = fp32.sha256
         results = []
         for target in targets:
-            results.append(_quantize_one(update, manifest, target, method, gates, fp32_path, source_sha, data,
+            results.append(_quantize_one(update, bundle, target, method, gates, fp32_path, source_sha, data,
                                          attention, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
         faultpoint("quantized")
 
-        def merge(current: dict) -> dict:
+        def check_source_onnx(current: dict) -> dict:  # the INT8 artifacts themselves are added by the commit
             onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
             if onnx_now is None or onnx_now["sha256"] != source_sha:
                 raise CbamDeployError(f"bundle {bundle_dir} was re-exported while quantizing: its ONNX is not the one "
                                       "these INT8 artifacts were made from; run quantize again")
-            for artifact in results:
-                upsert_artifact(current, artifact)
             return current
 
-        update.commit(merge)
+        update.commit(check_source_onnx)
     return {"bundle": str(bundle_dir), "artifacts": results, "calibration": data.describe(),
             "passed": all(a["parity"]["passed"] for a in results)}
 
 
-def _quantize_one(update, manifest: dict, target: str, method: str | None, gates: str | None, fp32_path: Path,
+def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates: str | None, fp32_path: Path,
                   source_sha: str, data, attention: list, calib_batch: int, cache_dir, check, check_source: str,
                   ref_out, reference_label: str) -> dict:
     """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
     chosen_method, chosen_gates = resolve(target, method, gates)
-    name = artifact_name("int8", "int8", target, chosen_gates)
     fmt = QUANTIZED_FORMAT[target]
-    out_path = update.path(artifact_file(name, fmt))
+    out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
     if target == "openvino":
         result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
@@ -95,13 +90,13 @@ def _quantize_one(update, manifest: dict, target: str, method: str | None, gates
         result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
                                calib_batch, cache_dir)
     seconds = time.perf_counter() - started
-    companions = (out_path.with_suffix(".bin").name,) if fmt == "openvino" else ()
-    artifact = new_artifact(update.staging, name, fmt, "int8", companions, source_sha256=source_sha,
-                            quantization={**result.info, "seconds": round(seconds, 2)}, calibration=data.describe())
-    staged_manifest = {**manifest, "artifacts": [artifact]}
-    runner = open_artifact(update.staging, staged_manifest, name)
-    measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch),
-                            judge_top1=manifest["model"].get("weights") is not None, kinds=output_kinds(manifest))
+    artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,
+                                   quantization={**result.info, "seconds": round(seconds, 2)},
+                                   calibration=data.describe())
+    staged = Bundle({**bundle.manifest, "artifacts": [artifact]}, update.staging)
+    runner = open_artifact(update.staging, staged, artifact["name"])
+    measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch), judge_top1=bundle.model.trained,
+                            kinds=bundle.output_kinds)
     artifact["parity"] = {
         "precision": "int8", "reference": reference_label, "inputs": check_source,
         "tolerance": {"min_top1_agreement": INT8_MIN_TOP1, "min_cosine_mean": INT8_MIN_COSINE}, **measured,

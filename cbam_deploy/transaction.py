@@ -238,6 +238,7 @@ class BundleUpdate:
         self.staging: Path | None = None
         self.committed: dict | None = None
         self.removed: list[str] = []
+        self.added: list[dict] = []  # artifact records made by add_artifact, merged in at commit
         self._owner_fd: int | None = None
 
     def __enter__(self) -> BundleUpdate:
@@ -265,16 +266,42 @@ class BundleUpdate:
         assert self.staging is not None, "use BundleUpdate as a context manager"
         return self.staging / name
 
+    def stage_artifact(self, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None) -> Path:
+        """Where to write the file of the artifact (``fmt``, ``precision``[, INT8 ``recipe``, ``gates``]):
+        its name in the staging folder, from the one naming scheme (``bundle.artifact_name``)."""
+        from .bundle import artifact_file, artifact_name
+
+        return self.path(artifact_file(artifact_name(fmt, precision, recipe, gates), fmt))
+
+    def add_artifact(self, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None,
+                     **fields) -> dict:
+        """Record the artifact staged at ``stage_artifact(...)``: its name, file, sha256 and size (its
+        companions' too: an IR's .bin, an engine's sidecar, an ONNX's external data), plus ``fields``.
+        Returns the record (callers may add to it until they commit). ``commit`` puts every added record
+        into the manifest that its change returns, replacing one of the same name, unless the change
+        placed the record itself (an export puts its ONNX first)."""
+        from .bundle import artifact_record
+
+        assert self.staging is not None, "use BundleUpdate as a context manager"
+        record = artifact_record(self.staging, fmt, precision, recipe, gates, **fields)
+        self.added = [a for a in self.added if a["name"] != record["name"]] + [record]
+        return record
+
     def commit(self, change: Callable[[dict | None], dict]) -> dict:
-        """Apply ``change`` to the current manifest (a deep copy; None for a new bundle) and commit the
-        result with the staged files it references. Returns the committed manifest."""
-        from .bundle import validate_manifest
+        """Apply ``change`` to the current manifest (a deep copy; None for a new bundle), add the
+        artifacts recorded with ``add_artifact``, and commit the result with the staged files it
+        references. Returns the committed manifest."""
+        from .bundle import upsert_artifact, validate_manifest
 
         assert self.staging is not None and self.committed is None
         with bundle_lock(self.bundle_dir):
             recover(self.bundle_dir)
             current = read_current(self.bundle_dir)
             manifest = change(copy.deepcopy(current))
+            if self.added and isinstance(manifest, dict) and isinstance(manifest.get("artifacts"), list):
+                for record in self.added:
+                    if record not in manifest["artifacts"]:
+                        upsert_artifact(manifest, record)
             validate_manifest(manifest, self.bundle_dir / MANIFEST_NAME)
             wanted = referenced_files(manifest)
             files = sorted(n for n in wanted if (self.staging / n).is_file())

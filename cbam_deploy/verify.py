@@ -13,67 +13,62 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import fit_to_batch, fixed_batch, read_manifest
+from .bundle import ArtifactRecord, Bundle
 from .data import load_calibration
 from .errors import BackendUnavailable, CbamDeployError
-from .outputs import output_kinds
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
 from .runners import is_stand_in, open_artifact, reference_runner
 from .transaction import faultpoint, update_manifest
 
 
-def _int8_inputs(manifest: dict, artifact: dict, data: str | None, samples: int, seed: int) -> tuple[np.ndarray, str]:
-    source = data or (artifact.get("calibration") or {}).get("source")
+def _int8_inputs(bundle: Bundle, artifact: ArtifactRecord, data: str | None, samples: int,
+                 seed: int) -> tuple[np.ndarray, str]:
+    source = data or (artifact.calibration or {}).get("source")
     if source and (source == "synthetic" or Path(source).exists()):
-        loaded = load_calibration(source, manifest["input"], samples, seed + 1)
+        loaded = load_calibration(source, bundle.input.raw, samples, seed + 1)
         return loaded.inputs, f"{loaded.kind}: {loaded.source}"
-    case = plan_cases(_side(manifest), None, False, samples)[0]
+    case = plan_cases(bundle.input.side, None, False, samples)[0]
     return make_inputs(case, seed=seed), "seeded N(0,1) noise (no image data found): weak evidence for int8"
 
 
-def _side(manifest: dict) -> int:
-    return int(manifest["input"]["preprocess"]["center_crop"])
-
-
-def verify_artifact(bundle_dir: Path, manifest: dict, artifact: dict, reference, data: str | None = None,
+def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: str | None = None,
                     samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
     try:
-        runner = open_artifact(bundle_dir, manifest, artifact["name"], runtime=runtime)
+        runner = open_artifact(bundle.directory, bundle, artifact.name, runtime=runtime)
     except BackendUnavailable as exc:
         return {"passed": None, "skipped": str(exc)}
     ran = _ran(runner)
-    if artifact["precision"] == "int8":
-        inputs, label = _int8_inputs(manifest, artifact, data, samples, seed)
-        inputs, batch = fit_to_batch(manifest, inputs)
-        trained = manifest["model"].get("weights") is not None
+    kinds = bundle.output_kinds
+    if artifact.precision == "int8":
+        inputs, label = _int8_inputs(bundle, artifact, data, samples, seed)
+        inputs, batch = bundle.fit_to_batch(inputs)
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
-                               judge_top1=trained, kinds=output_kinds(manifest)),
+                               judge_top1=bundle.model.trained, kinds=kinds),
                 "precision": "int8", "inputs": label, "candidate": runner.describe(), **ran}
-    tolerance = artifact["precision"] if artifact["precision"] in TOLERANCES else "fp32"
-    dynamic_hw = isinstance(manifest["input"]["shape"][2], str)
-    cases = plan_cases(_side(manifest), fixed_batch(manifest), dynamic_hw, 8)
-    result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=output_kinds(manifest))
+    tolerance = artifact.precision if artifact.precision in TOLERANCES else "fp32"
+    cases = plan_cases(bundle.input.side, bundle.fixed_batch, bundle.input.dynamic_hw, 8)
+    result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=kinds)
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     result.update(ran)
     if data:
-        images, batch = fit_to_batch(manifest, load_calibration(data, manifest["input"], samples, seed).inputs)
+        images, batch = bundle.fit_to_batch(load_calibration(data, bundle.input.raw, samples, seed).inputs)
         on_images = compare_all(reference.infer_batched(images, batch), runner.infer_batched(images, batch),
-                                TOLERANCES[tolerance], output_kinds(manifest))
+                                TOLERANCES[tolerance], kinds)
         result["images"] = {"source": data, **on_images}
         result["passed"] = result["passed"] and on_images["passed"]
     return result
 
 
-def _check_attention(bundle_dir: Path, manifest: dict, artifact: dict, model, result: dict, data: str | None,
+def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
                      samples: int, seed: int) -> None:
     """Attention parity (``attention``): every CBAM spatial gate of the artifact against PyTorch's, on
     images where there are any. A gate that drifted fails the artifact even when its logits agree."""
     from .attention import attention_parity
 
-    x, label = _int8_inputs(manifest, artifact, data, min(samples, 16), seed + 7)
-    x, _ = fit_to_batch(manifest, x)
-    x = x[:fixed_batch(manifest)] if fixed_batch(manifest) else x
-    parity = attention_parity(bundle_dir, manifest, artifact["name"], model, x)
+    x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
+    x, _ = bundle.fit_to_batch(x)
+    x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
+    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x)
     if parity is None:
         return
     result["attention"] = {**parity, "inputs": label}
@@ -98,36 +93,36 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
     if runtime is not None and len(parse_runtimes(runtime)) != 1:
         raise CbamDeployError(f"--runtime: verify takes one runtime, got {runtime}")
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.open(bundle_dir)
     if artifacts:
-        missing = set(artifacts) - {a["name"] for a in manifest["artifacts"]}
+        missing = set(artifacts) - set(bundle.artifact_names)
         if missing:
             raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
-    reference, label = reference_runner(manifest, bundle_dir)
+    reference, label = reference_runner(bundle)
     rows, recorded = [], {}
-    for artifact in manifest["artifacts"]:
-        if artifacts and artifact["name"] not in artifacts:
+    for artifact in bundle.artifacts:
+        if artifacts and artifact.name not in artifacts:
             continue
-        if is_stand_in(reference) and artifact["name"] == "onnx-fp32":
+        if is_stand_in(reference) and artifact.name == "onnx-fp32":
             result = {"passed": None, "skipped": f"no independent reference ({label}); it was checked against "
                                                  "PyTorch at export (see its parity)"}
-        elif runtime is not None and artifact["format"] not in RUNTIMES[runtime].formats:
-            result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact['format']} artifacts"}
+        elif runtime is not None and artifact.format not in RUNTIMES[runtime].formats:
+            result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact.format} artifacts"}
         else:
-            result = verify_artifact(bundle_dir, manifest, artifact, reference, data, samples, seed, runtime)
+            result = verify_artifact(bundle, artifact, reference, data, samples, seed, runtime)
         result["reference"] = label
         if result.get("passed") is not None and not is_stand_in(reference):
-            _check_attention(bundle_dir, manifest, artifact, reference.model, result, data, samples, seed)
-        if result.get("passed") is False and artifact["format"] == "onnx" and artifact["precision"] != "int8" \
+            _check_attention(bundle, artifact, reference.model, result, data, samples, seed)
+        if result.get("passed") is False and artifact.format == "onnx" and artifact.precision != "int8" \
                 and not is_stand_in(reference):
             from .diagnose import locate_divergence
 
-            x = make_inputs(plan_cases(_side(manifest), None, False, 1)[0], seed=seed)
-            x = np.repeat(x, fixed_batch(manifest) or 1, axis=0)
-            result["first_divergence"] = locate_divergence(reference.model, bundle_dir / artifact["path"], x)
+            x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed)
+            x = np.repeat(x, bundle.fixed_batch or 1, axis=0)
+            result["first_divergence"] = locate_divergence(reference.model, bundle.path_of(artifact.name, False), x)
         if result.get("passed") is not None:
-            recorded[artifact["name"]] = (artifact["sha256"], result)
-        rows.append({"artifact": artifact["name"], "format": artifact["format"], "precision": artifact["precision"], **result})
+            recorded[artifact.name] = (artifact.sha256, result)
+        rows.append({"artifact": artifact.name, "format": artifact.format, "precision": artifact.precision, **result})
     faultpoint("verified")
     warnings = _record(bundle_dir, recorded)
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]

@@ -129,6 +129,8 @@ BAD_OPTIONS = [
     ("export-weights-missing", EXPORT + ["--weights", "{root}/missing.pth"], "--weights {root}/missing.pth does not exist"),
     ("export-unknown-model", ["export", "-m", "resnet10_half_cbm", "-o", "{root}/out"], "Did you mean: resnet10_half_cbam"),
     ("export-factory-file-missing", ["export", "-m", "{root}/missing.py:make", "-o", "{root}/out"], "does not exist"),
+    ("export-output-kind-syntax", EXPORT + ["--output-kind", "logits"], "--output-kind takes NAME=KIND"),
+    ("export-output-kind-unknown-kind", EXPORT + ["--output-kind", "logits=boxes"], "unknown kind 'boxes'; the kinds are"),
     ("export-output-is-a-file", ["export", "-m", "resnet10_half_cbam", "--stem", "cifar", "-o", "{root}/a-file.txt"],
      "exists and is not a folder"),
     # quantize: options first, then the bundle
@@ -201,6 +203,9 @@ BAD_MODEL_FILES = [
     ("factory-system-exit-message", ["--model", "{root}/prints.py:make"], "called sys.exit('bye')"),
     ("factory-raises", ["--model", "{root}/raises.py:make"], "raises.py:make() raised ValueError: bad config (line 2)"),
     ("factory-import-fails", ["--model", "{root}/broken_import.py:make"], "failed (line 1): ZeroDivisionError"),
+    # the model's outputs are known once it has run (before the ONNX export)
+    ("output-kind-unknown-output", ["--output-kind", "logit=dense"], "--output-kind: no output 'logit'; the model's "
+                                                                     "outputs are logits"),
 ]
 
 
@@ -239,6 +244,7 @@ DAMAGED_MANIFESTS = [
     ("num-classes-text", lambda m: m["model"].update(num_classes="ten"), "model.num_classes must be a positive integer or null"),
     ("model-name-missing", lambda m: m["model"].pop("name"), "model.name is missing"),
     ("outputs-not-dicts", lambda m: m.update(outputs=["logits"]), "outputs[0] must be an object"),
+    ("output-kind-unknown", lambda m: m["outputs"][0].update(kind="boxes"), "outputs[0].kind must be one of logits, dense, other"),
     ("artifact-name-number", lambda m: _first_artifact(m).update(name=7), "artifacts[0].name must be a non-empty string"),
     ("artifact-sha-missing", lambda m: _first_artifact(m).pop("sha256"), "artifacts[0].sha256 is missing"),
     ("companion-digest-number", lambda m: _first_artifact(m).update(companion_files={"model.bin": 5}), "companion_files"),

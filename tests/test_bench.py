@@ -70,6 +70,25 @@ def test_overhead_pairs_each_engine_with_the_plain_twin(bundle):
     assert not any(r["runner"].startswith("plain:") for r in result["results"])
 
 
+def test_cbam_opt_compare_pairs_each_engine_with_the_other_mode(bundle, tmp_path):
+    """The bundle (exported with the default --cbam-opt on) against the same model exported with
+    --cbam-opt off and built with the same recipes, in the same rounds; CLI table and markdown too."""
+    result = bench_bundle(bundle, [1], iters=6, warmup=1, cbam_opt_compare=True)
+    assert result["cbam_opt"]["mode"] == "on" and [r["name"] for r in result["cbam_opt"]["rewrites"]] == ["mlp-batched"]
+    assert result["cbam_opt_compare"]["other"] == "off"
+    rows = {o["engine"]: o for o in result["cbam_opt_compare"]["rows"]}
+    assert set(rows) == {"onnx-fp32", "int8-ort-cpu", "int8-openvino"}  # pytorch runs the module as written either way
+    for row in rows.values():
+        assert row["overhead_ci"][0] <= row["overhead"] <= row["overhead_ci"][1]
+        assert row["overhead"] == pytest.approx(row["attention_p50_ms"] / row["plain_p50_ms"], rel=1e-4)
+    assert not any(r["runner"].startswith("cbam-opt-") for r in result["results"])
+    md = tmp_path / "r.md"
+    cli = CliRunner().invoke(app, ["bench", str(bundle), "--iters", "4", "--warmup", "1", "--artifact", "onnx-fp32",
+                                   "--cbam-opt-compare", "--markdown", str(md)])
+    assert cli.exit_code == 0, cli.output
+    assert "--cbam-opt on / off (mlp-batched)" in cli.output and "--cbam-opt on over off" in md.read_text()
+
+
 def test_overhead_refuses_a_model_without_attention(tmp_path):
     from cbam_deploy.errors import CbamDeployError
 

@@ -175,3 +175,104 @@ def test_zoo_backbone_with_features_exports_quantizes_and_verifies(tmp_path):
     rows = {r["artifact"]: r for r in verified["results"]}
     assert verified["reference"] == "pytorch-fp32" and rows["onnx-fp32"]["passed"] is True
     assert set(rows["int8-ort-cpu"]["outputs"]) == {"C2", "C3", "C4", "C5"} and rows["int8-ort-cpu"]["passed"] is True
+
+
+# ------------------------------------------------------------------------------ per-output kinds set by hand
+
+def test_output_kind_option_makes_verify_judge_an_embedding_by_cosine_and_bounds_not_top1(tmp_path):
+    """An embedder's (N, 16) embedding is 2-D, so its kind is guessed as logits and judged on top-1;
+    ``--output-kind embedding=dense`` records it as dense, and export, quantize and verify then judge
+    it by cosine and element-wise bounds only."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cbam_deploy.bundle import Bundle
+    from cbam_deploy.cli import app
+
+    guessed = tmp_path / "guessed"
+    export_bundle(ExportRequest(model=f"{HEADS}:embedder", input_size=32, output=str(guessed), parity=False))
+    assert Bundle.open(guessed).output_kinds == {"embedding": "logits", "heatmap": "dense"}
+    row = {r["artifact"]: r for r in verify_bundle(guessed)["results"]}["onnx-fp32"]
+    assert all("top1_agreement" in case["outputs"]["embedding"] for case in row["cases"])  # judged as a classifier
+
+    out = tmp_path / "set"
+    result = CliRunner().invoke(app, ["export", "-m", f"{HEADS}:embedder", "--input-size", "32", "-o", str(out),
+                                      "--output-kind", "embedding=dense", "--json"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.open(out)
+    assert bundle.output_kinds == {"embedding": "dense", "heatmap": "dense"} and bundle.classification_output is None
+    export_case = json.loads(result.stdout)["parity"]["cases"][0]["outputs"]["embedding"]
+    assert export_case["kind"] == "dense" and "top1_agreement" not in export_case
+
+    quantized = quantize_bundle(out, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False)
+    int8_embedding = quantized["artifacts"][0]["parity"]["outputs"]["embedding"]
+    assert int8_embedding["kind"] == "dense" and "top1_agreement" not in int8_embedding
+
+    verified = verify_bundle(out)
+    rows = {r["artifact"]: r for r in verified["results"]}
+    fp32 = rows["onnx-fp32"]
+    assert verified["reference"] == "pytorch-fp32" and fp32["passed"] is True and "top1_agreement" not in fp32
+    for case in fp32["cases"]:
+        embedding = case["outputs"]["embedding"]
+        assert embedding["kind"] == "dense" and "top1_agreement" not in embedding
+        assert embedding["cosine_min"] >= 0.99999 and embedding["max_abs_err"] <= embedding["bound"]
+    int8 = rows["int8-ort-cpu"]["outputs"]["embedding"]
+    assert int8["kind"] == "dense" and "top1_agreement" not in int8 and int8["cosine_mean"] > 0.9
+
+
+def test_a_factory_model_declares_its_output_kinds_and_the_option_overrides_them(tmp_path):
+    from cbam_deploy.bundle import Bundle
+
+    export_bundle(ExportRequest(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "a"),
+                                parity=False))
+    assert Bundle.open(tmp_path / "a").output_kinds == {"embedding": "dense", "heatmap": "dense"}
+    export_bundle(ExportRequest(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "b"),
+                                parity=False, output_kinds=["embedding=other", "heatmap=other"]))
+    assert Bundle.open(tmp_path / "b").output_kinds == {"embedding": "other", "heatmap": "other"}
+
+
+def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
+    from cbam_deploy.options import parse_output_kinds
+
+    with pytest.raises(CbamDeployError, match=r"--output-kind takes NAME=KIND \(KIND one of logits, dense, other\), "
+                                              r"got 'embedding'"):
+        ExportRequest(model=f"{HEADS}:embedder", output_kinds=["embedding"])
+    with pytest.raises(CbamDeployError, match=r"--output-kind 'embedding=boxes': unknown kind 'boxes'; the kinds are "
+                                              r"logits, dense, other"):
+        ExportRequest(model=f"{HEADS}:embedder", output_kinds={"embedding": "boxes"})
+    with pytest.raises(CbamDeployError, match=r"output 'a' is given two kinds \(dense, logits\)"):
+        parse_output_kinds(["a=dense", "a=logits"])
+    assert parse_output_kinds([" a = dense ", "b=other", "a=dense"]) == {"a": "dense", "b": "other"}
+
+    out = tmp_path / "out"
+    with pytest.raises(CbamDeployError, match=r"^--output-kind: no output 'embeding'; the model's outputs are "
+                                              r"embedding, heatmap$"):
+        export_bundle(ExportRequest(model=f"{HEADS}:embedder", input_size=32, output=str(out),
+                                    output_kinds=["embeding=dense"]))
+    assert not out.exists()  # refused before anything was written
+
+    factory = tmp_path / "declares.py"
+    factory.write_text("from torch import nn\n\n"
+                       "class M(nn.Module):\n"
+                       "    output_kinds = {'emb': 'dense'}\n\n"
+                       "    def __init__(self):\n"
+                       "        super().__init__()\n"
+                       "        self.conv = nn.Conv2d(3, 4, 1)\n\n"
+                       "    def forward(self, x):\n"
+                       "        return {'embedding': self.conv(x).mean((2, 3))}\n\n"
+                       "def make():\n"
+                       "    return M()\n\n"
+                       "def vector():\n"
+                       "    model = M()\n"
+                       "    model.output_kinds = {'embedding': 'vector'}\n"
+                       "    return model\n")
+    with pytest.raises(CbamDeployError, match=r"output_kinds of .*declares.py:make: no output 'emb'; the model's "
+                                              r"outputs are embedding$"):
+        export_bundle(ExportRequest(model=f"{factory}:make", input_size=32, output=str(out)))
+    with pytest.raises(CbamDeployError, match=r"output_kinds of .*declares.py:vector 'embedding=vector': unknown kind"):
+        export_bundle(ExportRequest(model=f"{factory}:vector", input_size=32, output=str(out)))
+    # the option overrides what the model declares, so a wrong declaration can be set right from outside
+    export_bundle(ExportRequest(model=f"{factory}:vector", input_size=32, output=str(out), parity=False,
+                                output_kinds={"embedding": "dense"}))
+    assert read_manifest(out)["outputs"][0]["kind"] == "dense"

@@ -1,6 +1,7 @@
 """The backend table: one module per backend, one registry that every step reads.
 
-A backend owns one artifact format and says, in one place: the file extension and companion files,
+A backend owns one artifact format and says, in one place: the file extension and companion files
+(every file beside the artifact's own, so that the manifest names every file the bundle holds),
 the precisions it builds from the bundle's FP32 ONNX (and how: ``build``), the INT8 recipe that feeds
 it, the runtimes it prefers (``cbam_deploy.runtimes`` says which runtimes run which format), whether it is usable on this machine
 (``probe``), and its Triton fragment. ``build``, ``bundle``, ``quantize``, ``runtimes``, the Triton
@@ -49,7 +50,8 @@ class Backend:
     triton: TritonFragment | None
     build: Callable[[Path, str, BuildOptions], object] | None = None  # (bundle, precision, options) -> BuildOutcome
     probe: Callable[[], str | None] = lambda: None  # None when usable here, else why not
-    companions: Callable[[str], tuple[str, ...]] = lambda file_name: ()  # files beside the artifact's file
+    # the files beside the artifact's file (given its path), named relative to its folder; each is in the manifest
+    companions: Callable[[Path], tuple[str, ...]] = lambda path: ()
 
 
 REGISTRY: dict[str, Backend] = {}

@@ -10,27 +10,26 @@ from . import Backend, BuildOptions, TritonFragment, register
 def build(bundle_dir: Path, precision: str, options: BuildOptions):
     """fp32/fp16 IR from the FP32 ONNX, committed as one transaction."""
     from ..build import BuildOutcome, commit_artifact
-    from ..bundle import artifact_file, artifact_name, artifact_path, new_artifact, read_manifest, snapshot_artifact
+    from ..bundle import Bundle
     from ..errors import BackendUnavailable
     from ..exporters.openvino import export_ir
     from ..transaction import BundleUpdate
 
     if precision not in ("fp32", "fp16"):
         return BuildOutcome("openvino", precision, skipped="OpenVINO INT8 IR comes from the openvino quantize recipe")
-    manifest = read_manifest(bundle_dir)
-    artifact_path(bundle_dir, manifest, "onnx-fp32")
-    name = artifact_name("openvino", precision)
+    bundle = Bundle.open(bundle_dir)
+    bundle.path_of("onnx-fp32")
     with BundleUpdate(bundle_dir) as update:
-        source, onnx_path = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
-        xml = update.path(artifact_file(name, "openvino"))
+        source, onnx_path = bundle.snapshot("onnx-fp32", update)
         try:
-            info = export_ir(onnx_path, xml, precision)
+            info = export_ir(onnx_path, update.stage_artifact("openvino", precision), precision)
         except BackendUnavailable as exc:
             return BuildOutcome("openvino", precision, skipped=str(exc))
-        commit_artifact(update, source["sha256"], new_artifact(
-            update.staging, name, "openvino", precision, BACKEND.companions(xml.name),
-            export={**info, "inference_precision_hint": {"fp32": "f32", "fp16": "f16"}[precision]}))
-    return BuildOutcome("openvino", precision, name)
+        hint = {"fp32": "f32", "fp16": "f16"}[precision]
+        artifact = update.add_artifact("openvino", precision, source_sha256=source.sha256,
+                                       export={**info, "inference_precision_hint": hint})
+        commit_artifact(update, source.sha256)
+    return BuildOutcome("openvino", precision, artifact["name"])
 
 
 def probe() -> str | None:
@@ -43,5 +42,5 @@ BACKEND = register(Backend(
     format="openvino", title="OpenVINO IR", extension="xml", precisions=("fp32", "fp16"), quantize_recipe="openvino",
     preferred_runtimes=("openvino",),
     triton=TritonFragment('backend: "openvino"', ("model.xml", "model.bin"), "KIND_CPU", ("KIND_CPU",)),
-    build=build, probe=probe, companions=lambda xml: (Path(xml).with_suffix(".bin").name,),
+    build=build, probe=probe, companions=lambda xml: (Path(xml).with_suffix(".bin").name,),  # the weights
 ))

@@ -10,7 +10,7 @@ from . import Backend, BuildOptions, TritonFragment, register
 def build(bundle_dir: Path, precision: str, options: BuildOptions):
     """An engine for this machine's GPU, committed with its metadata sidecar."""
     from ..build import BuildOutcome, TensorRTOptions, commit_artifact
-    from ..bundle import artifact_file, artifact_name, artifact_path, new_artifact, read_manifest, snapshot_artifact
+    from ..bundle import Bundle, artifact_name
     from ..errors import BackendUnavailable
     from ..exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
                                       plan_build, require_tensorrt)
@@ -22,28 +22,27 @@ def build(bundle_dir: Path, precision: str, options: BuildOptions):
         current_gpu()
     except BackendUnavailable as exc:
         return BuildOutcome("tensorrt", precision, skipped=str(exc))
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.open(bundle_dir)
     plan = plan_build(parse_version(trt.__version__), precision, trt_options.dla_core)
-    name = artifact_name("tensorrt", precision)
     with BundleUpdate(bundle_dir) as update:
-        onnx_fp32, _ = artifact_path(bundle_dir, manifest, "onnx-fp32", verify_hash=False)
+        bundle.path_of("onnx-fp32", verify_hash=False)
+        onnx_fp32 = bundle.artifact("onnx-fp32")
         if plan.onnx_variant == "qdq":
-            _, source = snapshot_artifact(bundle_dir, manifest, artifact_name("int8", "int8", "tensorrt", options.gates),
-                                          update)
+            _, source = bundle.snapshot(artifact_name("int8", "int8", "tensorrt", options.gates), update)
         else:
-            _, source = snapshot_artifact(bundle_dir, manifest, "onnx-fp32", update)
+            _, source = bundle.snapshot("onnx-fp32", update)
             if plan.onnx_variant == "fp16":
-                fp16_path = update.path(".source.fp16.onnx")  # an intermediate: not committed
+                fp16_path = update.path(".source.fp16.onnx")  # an intermediate: never committed, never in the bundle
                 fp16_onnx(source, fp16_path)
                 source = fp16_path
-        engine = update.path(artifact_file(name, "tensorrt"))
+        engine = update.stage_artifact("tensorrt", precision)
         profile = Profile(trt_options.min_batch, trt_options.opt_batch, trt_options.max_batch)
         timing_cache = Path(trt_options.timing_cache) if trt_options.timing_cache else default_timing_cache()
-        metadata = build_engine(source, engine, precision, manifest["input"]["shape"], profile, trt_options.workspace_mb,
+        metadata = build_engine(source, engine, precision, bundle.input.shape, profile, trt_options.workspace_mb,
                                 timing_cache, trt_options.dla_core, bundle_dir=bundle_dir)
-        commit_artifact(update, onnx_fp32["sha256"], new_artifact(
-            update.staging, name, "tensorrt", precision, BACKEND.companions(engine.name), export=metadata))
-    return BuildOutcome("tensorrt", precision, name)
+        artifact = update.add_artifact("tensorrt", precision, source_sha256=onnx_fp32.sha256, export=metadata)
+        commit_artifact(update, onnx_fp32.sha256)
+    return BuildOutcome("tensorrt", precision, artifact["name"])
 
 
 def probe() -> str | None:
@@ -56,5 +55,5 @@ BACKEND = register(Backend(
     format="tensorrt", title="TensorRT engine", extension="engine", precisions=("fp32", "fp16", "int8"),
     quantize_recipe="tensorrt", preferred_runtimes=("tensorrt",),
     triton=TritonFragment('platform: "tensorrt_plan"', ("model.plan",), "KIND_GPU", ("KIND_GPU",)),
-    build=build, probe=probe, companions=lambda engine: (engine + ".json",),  # the metadata sidecar
+    build=build, probe=probe, companions=lambda engine: (Path(engine).name + ".json",),  # the metadata sidecar
 ))

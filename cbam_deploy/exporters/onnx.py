@@ -39,6 +39,7 @@ class OnnxExportOptions:
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
     simplify: bool = True
+    output_kinds: dict[str, str] | None = None  # {output name: kind} over the kind guessed from the shape
 
     def validate(self) -> None:
         if self.exporter not in OPSET_RANGE:
@@ -73,7 +74,8 @@ def export_onnx(model: nn.Module, path: str | Path, options: OnnxExportOptions) 
     example = torch.randn(options.batch or 1, options.in_channels, options.input_size, options.input_size)
     started = time.perf_counter()
     with torch.no_grad():
-        outputs = describe_outputs(flatten_outputs(model(example)), options.batch, options.dynamic_hw)
+        outputs = describe_outputs(flatten_outputs(model(example)), options.batch, options.dynamic_hw,
+                                   options.output_kinds)
     with atomic_path(path) as tmp:
         _run_exporter(model, example, tmp, options, outputs)
         proto = onnx.load(str(tmp))

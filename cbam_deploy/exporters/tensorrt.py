@@ -334,18 +334,20 @@ def engine_profile(artifact: dict) -> Profile | None:
     return Profile(int(profile["min_batch"]), int(profile["opt_batch"]), int(profile["max_batch"]))
 
 
-def profile_batch_limit(manifest: dict, artifact: dict) -> tuple[int, int] | None:
+def profile_batch_limit(manifest, artifact: dict) -> tuple[int, int] | None:
     """(smallest, largest) batch one call of the artifact's runner may use without being split or
-    padded: the engine's profile for TensorRT, the fixed batch for a fixed-batch model, else None (any
-    batch)."""
+    padded: the engine's profile for TensorRT, the fixed batch for a fixed-batch model (``manifest``:
+    a ``Bundle`` or a manifest dict), else None (any batch)."""
+    from ..bundle import fixed_batch
+
     profile = engine_profile(artifact)
     if profile is not None:
         return profile.min_batch, profile.max_batch
-    first = manifest["input"]["shape"][0]
-    return (first, first) if isinstance(first, int) else None
+    fixed = fixed_batch(manifest)
+    return (fixed, fixed) if fixed is not None else None
 
 
-def check_batch_against_profile(manifest: dict, artifact: dict, batch: int, option: str = "--batch") -> None:
+def check_batch_against_profile(manifest, artifact: dict, batch: int, option: str = "--batch") -> None:
     """Refuse a batch size the artifact cannot run in one call (bench must not time a split or padded
     call as if it were one; serve must not batch past the engine), naming the option to change."""
     limit = profile_batch_limit(manifest, artifact)
@@ -359,7 +361,7 @@ def check_batch_against_profile(manifest: dict, artifact: dict, batch: int, opti
             "or rebuild the engine with --min-batch/--max-batch")
 
 
-def fit_batch_to_profile(manifest: dict, artifact: dict, batch: int) -> int:
+def fit_batch_to_profile(manifest, artifact: dict, batch: int) -> int:
     """The largest batch <= ``batch`` the artifact runs in one call (serve's --max-batch, eval's
     chunk): ``batch`` itself when there is no limit."""
     limit = profile_batch_limit(manifest, artifact)

@@ -141,9 +141,9 @@ def model_config(service: ModelService, delay_ms: float) -> mc.ModelConfig:
     dims = (lambda shape: ModelService.tensor_shape(shape[1:] if batched else shape))
     config = mc.ModelConfig(name=service.name, platform=f"cbam-deploy/{service.runner.backend}",
                             max_batch_size=service.max_batch if batched else 0)
-    config.input.add(name=service.input_spec["name"], data_type=mc.TYPE_FP32, dims=dims(service.shape))
+    config.input.add(name=service.input_spec.name, data_type=mc.TYPE_FP32, dims=dims(service.shape))
     for output in service.output_specs:
-        config.output.add(name=output["name"], data_type=mc.TYPE_FP32, dims=dims(output["shape"]))
+        config.output.add(name=output.name, data_type=mc.TYPE_FP32, dims=dims(output.shape))
     if batched and service.max_batch > 1:
         config.dynamic_batching.max_queue_delay_microseconds = int(delay_ms * 1000)
     config.parameters["artifact"].string_value = service.artifact

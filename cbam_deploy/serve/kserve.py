@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from ..backends import all_backends
-from ..bundle import artifact_path, read_manifest
+from ..bundle import Bundle
 from ..errors import CbamDeployError
 
 PREDICTORS = ("triton", "cbam-deploy")
@@ -40,9 +40,10 @@ def service_name(model: str) -> str:
     return name[:45].rstrip("-")
 
 
-def triton_model_name(manifest: dict, name: str | None = None) -> str:
-    """The model's folder in the Triton repository (the name ``cbam-deploy triton`` gives it)."""
-    return name or manifest["model"]["name"].replace(":", "_").replace("/", "_").replace(".py", "")
+def triton_model_name(manifest, name: str | None = None) -> str:
+    """The model's folder in the Triton repository (the name ``cbam-deploy triton`` gives it) for a
+    ``Bundle`` or a manifest dict."""
+    return name or Bundle.of(manifest).model.name.replace(":", "_").replace("/", "_").replace(".py", "")
 
 
 def _check(options: dict) -> None:
@@ -82,27 +83,27 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
                       model_name: str | None = None, cpu: str = "2", memory: str = "4Gi", gpus: int | None = None,
                       min_replicas: int = 1, max_replicas: int = 4, scale_target: int = 8, max_batch: int = 8) -> dict:
     """The InferenceService (as a dict) serving ``bundle``'s ``artifact`` with ``predictor``."""
-    manifest = read_manifest(bundle)
-    bundle_dir = Path(bundle) if Path(bundle).is_dir() else Path(bundle).parent
-    chosen = artifact or (manifest["artifacts"][0]["name"] if predictor == "cbam-deploy" else "onnx-fp32")
-    record, _ = artifact_path(bundle_dir, manifest, chosen)  # present and intact
-    model = triton_model_name(manifest, model_name)
+    opened = Bundle.open(bundle)
+    chosen = artifact or (opened.artifact().name if predictor == "cbam-deploy" else "onnx-fp32")
+    opened.path_of(chosen)  # present and intact
+    record = opened.artifact(chosen)
+    model = triton_model_name(opened, model_name)
     options = {"predictor": predictor, "storage_uri": storage_uri, "name": name or service_name(model),
                "namespace": namespace, "cpu": str(cpu), "memory": str(memory), "gpus": gpus, "min_replicas": min_replicas,
                "max_replicas": max_replicas, "scale_target": scale_target, "max_batch": max_batch, "image": image}
     _check(options)
     triton_formats = [b.format for b in all_backends() if b.triton]
-    if predictor == "triton" and record["format"] not in triton_formats:
-        raise CbamDeployError(f"artifact {chosen} ({record['format']}) has no Triton backend; choose one of the "
+    if predictor == "triton" and record.format not in triton_formats:
+        raise CbamDeployError(f"artifact {chosen} ({record.format}) has no Triton backend; choose one of the "
                               f"{', '.join(triton_formats)} artifacts")
-    gpus = gpus if gpus is not None else (1 if record["format"] == "tensorrt" else 0)
+    gpus = gpus if gpus is not None else (1 if record.format == "tensorrt" else 0)
     quantities = {"cpu": str(cpu), "memory": str(memory)}
     resources = {"requests": dict(quantities), "limits": {**quantities, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}}
     readiness = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "initialDelaySeconds": 5,
                  "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
     metadata = {"name": options["name"], **({"namespace": namespace} if namespace else {}),
                 "labels": {"app.kubernetes.io/part-of": "cbam-deploy", "cbam-deploy/model": model[:63].strip("-_.")},
-                "annotations": {"cbam-deploy/artifact": chosen, "cbam-deploy/sha256": record.get("sha256", "")}}
+                "annotations": {"cbam-deploy/artifact": chosen, "cbam-deploy/sha256": record.sha256}}
     scaling = {"minReplicas": min_replicas, "maxReplicas": max_replicas, "scaleMetric": "concurrency",
                "scaleTarget": scale_target}
     if predictor == "triton":

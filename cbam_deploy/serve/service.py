@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..bundle import MANIFEST_NAME, fixed_batch, read_manifest
+from ..bundle import MANIFEST_NAME, Bundle
 from ..errors import CbamDeployError
-from ..outputs import classification_output
 from ..runners import open_artifact
 from .batcher import BatcherError, DynamicBatcher
 from .images import decode_image
@@ -70,7 +69,7 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def _labels(path: str | None, manifest: dict, classes: int, model: str) -> list[str]:
+def _labels(path: str | None, bundle: Bundle, classes: int, model: str) -> list[str]:
     if path:
         try:
             names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
@@ -79,7 +78,7 @@ def _labels(path: str | None, manifest: dict, classes: int, model: str) -> list[
         if len(names) != classes:
             raise CbamDeployError(f"labels file {path} has {len(names)} lines; the model {model} has {classes} classes")
         return names
-    return list(manifest.get("labels") or [str(i) for i in range(classes)])
+    return list(bundle.labels or [str(i) for i in range(classes)])
 
 
 def safe_name(text: str) -> str:
@@ -87,10 +86,10 @@ def safe_name(text: str) -> str:
     return _UNSAFE.sub("_", text).strip(".") or "model"
 
 
-def default_name(manifest: dict) -> str:
+def default_name(bundle: Bundle) -> str:
     """The bundle's model name; for a bring-your-own factory ('path/to/heads.py:detector') the file's
     stem and the factory ('heads_detector'), not a path that differs from machine to machine."""
-    name = manifest["model"]["name"]
+    name = bundle.model.name
     path, colon, factory = name.rpartition(":")
     if colon and path.endswith(".py"):
         return f"{Path(path).stem}_{factory}"
@@ -100,26 +99,26 @@ def default_name(manifest: dict) -> str:
 class ModelService:
     """One model: runner, batcher, request checks, infer, classify. No transport here."""
 
-    def __init__(self, name: str, bundle: str | Path, manifest: dict, artifact: str, runner, config: ServeConfig,
+    def __init__(self, name: str, bundle: Bundle, artifact: str, runner, config: ServeConfig,
                  metrics: Metrics, labels: str | None = None) -> None:
-        self.name, self.bundle, self.manifest, self.artifact, self.runner = name, str(bundle), manifest, artifact, runner
+        self.name, self.bundle, self.artifact, self.runner = name, bundle, artifact, runner
         self.config, self.metrics = config, metrics
-        self.input_spec = manifest["input"]
-        self.shape = self.input_spec["shape"]
-        self.output_specs = manifest["outputs"]
-        self.output_names = [o["name"] for o in self.output_specs]
-        self.classifier = classification_output(manifest)  # /v1/classify serves classifiers only
-        self.batch_size = fixed_batch(manifest)
-        classes = manifest["model"].get("num_classes") or (self.classifier["shape"][-1] if self.classifier else 0)
-        self.labels = _labels(labels, manifest, classes, name) if self.classifier else []
-        self.side = int(self.input_spec["preprocess"]["center_crop"])
+        self.input_spec = bundle.input
+        self.shape = self.input_spec.shape
+        self.output_specs = bundle.outputs
+        self.output_names = [o.name for o in self.output_specs]
+        self.classifier = bundle.classification_output  # /v1/classify serves classifiers only
+        self.batch_size = bundle.fixed_batch
+        classes = bundle.model.num_classes or (self.classifier.shape[-1] if self.classifier else 0)
+        self.labels = _labels(labels, bundle, classes, name) if self.classifier else []
+        self.side = self.input_spec.side
         self.max_side = 8 * self.side  # for a dynamic height/width: bounds the activations one request can cost
         self.max_batch = 1 if self.batch_size else config.max_batch
-        record = next(a for a in manifest["artifacts"] if a["name"] == artifact)
-        if record["format"] == "tensorrt":  # never batch past the engine's optimisation profile
+        record = bundle.artifact(artifact)
+        if record.format == "tensorrt":  # never batch past the engine's optimisation profile
             from ..exporters.tensorrt import fit_batch_to_profile
 
-            self.max_batch = fit_batch_to_profile(manifest, record, self.max_batch)
+            self.max_batch = fit_batch_to_profile(bundle, record.raw, self.max_batch)
         self.batcher = DynamicBatcher(runner.infer, self.max_batch, config.batch_timeout_ms,
                                       on_batch=metrics.batch_sizes.labels(name).observe, max_queue=config.max_queue,
                                       wait_s=config.request_timeout_s)
@@ -135,8 +134,8 @@ class ModelService:
         """The Open Inference Protocol's model metadata (the gRPC endpoint sends the same fields)."""
         return {
             "name": self.name, "versions": ["1"], "platform": f"cbam-deploy/{self.runner.backend}",
-            "inputs": [{"name": self.input_spec["name"], "datatype": "FP32", "shape": self.tensor_shape(self.shape)}],
-            "outputs": [{"name": o["name"], "datatype": "FP32", "shape": self.tensor_shape(o["shape"])}
+            "inputs": [{"name": self.input_spec.name, "datatype": "FP32", "shape": self.tensor_shape(self.shape)}],
+            "outputs": [{"name": o.name, "datatype": "FP32", "shape": self.tensor_shape(o.shape)}
                         for o in self.output_specs],
             "parameters": {"artifact": self.artifact, "precision": self.runner.precision, "device": self.runner.device},
         }
@@ -152,7 +151,7 @@ class ModelService:
 
     def check_input(self, name: str, datatype: str, count: int) -> None:
         """The request's input tensors: one, by the model's input name, FP32."""
-        expected = self.input_spec["name"]
+        expected = self.input_spec.name
         if count != 1:
             raise ProtocolError(f"the model has one input ({expected!r}); got {count}")
         if name != expected:
@@ -217,10 +216,11 @@ class ModelService:
         if not data:
             raise ProtocolError("empty body: send an image (raw bytes or multipart)")
         config = self.config
-        array = (await workers.run(decode_image, data, self.input_spec, config.max_image_pixels, config.max_aspect))[None]
+        array = (await workers.run(decode_image, data, self.input_spec.raw, config.max_image_pixels,
+                                   config.max_aspect))[None]
         if self.batch_size:
             array = np.repeat(array, self.batch_size, axis=0)
-        logits = (await self.infer(array))[self.classifier["name"]][0].astype(np.float64)
+        logits = (await self.infer(array))[self.classifier.name][0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         top = np.argsort(-probs)[:max(1, min(top_k, len(probs)))]
@@ -337,8 +337,9 @@ def model_names(entries: list[dict]) -> list[str]:
     return names
 
 
-def _open_runner(config: ServeConfig, bundle: Path, manifest: dict, artifact: str):
-    return open_artifact(bundle, manifest, artifact, threads=config.threads, runtime=getattr(config, "runtime", None))
+def _open_runner(config: ServeConfig, bundle: Bundle, artifact: str):
+    return open_artifact(bundle.directory, bundle, artifact, threads=config.threads,
+                         runtime=getattr(config, "runtime", None))
 
 
 def load_repository(config: ServeConfig, metrics: Metrics) -> ModelRepository:
@@ -351,19 +352,15 @@ def load_repository(config: ServeConfig, metrics: Metrics) -> ModelRepository:
                               "bundle's model, or its folder when two would clash)")
     entries = []
     for path in paths:
-        manifest = read_manifest(path)
-        artifact = config.artifact or manifest["artifacts"][0]["name"]
-        record = next((a for a in manifest["artifacts"] if a["name"] == artifact), None)
-        if record is None:
-            raise CbamDeployError(f"bundle {path} has no artifact {artifact!r} (it has "
-                                  f"{', '.join(a['name'] for a in manifest['artifacts'])})")
-        bundle_dir = path if path.is_dir() else path.parent
-        entries.append({"path": path, "manifest": manifest, "artifact": artifact,
-                        "base": config.name or default_name(manifest), "folder": bundle_dir.resolve().name,
-                        "sha256": record.get("sha256", "")})
+        bundle = Bundle.open(path)
+        artifact = config.artifact or bundle.artifact().name
+        if not bundle.has_artifact(artifact):
+            raise CbamDeployError(f"bundle {path} has no artifact {artifact!r} (it has {', '.join(bundle.artifact_names)})")
+        entries.append({"bundle": bundle, "artifact": artifact, "base": config.name or default_name(bundle),
+                        "folder": bundle.directory.resolve().name, "sha256": bundle.artifact(artifact).sha256})
     names = model_names(entries)
-    services = [ModelService(name, e["path"], e["manifest"], e["artifact"],
-                             _open_runner(config, e["path"], e["manifest"], e["artifact"]), config, metrics, config.labels)
+    services = [ModelService(name, e["bundle"], e["artifact"], _open_runner(config, e["bundle"], e["artifact"]), config,
+                             metrics, config.labels)
                 for name, e in zip(names, entries)]
     return ModelRepository(services, config, metrics)
 

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from ..backends import get as get_backend
-from ..bundle import artifact_path, fixed_batch, read_manifest
+from ..bundle import Bundle
 from ..errors import CbamDeployError
 
 def _fragment(artifact: dict):
@@ -98,27 +98,29 @@ def tensorrt_triton_check(artifact: dict, batched: bool, max_batch: int, triton_
     return warnings
 
 
-def model_config(manifest: dict, artifact: dict, name: str, max_batch: int, instances: int, delay_us: int,
+def model_config(manifest, artifact: dict, name: str, max_batch: int, instances: int, delay_us: int,
                  kind: str | None = None, triton_release: str | None = None, warnings: list[str] | None = None) -> str:
-    """config.pbtxt text for one artifact (problems that Triton would meet at load or on the first
-    request are errors here; what cannot be checked is appended to ``warnings``)."""
+    """config.pbtxt text for one artifact (its manifest record) of a bundle (``manifest``: a ``Bundle``
+    or its manifest dict); problems that Triton would meet at load or on the first request are errors
+    here, what cannot be checked is appended to ``warnings``."""
+    bundle = Bundle.of(manifest)
     platform = _fragment(artifact).config_line
     instance_kind = check_kind(artifact, kind)
-    shape = manifest["input"]["shape"]
-    batched = fixed_batch(manifest) is None
+    shape = bundle.input.shape
+    batched = bundle.fixed_batch is None
     notes = warnings if warnings is not None else []
     if artifact["format"] == "tensorrt":
         notes += tensorrt_triton_check(artifact, batched, max_batch, check_triton_release(triton_release))
     lines = [f'name: "{name}"', platform, f"max_batch_size: {max_batch if batched else 0}"]
     in_dims = shape[1:] if batched else shape
     lines += [
-        "input [", "  {", f'    name: "{manifest["input"]["name"]}"', "    data_type: TYPE_FP32",
+        "input [", "  {", f'    name: "{bundle.input.name}"', "    data_type: TYPE_FP32",
         f"    dims: {_dims(in_dims)}", "  }", "]", "output [",
     ]
-    for index, output in enumerate(manifest["outputs"]):  # every output, in the model's order
-        out_dims = output["shape"][1:] if batched else output["shape"]
-        lines += ["  {", f'    name: "{output["name"]}"', "    data_type: TYPE_FP32", f"    dims: {_dims(out_dims)}",
-                  "  }" + ("," if index < len(manifest["outputs"]) - 1 else "")]
+    for index, output in enumerate(bundle.outputs):  # every output, in the model's order
+        out_dims = output.shape[1:] if batched else output.shape
+        lines += ["  {", f'    name: "{output.name}"', "    data_type: TYPE_FP32", f"    dims: {_dims(out_dims)}",
+                  "  }" + ("," if index < len(bundle.outputs) - 1 else "")]
     lines.append("]")
     if batched:
         preferred = [b for b in (2, 4, 8, 16, 32) if b <= max_batch]
@@ -152,20 +154,21 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
                      max_batch: int = 8, instances: int = 1, delay_us: int = 5000, kind: str | None = None,
                      triton_release: str | None = None) -> list[dict]:
     bundle_dir, repo = Path(bundle_dir), Path(repo)
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.open(bundle_dir)
     if max_batch < 1 or instances < 1 or delay_us < 0:
         raise CbamDeployError("--max-batch and --instances must be >= 1 and --delay-us >= 0")
     if kind not in (None, "KIND_CPU", "KIND_GPU"):
         raise CbamDeployError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
     chosen = artifacts or ["onnx-fp32"]
-    base = name or manifest["model"]["name"].replace(":", "_").replace("/", "_").replace(".py", "")
+    base = name or bundle.model.name.replace(":", "_").replace("/", "_").replace(".py", "")
     plans = []  # every config made (and so checked) before anything is written
     for artifact_name in chosen:
-        artifact, path = artifact_path(bundle_dir, manifest, artifact_name)
+        path = bundle.path_of(artifact_name)
+        artifact = bundle.artifact(artifact_name).raw
         _fragment(artifact)  # a format without a Triton backend is refused before anything is written
         model_name = base if len(chosen) == 1 else f"{base}-{artifact_name}"
         warnings: list[str] = []
-        config = model_config(manifest, artifact, model_name, max_batch, instances, delay_us, kind, triton_release, warnings)
+        config = model_config(bundle, artifact, model_name, max_batch, instances, delay_us, kind, triton_release, warnings)
         plans.append((artifact, path, model_name, config, warnings))
     try:
         repo.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,10 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
             sources = [path] if len(files) == 1 else [path, path.with_suffix(".bin")]
             for source, target in zip(sources, files):
                 shutil.copyfile(source, staged / "1" / target)
+            if artifact["format"] == "onnx":  # external data, beside model.onnx under the name its graph gives
+                for companion in artifact.get("companion_files", {}):
+                    (staged / "1" / companion).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path.parent / companion, staged / "1" / companion)
             (staged / "config.pbtxt").write_text(config)
             old = staging / "previous"
             if final.exists():

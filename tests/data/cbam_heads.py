@@ -82,3 +82,13 @@ def segmenter():
 
 def embedder():
     return _seeded(Embedder)
+
+
+class DeclaredEmbedder(Embedder):
+    """The embedder, saying what its outputs are: the (N, 16) embedding is no classifier's logits."""
+
+    output_kinds = {"embedding": "dense"}
+
+
+def embedder_declared():
+    return _seeded(DeclaredEmbedder)
