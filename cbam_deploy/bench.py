@@ -30,22 +30,28 @@ class UnstableMeasurement(CbamDeployError):
 
 
 def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: int = 30, warmup: int = 5,
-                        device_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Milliseconds per run for each runner; the runners take turns, one call each per round, the order
-    rotating from round to round. Device
-    compute times (CUDA events) go into ``device_times`` where a runner has them."""
+                        device_times: dict[str, list[float]] | None = None,
+                        rng: np.random.Generator | None = None) -> dict[str, list[float]]:
+    """Milliseconds per run for each runner; the runners take turns, one call each per round, in a new
+    random order every round (seeded). Not a rotation: a rotation keeps who-follows-whom fixed, and a
+    runner always following PyTorch eager ran 10% slower than the same file following another runner
+    (issue 11); a runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call. Device compute times (CUDA events) go into
+    ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners.items())
-    for round_index in range(iters):
-        shift = round_index % len(order)  # rotate: every runner follows every other one equally often
-        for name, runner in order[shift:] + order[:shift]:
+    rng = rng if rng is not None else np.random.default_rng(0)
+    for _ in range(iters):
+        for index in rng.permutation(len(order)):
+            name, runner = order[index]
             total, compute = runner.run_timed(batch)
             times[name].append(total)
             if compute is not None and device_times is not None:
                 device_times.setdefault(name, []).append(compute)
+            if runner.settle_seconds:
+                time.sleep(runner.settle_seconds)
     return times
 
 
@@ -76,19 +82,20 @@ def measure(runners: dict[str, Runner], x: np.ndarray, iters: int | None, min_se
             warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]], LoadReport | None]:
     """Interleaved rounds: ``iters`` exactly, or adaptively (see the module doc), under a LoadMonitor."""
     device_times: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
     with LoadMonitor() as monitor:
         if iters is not None:
-            times = interleaved_latency(runners, x, iters, warmup, device_times)
+            times = interleaved_latency(runners, x, iters, warmup, device_times, rng)
         else:
             start = time.perf_counter()
-            times = interleaved_latency(runners, x, 5, warmup, device_times)
+            times = interleaved_latency(runners, x, 5, warmup, device_times, rng)
             while True:
                 spent = time.perf_counter() - start
                 if spent >= max_seconds or (spent >= min_seconds and _narrow_enough(times)):
                     break
                 per_round = spent / len(next(iter(times.values())))
                 chunk = max(3, int(min(max_seconds - spent, max(min_seconds - spent, 1.0)) / max(per_round, 1e-6)))
-                more = interleaved_latency(runners, x, chunk, 0, device_times)
+                more = interleaved_latency(runners, x, chunk, 0, device_times, rng)
                 for name in times:
                     times[name] += more[name]
     return times, device_times, monitor.report

@@ -35,6 +35,7 @@ import torch
 from .errors import BackendUnavailable, CbamDeployError
 from .outputs import flatten_outputs
 from .runners.base import Runner
+from .runners.torch import TorchRunner
 
 NEEDS_CALIBRATION = "needs calibration data (--calib-data)"
 
@@ -124,7 +125,7 @@ def _torch_compile(src: _Source) -> PeerRunner:
     # The first call compiles; a couple more take any lazy initialisation out of the timed loop.
     _, compile_seconds = _timed(run, src.example)
     _, warmup_seconds = _timed(lambda: [run(src.example) for _ in range(2)])
-    return PeerRunner(
+    peer = PeerRunner(
         run, "torch-inductor", "fp32",
         "torch.compile(model) (inductor backend, default mode, dynamic=None, no options), fp32, "
         "called under torch.inference_mode()",
@@ -134,6 +135,8 @@ def _torch_compile(src: _Source) -> PeerRunner:
          "note": "compiled for the example's batch size; another batch size recompiles (dynamic shapes) "
                  "on its first call, inside the bench's warm-up"},
     )
+    peer.settle_seconds = TorchRunner.settle_seconds  # the same OpenMP threads as eager PyTorch
+    return peer
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------

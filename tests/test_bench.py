@@ -132,3 +132,32 @@ def test_profile_rolls_up_every_artifact_and_draws_it(bundle, tmp_path):
     assert "cbam spatial gate" in cli.stdout
     with Image.open(png) as image:
         assert image.size[0] > 300
+
+
+def test_rounds_shuffle_who_follows_whom_and_wait_out_settle_time():
+    """A rotation keeps every runner behind the same neighbour (a runner always right after PyTorch ran
+    10% slower); rounds are shuffled instead, and a runner's settle time is waited out, untimed."""
+    import time as _time
+
+    from cbam_deploy.bench import interleaved_latency
+    from cbam_deploy.runners.base import Runner
+
+    calls: list[tuple[str, float]] = []
+
+    class Recorder(Runner):
+        def __init__(self, name: str, settle: float = 0.0) -> None:
+            self.name, self.settle_seconds = name, settle
+
+        def infer(self, batch):
+            calls.append((self.name, _time.perf_counter()))
+            return {"output": batch[:, :1, 0, 0]}
+
+    runners = {n: Recorder(n, 0.02 if n == "a" else 0.0) for n in "abcd"}
+    times = interleaved_latency(runners, np.zeros((1, 3, 4, 4), np.float32), iters=40, warmup=0)
+    assert all(len(v) == 40 for v in times.values())
+    rounds = [[name for name, _ in calls[i:i + 4]] for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    behind = {(r[i], r[i + 1]) for r in rounds for i in range(3)}
+    assert behind == {(x, y) for x in "abcd" for y in "abcd" if x != y}  # every order of neighbours occurred
+    gaps = [calls[i + 1][1] - calls[i][1] for i in range(len(calls) - 1) if calls[i][0] == "a" and (i + 1) % 4]
+    assert gaps and min(gaps) >= 0.02 and max(times["a"]) < 20  # the wait is not in a's time

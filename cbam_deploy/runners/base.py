@@ -15,6 +15,9 @@ class Runner(ABC):
     backend: str = ""
     device: str = "cpu"
     precision: str = "fp32"
+    # bench waits this long (untimed) after each of this runner's calls before the next runner's, so
+    # that the threads it leaves busy do not slow whoever runs next
+    settle_seconds: float = 0.0
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -31,6 +31,9 @@ def tf32_state() -> dict:
 
 class TorchRunner(Runner):
     backend = "torch"
+    # measured (resnet50_cbam, 2 cores): an onnxruntime call right after a PyTorch eager call took 9%
+    # longer than one after another onnxruntime call; 10 ms apart, the difference was gone
+    settle_seconds = 0.01
 
     def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32") -> None:
         if precision not in ("fp32", "fp16"):
