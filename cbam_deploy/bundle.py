@@ -643,15 +643,23 @@ class Bundle:
 
         artifact = self.artifact(name)
         path = self.path_of(name, verify_hash=False)
-        snapshot = update.path(".source." + Path(artifact.path).name)
-        try:
-            os.link(path, snapshot)
-        except OSError:
-            shutil.copyfile(path, snapshot)
-        if sha256_file(snapshot) != artifact.sha256:
-            raise CbamDeployError(f"artifact {name} ({path}) does not match the sha256 in the manifest: it was changed "
-                                  "or replaced meanwhile; run the command again")
-        return artifact, snapshot
+        # its own folder, files under their own names: an ONNX finds its external-data companions
+        # beside it, and nothing here is a file the commit would move into the bundle
+        folder = update.path(".source-" + name)
+        folder.mkdir(exist_ok=True)
+        for relative, digest in artifact.files.items():
+            source, copy = self._folder() / relative, folder / relative
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, copy)
+            except FileNotFoundError:
+                raise CbamDeployError(f"artifact {name}: {source} is missing; run the command that built it again") from None
+            except OSError:
+                shutil.copyfile(source, copy)
+            if sha256_file(copy) != digest:
+                raise CbamDeployError(f"artifact {name} ({source}) does not match the sha256 in the manifest: it was "
+                                      "changed or replaced meanwhile; run the command again")
+        return artifact, folder / artifact.path
 
     def _folder(self) -> Path:
         if self.directory is None:

@@ -180,5 +180,11 @@ def test_onnx_external_data_is_a_companion_of_its_artifact(built, tmp_path):
     version = Path(written[0]["path"]) / "1"
     assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.onnx-fp16.onnx.data"]
     np.testing.assert_allclose(OnnxRuntimeRunner(version / "model.onnx").run(x)[0], expected, rtol=1e-5, atol=1e-6)
+    # commands that build from it work on a snapshot that keeps the data file beside the ONNX
+    with BundleUpdate(copy) as update:
+        _, snapshot = Bundle.open(copy).snapshot("onnx-fp16", update)
+        assert snapshot.name == "model.onnx-fp16.onnx" and (snapshot.parent / "model.onnx-fp16.onnx.data").is_file()
+        np.testing.assert_allclose(OnnxRuntimeRunner(snapshot).run(x)[0], expected, rtol=1e-5, atol=1e-6)
+    assert _files_on_disk(copy) == _files_named_by_the_manifest(copy)  # nothing of the snapshot left behind
     (copy / "model.onnx-fp16.onnx.data").write_bytes(b"torn")
     assert Bundle.open(copy).check_integrity()["onnx-fp16"] == "changed"
