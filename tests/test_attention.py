@@ -81,7 +81,7 @@ def test_a_collapsed_spatial_gate_is_caught(digits, tmp_path):
     path = broken / "model.int8-ort-cpu.onnx"
     proto = onnx.load(str(path))
     conv = next(n for n in proto.graph.node
-                if n.op_type == "Conv" and (node_module_path(n) or "").startswith("layer3.0.cbam.SpatialGate"))
+                if n.op_type == "Conv" and (node_module_path(n) or "").startswith("layer3.0.cbam.SpatialGate.spatial"))
     weight = next(i for i in proto.graph.initializer if i.name == conv.input[1])
     weight.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(weight)), weight.name))
     onnx.save(proto, str(path))
