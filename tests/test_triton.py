@@ -158,3 +158,64 @@ def test_cli_and_replacement(bundle, tmp_path):
     assert not [p for p in repo.parent.iterdir() if p.name.startswith(".cbam-triton-")]
     bad = runner.invoke(app, ["triton", str(bundle), "-o", str(repo), "--artifact", "nope"])
     assert bad.exit_code == 2 and "no artifact 'nope'" in bad.stderr
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    from cbam_deploy.fsutil import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "old").write_text("old")
+    (tmp_path / "b" / "new").write_text("new")
+    if not exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this system has no renameat2(RENAME_EXCHANGE): the two-rename fallback is tested below")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["new"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["old"]
+    with pytest.raises(FileNotFoundError):
+        exchange(tmp_path / "a", tmp_path / "missing")
+
+
+def test_replacing_a_model_never_leaves_its_folder_missing(bundle, tmp_path):
+    """A poller (Triton's repository scan, say) watches the model folder while it is replaced ten times."""
+    import threading
+
+    from cbam_deploy.fsutil import exchange
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "other").mkdir()
+    if not exchange(probe, tmp_path / "other"):
+        pytest.skip("this system has no renameat2(RENAME_EXCHANGE)")
+    repo = tmp_path / "repo"
+    model = write_repository(bundle, repo, ["onnx-fp32"])[0]["model"]
+    folder = repo / model / "1" / "model.onnx"
+    stop, missing, checks = threading.Event(), [], [0]
+
+    def poll():
+        while not stop.is_set():
+            checks[0] += 1
+            if not folder.exists():
+                missing.append(checks[0])
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        for batch in range(1, 11):
+            write_repository(bundle, repo, ["onnx-fp32"], max_batch=batch)
+    finally:
+        stop.set()
+        watcher.join()
+    assert checks[0] > 10 and missing == []
+    assert parse(repo / model / "config.pbtxt").max_batch_size == 10
+
+
+def test_replacement_falls_back_to_two_renames(bundle, tmp_path, monkeypatch):
+    import cbam_deploy.serve.triton as triton
+
+    repo = tmp_path / "repo"
+    model = write_repository(bundle, repo, ["onnx-fp32"])[0]["model"]
+    monkeypatch.setattr(triton, "exchange", lambda a, b: False)  # a system without RENAME_EXCHANGE
+    write_repository(bundle, repo, ["onnx-fp32"], max_batch=3)
+    assert parse(repo / model / "config.pbtxt").max_batch_size == 3
+    assert sorted(p.name for p in repo.iterdir()) == [model]
+    assert not [p for p in repo.parent.iterdir() if p.name.startswith(".cbam-triton-")]

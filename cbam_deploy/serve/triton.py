@@ -4,8 +4,9 @@
 or INT8 Q/DQ), the TensorRT backend (engine, as ``model.plan``) and the OpenVINO backend (IR, as
 ``model.xml`` + ``model.bin``). Names, datatypes and dims come from the manifest. Every config is
 made and checked before anything is written; each model folder is staged *beside* the repository
-(a folder inside it would be polled by Triton as a model) and swapped in with renames, so Triton
-never sees half a model.
+(a folder inside it would be polled by Triton as a model) and swapped in with one atomic exchange
+(``renameat2(RENAME_EXCHANGE)`` on Linux; two renames elsewhere), so Triton never sees half a model
+or, on Linux, none.
 
 What each backend accepts, read from the backends' sources (triton-inference-server/*_backend):
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from ..backends import get as get_backend
 from ..bundle import Bundle
 from ..errors import CbamDeployError
+from ..fsutil import exchange
 
 def _fragment(artifact: dict):
     """The backend table's Triton fragment for the artifact's format."""
@@ -189,10 +191,12 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
                     (staged / "1" / companion).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path.parent / companion, staged / "1" / companion)
             (staged / "config.pbtxt").write_text(config)
-            old = staging / "previous"
-            if final.exists():
-                final.rename(old)
-            staged.rename(final)
+            # one atomic swap where the system has it (Triton never sees the model folder missing);
+            # elsewhere two renames, with a moment between them when it is
+            if not (final.exists() and exchange(staged, final)):
+                if final.exists():
+                    final.rename(staging / "previous")
+                staged.rename(final)
         written.append({"model": model_name, "artifact": artifact["name"], "format": artifact["format"],
                         "path": str(final), "config": str(final / "config.pbtxt"), "warnings": warnings})
     return written
