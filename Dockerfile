@@ -24,7 +24,7 @@ COPY cbam_deploy/ cbam_deploy/
 # torch first, pinned (requirements/torch-cpu.txt), from PyTorch's CPU index so that x86-64 does not
 # pull the multi-GB CUDA build; arm64 wheels on that index are CPU builds too.
 RUN pip install -r requirements/torch-cpu.txt --extra-index-url https://download.pytorch.org/whl/cpu \
- && pip install ".[openvino,serve]"
+ && pip install ".[openvino,serve,explain]"
 RUN mkdir -p /etc/cbam-deploy && python -c "import json, torch, onnxruntime, openvino; json.dump({'image': 'cpu', \
 'torch': torch.__version__, 'onnxruntime': onnxruntime.__version__, 'openvino': openvino.__version__, \
 'tensorrt': None, 'cuda': None, 'triton_release': None}, open('/etc/cbam-deploy/stack.json', 'w'), indent=1)"
@@ -65,7 +65,7 @@ COPY cbam_deploy/ cbam_deploy/
 # The venv sees the base's TensorRT bindings (--system-site-packages); nothing below may replace them.
 RUN python -c "import tensorrt; print('TensorRT', tensorrt.__version__)" \
  && pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX}" \
- && pip install ".[serve]" "onnxruntime==${ORT_VERSION}" \
+ && pip install ".[serve,explain]" "onnxruntime==${ORT_VERSION}" \
  && pip uninstall -y onnxruntime && pip install --no-deps --force-reinstall "onnxruntime-gpu==${ORT_VERSION}"
 RUN mkdir -p /etc/cbam-deploy && python -c "import json, tensorrt, torch, onnxruntime as ort; \
 assert torch.version.cuda and torch.version.cuda.startswith('12.'), torch.version.cuda; \
@@ -113,7 +113,7 @@ COPY cbam_deploy/ cbam_deploy/
 # Jetson onnxruntime-gpu wheel in place of PyPI's CPU onnxruntime. TensorRT stays the system one.
 RUN test -n "${ORT_WHEEL}" || (echo "pass --build-arg ORT_WHEEL=<onnxruntime-gpu wheel for JetPack 6>" && exit 1) \
  && pip3 install "${TORCH_WHEEL}" \
- && pip3 install ".[serve]" \
+ && pip3 install ".[serve,explain]" \
  && pip3 uninstall -y onnxruntime && pip3 install --no-deps --force-reinstall "${ORT_WHEEL}"
 RUN python3 -c "import json, numpy, tensorrt, torch, onnxruntime as ort; \
 assert numpy.__version__.startswith('1.'), numpy.__version__; \

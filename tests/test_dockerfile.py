@@ -128,3 +128,11 @@ def test_dockerignore_keeps_the_context_to_what_the_images_copy():
     copied = {src.rstrip("/") for line in re.findall(r"^COPY\s+(.+?)\s+\S+$", TEXT, flags=re.M) for src in line.split()}
     assert copied and copied <= kept, copied - kept
     assert not kept & {".venv", ".git", "bundles", "tests", ".hypothesis"}
+
+
+def test_every_image_can_run_every_command():
+    """serve for the server, explain (captum) for the attention maps, openvino where it installs."""
+    for name, body in stages().items():
+        extras = re.findall(r'pip3? install "\.\[([\w,]+)\]"', body)
+        assert extras, f"stage {name} does not install the package"
+        assert {"serve", "explain"} <= set(extras[0].split(",")), (name, extras)
