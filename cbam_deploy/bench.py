@@ -35,8 +35,8 @@ def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: in
     """Milliseconds per run for each runner; the runners take turns, one call each per round, in a new
     random order every round (seeded). Not a rotation: a rotation keeps who-follows-whom fixed, and a
     runner always following PyTorch eager ran 10% slower than the same file following another runner
-    (issue 11); a runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call. Device compute times (CUDA events) go into
-    ``device_times`` where a runner has them."""
+    (issue 11). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call.
+    Device compute times (CUDA events) go into ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
@@ -227,6 +227,16 @@ def overhead_cells(o: dict) -> list[str]:
             f"{o['overhead']:.2f} [{o['overhead_ci'][0]:.2f}, {o['overhead_ci'][1]:.2f}]", "yes" if o["stable"] else "NO"]
 
 
+def compare_heading(result: dict, between: str = "/") -> tuple[str, tuple[str, ...]]:
+    """Title and columns of the ``--cbam-opt-compare`` table (rows: ``overhead_cells``)."""
+    from .cbam_opt import applied
+
+    mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
+    title = (f"--cbam-opt {mode} {between} {other} ({', '.join(applied(result['cbam_opt'])) or 'no rewrites'}), "
+             "same engine, same rounds")
+    return title, ("engine", "batch", f"{mode} p50 ms", f"{other} p50 ms", f"{mode}/{other} [95% CI]", "stable")
+
+
 def fallback_notes(rows: list[dict]) -> list[str]:
     """Rows whose runtime ran (some) nodes elsewhere than asked (onnxruntime's silent fallback), one line each."""
     seen = {}
@@ -253,10 +263,9 @@ def markdown_report(result: dict, title: str) -> str:
         lines += ["", f"Attention overhead ({result['model']} / {result['overhead']['plain']}):", ""]
         lines += _markdown_table(OVERHEAD_COLUMNS, [overhead_cells(o) for o in result["overhead"]["rows"]])
     if result.get("cbam_opt_compare"):
-        mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
-        lines += ["", f"--cbam-opt {mode} over {other}, same engine, same rounds:", ""]
-        lines += _markdown_table(("engine", "batch", f"{mode} p50 ms", f"{other} p50 ms", f"{mode}/{other} [95% CI]", "stable"),
-                                 [overhead_cells(o) for o in result["cbam_opt_compare"]["rows"]])
+        title, columns = compare_heading(result, "over")
+        lines += ["", title + ":", ""]
+        lines += _markdown_table(columns, [overhead_cells(o) for o in result["cbam_opt_compare"]["rows"]])
     fallbacks = fallback_notes(result["results"])
     if fallbacks:
         lines += ["", "Runtimes that did not run everything where asked:", ""] + [f"- {n}" for n in fallbacks]
@@ -492,8 +501,7 @@ def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts:
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
     export_bundle(ExportRequest(model=twin or model.spec, weights=weights, num_classes=model.num_classes, stem=model.stem,
-                                cbam_opt=cbam_opt,
-                                outputs=bundle.model.outputs_mode or "logits", output=str(out),
+                                cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out),
                                 input_size=bundle.input.side, batch=bundle.fixed_batch,
                                 dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
     for name in artifacts:

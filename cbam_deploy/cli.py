@@ -405,7 +405,7 @@ def bench_command(
 
 
 def _print_bench(result: dict, title: str) -> None:
-    from .bench import COLUMNS, OVERHEAD_COLUMNS, overhead_cells, row_cells, unstable_notes
+    from .bench import COLUMNS, OVERHEAD_COLUMNS, compare_heading, overhead_cells, row_cells, unstable_notes
 
     table = Table(title=title)
     for column in COLUMNS:
@@ -422,10 +422,9 @@ def _print_bench(result: dict, title: str) -> None:
             table.add_row(*overhead_cells(row))
         out.print(table)
     if result.get("cbam_opt_compare"):
-        mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
-        table = Table(title=f"--cbam-opt {mode} / {other} ({', '.join(r['name'] for r in result['cbam_opt']['rewrites']) or 'no rewrites'}), "
-                            "same engine, same rounds")
-        for column in ("engine", "batch", f"{mode} p50 ms", f"{other} p50 ms", f"{mode}/{other} [95% CI]", "stable"):
+        title, columns = compare_heading(result)
+        table = Table(title=title)
+        for column in columns:
             table.add_column(column, justify="left" if column == "engine" else "right")
         for row in result["cbam_opt_compare"]["rows"]:
             table.add_row(*overhead_cells(row))

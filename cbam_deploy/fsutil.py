@@ -71,6 +71,7 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     OS, an old kernel or libc, a filesystem without it): the caller falls back to two renames."""
     import ctypes
     import ctypes.util
+    import errno
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -84,7 +85,7 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this kernel or filesystem
         return False
-    raise OSError(errno, os.strerror(errno), str(a), None, str(b))
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
