@@ -1,6 +1,6 @@
 # Two entry points, each doing its whole set-up from a fresh clone:
 #   make demo   create .venv, install (torch 2.13.0 CPU first), export resnet50_cbam, print parity
-#   make test   create .venv, install with the test extra, run the test suite
+#   make test   create .venv, install with the test extra, check the import floors, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cbam-deploy export --model resnet50_cbam
 
+# lint-imports: every module imports only the floors below it (.importlinter)
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/lint-imports && $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python benchmarks/onnx_vs_torch.py

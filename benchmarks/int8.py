@@ -28,9 +28,10 @@ from cbam_deploy.bench import interleaved_latency  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
 from cbam_deploy.exporters.openvino import export_ir  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
-from cbam_deploy.runners import TorchRunner, open_artifact  # noqa: E402
+from cbam_deploy.loaders import open_artifact  # noqa: E402
+from cbam_deploy.runners import TorchRunner  # noqa: E402
 from cbam_deploy.runners.openvino import OpenVINORunner  # noqa: E402
 from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 

@@ -8,6 +8,7 @@ alike. Usage: python benchmarks/onnx_vs_torch.py [--iters 30] [--threads N] [--m
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,8 +17,7 @@ import numpy as np
 import torch
 
 from cbam_deploy.bench import interleaved_latency
-from cbam_deploy.bench import medians as median_of
-from cbam_deploy.pipeline import ExportRequest, export_bundle
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.models import create_model
 from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
 
@@ -39,7 +39,7 @@ def main() -> None:
             export_seconds[name] = time.perf_counter() - started
             runners[f"{name}/torch"] = TorchRunner(create_model(name))
             runners[f"{name}/onnxruntime"] = OnnxRuntimeRunner(Path(tmp) / name / "model.onnx", threads=args.threads)
-        medians = median_of(interleaved_latency(runners, x, args.iters))
+        medians = {runner: statistics.median(times) for runner, times in interleaved_latency(runners, x, args.iters).items()}
     print(f"batch 1, 224x224, {torch.get_num_threads()} torch threads, {args.iters} interleaved iterations, median ms")
     for name in args.models.split(","):
         t, o = medians[f"{name}/torch"], medians[f"{name}/onnxruntime"]

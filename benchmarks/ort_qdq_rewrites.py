@@ -1,4 +1,4 @@
-"""Experiment (issue 11): exact Q/DQ rewrites of the CBAM gates for onnxruntime INT8, kept as a record.
+"""Experiment: exact Q/DQ rewrites of the CBAM gates for onnxruntime INT8, kept as a record.
 
 They keep the full-size gate work on the uint8 feature map instead of dequantized float copies, and
 they are exact (outputs bit-identical on resnet50_cbam here), but onnxruntime 1.32 runs every one of

@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helper that runs the server
 
 import tritonclient.http as httpclient  # noqa: E402
 
 from cbam_deploy.bundle import read_manifest  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
-from cbam_deploy.serve.local import running_server  # noqa: E402
+from serving import running_server  # noqa: E402
 
 
 PROTOCOLS = ("http-json", "http-binary", "grpc")

@@ -13,10 +13,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
+from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
+from .exporters.openvino import require_openvino
+from .models.layers import ChannelGate, SpatialGate
+from .runners import OnnxRuntimeRunner
+from .runners.openvino import OpenVINORunner
 from .scopes import name_module_path, node_module_path
 
 TOP_FRACTION = 0.10
@@ -25,17 +31,8 @@ TOP_FRACTION = 0.10
 THRESHOLDS = {"fp32": (0.999, 0.90), "fp16": (0.99, 0.80), "bf16": (0.98, 0.70), "int8": (0.90, 0.50)}
 
 
-def spatial_gate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every CBAM spatial gate, by qualified module name (``layer1.0.cbam.SpatialGate``)."""
-    from .models.layers import SpatialGate
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, SpatialGate)}
-
-
 def torch_maps(model: nn.Module, x: np.ndarray, kind: str = "spatial") -> dict[str, np.ndarray]:
     """The gates PyTorch computes for ``x``: spatial maps (N, 1, H, W) or channel profiles (N, C)."""
-    from .models.layers import ChannelGate, SpatialGate
-
     wanted = SpatialGate if kind == "spatial" else ChannelGate
     captured: dict[str, np.ndarray] = {}
 
@@ -78,17 +75,11 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
                   threads: int | None = None) -> dict[str, np.ndarray]:
     """The spatial gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict)
     computes for ``x``, under its own runtime."""
-    from .bundle import Bundle
-
     bundle = Bundle(Bundle.of(manifest).manifest, bundle_dir)
     path = bundle.path_of(name)
     artifact = bundle.artifact(name)
     with tempfile.TemporaryDirectory(prefix="cbam-attention-") as tmp:
         if artifact.format == "onnx":
-            import onnx
-
-            from .runners import OnnxRuntimeRunner
-
             proto = onnx.load(str(path))
             tensors = onnx_gate_tensors(proto)
             existing = {o.name for o in proto.graph.output}
@@ -99,9 +90,6 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
             onnx.save(proto, str(probe))
             outputs = OnnxRuntimeRunner(probe, threads=threads, precision=artifact.precision).infer(x)
         elif artifact.format == "openvino":
-            from .exporters.openvino import require_openvino
-            from .runners.openvino import OpenVINORunner
-
             ov = require_openvino()
             model = ov.Core().read_model(str(path))
             tensors = {}
@@ -162,8 +150,6 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
 def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray) -> dict | None:
     """Attention parity of one artifact (``manifest``: a ``Bundle`` or its manifest dict) against the
     PyTorch model on ``x``; None for a model without spatial gates."""
-    from .bundle import Bundle
-
     reference = torch_maps(model, x)
     if not reference:
         return None

@@ -8,17 +8,36 @@ narrower than ``TARGET_CI_WIDTH`` of the ratio or ``max_seconds`` is spent."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from .benchstats import LoadMonitor, LoadReport, median_ci, ratio_ci, verdict
-from .errors import CbamDeployError
+from .benchstats import LoadMonitor, LoadReport, median_ci, ratio_ci, verdict, wait_until_quiet
+from .build import build_artifacts
+from .bundle import Bundle, ModelInfo, check_artifact_names
+from .cbam_opt import applied
+from .checks import check_int, check_number, check_output_file, parse_batches
+from .data import SYNTHETIC, load_calibration
+from .errors import BackendUnavailable, CbamDeployError
+from .export import ExportRequest, export_bundle
+from .fsutil import atomic_path
+from .exporters.tensorrt import profile_batch_limit
+from .loaders import open_artifact
+from .models import build_model
+from .models.registry import get_entry, list_models
+from .peers import build_peers
+from .quantize import quantize_bundle
+from .runners import TorchRunner
 from .runners.base import Runner
-
-if TYPE_CHECKING:
-    from .bundle import Bundle, ModelInfo
+from .runtimes import fitting, parse_runtimes
 
 TARGET_CI_WIDTH = 0.06
 
@@ -35,8 +54,8 @@ def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: in
     """Milliseconds per run for each runner; the runners take turns, one call each per round, in a new
     random order every round (seeded). Not a rotation: a rotation keeps who-follows-whom fixed, and a
     runner always following PyTorch eager ran 10% slower than the same file following another runner
-    (issue 11). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call.
-    Device compute times (CUDA events) go into ``device_times`` where a runner has them."""
+    (measured on resnet50_cbam). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed,
+    after its call. Device compute times (CUDA events) go into ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
@@ -108,8 +127,6 @@ def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batch
     intervals) to the runner named 'pytorch' (the eager original, which the caller includes), and a
     stability verdict per row. An unstable batch is measured again up to ``retries`` times; with
     ``strict`` a row still unstable then is an ``UnstableMeasurement``."""
-    from .options import validate_bench_options
-
     validate_bench_options(list(batches), iters, min_seconds, warmup)
     min_seconds = 5.0 if min_seconds is None else min_seconds
     max_seconds = max_seconds if max_seconds is not None else 4 * min_seconds
@@ -159,12 +176,6 @@ _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx5
 
 def machine_info() -> dict:
     """CPU model and cores; GPU name; on Jetson the model, L4T/JetPack release and power mode."""
-    import os
-    import platform
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     info: dict = {"platform": platform.platform(), "machine": platform.machine(), "cpu_cores": os.cpu_count()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -178,8 +189,6 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        import torch
-
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
@@ -229,8 +238,6 @@ def overhead_cells(o: dict) -> list[str]:
 
 def compare_heading(result: dict, between: str = "/") -> tuple[str, tuple[str, ...]]:
     """Title and columns of the ``--cbam-opt-compare`` table (rows: ``overhead_cells``)."""
-    from .cbam_opt import applied
-
     mode, other = result["cbam_opt"].get("mode", "off"), result["cbam_opt_compare"]["other"]
     title = (f"--cbam-opt {mode} {between} {other} ({', '.join(applied(result['cbam_opt'])) or 'no rewrites'}), "
              "same engine, same rounds")
@@ -281,16 +288,12 @@ def markdown_report(result: dict, title: str) -> str:
 def plot_latency(rows: list[dict], path, title: str) -> None:
     """Latency vs batch size, one line per runner (PNG)."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: heavy, and only a --plot needs it
     except ImportError:
-        from .errors import CbamDeployError
-
         raise CbamDeployError("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from .fsutil import atomic_path
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), as pyplot requires
+    import matplotlib.ticker  # lazy: with pyplot
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name in dict.fromkeys(r["runner"] for r in rows):
@@ -312,12 +315,12 @@ def plot_latency(rows: list[dict], path, title: str) -> None:
     plt.close(fig)
 
 
-def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[str] | None = None,
+def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: list[str] | None = None,
                  iters: int | None = None, min_seconds: float | None = None, warmup: int = 5,
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
                  calib_data: str | None = None, runtime: str | list[str] | None = None,
-                 cbam_opt_compare: bool = False) -> dict:
+                 cbam_opt_compare: bool = False, markdown: str | None = None, plot: str | None = None) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
     on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine; with
@@ -326,26 +329,16 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
 
     ``runtime``: a comma list (or list) of runtimes (see ``cbam_deploy.runtimes``); each artifact runs
     under every listed runtime that runs its format, interleaved in the same rounds, its rows named
-    ``artifact@runtime`` when it runs under more than one. Default: the best runtime for each format."""
-    import tempfile
-    from pathlib import Path
-
-    from .benchstats import wait_until_quiet
-    from .bundle import Bundle
-    from .options import check_artifact_names, validate_bench_options
-    from .runners import TorchRunner
-    from .runtimes import parse_runtimes
-
-    validate_bench_options(list(batches or [1]), iters, min_seconds, warmup, threads)  # before any work
-    runtimes = parse_runtimes(runtime)
+    ``artifact@runtime`` when it runs under more than one. Default: the best runtime for each format.
+    ``markdown``, ``plot``: where the caller will write the reports (checked here, before any measuring)."""
+    batches, runtimes = check_bench_options(batches, iters, min_seconds, warmup, threads, markdown, plot, retries,
+                                            max_seconds, wait_quiet, runtime)  # every option before any work
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
     check_artifact_names(bundle, artifacts, bundle_dir)
     model = bundle.model
     twin = plain_twin(model) if overhead else None
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     module = _pytorch_model(bundle)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
@@ -354,12 +347,10 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
     _open_artifacts(bundle, artifacts, threads, "", runners, skipped, limits, runtimes)
     side = bundle.input.side
     chw = (bundle.input.channels, side, side)
-    batches = [bundle.fixed_batch] if bundle.fixed_batch else (batches or [1])
+    batches = [bundle.fixed_batch] if bundle.fixed_batch else batches
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
         calib = _calibration(bundle, calib_data) if (peers or overhead or cbam_opt_compare) else None
         if peers:
-            from .peers import build_peers
-
             example = np.random.default_rng(0).standard_normal((1, *chw), dtype=np.float32)
             built, peer_skips = build_peers(module, example, None if calib is None else calib.inputs, Path(tmp) / "peers",
                                             threads)
@@ -400,8 +391,6 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
 
 def plain_twin(model: ModelInfo) -> str:
     """The zoo model without attention (resnet50 for resnet50_cbam)."""
-    from .models.registry import get_entry, list_models
-
     if model.source != "zoo":
         raise CbamDeployError("--overhead compares a zoo model with its plain twin; this bundle is a factory model")
     entry = get_entry(model.name)
@@ -433,10 +422,6 @@ def overhead_rows(rows: list[dict], prefix: str = "plain:") -> list[dict]:
 def _pytorch_model(bundle: Bundle):
     """The eager model for timing: with its checkpoint when it is there (weights do not change the
     time, so a lost checkpoint falls back to the architecture's seeded init)."""
-    from pathlib import Path
-
-    from .models import build_model
-
     model = bundle.model
     if model.source == "factory" and not Path(model.spec.rpartition(":")[0]).is_file():
         raise CbamDeployError(f"cannot rebuild the PyTorch model from {model.spec}: the file is gone")
@@ -448,10 +433,6 @@ def _pytorch_model(bundle: Bundle):
 def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None, prefix: str,
                     runners: dict, skipped: list, limits: dict, runtimes: list[str] | None = None) -> None:
     """A runner per artifact and runtime (``runtimes`` None: the default one, rows named as the artifact)."""
-    from .errors import BackendUnavailable
-    from .runners import open_artifact
-    from .runtimes import fitting
-
     for artifact in bundle.artifacts:
         if names and artifact.name not in names:
             continue
@@ -468,35 +449,23 @@ def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None
                 skipped.append({"artifact": name, "reason": str(exc)})
                 continue
             if artifact.format == "tensorrt":
-                from .exporters.tensorrt import profile_batch_limit
-
                 limits[name] = profile_batch_limit(bundle, artifact.raw)
 
 
 def _calibration(bundle: Bundle, calib_data: str | None, size: int = 128):
     """Calibration images for peers and the plain twin: --calib-data, else the source the bundle's
     INT8 artifacts were calibrated on (when it is still there); None when there is neither."""
-    from pathlib import Path
-
-    from .data import SYNTHETIC, load_calibration
-
     source = calib_data or next((a.calibration["source"] for a in bundle.artifacts
                                  if a.calibration and (a.calibration["source"] == SYNTHETIC
                                                        or Path(a.calibration["source"]).exists())), None)
     return load_calibration(source, bundle.input.raw, size) if source else None
 
 
-def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts: list[str], skipped: list,
-                cbam_opt: str = "on") -> "Path":
+def _build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: list[str], skipped: list,
+                cbam_opt: str = "on") -> Path:
     """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
     weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
     exporter; the same INT8 recipes on the same calibration data."""
-    from pathlib import Path
-
-    from .build import build_artifacts
-    from .pipeline import ExportRequest, export_bundle
-    from .quantize import quantize_bundle
-
     export = bundle.artifact().export or {}
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
@@ -517,3 +486,36 @@ def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts:
             quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
                             gates=q["gates"], check_samples=8)
     return out
+
+
+def validate_bench_options(batch: str | list[int] = "1", iters: int | None = None, min_seconds: float | None = 5.0,
+                           warmup: int = 5, threads: int | None = None, markdown: str | None = None,
+                           plot: str | None = None) -> list[int]:
+    batches = parse_batches(batch) if isinstance(batch, str) else parse_batches(",".join(map(str, batch)))
+    check_int("--iters", iters, 1, allow_none=True)
+    if min_seconds is not None:
+        check_number("--min-seconds", min_seconds)
+    check_int("--warmup", warmup, 0)
+    check_int("--threads", threads, 1, allow_none=True)
+    check_output_file("--markdown", markdown)
+    check_output_file("--plot", plot)
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise CbamDeployError("--plot needs matplotlib: pip install matplotlib")
+    return batches
+
+
+def check_bench_options(batches: str | list[int] | None = None, iters: int | None = None, min_seconds: float | None = 5.0,
+                        warmup: int = 5, threads: int | None = None, markdown: str | None = None, plot: str | None = None,
+                        retries: int = 0, max_seconds: float | None = None, wait_quiet: float = 0.0,
+                        runtime: str | list[str] | None = None, **_others) -> tuple[list[int], list[str] | None]:
+    """Every option of ``bench_bundle``, and the report paths, before any export or measuring (a typo
+    must not cost the whole run); (batch sizes, runtimes or None). Options that need no check pass."""
+    batches = validate_bench_options(batches if batches is not None else [1], iters, min_seconds, warmup, threads,
+                                     markdown, plot)
+    check_int("--retries", retries, 0, 10)
+    runtimes = parse_runtimes(runtime)  # an unknown or missing runtime
+    if max_seconds is not None:
+        check_number("--max-seconds", max_seconds)
+    if wait_quiet < 0:
+        raise CbamDeployError(f"--wait-quiet must be >= 0 seconds, got {wait_quiet}")
+    return batches, runtimes

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -112,25 +113,10 @@ class LoadMonitor:
     @staticmethod
     def _system() -> tuple[float, float, float | None] | None:
         """(busy seconds, total seconds, steal seconds) summed over all cores."""
-        try:
-            import psutil
-
-            t = psutil.cpu_times()
-            idle = t.idle + getattr(t, "iowait", 0.0)
-            total = sum(t)
-            return total - idle, total, getattr(t, "steal", None)
-        except ImportError:
-            pass
-        try:
-            with open("/proc/stat") as fh:
-                fields = [float(v) for v in fh.readline().split()[1:]]
-        except OSError:
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        total = sum(fields[:8]) / tick  # guest time is already inside user/nice
-        idle = (fields[3] + fields[4]) / tick
-        steal = fields[7] / tick if len(fields) > 7 else None
-        return total - idle, total, steal
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        total = sum(t)
+        return total - idle, total, getattr(t, "steal", None)
 
     @staticmethod
     def _own() -> float:
@@ -138,10 +124,6 @@ class LoadMonitor:
         return t.user + t.system + t.children_user + t.children_system
 
     def _sample_freq(self) -> None:
-        try:
-            import psutil
-        except ImportError:
-            return
         while not self._stop.wait(self.interval):
             try:
                 freq = psutil.cpu_freq()

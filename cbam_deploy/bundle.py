@@ -1,11 +1,11 @@
-"""The bundle: one folder of artifacts plus ``manifest.json``; read, write (atomically), validate, look up.
+"""The bundle: one folder of artifacts plus ``manifest.json``, as read: the typed ``Bundle`` and its lookups.
 
 Every later step (verify, bench, eval, serve, triton) reads a bundle and nothing else, through a
 ``Bundle``: ``Bundle.open(path)`` reads the manifest (crash recovery, the shared lock and the schema
 check as ``read_manifest`` does them) and gives typed views of it (``input``, ``outputs``, ``model``,
 ``artifacts``) and the lookups every command needs (``artifact``, ``path_of``, ``check_integrity``).
 A ``Bundle`` is read-only: changes go through ``transaction.BundleUpdate``, whose ``add_artifact``
-makes an artifact's record (name, file, sha256, size) from the one naming scheme below. An artifact
+makes an artifact's record (name, file, sha256, size) from the one naming scheme (``manifest``). An artifact
 whose file no longer matches the sha256 in the manifest is refused, so a half-finished write can
 never be trusted.
 """
@@ -13,58 +13,21 @@ never be trusted.
 from __future__ import annotations
 
 import functools
-import json
-import platform
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
 from .errors import CbamDeployError
 from .fsutil import sha256_file
-from .outputs import OUTPUT_KINDS
-
-MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
-_REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
-
-
-def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "cbam_deploy": __version__}
-    for name in ("torch", "onnx", "onnxruntime", "onnxslim"):
-        try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "unknown")
-        except ImportError:
-            versions[name] = None
-    return versions
-
-
-def new_manifest(model: dict, input_spec: dict, outputs: list[dict]) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "input": input_spec,
-        "outputs": outputs,
-        "artifacts": [],
-        "versions": library_versions(),
-    }
-
-
-def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
-    """Replace the manifest as a whole (one transaction). Commands merge their change instead, with
-    ``transaction.BundleUpdate.commit``."""
-    from .transaction import update_manifest
-
-    update_manifest(bundle_dir, lambda _current: manifest)
-    return Path(bundle_dir) / MANIFEST_NAME
+from .manifest import MANIFEST_NAME, fixed_batch, read_manifest_file
+from .transaction import bundle_lock, recover_if_needed
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
     """The bundle's committed manifest. Whatever a killed command left is finished or discarded first
     (see ``transaction``), and the read happens under the bundle's shared lock, so it never sees a
     commit half-applied."""
-    from .transaction import bundle_lock, recover_if_needed
-
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         return read_manifest_file(bundle_dir)
@@ -73,265 +36,6 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise CbamDeployError(f"{bundle_dir} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
     with bundle_lock(bundle_dir, shared=True):
         return read_manifest_file(bundle_dir / MANIFEST_NAME)
-
-
-def read_manifest_file(path: Path) -> dict:
-    if not path.is_file():
-        raise CbamDeployError(f"{path} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CbamDeployError(f"cannot read {path}: {exc}") from None
-    validate_manifest(manifest, path)
-    return manifest
-
-
-def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
-    """Check the manifest against its schema: every field that cbam-deploy reads, with its type.
-
-    A hand-edited or damaged manifest (``"artifacts": 5``, ``"size_bytes": "x"``, ``"input": {}``)
-    gives one error naming the field (``artifacts[0].size_bytes``), never a traceback later on.
-    Unknown extra fields are allowed (newer versions add some).
-    """
-    if not isinstance(manifest, dict):
-        raise CbamDeployError(f"{where} is not a JSON object (got {_json_type(manifest)})")
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise CbamDeployError(f"{where} lacks {', '.join(missing)}; re-export the bundle")
-    check = _SchemaCheck(where)
-    version = manifest["schema_version"]
-    if not _is_int(version):
-        check.fail("schema_version", "an integer", version)
-    if version != SCHEMA_VERSION:
-        raise CbamDeployError(f"{where} has schema version {version}; this cbam-deploy reads {SCHEMA_VERSION}")
-
-    model = check.field(manifest, "model", "", _is_dict, "an object")
-    check.field(model, "name", "model.", _is_text, "a non-empty string")
-    check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
-    check.field(model, "stem", "model.", _is_text, "a non-empty string")
-    check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
-    check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
-    check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
-    check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
-    check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
-    check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-                "a list of strings", required=False)
-    weights = check.field(model, "weights", "model.", _is_dict, "an object or null", required=False, nullable=True)
-    if weights is not None:
-        check.field(weights, "path", "model.weights.", _is_text, "a non-empty string")
-        check.field(weights, "sha256", "model.weights.", _is_text, "a non-empty string")
-    modules = check.field(model, "attention_modules", "model.", _is_list, "a list", required=False)
-    for i, module in enumerate(modules or []):
-        check.item(module, f"model.attention_modules[{i}]", _is_dict, "an object")
-        check.field(module, "path", f"model.attention_modules[{i}].", _is_text, "a non-empty string")
-
-    spec = check.field(manifest, "input", "", _is_dict, "an object")
-    check.field(spec, "name", "input.", _is_text, "a non-empty string")
-    shape = check.field(spec, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 4,
-                        "a list of 4 dimensions (N, C, H, W)")
-    for i, dim in enumerate(shape):
-        check.item(dim, f"input.shape[{i}]", lambda v: _is_positive_int(v) or _is_text(v),
-                   "a positive integer or a dimension name")
-    if not _is_positive_int(shape[1]):
-        check.fail("input.shape[1]", "the channel count (a positive integer)", shape[1])
-    for key in ("dtype", "layout", "color"):
-        check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
-    pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
-    for key in ("resize_shorter", "center_crop"):
-        check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
-                    "a positive whole number")
-    check.field(pre, "interpolation", "input.preprocess.", lambda v: v in _INTERPOLATIONS,
-                f"one of {', '.join(_INTERPOLATIONS)}", required=False)
-    check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
-    mean = check.field(pre, "mean", "input.preprocess.", _is_number_list, "a non-empty list of numbers")
-    std = check.field(pre, "std", "input.preprocess.", lambda v: _is_number_list(v) and all(x > 0 for x in v),
-                      "a non-empty list of positive numbers")
-    if len(mean) != len(std):
-        check.fail("input.preprocess.std", f"as long as input.preprocess.mean ({len(mean)})", std)
-
-    outputs = check.field(manifest, "outputs", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
-    for i, output in enumerate(outputs):
-        check.item(output, f"outputs[{i}]", _is_dict, "an object")
-        check.field(output, "name", f"outputs[{i}].", _is_text, "a non-empty string")
-        dims = check.field(output, "shape", f"outputs[{i}].", _is_list, "a list")
-        for j, dim in enumerate(dims):
-            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) or _is_text(v),
-                       "a positive integer or a dimension name")
-        check.field(output, "dtype", f"outputs[{i}].", _is_text, "a non-empty string", required=False)
-        check.field(output, "kind", f"outputs[{i}].", lambda v: v in OUTPUT_KINDS, f"one of {', '.join(OUTPUT_KINDS)}",
-                    required=False)
-
-    artifacts = check.field(manifest, "artifacts", "", _is_list, "a list")
-    names = []
-    for i, artifact in enumerate(artifacts):
-        at = f"artifacts[{i}]"
-        check.item(artifact, at, _is_dict, "an object")
-        for key in ("name", "path", "format", "precision", "sha256"):
-            check.field(artifact, key, f"{at}.", _is_text, "a non-empty string")
-        names.append(artifact["name"])
-        _check_inside(where, artifact["path"], f"artifact path {artifact['path']!r}")
-        check.field(artifact, "size_bytes", f"{at}.", lambda v: _is_int(v) and v >= 0, "a non-negative integer",
-                    required=False)
-        companions = check.field(artifact, "companion_files", f"{at}.", _is_dict, "an object", required=False)
-        for relative, digest in (companions or {}).items():
-            check.item(digest, f"{at}.companion_files[{relative!r}]", _is_text, "a sha256 string")
-            _check_inside(where, relative, f"companion file {relative!r} of artifact {artifact['name']!r}")
-        parity = check.field(artifact, "parity", f"{at}.", _is_dict, "an object", required=False)
-        if parity is not None:
-            check.field(parity, "passed", f"{at}.parity.", lambda v: isinstance(v, bool), "true, false or null",
-                        required=False, nullable=True)
-        for key in ("export", "quantization", "calibration", "verify"):
-            check.field(artifact, key, f"{at}.", _is_dict, "an object", required=False, nullable=True)
-    if len(set(names)) != len(names):
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        raise CbamDeployError(f"{where}: artifact names repeat ({', '.join(repeated)})")
-
-    check.field(manifest, "versions", "", _is_dict, "an object")
-    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                "a list of strings", required=False, nullable=True)
-    check.field(manifest, "created", "", _is_text, "a string", required=False)
-
-
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-
-
-class _SchemaCheck:
-    """Type checks that raise one CbamDeployError naming the field (``artifacts[1].size_bytes``)."""
-
-    def __init__(self, where) -> None:
-        self.where = where
-
-    def fail(self, field: str, expected: str, value) -> None:
-        raise CbamDeployError(
-            f"{self.where}: {field} must be {expected}, got {_shown(value)}; the manifest is damaged or was edited "
-            "by hand: re-export the bundle"
-        )
-
-    def item(self, value, field: str, ok, expected: str) -> None:
-        if not ok(value):
-            self.fail(field, expected, value)
-
-    def field(self, obj: dict, key: str, prefix: str, ok, expected: str, required: bool = True, nullable: bool = False):
-        if key not in obj:
-            if required:
-                raise CbamDeployError(f"{self.where}: {prefix}{key} is missing ({expected}); re-export the bundle")
-            return None
-        value = obj[key]
-        if value is None and nullable:
-            return None
-        if not ok(value):
-            self.fail(prefix + key, expected, value)
-        return value
-
-
-def _check_inside(where, relative: str, what: str) -> None:
-    if Path(relative).is_absolute() or ".." in Path(relative).parts:
-        raise CbamDeployError(f"{where}: {what} must stay inside the bundle")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_int(value) -> bool:
-    return _is_int(value) and value >= 1
-
-
-def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and value == value and value not in (float("inf"), float("-inf")))
-
-
-def _is_number_list(value) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(_is_number(v) for v in value)
-
-
-def _is_text(value) -> bool:
-    return isinstance(value, str) and value.strip() != ""
-
-
-def _is_dict(value) -> bool:
-    return isinstance(value, dict)
-
-
-def _is_list(value) -> bool:
-    return isinstance(value, list)
-
-
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
-        type(value), type(value).__name__)
-
-
-def _shown(value) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{text} ({_json_type(value)})"
-
-
-# ---------------------------------------------------------------- naming
-
-QUANTIZED_FORMAT = {"ort-cpu": "onnx", "tensorrt": "onnx", "openvino": "openvino"}  # INT8 recipe -> what it writes
-
-
-def artifact_name(fmt: str, precision: str, recipe: str | None = None, gates: str | None = None) -> str:
-    """The one naming scheme: ``<format>-<precision>`` for conversions (onnx-fp32, openvino-fp16,
-    tensorrt-int8); ``int8-<recipe>`` for a quantization recipe's output, ``-gates-<policy>`` added
-    when the gate policy is not the recipe's default."""
-    if recipe is None:
-        return f"{fmt}-{precision}"
-    from .calib.recipes import DEFAULT_GATES
-
-    gates = gates or DEFAULT_GATES[recipe]
-    return f"int8-{recipe}" + ("" if gates == DEFAULT_GATES[recipe] else f"-gates-{gates}")
-
-
-def artifact_file(name: str, fmt: str) -> str:
-    """``model.onnx`` for the FP32 ONNX, ``model.<artifact name>.<onnx|xml|engine>`` for the rest."""
-    from .backends import get
-
-    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{get(fmt).extension}"
-
-
-def artifact_record(root: str | Path, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None,
-                    **fields) -> dict:
-    """The manifest record of the artifact (``fmt``, ``precision``[, INT8 ``recipe``, ``gates``]) whose file
-    lies in ``root`` (a staging folder) under the name the naming scheme gives it: name, path, format,
-    precision, sha256, and the size of its file and its companions (the files the backend table says
-    lie beside it: an IR's .bin, an engine's sidecar, an ONNX's external data), each with its sha256.
-    ``transaction.BundleUpdate.add_artifact`` is how commands use it."""
-    from .backends import get
-
-    root = Path(root)
-    name = artifact_name(fmt, precision, recipe, gates)
-    path = artifact_file(name, fmt)
-    if not (root / path).is_file():
-        raise CbamDeployError(f"artifact {name}: its file {path} was not written")
-    companions = tuple(get(fmt).companions(root / path))
-    for companion in companions:
-        _check_inside(root, companion, f"companion file {companion!r} of artifact {name!r}")
-    missing = [c for c in companions if not (root / c).is_file()]
-    if missing:
-        raise CbamDeployError(f"artifact {name}: its companion file(s) {', '.join(missing)} were not written")
-    record = {"name": name, "path": path, "format": fmt, "precision": precision, "sha256": sha256_file(root / path),
-              "size_bytes": sum((root / f).stat().st_size for f in (path, *companions))}
-    if companions:
-        record["companion_files"] = {c: sha256_file(root / c) for c in companions}
-    record.update(fields)
-    return record
-
-
-def upsert_artifact(manifest: dict, artifact: dict) -> None:
-    """Add an artifact, replacing one of the same name."""
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != artifact["name"]] + [artifact]
 
 
 # ---------------------------------------------------------------- typed views of a manifest
@@ -372,11 +76,6 @@ class InputSpec:
         pre = raw.get("preprocess")
         return cls(raw["name"], list(raw["shape"]), raw.get("dtype", "float32"), raw.get("layout", "NCHW"),
                    raw.get("color", "RGB"), Preprocess.from_dict(pre) if pre is not None else None, raw)
-
-    @property
-    def fixed_batch(self) -> int | None:
-        """The batch a fixed-batch model was exported with; None for a dynamic batch."""
-        return self.shape[0] if isinstance(self.shape[0], int) else None
 
     @property
     def channels(self) -> int:
@@ -545,7 +244,7 @@ class Bundle:
     @property
     def fixed_batch(self) -> int | None:
         """The batch size a fixed-batch model was exported with; None for a dynamic batch."""
-        return self.input.fixed_batch
+        return fixed_batch(self.input.shape)
 
     @property
     def output_kinds(self) -> dict[str, str]:
@@ -638,9 +337,6 @@ class Bundle:
     def snapshot(self, name: str, update) -> tuple[ArtifactRecord, Path]:
         """Link (or copy) an artifact's file into a ``BundleUpdate``'s staging folder and check its sha256
         there: work that reads it for minutes sees one version, whatever lands in the bundle meanwhile."""
-        import os
-        import shutil
-
         artifact = self.artifact(name)
         path = self.path_of(name, verify_hash=False)
         # its own folder, files under their own names: an ONNX finds its external-data companions
@@ -667,24 +363,14 @@ class Bundle:
         return self.directory
 
 
-# ---------------------------------------------------------------- functions over a manifest dict or a Bundle
-
-def fixed_batch(manifest: Bundle | dict) -> int | None:
-    """The batch size a fixed-batch model was exported with; None for a dynamic batch."""
-    if isinstance(manifest, Bundle):
-        return manifest.fixed_batch
-    first = manifest["input"]["shape"][0]
-    return first if isinstance(first, int) else None
-
-
-def artifact_path(bundle_dir: str | Path, manifest: Bundle | dict, name: str | None = None,
-                  verify_hash: bool = True) -> tuple[dict, Path]:
-    """Look up an artifact (the first one when no name is given) and check its file's sha256; returns
-    its manifest record and its file (``Bundle.artifact`` and ``Bundle.path_of`` in one)."""
-    bundle = Bundle(_raw(manifest), bundle_dir)
-    path = bundle.path_of(name, verify_hash)
-    return bundle.artifact(name).raw, path
-
-
-def _raw(manifest: Bundle | dict) -> dict:
-    return manifest.manifest if isinstance(manifest, Bundle) else manifest
+def check_artifact_names(manifest, names: list[str] | None, bundle: str | Path, option: str = "--artifact") -> None:
+    """Every requested artifact exists in the bundle (checked before any measuring)."""
+    if not names:
+        return
+    have = Bundle.of(manifest).artifact_names
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise CbamDeployError(
+            f"{option}: bundle {bundle} has no artifact {', '.join(repr(u) for u in unknown)}; "
+            f"it has {', '.join(have) or 'none'}"
+        )

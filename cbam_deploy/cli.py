@@ -19,9 +19,28 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .backends import formats as backend_formats
+from .bench import (COLUMNS, OVERHEAD_COLUMNS, bench_bundle, compare_heading, fallback_notes, markdown_report,
+                    overhead_cells, plot_latency, row_cells, unstable_notes)
+from .bundle import Bundle
+from .checks import check_existing_file, check_int, check_output_dir, check_output_file, parse_batch, parse_list
 from .errors import CbamDeployError
+from .evaluate import evaluate_bundle
+from .explain import explain_bundle
+from .exporters.tensorrt import image_stack
+from .formats import formats as known_formats
+from .fsutil import write_bytes_atomic
+from .models import zoo_table
+from .models.spec import check_input_size
+from .backends.base import TensorRTOptions
+from .export import ExportRequest
+from .pipeline import bench_model, plan_export, run_export, validate_export_options
+from .profile import plot_profile, profile_bundle
+from .quantize import quantize_bundle
 from .runtimes import runtime_help
+from .serve.app import ServeConfig, serve
+from .serve.kserve import inference_service, write_yaml
+from .serve.triton import write_repository
+from .verify import verify_bundle
 
 _RUNTIME_HELP = ("Runtime that runs the artifacts: " + runtime_help() + ". Default: the best available here (for ONNX "
                  "ort-tensorrt > ort-cuda > ort-openvino > ort-cpu).")
@@ -88,12 +107,6 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
 
 
-def _parse_batch(value: str) -> int | None:
-    from .options import parse_batch
-
-    return parse_batch(value)
-
-
 def _attention(parity: dict | None) -> str:
     """The worst spatial gate: 'corr 0.9976 IoU 0.864'; '-' without CBAM spatial gates."""
     if not parity or parity.get("min_correlation") is None:
@@ -119,11 +132,7 @@ def models_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """List the model zoo: name, parameters, GFLOPs (computed)."""
-    from .options import check_input_size
-
     check_input_size(input_size, "resnet18", "imagenet")
-    from .models import zoo_table
-
     rows = zoo_table(input_size)
     if as_json:
         _print_json(rows)
@@ -155,8 +164,8 @@ def export_command(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")] = True,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Check onnxruntime against PyTorch after export.")] = True,
     force: Annotated[bool, typer.Option(help="Replace a bundle of another model in the output folder.")] = False,
-    formats: Annotated[str, typer.Option("--format", help=f"Comma list of {', '.join(backend_formats())} "
-                                                          "(the backend table).")] = "onnx",
+    formats: Annotated[str, typer.Option("--format", help=f"Comma list of {', '.join(known_formats())} "
+                                                          "(the formats table).")] = "onnx",
     precisions: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16, int8.")] = "fp32",
     gates: Annotated[Optional[str], typer.Option(help="INT8 gate policy: int8 or fp (default per target).")] = None,
     min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
@@ -179,19 +188,14 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
-    from .options import validate_export_options
-
     checked = validate_export_options(  # every option, before anything is built or written
         model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
         min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target, output_kind,
         cbam_opt=cbam_opt,
     )
-    from .build import TensorRTOptions
-    from .pipeline import ExportRequest, plan_export, run_export
-
     request = ExportRequest(
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
-        batch=_parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
+        batch=parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
         parity=parity, force=force, outputs=outputs, output_kinds=checked.output_kinds, cbam_opt=cbam_opt,
     )
     plan = plan_export(formats, precisions, int8, target, calib_data, gates,
@@ -279,13 +283,7 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
-    from .bundle import Bundle
-    from .options import check_artifact_names, parse_list, validate_verify_options
-    from .verify import verify_bundle
-
-    validate_verify_options(data, samples)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    check_artifact_names(Bundle.open(bundle), names, bundle)
     result = verify_bundle(bundle, data, names, samples, runtime=runtime)
     if as_json:
         _print_json(result)
@@ -356,43 +354,17 @@ def bench_command(
 ) -> None:
     """Latency and throughput of every artifact next to PyTorch eager, measured in the same run:
     medians with 95% intervals, ratios of medians, and a stability verdict per row."""
-    import tempfile
-
-    from .bench import bench_bundle, markdown_report, plot_latency
-    from .options import check_artifact_names, check_int, check_model_spec, check_number, parse_list, validate_bench_options
-
-    # every option, and the report paths, before any measuring: a typo must not cost the whole run
-    batches = validate_bench_options(batch, iters, min_seconds, warmup, threads, markdown, plot)
-    check_int("--retries", retries, 0, 10)
-    from .runtimes import parse_runtimes
-
-    parse_runtimes(runtime)  # an unknown or missing runtime before any export or measuring
-    if max_seconds is not None:
-        check_number("--max-seconds", max_seconds)
-    if wait_quiet < 0:
-        raise CbamDeployError(f"--wait-quiet must be >= 0 seconds, got {wait_quiet}")
     if (bundle is None) == (model is None):
         raise CbamDeployError("give a BUNDLE folder or --model NAME (one of them)")
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    if model is not None:
-        check_model_spec(model)
-        check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, names, f"(exported from --model {model})")
-    else:
-        from .bundle import Bundle
-
-        check_artifact_names(Bundle.open(bundle), names, bundle)
-    with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
-        if model:
-            from .pipeline import ExportRequest, export_bundle
-
-            bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
-        result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads, max_seconds, strict, retries,
-                              wait_quiet, peers, overhead, calib_data, runtime, cbam_opt_compare)
+    options = dict(batches=batch, artifacts=names, iters=iters, min_seconds=min_seconds, warmup=warmup, threads=threads,
+                   max_seconds=max_seconds, strict=strict, retries=retries, wait_quiet=wait_quiet, peers=peers,
+                   overhead=overhead, calib_data=calib_data, runtime=runtime, cbam_opt_compare=cbam_opt_compare,
+                   markdown=markdown, plot=plot)
+    result = bench_model(model, **options) if model is not None else bench_bundle(bundle, **options)
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:
-            from .fsutil import write_bytes_atomic
-
             write_bytes_atomic(markdown, markdown_report(result, title).encode())
         if plot:
             plot_latency(result["results"], plot, title)
@@ -405,8 +377,6 @@ def bench_command(
 
 
 def _print_bench(result: dict, title: str) -> None:
-    from .bench import COLUMNS, OVERHEAD_COLUMNS, compare_heading, overhead_cells, row_cells, unstable_notes
-
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("runner", "runtime", "precision", "stable") else "right",
@@ -433,8 +403,6 @@ def _print_bench(result: dict, title: str) -> None:
         if r.get("made_by"):
             out.print(f"[dim]{escape(r['runner'])}: {escape(r['made_by'])}[/]")
     out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
-    from .bench import fallback_notes
-
     for note in fallback_notes(result["results"]):
         out.print(f"[yellow]fallback[/] {escape(note)}")
     for note in unstable_notes(result["results"]):
@@ -460,9 +428,6 @@ def profile_command(
 ) -> None:
     """Per-operator time (onnxruntime profiler, OpenVINO performance counters), rolled up into conv,
     CBAM channel gate, CBAM spatial gate, layout, quantize/dequantize and other."""
-    from .options import check_int, check_output_file, parse_list
-    from .profile import plot_profile, profile_bundle
-
     check_int("--batch", batch, 1, 1024)
     check_int("--runs", runs, 1, 100000)
     check_int("--warmup", warmup, 0, 100000)
@@ -500,13 +465,7 @@ def quantize_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
-    from .bundle import Bundle
-    from .options import validate_quantize_options
-    from .quantize import quantize_bundle
-
-    targets = validate_quantize_options(target, calib_data, calib_size, calib_batch, method, gates)
-    Bundle.open(bundle)  # a missing or damaged bundle is reported before the calibration data is read
-    result = quantize_bundle(bundle, targets, calib_data, calib_size, calib_batch, method, gates, cache, seed)
+    result = quantize_bundle(bundle, target, calib_data, calib_size, calib_batch, method, gates, cache, seed)
     if as_json:
         _print_json(result)
     else:
@@ -547,11 +506,6 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
-    from .evaluate import evaluate_bundle
-    from .options import validate_eval_options
-
-    validate_eval_options(data, batch, limit)
-
     result = evaluate_bundle(bundle, data, artifact, batch, limit)
     if as_json:
         _print_json(result)
@@ -596,8 +550,6 @@ def serve_command(
     (its folder when two would clash) and listed by /v2/repository/index. Exit codes: 0 stopped by
     Ctrl-C, 2 a bad option or bundle, 4 an address could not be bound or the server could not start.
     SIGTERM stops it within a few seconds."""
-    from .serve.app import ServeConfig, serve
-
     if not 0 <= grpc_port <= 65535:
         raise CbamDeployError(f"--grpc-port must be 0 to 65535, got {grpc_port}")
     if grpc_port and grpc_port == port:
@@ -649,8 +601,6 @@ def kserve_command(
     max_batch: Annotated[int, typer.Option(help="Dynamic batching: most samples per run (both predictors).")] = 8,
 ) -> None:
     """Write a KServe InferenceService manifest for the bundle (kubectl apply -f it)."""
-    from .serve.kserve import inference_service, write_yaml
-
     service = inference_service(bundle, storage_uri, predictor=predictor, name=name, namespace=namespace,
                                 artifact=artifact, image=image, model_name=model_name, cpu=cpu, memory=memory, gpus=gpus,
                                 min_replicas=min_replicas, max_replicas=max_replicas, scale_target=scale_target,
@@ -659,8 +609,6 @@ def kserve_command(
               f"made by cbam-deploy kserve"]
     if predictor == "triton":
         if repository:
-            from .serve.triton import write_repository
-
             written = write_repository(bundle, repository, [service["metadata"]["annotations"]["cbam-deploy/artifact"]],
                                        name=model_name, max_batch=max_batch)
             out.print(f"Triton repository: {written[0]['path']} (model {written[0]['model']})")
@@ -689,16 +637,7 @@ def triton_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository for the bundle's artifacts."""
-    from .bundle import Bundle
-    from .options import check_artifact_names, parse_list, validate_triton_options
-    from .serve.triton import write_repository
-
-    validate_triton_options(output, max_batch, instances, delay_us, kind)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    opened = Bundle.open(bundle)
-    check_artifact_names(opened, names, bundle)
-    for chosen in names or ["onnx-fp32"]:  # present and intact, before the repository folder is made
-        opened.path_of(chosen)
     written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind, triton_release)
     if as_json:
         _print_json(written)
@@ -726,9 +665,6 @@ def explain_command(
     Writes PNG overlays and one self-contained HTML page (every image embedded) into the output folder.
     Exit codes: 0 the page was written (also for a model without spatial gates: the page says so),
     2 a bad option, bundle or image."""
-    from .explain import explain_bundle
-    from .options import check_existing_file, check_output_dir, parse_list
-
     check_existing_file("--image", image)
     check_output_dir("--output", output)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
@@ -772,12 +708,8 @@ def info_command(
     "missing" (also in --json). Exit code 0 when all are intact, 3 when any changed or is missing (the
     same code as a failed verification), 2 for an unreadable or damaged manifest.
     """
-    from .bundle import Bundle
-
     opened = Bundle.open(bundle)
     integrity = opened.check_integrity()
-    from .exporters.tensorrt import image_stack
-
     stack = image_stack()  # the pinned stack of a cbam-deploy Docker image; None elsewhere
     if as_json:
         artifacts = [{**a.raw, "integrity": integrity[a.name]} for a in opened.artifacts]

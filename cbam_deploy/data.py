@@ -7,6 +7,7 @@ the one function that calibration, evaluation and serving all use.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import zipfile
 import zlib
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .errors import CbamDeployError
 
@@ -30,10 +32,6 @@ def preprocess_image(image, spec: dict) -> np.ndarray:
     stays within 4x the resize target is resized whole and then cropped (the reference recipe, bit for
     bit); a longer one (a thin strip) is first cut to the region the crop needs, plus the filter's
     reach, and resized straight to the crop, so a 1 x 60000 strip costs what a square does."""
-    import math
-
-    from PIL import Image
-
     def to_rgb(image):  # alpha on white; 16-bit -> one float channel on the 8-bit scale (0-255)
         if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
             return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32), 0, 65535) * np.float32(255 / 65535))
@@ -77,8 +75,6 @@ def preprocess_image(image, spec: dict) -> np.ndarray:
 
 
 def load_image_file(path: Path, spec: dict) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -247,8 +243,6 @@ def _from_array(path: Path, spec: dict, size: int, seed: int, kind: str | None =
     if array.dtype == np.uint8:
         if array.shape[-1] not in (1, 3, 4):
             raise CbamDeployError(f"{path}: a uint8 array must be NHWC images with 1, 3 or 4 channels, got shape {array.shape}")
-        from PIL import Image
-
         chosen = array[_choose(len(array), size, seed)]
         inputs = np.stack([preprocess_image(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img), spec) for img in chosen])
     elif np.issubdtype(array.dtype, np.floating):
@@ -302,3 +296,26 @@ def image_folder(root: str | Path) -> LabelledImages:
     if not paths:
         raise CbamDeployError(f"{root}: its class folders hold no images")
     return LabelledImages(paths, np.asarray(labels), classes)
+
+
+def check_data_source(option: str, source: str | None, *, images_only: bool = False) -> None:
+    """A calibration / verification source: 'synthetic', a folder holding images, or a NumPy file
+    (recognised by its first bytes, not its name). ``images_only``: a folder (eval's ImageFolder)."""
+    if source is None:
+        return
+    if not images_only and source == SYNTHETIC:
+        return
+    path = Path(source)
+    if not path.exists():
+        what = "a folder of images" if images_only else "a folder of images, a .npy/.npz file, or 'synthetic'"
+        raise CbamDeployError(f"{option} {path} does not exist ({what})")
+    if path.is_dir():
+        if not has_images(path):
+            raise CbamDeployError(f"{option} {path} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+        return
+    if images_only:
+        raise CbamDeployError(f"{option} {path} is not a folder (ImageFolder layout: one sub-folder per class)")
+    if array_file_kind(path) is None:
+        raise CbamDeployError(
+            f"{option} {path} is neither a folder of images nor a NumPy .npy/.npz file (judged by its first bytes)"
+        )

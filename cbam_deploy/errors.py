@@ -16,9 +16,3 @@ class CbamDeployError(Exception):
 class BackendUnavailable(CbamDeployError):
     """An optional backend (OpenVINO, NNCF, TensorRT, a CUDA GPU) is not on this machine; callers that
     build or run everything they can list the artifact as skipped with this message."""
-
-
-class ParityError(CbamDeployError):
-    """An artifact was built but does not match the PyTorch original within tolerance."""
-
-    exit_code = 3

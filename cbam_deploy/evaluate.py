@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .data import _Unreadable, image_folder, load_image_file
+from .bundle import Bundle, check_artifact_names
+from .checks import MAX_BATCH, check_int
+from .data import _Unreadable, check_data_source, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
-from .runners import open_artifact, reference_runner
+from .loaders import open_artifact, reference_runner
 
 
 def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -47,8 +48,6 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndar
 
 def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
                     batch: int = 32, limit: int | None = None) -> dict:
-    from .options import check_artifact_names, validate_eval_options
-
     validate_eval_options(str(data_dir), batch, limit)  # every option before any work
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
@@ -86,3 +85,9 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
                      **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
     return {"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)), "classes": len(classes),
             "skipped_unreadable": skipped, "reference": reference_label, "results": rows}
+
+
+def validate_eval_options(data: str, batch: int = 32, limit: int | None = None) -> None:
+    check_int("--batch", batch, 1, MAX_BATCH)
+    check_int("--limit", limit, 1, allow_none=True)
+    check_data_source("--data", data, images_only=True)

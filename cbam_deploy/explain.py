@@ -26,14 +26,18 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from PIL import Image
 
+from .attention import artifact_maps, compare_maps, torch_maps
+from .bundle import Bundle, Preprocess, check_artifact_names
+from .data import _Unreadable, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
-
-if TYPE_CHECKING:
-    from .bundle import Bundle, Preprocess
+from .fsutil import write_bytes_atomic
+from .loaders import is_stand_in, open_artifact, reference_runner
+from .models.layers import ChannelGate, SpatialGate
 
 PAGE_NAME = "index.html"
 MAPS_NAME = "maps.npz"
@@ -55,11 +59,6 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     ``predictions`` {runner: top-5}, ``gradcam``, ``artifacts`` {name: {"attention": compare_maps(...),
     "files": {gate: png}, ...}}, ``skipped`` {name: reason}, ``notes``.
     """
-    from .attention import artifact_maps, compare_maps, torch_maps
-    from .bundle import Bundle
-    from .data import _Unreadable, load_image_file
-    from .runners import is_stand_in, open_artifact, reference_runner
-
     bundle = Bundle.open(bundle_dir)
     bundle_dir = bundle.directory  # the folder, also when a manifest file was given
     image_path = Path(image_path)
@@ -200,8 +199,6 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
 
 def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """The artifacts to explain, and {name: why not} for those of the bundle left out by default."""
-    from .options import check_artifact_names
-
     if names:
         check_artifact_names(bundle, names, bundle.directory)
         wrong = [n for n in names if bundle.artifact(n).format not in EXPLAINABLE_FORMATS]
@@ -229,10 +226,9 @@ def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
     """captum's LayerGradCam on the last attention-bearing stage (else the last stage), for ``target``,
     upsampled to the input's size with LayerAttribution.interpolate (bilinear)."""
     try:
-        from captum.attr import LayerAttribution, LayerGradCam
+        from captum.attr import LayerAttribution, LayerGradCam  # lazy: captum is the optional explain extra
     except ImportError:
         raise BackendUnavailable("Grad-CAM needs captum: pip install 'cbam-deploy[explain]'") from None
-    import torch
 
     layer_name, layer = _last_stage(model, x)
     inputs = torch.from_numpy(np.ascontiguousarray(x, np.float32)).requires_grad_(True)
@@ -249,10 +245,6 @@ def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
 def _last_stage(model, x: np.ndarray):
     """(name, module): the last top-level child holding a CBAM gate; else ``layer4``; else the last
     top-level child whose output is a feature map (4-D)."""
-    import torch
-
-    from .models.layers import ChannelGate, SpatialGate
-
     children = list(model.named_children())
     with_gates = [(n, m) for n, m in children if any(isinstance(s, (SpatialGate, ChannelGate)) for s in m.modules())]
     if with_gates:
@@ -304,8 +296,6 @@ def _outline(chw: np.ndarray, preprocess: Preprocess, display_side: int):
 def _upsample(values: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarray:
     """A map to the display's (H, W): nearest for gates (one block per gate cell, as the model has
     them), bilinear for an already smooth map."""
-    from PIL import Image
-
     height, width = size
     image = Image.fromarray(np.ascontiguousarray(values, np.float32), mode="F")
     return np.asarray(image.resize((width, height), Image.BILINEAR if smooth else Image.NEAREST), np.float32)
@@ -325,8 +315,8 @@ def _normalise(values: np.ndarray) -> np.ndarray:
 
 
 def _figure(width_px: int, height_px: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy, and only figures need it
+    from matplotlib.figure import Figure  # lazy: as above
 
     dpi = 100
     figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
@@ -419,8 +409,6 @@ class _Writer:
         self.data: dict[str, bytes] = {}
 
     def write(self, name: str, data: bytes) -> str:
-        from .fsutil import write_bytes_atomic
-
         path = self.folder / name
         try:
             write_bytes_atomic(path, data)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """The per-user cache folder of cbam-deploy (calibration results, TensorRT timing caches), outside
+    every bundle: ``$CBAM_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/cbam-deploy``, else ``~/.cache/cbam-deploy``."""
+    return Path(os.environ.get("CBAM_DEPLOY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "cbam-deploy"))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,11 +80,6 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     """Swap two existing paths on one filesystem in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so
     a reader sees the old entry or the new one, never neither. False where the system cannot (another
     OS, an old kernel or libc, a filesystem without it): the caller falls back to two renames."""
-    import ctypes
-    import ctypes.util
-    import errno
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -78,8 +78,6 @@ def describe_outputs(pairs: list[tuple[str, object]], batch, dynamic_dims: bool 
     the input's H/W are), dtype, kind (``kinds`` overrides the kind guessed from the shape; every name
     in it must be an output)."""
     if kinds:
-        from .options import check_output_kinds
-
         check_output_kinds(kinds, [name for name, _ in pairs], option="output_kinds")
     described = []
     for name, tensor in pairs:
@@ -106,3 +104,41 @@ def output_kinds(manifest_or_outputs) -> dict[str, str]:
     """{output name: kind} from a manifest (or its ``outputs`` list); ``Bundle.output_kinds`` for a bundle."""
     outputs = manifest_or_outputs["outputs"] if isinstance(manifest_or_outputs, dict) else manifest_or_outputs
     return {o["name"]: o.get("kind", "logits") for o in outputs}
+
+
+def parse_output_kinds(values, option: str = "--output-kind") -> dict[str, str]:
+    """``NAME=KIND`` items (or a {name: kind} dict) -> {name: kind}, each KIND one of logits, dense,
+    other; one error naming the bad item, the unknown kind or the output given twice."""
+    if values is None:
+        return {}
+    if isinstance(values, dict):
+        pairs = list(values.items())
+        shown = [f"{k}={v}" for k, v in pairs]
+    elif isinstance(values, (list, tuple)):
+        shown = list(values)
+        pairs = []
+        for item in values:
+            name, sep, kind = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not sep or not name.strip() or not kind.strip():
+                raise CbamDeployError(f"{option} takes NAME=KIND (KIND one of {', '.join(OUTPUT_KINDS)}), got {item!r}")
+            pairs.append((name.strip(), kind.strip()))
+    else:
+        raise CbamDeployError(f"{option} must be a dict of output name to kind, got {type(values).__name__}")
+    kinds: dict[str, str] = {}
+    for (name, kind), item in zip(pairs, shown):
+        if not isinstance(name, str) or not name:
+            raise CbamDeployError(f"{option}: {item!r} does not name an output")
+        if kind not in OUTPUT_KINDS:
+            raise CbamDeployError(f"{option} {item!r}: unknown kind {kind!r}; the kinds are {', '.join(OUTPUT_KINDS)}")
+        if name in kinds and kinds[name] != kind:
+            raise CbamDeployError(f"{option}: output {name!r} is given two kinds ({kinds[name]}, {kind})")
+        kinds[name] = kind
+    return kinds
+
+
+def check_output_kinds(kinds: dict[str, str], outputs: list[str], option: str = "--output-kind") -> None:
+    """Every output named in ``kinds`` is one of the model's ``outputs`` (known once it has run)."""
+    unknown = [name for name in kinds if name not in outputs]
+    if unknown:
+        raise CbamDeployError(f"{option}: no output {', '.join(repr(u) for u in unknown)}; the model's outputs are "
+                              f"{', '.join(outputs)}")

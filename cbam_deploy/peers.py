@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 import torch
 
 from .errors import BackendUnavailable, CbamDeployError
@@ -217,7 +218,7 @@ class _CalibrationReader:
 def _ort_quantize_static(src: _Source) -> PeerRunner:
     calib = src.calibration()
     ort = _require("onnxruntime", "onnxruntime is not installed: pip install onnxruntime")
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import quantize_static  # lazy: onnxruntime may be absent (the peer is then skipped)
 
     fp32, int8 = src.workdir / "peer-ort-fp32.onnx", src.workdir / "peer-ort-int8.onnx"
     with warnings.catch_warnings(), torch.no_grad():
@@ -256,12 +257,7 @@ def _ort_quantize_static(src: _Source) -> PeerRunner:
 
 def _ort_default_threads() -> int | None:
     """onnxruntime's default intra-op pool: one thread per physical core."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count()
-    except ImportError:
-        return os.cpu_count()
+    return psutil.cpu_count(logical=False) or os.cpu_count()
 
 
 PEERS: dict[str, Callable[[_Source], PeerRunner]] = {

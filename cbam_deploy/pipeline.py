@@ -1,242 +1,104 @@
-"""The export job: model (+ checkpoint) -> ONNX -> parity against PyTorch -> bundle with manifest.
+"""Orchestration: export, then carry out the rest of what ``cbam-deploy export`` was asked for (INT8
+recipes, or a format x precision matrix that is built, verified and timed next to PyTorch), with
+every option checked before anything is built or written.
 
-``export_bundle`` is what ``cbam-deploy export`` calls. It stages the ONNX file, checks parity on
-it and commits it with the new manifest in one transaction (``transaction.BundleUpdate``): an
-interrupted, killed or failed export leaves the folder as it was (the old bundle, or nothing). A
-parity failure still commits the bundle, with the failure recorded, and the result says so (the
-CLI exits non-zero). Artifacts built from a previous ONNX are kept only when the new ONNX is
-byte-identical to it; otherwise they and their files are removed, and the result names them.
+``run_export`` is what ``cbam-deploy export`` calls; ``build_verify_bench`` is the one-command job
+after an export. The jobs themselves are ``export``, ``quantize``, ``build``, ``verify`` and ``bench``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cbam_opt import optimize_for_export
-from .bundle import MANIFEST_NAME, Bundle, artifact_file, new_manifest, read_manifest
+from .backends import formats as backend_formats
+from .bench import bench_bundle, check_bench_options
+from .build import PRECISIONS, build_artifacts
+from .bundle import Bundle, check_artifact_names
+from .calib.targets import GATES, TARGETS
+from .checks import (MAX_BATCH, check_choice, check_existing_file, check_int, check_output_dir, check_output_file,
+                     parse_batch, parse_list)
+from .data import check_data_source
 from .errors import CbamDeployError
-from .exporters.onnx import OnnxExportOptions, export_onnx
-from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
-from .outputs import output_kinds
-from .parity import plan_cases, run_parity
-from .runners import OnnxRuntimeRunner, TorchRunner
-from .transaction import BundleUpdate, faultpoint
-
-ONNX_FILE = artifact_file("onnx-fp32", "onnx")
-CROP_PCT = 0.875
+from .export import ExportRequest, check_model_options, export_bundle
+from .models.spec import check_model_spec
+from .outputs import parse_output_kinds
+from .quantize import quantize_bundle
+from .verify import verify_bundle
 
 
 @dataclass
-class ExportRequest:
-    model: str
-    weights: str | None = None
-    num_classes: int | None = None
-    stem: str = "imagenet"
-    output: str | None = None
-    input_size: int | None = None
-    batch: int | None = None
-    dynamic_hw: bool = False
-    opset: int = 17
-    exporter: str = "torchscript"
-    simplify: bool = True
-    parity: bool = True
-    parity_samples: int = 8
-    seed: int = 0
-    force: bool = False
-    outputs: str = "logits"  # zoo models: "logits" (classifier) or "features" (backbone: C2..C5)
-    cbam_opt: str = "on"  # CBAM rewrites (cbam_opt.py); "off" exports the module as written
-    extra_notes: list[str] = field(default_factory=list)
-    # {output name: kind} (or ["NAME=KIND", ...]) over the kind guessed from each output's shape
-    output_kinds: dict[str, str] | list[str] | None = None
+class ExportChoices:
+    """What ``validate_export_options`` understood: the parsed lists the later steps use."""
 
-    def __post_init__(self) -> None:
-        from .options import parse_output_kinds
-
-        self.output_kinds = parse_output_kinds(self.output_kinds)
-        self.validate()  # a bad request fails where it is made, before any model is built or file written
-
-    def validate(self) -> None:
-        """Value checks (no file access): ranges, choices, types. ``options.validate_export_options``
-        does these and the path checks for the CLI."""
-        from .cbam_opt import MODES as CBAM_OPT_MODES
-        from .options import (STEMS, check_choice, check_input_size, check_int, check_num_classes, check_opset,
-                              parse_batch, parse_output_kinds)
-
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise CbamDeployError("--model needs a zoo name or path/to/file.py:factory")
-        check_choice("--stem", self.stem, STEMS)
-        check_num_classes(self.num_classes)
-        check_input_size(self.input_size, self.model, self.stem)
-        if self.batch is not None:
-            parse_batch(self.batch if isinstance(self.batch, int) and not isinstance(self.batch, bool) else repr(self.batch))
-        check_opset(self.exporter, self.opset)
-        check_int("parity_samples", self.parity_samples, 1)
-        check_choice("--outputs", self.outputs, ("logits", "features"))
-        check_choice("--cbam-opt", self.cbam_opt, CBAM_OPT_MODES)
-        if self.outputs == "features" and ":" in self.model:
-            raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
-        parse_output_kinds(self.output_kinds)
+    batch: int | None
+    formats: list[str]
+    precisions: list[str]
+    targets: list[str]
+    int8: bool
+    notes: list[str] = field(default_factory=list)
+    output_kinds: dict[str, str] = field(default_factory=dict)
 
 
-def default_output_dir(model_spec: str) -> Path:
-    stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2] if ":" in model_spec else model_spec
-    return Path("bundles") / stem
-
-
-def input_spec(loaded: LoadedModel, options: OnnxExportOptions) -> dict:
-    return make_input_spec(options.input_size, loaded.mean, loaded.std, options.symbolic_input_shape())
-
-
-def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list | None = None) -> dict:
-    """The manifest's ``input``: what every consumer needs to feed the model identically."""
-    return {
-        "name": "input",
-        "shape": shape or ["batch", 3, size, size],
-        "dtype": "float32",
-        "layout": "NCHW",
-        "color": "RGB",
-        "preprocess": {
-            "resize_shorter": int(round(size / CROP_PCT)) if size >= 64 else size,
-            "center_crop": size,
-            "interpolation": "bilinear",
-            "scale": 1 / 255,
-            "mean": list(mean),
-            "std": list(std),
-        },
-    }
-
-
-def _guard_existing(current: dict | None, out_dir: Path, model_name: str, force: bool) -> None:
-    existing = (current or {}).get("model", {}).get("name") if isinstance(current, dict) else None
-    if current is None or force or existing == model_name:
-        return
-    raise CbamDeployError(
-        f"{out_dir} already holds a bundle of {existing or 'an unreadable manifest'}; choose another "
-        "--output or pass --force to replace it"
-    )
-
-
-def _existing_manifest(out_dir: Path) -> dict | None:
-    try:
-        return read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() else None
-    except CbamDeployError:
-        return {}  # unreadable: replaced only with --force
-
-
-def export_bundle(request: ExportRequest) -> dict:
-    """Run the whole export; returns the summary that ``--json`` prints.
-
-    The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
-    committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
-    started = time.perf_counter()
-    out_dir = Path(request.output) if request.output else default_output_dir(request.model)
-    _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
-    loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
-    options = OnnxExportOptions(
-        input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
-        batch=request.batch,
-        dynamic_hw=request.dynamic_hw,
-        opset=request.opset,
-        exporter=request.exporter,
-        simplify=request.simplify,
-    )
-    options.validate()
-    options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
-    with BundleUpdate(out_dir, create=True) as update:
-        return _export_into(request, loaded, options, update, started)
-
-
-def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options: OnnxExportOptions) -> dict[str, str]:
-    """The output kinds set by hand: those the model declares (an ``output_kinds`` attribute, {name:
-    kind}, on a factory's module), overridden by ``--output-kind`` (which also sets right a wrong
-    declaration). Each name is checked against the model's outputs (one forward pass) before anything
-    is exported or written."""
-    import torch
-
-    from .options import check_output_kinds, parse_output_kinds
-    from .outputs import flatten_outputs
-
-    requested = parse_output_kinds(requested)
-    declared = getattr(loaded.module, "output_kinds", None)
-    where = f"output_kinds of {loaded.name}"
-    if isinstance(declared, dict):
-        declared = {name: kind for name, kind in declared.items() if name not in requested}
-    declared = parse_output_kinds(declared, option=where) if declared is not None else {}
-    if not declared and not requested:
-        return {}
-    example = torch.zeros(options.batch or 1, options.in_channels, options.input_size, options.input_size)
-    with torch.no_grad():
-        names = [name for name, _ in flatten_outputs(loaded.module.eval()(example))]
-    check_output_kinds(declared, names, option=where)
-    check_output_kinds(requested, names)
-    return {**declared, **requested}
-
-
-def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, update: BundleUpdate,
-                 started: float) -> dict:
-    out_dir = update.bundle_dir
-    staged = update.stage_artifact("onnx", "fp32")
-    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
-    info = export_onnx(exported, staged, options)
-    info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
-    faultpoint("exported")
-
-    parity = None
-    if request.parity:
-        cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
-        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed,
-                            kinds=output_kinds(info["outputs"]))
-    faultpoint("parity-done")
-
-    model_info = loaded.describe()
-    try:
-        model_info["gflops"] = round(count_gmacs(loaded.module, options.input_size), 3)
-        model_info["gflops_input_size"] = options.input_size
-    except Exception:  # a user's factory model may not run on the counter; the count is optional
-        model_info["gflops"] = None
-    model_info["notes"] = model_info["notes"] + request.extra_notes
-    manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
-    manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    artifact = update.add_artifact("onnx", "fp32", export=info,
-                                   parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
-    manifest["artifacts"] = [artifact]  # first: the artifact commands take when none is named
-    dropped: list[str] = []
-
-    def replace(current: dict | None) -> dict:
-        _guard_existing(current, out_dir, loaded.name, request.force)  # another export may have landed meanwhile
-        kept = derived_artifacts_to_keep(current, artifact["sha256"]) if current and not request.force else []
-        dropped.extend(a["name"] for a in (current or {}).get("artifacts", [])
-                       if a["name"] != "onnx-fp32" and a not in kept)
-        manifest["artifacts"] += kept
-        return manifest
-
-    update.commit(replace)
-    if dropped:
-        model_info["notes"].append(f"removed {', '.join(dropped)}: built from the previous ONNX, which this export "
-                                   "replaced; rebuild them (quantize / export --format)")
-    return {
-        "bundle": str(out_dir),
-        "manifest": str(out_dir / MANIFEST_NAME),
-        "model": model_info,
-        "artifacts": [{"name": artifact["name"], "path": str(out_dir / ONNX_FILE), "format": "onnx", "precision": "fp32",
-                       "size_bytes": artifact["size_bytes"], "sha256": artifact["sha256"]}],
-        "export": info,
-        "parity": artifact["parity"],
-        "passed": parity["passed"] if parity is not None else None,
-        "removed_artifacts": dropped,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-
-
-def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:
-    """Artifacts built from the bundle's FP32 ONNX stay only when the new ONNX is byte-identical to the
-    one they were built from (``source_sha256``; older bundles: the ONNX they sat beside)."""
-    artifacts = current.get("artifacts", [])
-    previous = next((a["sha256"] for a in artifacts if a["name"] == "onnx-fp32"), None)
-    return [a for a in artifacts if a["name"] != "onnx-fp32" and a.get("source_sha256", previous) == new_onnx_sha]
+def validate_export_options(
+    model: str,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    stem: str = "imagenet",
+    output: str | None = None,
+    input_size: int | None = None,
+    batch: str | int | None = "dynamic",
+    opset: int = 17,
+    exporter: str = "torchscript",
+    formats: str = "onnx",
+    precisions: str = "fp32",
+    gates: str | None = None,
+    min_batch: int = 1,
+    opt_batch: int = 1,
+    max_batch: int = 8,
+    workspace_mb: int = 2048,
+    timing_cache: str | None = None,
+    dla_core: int | None = None,
+    int8: bool = False,
+    calib_data: str | None = None,
+    target: str = "ort-cpu",
+    output_kinds: list[str] | None = None,
+    cbam_opt: str = "on",
+) -> ExportChoices:
+    """Every ``export`` option, checked before anything is built or written (the names in
+    ``--output-kind`` are checked against the model's outputs once it has run, before the ONNX export)."""
+    check_model_options(model, stem, num_classes, input_size, opset, exporter, cbam_opt)
+    parsed_batch = parse_batch(batch)
+    format_list = parse_list(formats, "--format", backend_formats())
+    precision_list = parse_list(precisions, "--precision", PRECISIONS)
+    target_list = parse_list(target, "--target", TARGETS)
+    if gates is not None:
+        check_choice("--gates", gates, GATES)
+    check_int("--min-batch", min_batch, 1, MAX_BATCH)
+    check_int("--opt-batch", opt_batch, 1, MAX_BATCH)
+    check_int("--max-batch", max_batch, 1, MAX_BATCH)
+    if not min_batch <= opt_batch <= max_batch:
+        raise CbamDeployError(
+            f"the TensorRT batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch, "
+            f"got {min_batch}/{opt_batch}/{max_batch}"
+        )
+    check_int("--workspace-mb", workspace_mb, 1)
+    check_int("--dla-core", dla_core, 0, allow_none=True)
+    if timing_cache is not None:
+        if Path(timing_cache).is_dir():
+            raise CbamDeployError(f"--timing-cache {timing_cache} is a folder; give a file path")
+        check_output_file("--timing-cache", timing_cache)
+    wants_int8 = int8 or "int8" in precision_list
+    if wants_int8 and not calib_data:
+        flag = "--int8" if int8 else "--precision int8"
+        raise CbamDeployError(f"{flag} needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
+    check_data_source("--calib-data", calib_data)
+    kinds = parse_output_kinds(output_kinds)
+    check_existing_file("--weights", weights)
+    check_output_dir("--output", output)
+    check_model_spec(model, stem)
+    return ExportChoices(parsed_batch, format_list, precision_list, target_list, wants_int8, output_kinds=kinds)
 
 
 @dataclass
@@ -261,16 +123,14 @@ def plan_export(formats: str = "onnx", precisions: str = "fp32", int8: bool = Fa
                 calib_data: str | None = None, gates: str | None = None, trt=None) -> ExportPlan:
     """The one plan for export's options: ``--int8`` alone quantizes ``--target``s; with a
     ``--format/--precision`` matrix it adds int8 to the matrix (built, verified and timed like the rest)."""
-    from .build import comma_list
-
     if int8 and not calib_data:
         raise CbamDeployError("--int8 needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
     plan = ExportPlan(formats=formats, precisions=precisions, calib_data=calib_data, gates=gates, trt=trt)
     if int8 and plan.builds:
-        if "int8" not in comma_list(precisions, "precision"):
+        if "int8" not in parse_list(precisions, "--precision"):
             plan.precisions += ",int8"
     elif int8:
-        plan.quantize_targets = comma_list(targets, "target")
+        plan.quantize_targets = parse_list(targets, "--target")
     return plan
 
 
@@ -279,8 +139,6 @@ def run_export(request: ExportRequest, plan: ExportPlan | None = None) -> dict:
     result = export_bundle(request)
     plan = plan or ExportPlan()
     if plan.quantize_targets:
-        from .quantize import quantize_bundle
-
         result["int8"] = quantize_bundle(result["bundle"], plan.quantize_targets, plan.calib_data, gates=plan.gates)
     if plan.builds:
         result["summary"] = build_verify_bench(result["bundle"], plan.formats, plan.precisions, plan.calib_data, plan.gates,
@@ -292,10 +150,6 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
                        gates: str | None = None, trt=None, bench_iters: int = 20) -> dict:
     """The one-command job after export: build every requested artifact the machine can build,
     verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
-    from .bench import bench_bundle
-    from .build import build_artifacts
-    from .verify import verify_bundle
-
     outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt)
     built = [o.name for o in outcomes if o.name]
     verified = verify_bundle(bundle_dir, artifacts=built)
@@ -318,3 +172,15 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
             "passed": all(verdicts) if verdicts else None}
+
+
+def bench_model(model: str, artifacts: list[str] | None = None, **options) -> dict:
+    """``bench --model``: export ``model`` (a zoo name or file.py:factory) to a temporary bundle and bench it
+    (``bench.bench_bundle`` with ``options``). The model, the artifact names and every bench option are
+    checked before the export."""
+    check_bench_options(**options)
+    check_model_spec(model)
+    check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, artifacts, f"(exported from --model {model})")
+    with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
+        bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
+        return bench_bundle(bundle, artifacts=artifacts, **options)

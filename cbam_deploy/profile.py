@@ -25,6 +25,8 @@ import numpy as np
 from .bundle import Bundle
 from .scopes import inside, name_module_path
 from .errors import CbamDeployError
+from .runners import OnnxRuntimeRunner
+from .runners.openvino import OpenVINORunner
 
 CATEGORIES = ("conv", "cbam channel gate", "cbam spatial gate", "attention (other)", "layout",
               "quantize/dequantize", "other")
@@ -76,8 +78,6 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
     path = bundle.path_of(name)
     artifact = bundle.artifact(name)
     if artifact.format == "onnx":
-        from .runners import OnnxRuntimeRunner
-
         with tempfile.TemporaryDirectory(prefix="cbam-profile-") as tmp:
             runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact.precision, profile_dir=tmp)
             for _ in range(warmup + runs):
@@ -85,8 +85,6 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
             times = runner.node_times(skip_runs=warmup)
         tool = "onnxruntime profiler (CPU execution provider)"
     elif artifact.format == "openvino":
-        from .runners.openvino import OpenVINORunner
-
         runner = OpenVINORunner(path, precision=artifact.precision, threads=threads, perf_counters=True)
         for _ in range(warmup):
             runner.run(x)
@@ -125,10 +123,10 @@ def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, b
 
 def plot_profile(result: dict, path: str | Path) -> None:
     """One horizontal stacked bar per artifact: milliseconds per category."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only a --plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), as pyplot requires
 
     rows = result["results"]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))

@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .bundle import QUANTIZED_FORMAT, Bundle
-from .data import load_calibration
-from .calib.recipes import TARGETS, default_cache_dir, quantize_onnx, quantize_openvino, resolve
+from .bundle import Bundle
+from .calib.recipes import default_cache_dir, quantize_onnx, quantize_openvino
+from .calib.targets import TARGETS, WRITES, resolve
+from .checks import MAX_BATCH, check_int, parse_list
+from .data import check_data_source, load_calibration
 from .errors import CbamDeployError
+from .loaders import open_artifact, reference_runner
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
-from .runners import open_artifact, reference_runner
 from .transaction import BundleUpdate, faultpoint
 
 
@@ -30,13 +32,10 @@ def quantize_bundle(
     seed: int = 0,
     check_samples: int = 64,
 ) -> dict:
+    targets = validate_quantize_options(targets, calib_data, calib_size, calib_batch, method, gates)  # before any work
     bundle_dir = Path(bundle_dir)
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir)  # a missing or damaged bundle is reported before the calibration data is read
     bundle.path_of("onnx-fp32")
-    for target in targets:
-        resolve(target, method, gates)  # reject bad options before any work
-    if calib_batch < 1:
-        raise CbamDeployError(f"--calib-batch must be at least 1, got {calib_batch}")
     with BundleUpdate(bundle_dir) as update:
         # quantize a snapshot: a re-export that lands meanwhile cannot change the file under our feet
         fp32, fp32_path = bundle.snapshot("onnx-fp32", update)
@@ -80,7 +79,7 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
                   ref_out, reference_label: str) -> dict:
     """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
     chosen_method, chosen_gates = resolve(target, method, gates)
-    fmt = QUANTIZED_FORMAT[target]
+    fmt = WRITES[target]
     out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
     if target == "openvino":
@@ -107,3 +106,16 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
 
 
 __all__ = ["TARGETS", "quantize_bundle"]
+
+
+def validate_quantize_options(targets: str | list[str], calib_data: str, calib_size: int = 128, calib_batch: int = 8,
+                              method: str | None = None, gates: str | None = None) -> list[str]:
+    target_list = parse_list(targets, "--target")
+    for target in target_list:
+        resolve(target, method, gates)  # "unknown target ...", "unknown calibration method ...", "--gates ..."
+    check_int("--calib-size", calib_size, 1)
+    check_int("--calib-batch", calib_batch, 1, MAX_BATCH)
+    if not calib_data:
+        raise CbamDeployError("--calib-data needs a folder of images, a .npy/.npz file, or 'synthetic'")
+    check_data_source("--calib-data", calib_data)
+    return target_list

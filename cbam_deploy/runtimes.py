@@ -15,6 +15,8 @@ provider); ``OnnxRuntimeRunner`` reads where the nodes really went and ``describ
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -22,6 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BackendUnavailable, CbamDeployError
+from .formats import FORMATS
+from .runners.onnxruntime import OnnxRuntimeRunner
+from .runners.openvino import OpenVINORunner
+from .runners.tensorrt import TensorRTRunner
 
 CPU_EP = "CPUExecutionProvider"
 
@@ -50,7 +56,7 @@ class Runtime:
 @functools.lru_cache(maxsize=None)
 def _ort_providers() -> tuple[str, ...]:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: a probe reads the providers only when a runtime is asked about
     except ImportError:
         return ()
     return tuple(ort.get_available_providers())
@@ -60,8 +66,6 @@ def _ort_providers() -> tuple[str, ...]:
 def _cuda_devices() -> int:
     """NVIDIA GPUs on this machine, through NVML (ctypes: no torch import, and no cuInit, which would
     break CUDA in processes forked later); a Jetson (no NVML) counts as one."""
-    import ctypes
-
     for name in ("libnvidia-ml.so.1", "libnvidia-ml.so", "nvml.dll"):
         try:
             nvml = ctypes.CDLL(name)
@@ -98,8 +102,6 @@ def _probe_ort(provider: str, needs_gpu: bool = False, needs_tensorrt: bool = Fa
         if needs_gpu and _cuda_devices() == 0:
             return f"{provider} needs an NVIDIA GPU and none is visible"
         if needs_tensorrt:
-            import ctypes.util
-
             if not (_has_module("tensorrt_libs") or _has_module("tensorrt") or ctypes.util.find_library("nvinfer")):
                 return f"{provider} needs the TensorRT libraries (libnvinfer): pip install tensorrt"
         return None
@@ -129,8 +131,6 @@ def clear_probe_cache() -> None:
 
 def _ort(providers: Callable[[str, int | None], list]) -> Callable[..., object]:
     def factory(path: Path, precision: str, threads: int | None):
-        from .runners.onnxruntime import OnnxRuntimeRunner
-
         return OnnxRuntimeRunner(path, providers=providers(precision, threads), threads=threads, precision=precision)
     return factory
 
@@ -146,14 +146,10 @@ def _openvino_ep_options(precision: str, threads: int | None) -> dict:
 
 
 def _openvino(path: Path, precision: str, threads: int | None):
-    from .runners.openvino import OpenVINORunner
-
     return OpenVINORunner(path, precision=precision, threads=threads)
 
 
 def _tensorrt(path: Path, precision: str, threads: int | None):
-    from .runners.tensorrt import TensorRTRunner
-
     return TensorRTRunner(path, precision=precision)
 
 
@@ -179,13 +175,6 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("tensorrt", ("tensorrt",), "TensorRT runtime (engines built by cbam-deploy)", _probe_tensorrt, _tensorrt),
 )}
 
-def runtime_names() -> list[str]:
-    return list(RUNTIMES)
-
-
-def unavailable_reason(name: str) -> str | None:
-    """None when this machine has runtime ``name``, else why not."""
-    return RUNTIMES[name].probe()
 
 
 def available_runtimes(fmt: str | None = None) -> list[str]:
@@ -196,11 +185,9 @@ def available_runtimes(fmt: str | None = None) -> list[str]:
 def default_runtime(fmt: str) -> str:
     """The best runtime this machine has for format ``fmt``: the first of its backend's
     ``preferred_runtimes`` that is available, else the last (whose own error then says why)."""
-    from .backends import formats, get
-
-    if fmt not in formats():
+    if fmt not in FORMATS:
         raise CbamDeployError(f"no runner for artifact format {fmt!r}")
-    order = get(fmt).preferred_runtimes  # the backend table says which it prefers
+    order = FORMATS[fmt].preferred_runtimes  # the formats table says which it prefers
     return next((n for n in order if RUNTIMES[n].probe() is None), order[-1])
 
 

@@ -29,14 +29,6 @@ def metadata_scopes(node: onnx.NodeProto) -> list[str] | None:
     return None
 
 
-def node_module_path(node: onnx.NodeProto) -> str | None:
-    """The qualified module name that produced ``node``, or None when the graph does not say."""
-    scopes = metadata_scopes(node)
-    if scopes is not None:
-        return scopes[-1] if scopes else None
-    return name_module_path(node.name)
-
-
 _SUFFIX = re.compile(r"_\d+$")
 
 

@@ -41,8 +41,9 @@ from pathlib import Path
 
 from .errors import CbamDeployError
 from .fsutil import fsync_dir, write_bytes_atomic
+from .manifest import (MANIFEST_NAME, artifact_file, artifact_name, artifact_record, read_manifest_file, upsert_artifact,
+                       validate_manifest)
 
-MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 STAGING_PREFIX = ".staging-"
 OWNER_NAME = ".owner"
@@ -214,8 +215,6 @@ def read_current(bundle_dir: Path) -> dict | None:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         return None
-    from .bundle import read_manifest_file
-
     return read_manifest_file(path)
 
 
@@ -268,9 +267,7 @@ class BundleUpdate:
 
     def stage_artifact(self, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None) -> Path:
         """Where to write the file of the artifact (``fmt``, ``precision``[, INT8 ``recipe``, ``gates``]):
-        its name in the staging folder, from the one naming scheme (``bundle.artifact_name``)."""
-        from .bundle import artifact_file, artifact_name
-
+        its name in the staging folder, from the one naming scheme (``manifest.artifact_name``)."""
         return self.path(artifact_file(artifact_name(fmt, precision, recipe, gates), fmt))
 
     def add_artifact(self, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None,
@@ -280,8 +277,6 @@ class BundleUpdate:
         Returns the record (callers may add to it until they commit). ``commit`` puts every added record
         into the manifest that its change returns, replacing one of the same name, unless the change
         placed the record itself (an export puts its ONNX first)."""
-        from .bundle import artifact_record
-
         assert self.staging is not None, "use BundleUpdate as a context manager"
         record = artifact_record(self.staging, fmt, precision, recipe, gates, **fields)
         self.added = [a for a in self.added if a["name"] != record["name"]] + [record]
@@ -291,8 +286,6 @@ class BundleUpdate:
         """Apply ``change`` to the current manifest (a deep copy; None for a new bundle), add the
         artifacts recorded with ``add_artifact``, and commit the result with the staged files it
         references. Returns the committed manifest."""
-        from .bundle import upsert_artifact, validate_manifest
-
         assert self.staging is not None and self.committed is None
         with bundle_lock(self.bundle_dir):
             recover(self.bundle_dir)

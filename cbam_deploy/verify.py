@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import ArtifactRecord, Bundle
-from .data import load_calibration
+from .attention import attention_parity
+from .bundle import ArtifactRecord, Bundle, check_artifact_names
+from .checks import check_int
+from .data import check_data_source, load_calibration
+from .diagnose import locate_divergence
 from .errors import BackendUnavailable, CbamDeployError
+from .loaders import is_stand_in, open_artifact, reference_runner
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
-from .runners import is_stand_in, open_artifact, reference_runner
+from .runtimes import RUNTIMES, parse_runtimes
 from .transaction import faultpoint, update_manifest
 
 
@@ -63,8 +67,6 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
                      samples: int, seed: int) -> None:
     """Attention parity (``attention``): every CBAM spatial gate of the artifact against PyTorch's, on
     images where there are any. A gate that drifted fails the artifact even when its logits agree."""
-    from .attention import attention_parity
-
     x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
     x, _ = bundle.fit_to_batch(x)
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
@@ -88,16 +90,12 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
                   samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
     """``runtime``: run every artifact whose format it runs under that runtime (see
     ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format."""
-    from .runtimes import RUNTIMES, parse_runtimes
-
+    validate_verify_options(data, samples)
     if runtime is not None and len(parse_runtimes(runtime)) != 1:
         raise CbamDeployError(f"--runtime: verify takes one runtime, got {runtime}")
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
-    if artifacts:
-        missing = set(artifacts) - set(bundle.artifact_names)
-        if missing:
-            raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
+    check_artifact_names(bundle, artifacts, bundle_dir)
     reference, label = reference_runner(bundle)
     rows, recorded = [], {}
     for artifact in bundle.artifacts:
@@ -115,8 +113,6 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
             _check_attention(bundle, artifact, reference.model, result, data, samples, seed)
         if result.get("passed") is False and artifact.format == "onnx" and artifact.precision != "int8" \
                 and not is_stand_in(reference):
-            from .diagnose import locate_divergence
-
             x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed)
             x = np.repeat(x, bundle.fixed_batch or 1, axis=0)
             result["first_divergence"] = locate_divergence(reference.model, bundle.path_of(artifact.name, False), x)
@@ -153,3 +149,8 @@ def _record(bundle_dir: Path, recorded: dict) -> list[str]:
     except CbamDeployError as exc:
         return [f"the manifest could not be updated, so these results were not recorded: {exc}"]
     return [f"{name} was rebuilt while it was verified; its new version's result was not recorded" for name in stale]
+
+
+def validate_verify_options(data: str | None = None, samples: int = 16) -> None:
+    check_int("--samples", samples, 1)
+    check_data_source("--data", data)

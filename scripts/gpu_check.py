@@ -176,7 +176,7 @@ def step_tensorrt(args, bundle: Path, inputs: dict, reference: dict) -> dict:
         return {"skipped": "TensorRT (python module tensorrt) is not installed"}
     from cbam_deploy.build import TensorRTOptions, build_artifacts
     from cbam_deploy.bundle import read_manifest
-    from cbam_deploy.runners import open_artifact
+    from cbam_deploy.loaders import open_artifact
 
     out: dict = {"version": trt.__version__, "engines": {}}
     say(f"  TensorRT {trt.__version__}")
@@ -270,7 +270,7 @@ def main() -> int:
     bundle = workdir / "bundle"
     if not over_budget(args):
         say("export: ONNX bundle (random seeded init)")
-        from cbam_deploy.pipeline import ExportRequest, export_bundle
+        from cbam_deploy.export import ExportRequest, export_bundle
 
         export_bundle(ExportRequest(model=args.model, output=str(bundle), parity=False))
     for label, step in (("4. onnxruntime-gpu", lambda: step_onnxruntime_gpu(args, bundle / "model.onnx", inputs, reference)),

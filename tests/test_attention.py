@@ -14,10 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.attention import THRESHOLDS, artifact_maps, compare_maps, onnx_gate_tensors, torch_maps  # noqa: E402
-from cbam_deploy.bundle import read_manifest, write_manifest  # noqa: E402
+from cbam_deploy.bundle import read_manifest  # noqa: E402
+from helpers import write_manifest  # noqa: E402
 from cbam_deploy.data import load_calibration  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
-from cbam_deploy.runners import reference_runner  # noqa: E402
+from cbam_deploy.loaders import reference_runner  # noqa: E402
 from cbam_deploy.scopes import node_module_path  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbam_deploy.backends import all_backends, formats, get
-from cbam_deploy.bundle import artifact_file
+from cbam_deploy.manifest import artifact_file
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.runtimes import RUNTIMES, default_runtime
@@ -38,7 +38,7 @@ def test_the_cli_and_triton_read_the_table(tmp_path):
 
 def test_a_format_without_its_library_is_skipped_by_its_probe(tmp_path):
     from cbam_deploy.build import build_artifacts
-    from cbam_deploy.pipeline import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportRequest, export_bundle
 
     if get("tensorrt").probe() is None:
         pytest.skip("TensorRT is installed here")

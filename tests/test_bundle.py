@@ -12,11 +12,13 @@ import onnx
 import pytest
 
 from cbam_deploy.build import build_artifacts
-from cbam_deploy.bundle import MANIFEST_NAME, ArtifactRecord, Bundle, OutputSpec, artifact_path
+from cbam_deploy.bundle import ArtifactRecord, Bundle, OutputSpec
+from cbam_deploy.manifest import MANIFEST_NAME
+from helpers import artifact_path
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.pipeline import ExportRequest, export_bundle
-from cbam_deploy.runners import open_artifact
+from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.loaders import open_artifact
 from cbam_deploy.transaction import LOCK_NAME, BundleUpdate
 
 

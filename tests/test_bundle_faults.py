@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_deploy.bundle import artifact_path, read_manifest
+from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.pipeline import ExportRequest, export_bundle
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.transaction import LOCK_NAME, STAGING_PREFIX
+from helpers import artifact_path
 
 MODEL = ["--model", "resnet10_half_cbam", "--stem", "cifar"]
 

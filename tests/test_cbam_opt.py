@@ -1,4 +1,4 @@
-"""CBAM rewrites (``--cbam-opt``, issue 11): exact on every zoo CBAM model, fixed and dynamic H/W, recorded
+"""CBAM rewrites (``--cbam-opt``): exact on every zoo CBAM model, fixed and dynamic H/W, recorded
 in the manifest, reversible with ``--cbam-opt off``, and INT8 accuracy on the reference model unchanged."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_int8_accuracy_on_the_reference_model_is_unchanged(digits_int8, tmp_path
     pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
     from cbam_deploy.bundle import read_manifest
     from cbam_deploy.evaluate import evaluate_bundle
-    from cbam_deploy.pipeline import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportRequest, export_bundle
     from cbam_deploy.quantize import quantize_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM
 

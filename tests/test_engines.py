@@ -15,7 +15,7 @@ from cbam_deploy.build import build_artifacts  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, write_image_folder  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_verify_locates_the_first_layer_that_departs(bundle):
     manifest = read_manifest(bundle)
     from cbam_deploy.fsutil import sha256_file
     manifest["artifacts"][0]["sha256"] = sha256_file(path)  # a wrong model, not a torn file
-    from cbam_deploy.bundle import write_manifest
+    from helpers import write_manifest
     write_manifest(bundle, manifest)
     result = verify_bundle(bundle)
     row = result["results"][0]
@@ -129,7 +129,8 @@ def test_artifacts_whose_backend_is_missing_are_skipped_not_fatal(bundle, tmp_pa
         pytest.skip("TensorRT is installed here; this test covers machines without it")
     except ImportError:
         pass
-    from cbam_deploy.bundle import upsert_artifact, write_manifest
+    from helpers import write_manifest
+    from cbam_deploy.manifest import upsert_artifact
     from cbam_deploy.evaluate import evaluate_bundle
     from cbam_deploy.fsutil import sha256_file
 

@@ -5,13 +5,14 @@ import onnx
 import pytest
 import torch
 
-from cbam_deploy.bundle import artifact_path, read_manifest
+from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx, onnx_io
+from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
 from cbam_deploy.models import count_parameters, create_model
 from cbam_deploy.parity import TOLERANCES, compare_outputs, plan_cases, run_parity
-from cbam_deploy.pipeline import ExportRequest, export_bundle
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
+from helpers import artifact_path, onnx_io
 
 
 def test_export_dynamic_batch_and_hw(tmp_path, tiny_cbam):

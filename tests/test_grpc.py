@@ -37,9 +37,9 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.cli import app as cli_app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
-from cbam_deploy.serve.local import free_port, running_server  # noqa: E402
+from serving import free_port, running_server  # noqa: E402
 from cbam_deploy.serve.service import Metrics, load_repository, model_names  # noqa: E402
 
 MODEL = "resnet10_half_cbam"

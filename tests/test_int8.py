@@ -16,7 +16,7 @@ from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.calib.gates import attention_modules, gate_nodes  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 

@@ -14,7 +14,7 @@ from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.outputs import flatten_outputs, output_kind
-from cbam_deploy.pipeline import ExportRequest, export_bundle
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.quantize import quantize_bundle
 from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
 from cbam_deploy.verify import verify_bundle
@@ -116,7 +116,7 @@ def test_eval_refuses_a_model_that_is_not_a_classifier(bundle, tmp_path):
 def test_serve_answers_every_output_in_both_encodings(bundle):
     httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
     from cbam_deploy.serve.app import ServeConfig, create_app
-    from cbam_deploy.serve.local import running_server
+    from serving import running_server
 
     name, out, _ = bundle
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32), dtype=np.float32)
@@ -233,7 +233,7 @@ def test_a_factory_model_declares_its_output_kinds_and_the_option_overrides_them
 
 
 def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
-    from cbam_deploy.options import parse_output_kinds
+    from cbam_deploy.outputs import parse_output_kinds
 
     with pytest.raises(CbamDeployError, match=r"--output-kind takes NAME=KIND \(KIND one of logits, dense, other\), "
                                               r"got 'embedding'"):

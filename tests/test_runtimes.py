@@ -1,4 +1,4 @@
-"""Runtimes as an axis (issue 10 part 4): one ONNX artifact under onnxruntime's providers and under
+"""Runtimes as an axis: one ONNX artifact under onnxruntime's providers and under
 OpenVINO; selection, refusal, parity between runtimes, bench rows per runtime, verify, and the
 providers that really ran (onnxruntime's silent fallback detected). The ort-openvino tests run where
 onnxruntime-openvino is installed (another venv: see the module's last tests)."""
@@ -17,8 +17,8 @@ from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.parity import TOLERANCES
-from cbam_deploy.pipeline import ExportRequest, export_bundle
-from cbam_deploy.runners import open_artifact
+from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.loaders import open_artifact
 from cbam_deploy.runners.onnxruntime import CPU_EP, OnnxRuntimeRunner, fallback_note
 from cbam_deploy.runtimes import RuntimeUnavailable, available_runtimes, default_runtime, select_runtime
 from cbam_deploy.verify import verify_bundle

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("starlette", reason="serving is the 'serve' extra")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
 
-from cbam_deploy.pipeline import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
-from cbam_deploy.serve.local import running_server  # noqa: E402
+from serving import running_server  # noqa: E402
 from reference.digits import CHECKPOINT  # noqa: E402
 
 
@@ -191,7 +191,7 @@ def test_serve_command_end_to_end(bundle):
     import subprocess
     import time
 
-    from cbam_deploy.serve.local import free_port
+    from serving import free_port
 
     exe = shutil.which("cbam-deploy", path=os.path.dirname(sys.executable)) or shutil.which("cbam-deploy")
     port, grpc_port = free_port(), free_port()  # gRPC on a free port, not the default 8001 another run may hold

@@ -38,10 +38,10 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.data import preprocess_image  # noqa: E402
 from cbam_deploy.cli import app as cli_app  # noqa: E402
-from cbam_deploy.pipeline import ExportRequest, export_bundle, make_input_spec  # noqa: E402
+from cbam_deploy.export import ExportRequest, export_bundle, make_input_spec  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from cbam_deploy.serve.batcher import BatcherError, DynamicBatcher  # noqa: E402
-from cbam_deploy.serve.local import running_server  # noqa: E402
+from serving import running_server  # noqa: E402
 from cbam_deploy.serve.protocol import DATATYPES, ProtocolError, decode_input, parse_infer_request, wants_binary  # noqa: E402
 from reference.digits import CHECKPOINT  # noqa: E402
 

@@ -16,8 +16,8 @@ from cbam_deploy.exporters.tensorrt import (QDQ_FLOAT_WEIGHT_PAIRS, QDQ_INT8_WEI
                                             check_timing_cache_location, dla_profile, engine_metadata,
                                             fit_batch_to_profile, image_stack, parse_version, plan_build,
                                             profile_batch_limit, profile_chunks, qdq_form_for_tensorrt,
-                                            qdq_form_for_version, qdq_weight_forms, require_tensorrt,
-                                            timing_cache_name)
+                                            qdq_form_for_version, require_tensorrt, timing_cache_name)
+from helpers import qdq_weight_forms
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = ("TensorRT cannot be installed on these machines (its wheels fetch libraries from outside the package "
@@ -267,7 +267,7 @@ def _gpu_or_skip():
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
-    from cbam_deploy.pipeline import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportRequest, export_bundle
 
     out = tmp_path_factory.mktemp("trt") / "b"
     export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out)))
@@ -299,7 +299,7 @@ def test_runner_splits_and_pads_to_its_profile(small_bundle):
     _gpu_or_skip()
     from cbam_deploy.build import TensorRTOptions, build_artifacts
     from cbam_deploy.bundle import read_manifest
-    from cbam_deploy.runners import open_artifact
+    from cbam_deploy.loaders import open_artifact
 
     build_artifacts(small_bundle, "tensorrt", "fp32", trt=TensorRTOptions(2, 2, 4))
     manifest = read_manifest(small_bundle)

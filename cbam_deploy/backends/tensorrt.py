@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Backend, BuildOptions, TritonFragment, register
+from ..bundle import Bundle
+from ..errors import BackendUnavailable
+from ..exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
+                                  plan_build, require_tensorrt)
+from ..manifest import artifact_name
+from ..transaction import BundleUpdate
+from .base import BuildOptions, BuildOutcome, TensorRTOptions, commit_artifact
 
 
-def build(bundle_dir: Path, precision: str, options: BuildOptions):
+def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutcome:
     """An engine for this machine's GPU, committed with its metadata sidecar."""
-    from ..build import BuildOutcome, TensorRTOptions, commit_artifact
-    from ..bundle import Bundle, artifact_name
-    from ..errors import BackendUnavailable
-    from ..exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
-                                      plan_build, require_tensorrt)
-    from ..transaction import BundleUpdate
-
     trt_options = options.trt or TensorRTOptions()
     try:
         trt = require_tensorrt()
@@ -43,17 +42,3 @@ def build(bundle_dir: Path, precision: str, options: BuildOptions):
         artifact = update.add_artifact("tensorrt", precision, source_sha256=onnx_fp32.sha256, export=metadata)
         commit_artifact(update, onnx_fp32.sha256)
     return BuildOutcome("tensorrt", precision, artifact["name"])
-
-
-def probe() -> str | None:
-    import importlib.util
-
-    return None if importlib.util.find_spec("tensorrt") else "TensorRT is not installed (and needs an NVIDIA GPU)"
-
-
-BACKEND = register(Backend(
-    format="tensorrt", title="TensorRT engine", extension="engine", precisions=("fp32", "fp16", "int8"),
-    quantize_recipe="tensorrt", preferred_runtimes=("tensorrt",),
-    triton=TritonFragment('platform: "tensorrt_plan"', ("model.plan",), "KIND_GPU", ("KIND_GPU",)),
-    build=build, probe=probe, companions=lambda engine: (Path(engine).name + ".json",),  # the metadata sidecar
-))

@@ -29,20 +29,11 @@ from pathlib import Path
 import onnx
 
 from ..errors import BackendUnavailable, CbamDeployError
-from ..fsutil import atomic_path, sha256_file
+from ..exporters.openvino import save_ir
+from ..fsutil import atomic_path, cache_root, sha256_file
 from ..data import CalibrationSet
 from .gates import gate_nodes, gate_op_names
 
-TARGETS = ("ort-cpu", "tensorrt", "openvino")
-METHODS = ("minmax", "entropy", "percentile")
-GATES = ("int8", "fp")
-# Chosen by measurement on the reference digits model (see README "INT8"): every method keeps
-# top-1 within 1 point there; minmax is the cheapest and as good as the others on these models.
-DEFAULT_METHOD = {"ort-cpu": "minmax", "tensorrt": "minmax", "openvino": "minmax"}
-# Keep the attention gates in float by default: on the reference model both policies give the same
-# accuracy and latencies within noise of each other (README "INT8"), and float gates avoid the
-# known INT8 failure of sigmoid gating (TensorRT#1114, NNCF's SE ignore patterns).
-DEFAULT_GATES = {"ort-cpu": "fp", "tensorrt": "fp", "openvino": "fp"}
 CACHE_VERSION = 2  # 2: OpenVINO entries carry a digest file; older entries are plain misses
 
 
@@ -54,10 +45,7 @@ class QuantizeResult:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("CBAM_DEPLOY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "cbam-deploy"
-    )
-    return Path(base) / "calibration"
+    return cache_root() / "calibration"
 
 
 def cache_key(model_sha: str, data: CalibrationSet, target: str, method: str, gates: str) -> str:
@@ -66,23 +54,9 @@ def cache_key(model_sha: str, data: CalibrationSet, target: str, method: str, ga
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def resolve(target: str, method: str | None, gates: str | None) -> tuple[str, str]:
-    if target not in TARGETS:
-        raise CbamDeployError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    method = method or DEFAULT_METHOD[target]
-    if method not in METHODS:
-        raise CbamDeployError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    if target == "openvino" and method == "entropy":
-        raise CbamDeployError("NNCF (target openvino) offers no entropy calibration; use minmax or percentile")
-    gates = gates or DEFAULT_GATES[target]
-    if gates not in GATES:
-        raise CbamDeployError(f"--gates must be int8 or fp, got {gates!r}")
-    return method, gates
-
-
 def preprocess_onnx(src: Path, dst: Path) -> None:
     """onnxruntime's quantization pre-processing: shape inference and graph optimisation."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
 
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
@@ -123,7 +97,7 @@ def quantize_onnx(
     cache_dir: Path | None = None,
 ) -> QuantizeResult:
     """The ort-cpu or tensorrt Q/DQ recipe; writes ``out_path`` atomically."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[method]
@@ -222,7 +196,7 @@ def _ort_cache_problem(entry: Path, calibrate_method) -> str | None:
     if not entry.is_file():
         return "not a file"
     try:
-        from onnxruntime.quantization.calibrate import load_tensors_data
+        from onnxruntime.quantization.calibrate import load_tensors_data  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
 
         ranges = load_tensors_data(entry)
     except Exception as exc:  # truncated or garbled JSON, wrong structure: a miss, never a failure
@@ -267,14 +241,12 @@ def quantize_openvino(
     the onnxruntime ranges (model, data fingerprint, recipe, method, gates): a hit skips calibration.
     """
     try:
-        import nncf
-        import openvino as ov
+        import nncf  # lazy: the optional openvino extra
+        import openvino as ov  # lazy: the optional openvino extra
     except ImportError:
         raise BackendUnavailable("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-    from ..exporters.openvino import save_ir
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters  # lazy: as nncf above
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet  # lazy: as nncf above
 
     with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
         pre = Path(tmp) / "pre.onnx"

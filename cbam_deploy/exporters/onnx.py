@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxslim
 import torch
 from torch import nn
 
+from ..checks import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_choice, is_int
 from ..errors import CbamDeployError
 from ..fsutil import atomic_path
 from ..outputs import describe_outputs, dynamic_output_axes, flatten_outputs
@@ -42,16 +44,7 @@ class OnnxExportOptions:
     output_kinds: dict[str, str] | None = None  # {output name: kind} over the kind guessed from the shape
 
     def validate(self) -> None:
-        if self.exporter not in OPSET_RANGE:
-            raise CbamDeployError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
-        low, high = OPSET_RANGE[self.exporter]
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not low <= self.opset <= high:
-            raise CbamDeployError(
-                f"opset {self.opset} is out of range for the {self.exporter} exporter: choose {low}..{high} "
-                f"(default {DEFAULT_OPSET}; TensorRT 8.5 parses at most 17)"
-            )
-        from ..options import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, is_int
-
+        check_opset(self.exporter, self.opset)
         if not is_int(self.input_size) or self.input_size < MIN_INPUT_SIZE:
             raise CbamDeployError(f"input size {self.input_size!r} is too small (at least {MIN_INPUT_SIZE})")
         if self.input_size > MAX_INPUT_SIZE:
@@ -165,10 +158,6 @@ def _scope_node_names(proto: onnx.ModelProto) -> None:
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-node removal with onnxslim; dynamic dims are kept."""
     try:
-        import onnxslim
-    except ImportError:
-        raise CbamDeployError("--simplify needs onnxslim: pip install onnxslim (or pass --no-simplify)") from None
-    try:
         return onnxslim.slim(proto)
     except Exception as exc:
         raise CbamDeployError(f"onnxslim failed on the exported graph ({type(exc).__name__}: {exc}); retry with --no-simplify") from None
@@ -183,15 +172,11 @@ def _check(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise CbamDeployError(f"the exported ONNX model is invalid: {str(exc).splitlines()[0]}") from None
 
 
-def onnx_io(path: str | Path) -> dict:
-    """Input and output names and symbolic shapes of an ONNX file (for the manifest and runners)."""
-    proto = onnx.load(str(path), load_external_data=False)
-
-    def dims(value_info) -> list:
-        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
-
-    initializers = {i.name for i in proto.graph.initializer}
-    return {
-        "inputs": [{"name": v.name, "shape": dims(v)} for v in proto.graph.input if v.name not in initializers],
-        "outputs": [{"name": v.name, "shape": dims(v)} for v in proto.graph.output],
-    }
+def check_opset(exporter: str, opset) -> None:
+    check_choice("--exporter", exporter, EXPORTERS)
+    low, high = OPSET_RANGE[exporter]
+    if not is_int(opset) or not low <= opset <= high:
+        raise CbamDeployError(
+            f"opset {opset} is out of range for the {exporter} exporter: choose {low}..{high} "
+            f"(default {DEFAULT_OPSET}; TensorRT 8.5 on JetPack 5 parses at most 17)"
+        )

@@ -11,7 +11,7 @@ from ..fsutil import atomic_path
 
 def require_openvino():
     try:
-        import openvino as ov
+        import openvino as ov  # lazy: the optional openvino extra
     except ImportError:
         raise BackendUnavailable("OpenVINO is not installed: pip install 'cbam-deploy[openvino]'") from None
     return ov

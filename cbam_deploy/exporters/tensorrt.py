@@ -42,8 +42,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
 from ..errors import BackendUnavailable, CbamDeployError
-from ..fsutil import atomic_path, write_bytes_atomic
+from ..fsutil import atomic_path, cache_root, write_bytes_atomic
+from ..manifest import fixed_batch
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_VERSION = (8, 5)
@@ -54,7 +60,7 @@ IMAGE_STACK_FILE = Path("/etc/cbam-deploy/stack.json")  # written by the Dockerf
 
 def require_tensorrt():
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # lazy: the optional tensorrt extra (JetPack brings its own)
     except ImportError:
         raise BackendUnavailable(
             "TensorRT is not installed: on x86 with an NVIDIA GPU use the 'cuda' Docker image (or pip install "
@@ -179,9 +185,6 @@ def qdq_form_for_tensorrt(model, form: str):
 
 
 def _weights_as_float_qdq_pairs(model) -> None:
-    import numpy as np
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     names = set(inits) | {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
@@ -232,8 +235,6 @@ def _weights_as_float_qdq_pairs(model) -> None:
 def _dedicated_qdq_pairs(model) -> None:
     """Every QuantizeLinear feeds one DequantizeLinear and every such DequantizeLinear one consumer:
     a shared pair is cloned per consumer (same inputs, same values)."""
-    from onnx import helper
-
     graph = model.graph
     names = {n.name for n in graph.node} | {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
 
@@ -298,29 +299,6 @@ def _unique(base: str, taken: set) -> str:
     return name
 
 
-def qdq_weight_forms(model) -> dict[str, int]:
-    """How a Q/DQ ONNX holds its quantized weights: counts of DequantizeLinear nodes whose input is an
-    int8 initializer, is produced by a QuantizeLinear, or other; and of Q/DQ outputs with more than
-    one consumer (``shared``). For tests and for the engine's metadata."""
-    inits = {init.name for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers = _consumers(model.graph)
-    counts = {"int8_initializer": 0, "after_quantize": 0, "other": 0, "shared": 0}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(consumers.get(node.output[0], [])) > 1:
-            counts["shared"] += 1
-        if node.op_type != "DequantizeLinear":
-            continue
-        src = node.input[0]
-        if src in inits:
-            counts["int8_initializer"] += 1
-        elif src in producers and producers[src].op_type == "QuantizeLinear":
-            counts["after_quantize"] += 1
-        else:
-            counts["other"] += 1
-    return counts
-
-
 # ------------------------------------------------------------------------------ profile enforcement
 
 def engine_profile(artifact: dict) -> Profile | None:
@@ -338,12 +316,10 @@ def profile_batch_limit(manifest, artifact: dict) -> tuple[int, int] | None:
     """(smallest, largest) batch one call of the artifact's runner may use without being split or
     padded: the engine's profile for TensorRT, the fixed batch for a fixed-batch model (``manifest``:
     a ``Bundle`` or a manifest dict), else None (any batch)."""
-    from ..bundle import fixed_batch
-
     profile = engine_profile(artifact)
     if profile is not None:
         return profile.min_batch, profile.max_batch
-    fixed = fixed_batch(manifest)
+    fixed = fixed_batch(getattr(manifest, "manifest", manifest)["input"]["shape"])
     return (fixed, fixed) if fixed is not None else None
 
 
@@ -432,15 +408,13 @@ def check_dla(num_dla_cores: int, dla_core: int, trt_version: str) -> None:
 def current_gpu() -> dict:
     """Name and compute capability of CUDA device 0 (via torch, else cuda-python)."""
     try:
-        import torch
-
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
     except Exception:
         pass
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # lazy: cuda-python is optional (a machine with TensorRT but no torch CUDA)
 
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) == 0:
@@ -474,10 +448,8 @@ def timing_cache_name(trt_version: str, gpu: dict) -> str:
 def default_timing_cache(gpu: dict | None = None) -> Path:
     """The per-user TensorRT timing cache for this TensorRT version and GPU (beside the calibration
     cache, outside every bundle)."""
-    from ..calib.recipes import default_cache_dir
-
     trt = require_tensorrt()
-    return default_cache_dir().parent / "tensorrt" / timing_cache_name(trt.__version__, gpu or current_gpu())
+    return cache_root() / "tensorrt" / timing_cache_name(trt.__version__, gpu or current_gpu())
 
 
 def check_timing_cache_location(cache: Path, bundle_dir: Path | None) -> None:
@@ -536,8 +508,7 @@ def _save_timing_cache(config, cache_path: Path, notes: list[str]) -> None:
 def fp16_onnx(src: Path, dst: Path) -> None:
     """An FP16 copy of the ONNX with float32 inputs/outputs (for TensorRT 11's strong typing)."""
     try:
-        import onnx
-        from onnxconverter_common import float16
+        from onnxconverter_common import float16  # lazy: the optional tensorrt extra
     except ImportError:
         raise CbamDeployError("fp16 on TensorRT 11 needs onnxconverter-common: pip install 'cbam-deploy[tensorrt]'") from None
     model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
@@ -548,8 +519,6 @@ def fp16_onnx(src: Path, dst: Path) -> None:
 def _onnx_bytes(onnx_path: Path, plan: BuildPlan) -> bytes:
     if plan.qdq_form in (None, QDQ_INT8_WEIGHTS):
         return Path(onnx_path).read_bytes()
-    import onnx
-
     model = qdq_form_for_tensorrt(onnx.load(str(onnx_path)), plan.qdq_form)
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -565,8 +534,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_shape
     channels, height, width = input_shape[1], input_shape[2], input_shape[3]
     if not all(isinstance(v, int) for v in (channels, height, width)):
         raise CbamDeployError("TensorRT profiles here cover the batch axis only: export with a fixed input size")
-    fixed_batch = input_shape[0] if isinstance(input_shape[0], int) else None
-    profile.validate(fixed_batch)
+    profile.validate(fixed_batch(input_shape))
     if timing_cache is not None:
         check_timing_cache_location(timing_cache, bundle_dir)
     notes = list(plan.notes)

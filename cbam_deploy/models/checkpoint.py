@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import _weights_only_unpickler as unpickler  # private: every use is guarded, see _allowed_globals
 from torch import nn
 
 from ..errors import CbamDeployError
@@ -210,8 +211,6 @@ def _note_global(scan: _Scan, name: str, allowed: set[str] | None) -> None:
 def _allowed_globals() -> set[str] | None:
     """The globals torch.load(weights_only=True) accepts (default list plus user-registered ones)."""
     try:
-        from torch import _weights_only_unpickler as unpickler
-
         return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
     except Exception:  # private API: fall back to module prefixes
         return None

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..outputs import concat_outputs
+
 
 class Runner(ABC):
     """Loads one model or artifact; ``infer`` maps an NCHW float32 batch to every output, by name, in
@@ -29,8 +31,6 @@ class Runner(ABC):
 
     def infer_batched(self, inputs: np.ndarray, batch: int) -> dict[str, np.ndarray]:
         """``infer`` in chunks of ``batch``, outputs joined along the batch axis."""
-        from ..outputs import concat_outputs
-
         return concat_outputs([self.infer(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
     def run_batched(self, inputs: np.ndarray, batch: int) -> np.ndarray:

@@ -9,10 +9,12 @@ runner compares the providers asked for with those active and, where this onnxru
 from __future__ import annotations
 
 import collections
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from ..errors import CbamDeployError
 from .base import Runner
@@ -65,7 +67,7 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
                  precision: str = "fp32", profile_dir: str | Path | None = None) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # lazy: a machine that runs only engines or IR may lack onnxruntime
         except ImportError:
             raise CbamDeployError("onnxruntime is not installed: pip install onnxruntime") from None
         options = ort.SessionOptions()
@@ -108,12 +110,7 @@ class OnnxRuntimeRunner(Runner):
             return None
         if self._threads:
             return self._threads
-        try:
-            import psutil
-
-            return psutil.cpu_count(logical=False) or os.cpu_count()
-        except ImportError:
-            return os.cpu_count()
+        return psutil.cpu_count(logical=False) or os.cpu_count()
 
     def describe(self) -> dict:
         return {**super().describe(), "runtime": getattr(self, "runtime", None) or _runtime_name(self.providers_requested),
@@ -123,8 +120,6 @@ class OnnxRuntimeRunner(Runner):
     def node_times(self, skip_runs: int = 0) -> list[tuple[str, str, float]]:
         """(node name, op type, microseconds) for every kernel run after the first ``skip_runs`` runs;
         needs ``profile_dir``. Ends the profiling session."""
-        import json
-
         events = json.loads(Path(self.session.end_profiling()).read_text())
         runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
         start = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if 0 < skip_runs <= len(runs) else 0

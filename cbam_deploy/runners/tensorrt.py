@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import CbamDeployError
 from ..exporters.tensorrt import check_engine_compatible, current_gpu, profile_chunks, require_tensorrt, sidecar
@@ -27,8 +28,6 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_path: str | Path, precision: str = "fp32") -> None:
         trt = require_tensorrt()
-        import torch
-
         meta_path = sidecar(Path(engine_path))
         if not meta_path.is_file():
             raise CbamDeployError(f"{engine_path} has no metadata sidecar {meta_path.name}; rebuild the engine with cbam-deploy")
@@ -120,8 +119,6 @@ class TensorRTRunner(Runner):
 
 def _torch_dtype(trt, dtype):
     """The torch dtype of a TensorRT I/O tensor type (float32 unless the engine says otherwise)."""
-    import torch
-
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "INT8": torch.int8, "INT32": torch.int32,
              "BOOL": torch.bool, "UINT8": torch.uint8, "INT64": torch.int64, "BF16": torch.bfloat16}
     return table.get(getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1]), torch.float32)

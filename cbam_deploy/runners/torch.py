@@ -7,6 +7,8 @@ the output to the host synchronises the device, so a host-timed call covers the 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -56,8 +58,6 @@ class TorchRunner(Runner):
     def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
         if not self.device.startswith("cuda"):
             return super().run_timed(batch)
-        import time
-
         start = time.perf_counter()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.inference_mode():

@@ -28,77 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, CbamDeployError
 from .batcher import BatcherError
+from .config import ServeConfig, ServeError, format_address, server_info
 from .protocol import HEADER_LENGTH, ProtocolError, encode_response, wants_binary
 from .service import Metrics, ModelRepository, load_repository
 
 logger = logging.getLogger("cbam_deploy.serve")
 
 
-class ServeError(CbamDeployError):
-    """The server could not bind its address or start. Exit code 4 (2 is a bad option or bundle,
-    3 a failed parity/verify check)."""
-
-    exit_code = 4
-
-
-@dataclass
-class ServeConfig:
-    bundle: str | list[str]            # a bundle, a folder of bundles, or a list of either
-    artifact: str | None = None
-    name: str | None = None            # one bundle only
-    max_batch: int = 8
-    batch_timeout_ms: float = 5.0
-    max_body_mb: float = 32.0
-    labels: str | None = None
-    threads: int | None = None
-    runtime: str | None = None         # see cbam_deploy.runtimes; None: the best this machine has for the format
-    top_k: int = 5
-    max_queue: int = 256               # requests waiting for inference; more get 503 at once
-    request_timeout_s: float = 30.0    # to receive a body (408) and to wait for a result (504)
-    max_image_pixels: int = 24_000_000  # /v1/classify, from the image header (413); PIL's own bomb limit is ~89M
-    max_aspect: float = 50.0           # /v1/classify: longer side / shorter side (422)
-    decode_threads: int = 2            # worker threads for request decoding and image preprocessing
-    limit_concurrency: int = 256       # uvicorn: connections + requests in flight; more get 503 (gRPC: RPCs in flight)
-    keep_alive_s: int = 5              # uvicorn: idle keep-alive connections are closed after this
-    shutdown_timeout_s: int = 3        # uvicorn: requests still running this long after SIGTERM are cancelled
-    grpc_port: int | None = None       # the gRPC endpoint: None none (the CLI's --grpc-port 0), 0 any free port
-
-    def check(self) -> None:
-        skip = ("grpc_port",)
-        bad = [f"--{name.replace('_', '-')} {value}" for name, value in vars(self).items()
-               if name not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)
-               and not (value >= 0 if name == "batch_timeout_ms" else value > 0)]
-        if bad:
-            raise CbamDeployError("these serve settings must be positive: " + ", ".join(bad))
-        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
-            raise CbamDeployError(f"--grpc-port must be 0 to 65535, got {self.grpc_port}")
-        if self.runtime is not None:
-            from ..runtimes import parse_runtimes
-
-            if len(parse_runtimes(self.runtime)) != 1:
-                raise CbamDeployError(f"--runtime: serve takes one runtime, got {self.runtime}")
-
-
 def _require_serving(grpc: bool = False):
     try:
-        import prometheus_client  # noqa: F401
-        import pydantic  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
+        import prometheus_client  # noqa: F401  (lazy: the optional serve extra, checked here)
+        import pydantic  # noqa: F401  (lazy: as above)
+        import starlette  # noqa: F401  (lazy: as above)
+        import uvicorn  # noqa: F401  (lazy: as above)
     except ImportError:
         raise BackendUnavailable("serving needs the serve extra: pip install 'cbam-deploy[serve]'") from None
     if grpc:
         try:
-            import grpc as _grpc  # noqa: F401
-            from tritonclient.grpc import service_pb2_grpc  # noqa: F401
+            import grpc as _grpc  # noqa: F401  (lazy: the optional serve extra, checked here)
+            from tritonclient.grpc import service_pb2_grpc  # noqa: F401  (lazy: as above)
         except ImportError:
             raise BackendUnavailable("the gRPC endpoint needs grpcio and tritonclient[grpc] (the serve extra: "
                                      "pip install 'cbam-deploy[serve]'); --grpc-port 0 turns it off") from None
@@ -111,10 +67,10 @@ def create_app(config: ServeConfig):
     ``app.state.grpc_address`` is 'host:port'."""
     _require_serving(grpc=config.grpc_port is not None)
     config.check()
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    from starlette.applications import Starlette  # lazy: the optional serve extra
+    from starlette.requests import Request  # lazy: as above
+    from starlette.responses import JSONResponse, Response  # lazy: as above
+    from starlette.routing import Route  # lazy: as above
 
     metrics = Metrics()
     repository = load_repository(config, metrics)
@@ -229,8 +185,6 @@ def create_app(config: ServeConfig):
         if request.method == "POST":
             body = await read_body(request)
             if body.strip():
-                import json
-
                 try:
                     options = json.loads(body)
                 except (ValueError, RecursionError):
@@ -313,7 +267,7 @@ def create_app(config: ServeConfig):
         grpc_server = None
         try:
             if config.grpc_port is not None:
-                from .grpc_server import start_grpc
+                from .grpc_server import start_grpc  # lazy: the gRPC endpoint imports grpc, an optional extra
 
                 try:
                     grpc_server, port = await start_grpc(repository, app.state.grpc_host, config.grpc_port)
@@ -343,7 +297,7 @@ def create_app(config: ServeConfig):
     app.state.config = config
     app.state.repository = repository
     app.state.metrics = metrics
-    app.state.model_name = first.name  # the first (or only) model, as before several models were served
+    app.state.model_name = first.name  # the first (or only) model
     app.state.runner = first.runner
     app.state.artifact = first.artifact
     app.state.batcher = first.batcher
@@ -352,16 +306,6 @@ def create_app(config: ServeConfig):
     app.state.grpc_address = None
     app.state.startup_error = None
     return app
-
-
-def server_info() -> dict:
-    from .. import __version__
-
-    return {"name": "cbam-deploy", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind_socket(host: str, port: int, option: str = "--port") -> socket.socket:
@@ -389,7 +333,7 @@ def socket_address(sock: socket.socket) -> str:
 
 def make_server(app, on_started: Callable[[], None] | None = None):
     """A uvicorn.Server for ``app`` with the limits of its ServeConfig; ``on_started`` runs once it listens."""
-    import uvicorn
+    import uvicorn  # lazy: the optional serve extra
 
     config: ServeConfig = app.state.config
 

@@ -36,6 +36,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..errors import CbamDeployError
 from .batcher import BatcherError
+from .config import ServeError, format_address, server_info
 from .protocol import ProtocolError
 from .service import ModelRepository, ModelService
 
@@ -170,8 +171,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("grpc_server_metadata")
     async def ServerMetadata(self, request, context):
-        from .app import server_info
-
         info = server_info()
         return pb.ServerMetadataResponse(name=info["name"], version=info["version"], extensions=info["extensions"])
 
@@ -270,8 +269,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 async def start_grpc(repository: ModelRepository, host: str, port: int):
     """Start the gRPC endpoint on the running event loop; (server, bound port). A port that cannot
     be bound is a ServeError (exit code 4)."""
-    from .app import ServeError, format_address
-
     config = repository.config
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0),  # a second server on a taken port fails, as with HTTP

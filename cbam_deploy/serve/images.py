@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 from ..data import preprocess_image
 from .protocol import ProtocolError
@@ -20,8 +21,6 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 
 def decode_image(data: bytes, spec: dict, max_pixels: int, max_aspect: float) -> np.ndarray:
     """Preprocessed CHW float32 from encoded image bytes, or a ProtocolError (413, 415 or 422)."""
-    from PIL import Image
-
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:

@@ -19,12 +19,14 @@ runs), plus a liveness probe for the custom predictor.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from pathlib import Path
 
-from ..backends import all_backends
 from ..bundle import Bundle
 from ..errors import CbamDeployError
+from ..formats import FORMATS
 
 PREDICTORS = ("triton", "cbam-deploy")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -92,7 +94,7 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
                "namespace": namespace, "cpu": str(cpu), "memory": str(memory), "gpus": gpus, "min_replicas": min_replicas,
                "max_replicas": max_replicas, "scale_target": scale_target, "max_batch": max_batch, "image": image}
     _check(options)
-    triton_formats = [b.format for b in all_backends() if b.triton]
+    triton_formats = [f.format for f in FORMATS.values() if f.triton]
     if predictor == "triton" and record.format not in triton_formats:
         raise CbamDeployError(f"artifact {chosen} ({record.format}) has no Triton backend; choose one of the "
                               f"{', '.join(triton_formats)} artifacts")
@@ -132,10 +134,7 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
 
 def write_yaml(service: dict, path: str | Path, header: list[str]) -> Path:
     """The manifest as YAML, after a comment header; written whole or not at all."""
-    import os
-    import tempfile
-
-    import yaml
+    import yaml  # lazy: pyyaml comes with the optional serve extra
 
     path = Path(path)
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(service, sort_keys=False, default_flow_style=False)

@@ -22,20 +22,18 @@ import asyncio
 import collections
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..bundle import MANIFEST_NAME, Bundle
 from ..errors import CbamDeployError
-from ..runners import open_artifact
+from ..exporters.tensorrt import fit_batch_to_profile
+from ..loaders import open_artifact
 from .batcher import BatcherError, DynamicBatcher
+from .config import ServeConfig
 from .images import decode_image
 from .protocol import MAX_DIMS, MAX_ELEMENTS, ProtocolError, decode_input, parse_infer_request
 from .threads import DaemonThreads
-
-if TYPE_CHECKING:
-    from .app import ServeConfig
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -45,7 +43,7 @@ class Metrics:
     per-model batch sizes, queue depth and answered requests, readiness."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # lazy: the optional serve extra
 
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("cbam_requests_total", "Requests by endpoint and status code (HTTP status or gRPC code)",
@@ -63,8 +61,8 @@ class Metrics:
         self.ready = Gauge("cbam_ready", "1 while inference requests are served (every model)", registry=registry)
 
     def text(self) -> tuple[bytes, str]:
-        from prometheus_client import generate_latest
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+        from prometheus_client import generate_latest  # lazy: the optional serve extra
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST  # lazy: as above
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -116,8 +114,6 @@ class ModelService:
         self.max_batch = 1 if self.batch_size else config.max_batch
         record = bundle.artifact(artifact)
         if record.format == "tensorrt":  # never batch past the engine's optimisation profile
-            from ..exporters.tensorrt import fit_batch_to_profile
-
             self.max_batch = fit_batch_to_profile(bundle, record.raw, self.max_batch)
         self.batcher = DynamicBatcher(runner.infer, self.max_batch, config.batch_timeout_ms,
                                       on_batch=metrics.batch_sizes.labels(name).observe, max_queue=config.max_queue,

@@ -33,14 +33,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..backends import get as get_backend
-from ..bundle import Bundle
+from ..bundle import Bundle, check_artifact_names
+from ..checks import MAX_BATCH, check_choice, check_int, check_output_dir
 from ..errors import CbamDeployError
+from ..formats import get as get_format
 from ..fsutil import exchange
 
 def _fragment(artifact: dict):
-    """The backend table's Triton fragment for the artifact's format."""
-    fragment = get_backend(artifact["format"]).triton
+    """The formats table's Triton fragment for the artifact's format."""
+    fragment = get_format(artifact["format"]).triton
     if fragment is None:
         raise CbamDeployError(f"artifact {artifact['name']} ({artifact['format']}) has no Triton backend")
     return fragment
@@ -155,12 +156,10 @@ def _parameters(values: dict[str, str]) -> list[str]:
 def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[str] | None = None, name: str | None = None,
                      max_batch: int = 8, instances: int = 1, delay_us: int = 5000, kind: str | None = None,
                      triton_release: str | None = None) -> list[dict]:
+    validate_triton_options(repo, max_batch, instances, delay_us, kind)
     bundle_dir, repo = Path(bundle_dir), Path(repo)
     bundle = Bundle.open(bundle_dir)
-    if max_batch < 1 or instances < 1 or delay_us < 0:
-        raise CbamDeployError("--max-batch and --instances must be >= 1 and --delay-us >= 0")
-    if kind not in (None, "KIND_CPU", "KIND_GPU"):
-        raise CbamDeployError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
+    check_artifact_names(bundle, artifacts, bundle_dir)
     chosen = artifacts or ["onnx-fp32"]
     base = name or bundle.model.name.replace(":", "_").replace("/", "_").replace(".py", "")
     plans = []  # every config made (and so checked) before anything is written
@@ -221,3 +220,13 @@ class _TemporaryDir:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def validate_triton_options(output: str, max_batch: int = 8, instances: int = 1, delay_us: int = 5000,
+                            kind: str | None = None) -> None:
+    check_int("--max-batch", max_batch, 1, MAX_BATCH)
+    check_int("--instances", instances, 1, 1024)
+    check_int("--delay-us", delay_us, 0, 60_000_000)
+    if kind is not None:
+        check_choice("--kind", kind, ("KIND_CPU", "KIND_GPU"))
+    check_output_dir("--output", output)

@@ -1,4 +1,4 @@
-"""Run the server in a background thread on 127.0.0.1 (tests and benchmarks start and stop it)."""
+"""Test helper: run the server in a background thread on 127.0.0.1 (the tests and the serving benchmark start and stop it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from .app import bind_socket, make_server, socket_address
+from cbam_deploy.serve.app import bind_socket, make_server, socket_address
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,141 @@
+"""Primitive option checks: an integer in a range, a number, a choice, a comma list, a batch, a file
+to read, a file or folder to write. Each raises ``CbamDeployError`` naming the option
+(``--calib-size``) and what it accepts; the CLI turns that into one ``error:`` line and exit code 2.
+
+The checks of a command's options live with the command (``verify.validate_verify_options``,
+``bench.validate_bench_options``, ...) and are built from these, so a typo costs a second, not an
+export, and nothing is written when an option is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CbamDeployError
+
+# Input side in pixels. The lower bound is the smallest total stride of a network (a zoo model with
+# the CIFAR stem downsamples by 8; ``models.spec`` knows each stem's); above 2048 the example tensor
+# and activations alone take many GiB and a typo (100000) would only end in an allocation failure.
+MIN_INPUT_SIZE = 8
+MAX_INPUT_SIZE = 2048
+MAX_BATCH = 1024
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(option: str, value, low: int | None = None, high: int | None = None, *, allow_none: bool = False) -> None:
+    """``value`` is an integer in [low, high]; the message names the option and the range."""
+    if value is None and allow_none:
+        return
+    if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            wanted = f"an integer from {low} to {high}"
+        elif low is not None:
+            wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+        else:
+            wanted = "an integer"
+        raise CbamDeployError(f"{option} must be {wanted}, got {value!r}")
+
+
+def check_number(option: str, value, *, positive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise CbamDeployError(f"{option} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise CbamDeployError(f"{option} must be greater than 0, got {value!r}")
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CbamDeployError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def parse_list(value: str | list[str] | None, option: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """'a,b' -> ['a', 'b'], each checked against ``allowed``; empty lists and repeats are errors."""
+    items = value if isinstance(value, list) else [v.strip() for v in (value or "").split(",") if v.strip()]
+    if not items:
+        raise CbamDeployError(f"{option} takes a comma list{_of(allowed)}; got nothing")
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad:
+        raise CbamDeployError(f"{option} takes a comma list{_of(allowed)}; got {', '.join(repr(b) for b in bad)}")
+    return list(dict.fromkeys(items))
+
+
+def _of(allowed) -> str:
+    return f" of {', '.join(allowed)}" if allowed else ""
+
+
+def parse_batch(value: str | int | None, option: str = "--batch") -> int | None:
+    """'dynamic' (or None) -> None; else a positive integer up to MAX_BATCH."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "dynamic"):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise CbamDeployError(f"{option} must be 'dynamic' or a positive integer, got {value!r}") from None
+    if not 1 <= number <= MAX_BATCH:
+        raise CbamDeployError(f"{option} must be 'dynamic' or an integer from 1 to {MAX_BATCH}, got {value!r}")
+    return number
+
+
+def parse_batches(value: str, option: str = "--batch") -> list[int]:
+    """'1,8,32' -> [1, 8, 32] (each 1..MAX_BATCH)."""
+    try:
+        batches = [int(b) for b in str(value).split(",") if b.strip()]
+    except ValueError:
+        raise CbamDeployError(f"{option} takes a comma list of positive integers, got {value!r}") from None
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise CbamDeployError(f"{option} takes a comma list of integers from 1 to {MAX_BATCH}, got {value!r}")
+    return list(dict.fromkeys(batches))
+
+
+# --- paths --------------------------------------------------------------------------------------
+
+def check_existing_file(option: str, path: str | Path | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise CbamDeployError(f"{option} {path} does not exist")
+    if not path.is_file():
+        raise CbamDeployError(f"{option} {path} is not a file")
+
+
+def check_output_file(option: str, path: str | Path | None) -> None:
+    """A file we will write later: its folder exists and is writable, and it is not a folder itself.
+    Checked before any measuring, so a typo in the path does not throw away minutes of work."""
+    if path is None:
+        return
+    path = Path(path)
+    if str(path).strip() == "":
+        raise CbamDeployError(f"{option} needs a file path")
+    if path.is_dir():
+        raise CbamDeployError(f"{option} {path} is a folder; give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CbamDeployError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):  # files are replaced atomically: the folder is what counts
+        raise CbamDeployError(f"{option} {path}: the folder {parent} is not writable")
+
+
+def check_output_dir(option: str, path: str | Path | None) -> None:
+    """A folder we may create later: it is a folder if it exists, and its nearest existing parent is
+    a writable folder. Nothing is created here."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CbamDeployError(f"{option} {path} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise CbamDeployError(f"{option} {path}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise CbamDeployError(f"{option} {path}: {probe} is not writable")
+
+

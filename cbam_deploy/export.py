@@ -1,0 +1,243 @@
+"""The export job: model (+ checkpoint) -> ONNX -> parity against PyTorch -> bundle with manifest.
+
+``export_bundle`` is what ``cbam-deploy export`` calls. It stages the ONNX file, checks parity on
+it and commits it with the new manifest in one transaction (``transaction.BundleUpdate``): an
+interrupted, killed or failed export leaves the folder as it was (the old bundle, or nothing). A
+parity failure still commits the bundle, with the failure recorded, and the result says so (the
+CLI exits non-zero). Artifacts built from a previous ONNX are kept only when the new ONNX is
+byte-identical to it; otherwise they and their files are removed, and the result names them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bundle import read_manifest
+from .cbam_opt import MODES as CBAM_OPT_MODES
+from .cbam_opt import optimize_for_export
+from .checks import check_choice, check_int, parse_batch
+from .errors import CbamDeployError
+from .exporters.onnx import OnnxExportOptions, check_opset, export_onnx
+from .manifest import MANIFEST_NAME, artifact_file, new_manifest
+from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
+from .models.spec import STEMS, check_input_size, check_num_classes
+from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
+from .parity import plan_cases, run_parity
+from .runners import OnnxRuntimeRunner, TorchRunner
+from .transaction import BundleUpdate, faultpoint
+
+ONNX_FILE = artifact_file("onnx-fp32", "onnx")
+CROP_PCT = 0.875
+
+
+@dataclass
+class ExportRequest:
+    model: str
+    weights: str | None = None
+    num_classes: int | None = None
+    stem: str = "imagenet"
+    output: str | None = None
+    input_size: int | None = None
+    batch: int | None = None
+    dynamic_hw: bool = False
+    opset: int = 17
+    exporter: str = "torchscript"
+    simplify: bool = True
+    parity: bool = True
+    parity_samples: int = 8
+    seed: int = 0
+    force: bool = False
+    outputs: str = "logits"  # zoo models: "logits" (classifier) or "features" (backbone: C2..C5)
+    cbam_opt: str = "on"  # CBAM rewrites (cbam_opt.py); "off" exports the module as written
+    extra_notes: list[str] = field(default_factory=list)
+    # {output name: kind} (or ["NAME=KIND", ...]) over the kind guessed from each output's shape
+    output_kinds: dict[str, str] | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.output_kinds = parse_output_kinds(self.output_kinds)
+        self.validate()  # a bad request fails where it is made, before any model is built or file written
+
+    def validate(self) -> None:
+        """Value checks (no file access): ranges, choices, types. ``pipeline.validate_export_options``
+        adds the path checks and the build options for the CLI."""
+        check_model_options(self.model, self.stem, self.num_classes, self.input_size, self.opset, self.exporter,
+                            self.cbam_opt)
+        if self.batch is not None:
+            parse_batch(self.batch if isinstance(self.batch, int) and not isinstance(self.batch, bool) else repr(self.batch))
+        check_int("parity_samples", self.parity_samples, 1)
+        check_choice("--outputs", self.outputs, ("logits", "features"))
+        if self.outputs == "features" and ":" in self.model:
+            raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
+        parse_output_kinds(self.output_kinds)
+
+
+def check_model_options(model: str, stem: str = "imagenet", num_classes: int | None = None,
+                        input_size: int | None = None, opset: int = 17, exporter: str = "torchscript",
+                        cbam_opt: str = "on") -> None:
+    """The export's model options (no file access): a model spec, its stem, the classifier size, the
+    input side for that network, the exporter and its opset, the CBAM rewrites."""
+    if not isinstance(model, str) or not model.strip():
+        raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models') or path/to/file.py:factory")
+    check_choice("--stem", stem, STEMS)
+    check_choice("--cbam-opt", cbam_opt, CBAM_OPT_MODES)
+    check_num_classes(num_classes)
+    check_input_size(input_size, model, stem)
+    check_opset(exporter, opset)
+
+
+def default_output_dir(model_spec: str) -> Path:
+    stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2] if ":" in model_spec else model_spec
+    return Path("bundles") / stem
+
+
+def input_spec(loaded: LoadedModel, options: OnnxExportOptions) -> dict:
+    return make_input_spec(options.input_size, loaded.mean, loaded.std, options.symbolic_input_shape())
+
+
+def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list | None = None) -> dict:
+    """The manifest's ``input``: what every consumer needs to feed the model identically."""
+    return {
+        "name": "input",
+        "shape": shape or ["batch", 3, size, size],
+        "dtype": "float32",
+        "layout": "NCHW",
+        "color": "RGB",
+        "preprocess": {
+            "resize_shorter": int(round(size / CROP_PCT)) if size >= 64 else size,
+            "center_crop": size,
+            "interpolation": "bilinear",
+            "scale": 1 / 255,
+            "mean": list(mean),
+            "std": list(std),
+        },
+    }
+
+
+def _guard_existing(current: dict | None, out_dir: Path, model_name: str, force: bool) -> None:
+    existing = (current or {}).get("model", {}).get("name") if isinstance(current, dict) else None
+    if current is None or force or existing == model_name:
+        return
+    raise CbamDeployError(
+        f"{out_dir} already holds a bundle of {existing or 'an unreadable manifest'}; choose another "
+        "--output or pass --force to replace it"
+    )
+
+
+def _existing_manifest(out_dir: Path) -> dict | None:
+    try:
+        return read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() else None
+    except CbamDeployError:
+        return {}  # unreadable: replaced only with --force
+
+
+def export_bundle(request: ExportRequest) -> dict:
+    """Run the whole export; returns the summary that ``--json`` prints.
+
+    The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
+    committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
+    started = time.perf_counter()
+    out_dir = Path(request.output) if request.output else default_output_dir(request.model)
+    _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
+    loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
+    options = OnnxExportOptions(
+        input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
+        batch=request.batch,
+        dynamic_hw=request.dynamic_hw,
+        opset=request.opset,
+        exporter=request.exporter,
+        simplify=request.simplify,
+    )
+    options.validate()
+    options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
+    with BundleUpdate(out_dir, create=True) as update:
+        return _export_into(request, loaded, options, update, started)
+
+
+def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options: OnnxExportOptions) -> dict[str, str]:
+    """The output kinds set by hand: those the model declares (an ``output_kinds`` attribute, {name:
+    kind}, on a factory's module), overridden by ``--output-kind`` (which also sets right a wrong
+    declaration). Each name is checked against the model's outputs (one forward pass) before anything
+    is exported or written."""
+    requested = parse_output_kinds(requested)
+    declared = getattr(loaded.module, "output_kinds", None)
+    where = f"output_kinds of {loaded.name}"
+    if isinstance(declared, dict):
+        declared = {name: kind for name, kind in declared.items() if name not in requested}
+    declared = parse_output_kinds(declared, option=where) if declared is not None else {}
+    if not declared and not requested:
+        return {}
+    example = torch.zeros(options.batch or 1, options.in_channels, options.input_size, options.input_size)
+    with torch.no_grad():
+        names = [name for name, _ in flatten_outputs(loaded.module.eval()(example))]
+    check_output_kinds(declared, names, option=where)
+    check_output_kinds(requested, names)
+    return {**declared, **requested}
+
+
+def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, update: BundleUpdate,
+                 started: float) -> dict:
+    out_dir = update.bundle_dir
+    staged = update.stage_artifact("onnx", "fp32")
+    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
+    info = export_onnx(exported, staged, options)
+    info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
+    faultpoint("exported")
+
+    parity = None
+    if request.parity:
+        cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
+        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed,
+                            kinds=output_kinds(info["outputs"]))
+    faultpoint("parity-done")
+
+    model_info = loaded.describe()
+    try:
+        model_info["gflops"] = round(count_gmacs(loaded.module, options.input_size), 3)
+        model_info["gflops_input_size"] = options.input_size
+    except Exception:  # a user's factory model may not run on the counter; the count is optional
+        model_info["gflops"] = None
+    model_info["notes"] = model_info["notes"] + request.extra_notes
+    manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
+    manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    artifact = update.add_artifact("onnx", "fp32", export=info,
+                                   parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
+    manifest["artifacts"] = [artifact]  # first: the artifact commands take when none is named
+    dropped: list[str] = []
+
+    def replace(current: dict | None) -> dict:
+        _guard_existing(current, out_dir, loaded.name, request.force)  # another export may have landed meanwhile
+        kept = derived_artifacts_to_keep(current, artifact["sha256"]) if current and not request.force else []
+        dropped.extend(a["name"] for a in (current or {}).get("artifacts", [])
+                       if a["name"] != "onnx-fp32" and a not in kept)
+        manifest["artifacts"] += kept
+        return manifest
+
+    update.commit(replace)
+    if dropped:
+        model_info["notes"].append(f"removed {', '.join(dropped)}: built from the previous ONNX, which this export "
+                                   "replaced; rebuild them (quantize / export --format)")
+    return {
+        "bundle": str(out_dir),
+        "manifest": str(out_dir / MANIFEST_NAME),
+        "model": model_info,
+        "artifacts": [{"name": artifact["name"], "path": str(out_dir / ONNX_FILE), "format": "onnx", "precision": "fp32",
+                       "size_bytes": artifact["size_bytes"], "sha256": artifact["sha256"]}],
+        "export": info,
+        "parity": artifact["parity"],
+        "passed": parity["passed"] if parity is not None else None,
+        "removed_artifacts": dropped,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:
+    """Artifacts built from the bundle's FP32 ONNX stay only when the new ONNX is byte-identical to the
+    one they were built from (``source_sha256``; older bundles: the ONNX they sat beside)."""
+    artifacts = current.get("artifacts", [])
+    previous = next((a["sha256"] for a in artifacts if a["name"] == "onnx-fp32"), None)
+    return [a for a in artifacts if a["name"] != "onnx-fp32" and a.get("source_sha256", previous) == new_onnx_sha]

@@ -1,0 +1,305 @@
+"""The manifest: its schema, the one naming scheme of artifacts, and the records that go into it.
+
+``manifest.json`` is a bundle's table of contents: the model, its input and outputs, and one record
+per artifact (name, file, format, precision, sha256 and size of its file and its companions, how it
+was made and how it compares with PyTorch). This module knows the manifest as data: it makes one
+(``new_manifest``), checks one against the schema (``validate_manifest``: one error naming the
+field), names artifacts (``artifact_name``, ``artifact_file``) and makes their records
+(``artifact_record``). Reading a bundle safely (locks, crash recovery) is ``bundle``; changing one
+is ``transaction``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from . import __version__
+from .calib.targets import DEFAULT_GATES
+from .errors import CbamDeployError
+from .formats import get as get_format
+from .fsutil import sha256_file
+from .outputs import OUTPUT_KINDS
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+_REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version(), "cbam_deploy": __version__}
+    for name in ("torch", "onnx", "onnxruntime", "onnxslim"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def new_manifest(model: dict, input_spec: dict, outputs: list[dict]) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "input": input_spec,
+        "outputs": outputs,
+        "artifacts": [],
+        "versions": library_versions(),
+    }
+
+
+def read_manifest_file(path: Path) -> dict:
+    if not path.is_file():
+        raise CbamDeployError(f"{path} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CbamDeployError(f"cannot read {path}: {exc}") from None
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
+    """Check the manifest against its schema: every field that cbam-deploy reads, with its type.
+
+    A hand-edited or damaged manifest (``"artifacts": 5``, ``"size_bytes": "x"``, ``"input": {}``)
+    gives one error naming the field (``artifacts[0].size_bytes``), never a traceback later on.
+    Unknown extra fields are allowed (newer versions add some).
+    """
+    if not isinstance(manifest, dict):
+        raise CbamDeployError(f"{where} is not a JSON object (got {_json_type(manifest)})")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise CbamDeployError(f"{where} lacks {', '.join(missing)}; re-export the bundle")
+    check = _SchemaCheck(where)
+    version = manifest["schema_version"]
+    if not _is_int(version):
+        check.fail("schema_version", "an integer", version)
+    if version != SCHEMA_VERSION:
+        raise CbamDeployError(f"{where} has schema version {version}; this cbam-deploy reads {SCHEMA_VERSION}")
+
+    model = check.field(manifest, "model", "", _is_dict, "an object")
+    check.field(model, "name", "model.", _is_text, "a non-empty string")
+    check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
+    check.field(model, "stem", "model.", _is_text, "a non-empty string")
+    check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
+    check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
+    check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
+    check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
+    check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
+    check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                "a list of strings", required=False)
+    weights = check.field(model, "weights", "model.", _is_dict, "an object or null", required=False, nullable=True)
+    if weights is not None:
+        check.field(weights, "path", "model.weights.", _is_text, "a non-empty string")
+        check.field(weights, "sha256", "model.weights.", _is_text, "a non-empty string")
+    modules = check.field(model, "attention_modules", "model.", _is_list, "a list", required=False)
+    for i, module in enumerate(modules or []):
+        check.item(module, f"model.attention_modules[{i}]", _is_dict, "an object")
+        check.field(module, "path", f"model.attention_modules[{i}].", _is_text, "a non-empty string")
+
+    spec = check.field(manifest, "input", "", _is_dict, "an object")
+    check.field(spec, "name", "input.", _is_text, "a non-empty string")
+    shape = check.field(spec, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 4,
+                        "a list of 4 dimensions (N, C, H, W)")
+    for i, dim in enumerate(shape):
+        check.item(dim, f"input.shape[{i}]", lambda v: _is_positive_int(v) or _is_text(v),
+                   "a positive integer or a dimension name")
+    if not _is_positive_int(shape[1]):
+        check.fail("input.shape[1]", "the channel count (a positive integer)", shape[1])
+    for key in ("dtype", "layout", "color"):
+        check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
+    pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
+    for key in ("resize_shorter", "center_crop"):
+        check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
+                    "a positive whole number")
+    check.field(pre, "interpolation", "input.preprocess.", lambda v: v in _INTERPOLATIONS,
+                f"one of {', '.join(_INTERPOLATIONS)}", required=False)
+    check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
+    mean = check.field(pre, "mean", "input.preprocess.", _is_number_list, "a non-empty list of numbers")
+    std = check.field(pre, "std", "input.preprocess.", lambda v: _is_number_list(v) and all(x > 0 for x in v),
+                      "a non-empty list of positive numbers")
+    if len(mean) != len(std):
+        check.fail("input.preprocess.std", f"as long as input.preprocess.mean ({len(mean)})", std)
+
+    outputs = check.field(manifest, "outputs", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    for i, output in enumerate(outputs):
+        check.item(output, f"outputs[{i}]", _is_dict, "an object")
+        check.field(output, "name", f"outputs[{i}].", _is_text, "a non-empty string")
+        dims = check.field(output, "shape", f"outputs[{i}].", _is_list, "a list")
+        for j, dim in enumerate(dims):
+            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) or _is_text(v),
+                       "a positive integer or a dimension name")
+        check.field(output, "dtype", f"outputs[{i}].", _is_text, "a non-empty string", required=False)
+        check.field(output, "kind", f"outputs[{i}].", lambda v: v in OUTPUT_KINDS, f"one of {', '.join(OUTPUT_KINDS)}",
+                    required=False)
+
+    artifacts = check.field(manifest, "artifacts", "", _is_list, "a list")
+    names = []
+    for i, artifact in enumerate(artifacts):
+        at = f"artifacts[{i}]"
+        check.item(artifact, at, _is_dict, "an object")
+        for key in ("name", "path", "format", "precision", "sha256"):
+            check.field(artifact, key, f"{at}.", _is_text, "a non-empty string")
+        names.append(artifact["name"])
+        _check_inside(where, artifact["path"], f"artifact path {artifact['path']!r}")
+        check.field(artifact, "size_bytes", f"{at}.", lambda v: _is_int(v) and v >= 0, "a non-negative integer",
+                    required=False)
+        companions = check.field(artifact, "companion_files", f"{at}.", _is_dict, "an object", required=False)
+        for relative, digest in (companions or {}).items():
+            check.item(digest, f"{at}.companion_files[{relative!r}]", _is_text, "a sha256 string")
+            _check_inside(where, relative, f"companion file {relative!r} of artifact {artifact['name']!r}")
+        parity = check.field(artifact, "parity", f"{at}.", _is_dict, "an object", required=False)
+        if parity is not None:
+            check.field(parity, "passed", f"{at}.parity.", lambda v: isinstance(v, bool), "true, false or null",
+                        required=False, nullable=True)
+        for key in ("export", "quantization", "calibration", "verify"):
+            check.field(artifact, key, f"{at}.", _is_dict, "an object", required=False, nullable=True)
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise CbamDeployError(f"{where}: artifact names repeat ({', '.join(repeated)})")
+
+    check.field(manifest, "versions", "", _is_dict, "an object")
+    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                "a list of strings", required=False, nullable=True)
+    check.field(manifest, "created", "", _is_text, "a string", required=False)
+
+
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class _SchemaCheck:
+    """Type checks that raise one CbamDeployError naming the field (``artifacts[1].size_bytes``)."""
+
+    def __init__(self, where) -> None:
+        self.where = where
+
+    def fail(self, field: str, expected: str, value) -> None:
+        raise CbamDeployError(
+            f"{self.where}: {field} must be {expected}, got {_shown(value)}; the manifest is damaged or was edited "
+            "by hand: re-export the bundle"
+        )
+
+    def item(self, value, field: str, ok, expected: str) -> None:
+        if not ok(value):
+            self.fail(field, expected, value)
+
+    def field(self, obj: dict, key: str, prefix: str, ok, expected: str, required: bool = True, nullable: bool = False):
+        if key not in obj:
+            if required:
+                raise CbamDeployError(f"{self.where}: {prefix}{key} is missing ({expected}); re-export the bundle")
+            return None
+        value = obj[key]
+        if value is None and nullable:
+            return None
+        if not ok(value):
+            self.fail(prefix + key, expected, value)
+        return value
+
+
+def _check_inside(where, relative: str, what: str) -> None:
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise CbamDeployError(f"{where}: {what} must stay inside the bundle")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and value not in (float("inf"), float("-inf")))
+
+
+def _is_number_list(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(_is_number(v) for v in value)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_dict(value) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, list)
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({_json_type(value)})"
+
+
+# ---------------------------------------------------------------- naming
+
+def artifact_name(fmt: str, precision: str, recipe: str | None = None, gates: str | None = None) -> str:
+    """The one naming scheme: ``<format>-<precision>`` for conversions (onnx-fp32, openvino-fp16,
+    tensorrt-int8); ``int8-<recipe>`` for a quantization recipe's output, ``-gates-<policy>`` added
+    when the gate policy is not the recipe's default."""
+    if recipe is None:
+        return f"{fmt}-{precision}"
+    gates = gates or DEFAULT_GATES[recipe]
+    return f"int8-{recipe}" + ("" if gates == DEFAULT_GATES[recipe] else f"-gates-{gates}")
+
+
+def artifact_file(name: str, fmt: str) -> str:
+    """``model.onnx`` for the FP32 ONNX, ``model.<artifact name>.<onnx|xml|engine>`` for the rest."""
+    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{get_format(fmt).extension}"
+
+
+def artifact_record(root: str | Path, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None,
+                    **fields) -> dict:
+    """The manifest record of the artifact (``fmt``, ``precision``[, INT8 ``recipe``, ``gates``]) whose file
+    lies in ``root`` (a staging folder) under the name the naming scheme gives it: name, path, format,
+    precision, sha256, and the size of its file and its companions (the files the formats table says
+    lie beside it: an IR's .bin, an engine's sidecar, an ONNX's external data), each with its sha256.
+    ``transaction.BundleUpdate.add_artifact`` is how commands use it."""
+    root = Path(root)
+    name = artifact_name(fmt, precision, recipe, gates)
+    path = artifact_file(name, fmt)
+    if not (root / path).is_file():
+        raise CbamDeployError(f"artifact {name}: its file {path} was not written")
+    companions = tuple(get_format(fmt).companions(root / path))
+    for companion in companions:
+        _check_inside(root, companion, f"companion file {companion!r} of artifact {name!r}")
+    missing = [c for c in companions if not (root / c).is_file()]
+    if missing:
+        raise CbamDeployError(f"artifact {name}: its companion file(s) {', '.join(missing)} were not written")
+    record = {"name": name, "path": path, "format": fmt, "precision": precision, "sha256": sha256_file(root / path),
+              "size_bytes": sum((root / f).stat().st_size for f in (path, *companions))}
+    if companions:
+        record["companion_files"] = {c: sha256_file(root / c) for c in companions}
+    record.update(fields)
+    return record
+
+
+def upsert_artifact(manifest: dict, artifact: dict) -> None:
+    """Add an artifact, replacing one of the same name."""
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != artifact["name"]] + [artifact]
+
+
+def fixed_batch(shape: list) -> int | None:
+    """The batch an input shape (N, C, H, W) was fixed to at export; None for a dynamic batch (a
+    dimension name)."""
+    return shape[0] if isinstance(shape[0], int) else None

@@ -1,0 +1,129 @@
+"""The floors hold: no import cycle inside cbam_deploy, no import hidden in a function body except of an
+optional heavy dependency (with a comment saying why), and the import-linter contracts (.importlinter)
+are kept. grimp, which import-linter uses, sees every import, those in function bodies too."""
+
+from __future__ import annotations
+
+import ast
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cbam_deploy"
+
+# Imported inside functions on purpose: optional extras or heavy libraries that only one path needs.
+OPTIONAL = {"openvino", "nncf", "tensorrt", "onnxconverter_common", "cuda", "captum", "grpc", "tritonclient",
+            "starlette", "uvicorn", "prometheus_client", "pydantic", "yaml", "matplotlib", "onnxruntime"}
+# Modules of cbam_deploy that exist to hold an optional dependency (the gRPC endpoint imports grpc).
+OPTIONAL_MODULES = {"cbam_deploy.serve.grpc_server"}
+
+
+def import_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """Every set of modules that import each other in a circle (strongly connected components of two or
+    more modules, or a module importing itself)."""
+    modules = sorted(graph.modules)
+    imports = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for start in modules:
+        if start in index:
+            continue
+        work = [(start, iter(imports[start]))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(imports[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in imports[node]:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle_through_three_modules():
+    graph = grimp.ImportGraph()
+    for importer, imported in (("p.a", "p.b"), ("p.b", "p.c"), ("p.c", "p.a"), ("p.c", "p.d")):
+        graph.add_import(importer=importer, imported=imported)
+    assert import_cycles(graph) == [["p.a", "p.b", "p.c"]]
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = grimp.build_graph("cbam_deploy", cache_dir=None)  # imports in function bodies count too
+    assert len(graph.modules) > 40
+    assert import_cycles(graph) == []
+
+
+def _lazy_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, imported module, the line's text) for every import inside a function body."""
+    source = path.read_text()
+    lines = source.splitlines()
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+
+    def visit(node, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if in_function and isinstance(child, ast.Import):
+                found.extend((child.lineno, alias.name, lines[child.lineno - 1]) for alias in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                found.append((child.lineno, base, lines[child.lineno - 1]))
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_only_optional_heavy_dependencies_are_imported_in_function_bodies():
+    wrong, silent = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for line, imported, text in _lazy_imports(path):
+            where = f"{path.relative_to(ROOT)}:{line} imports {imported}"
+            if imported.split(".")[0] not in OPTIONAL and imported not in OPTIONAL_MODULES:
+                wrong.append(where)
+            elif "#" not in text:
+                silent.append(where + " without a comment saying why")
+    assert wrong == [], "imports in function bodies (move them to the top; a cycle means a module is on the wrong floor)"
+    assert silent == []
+
+
+def test_the_import_contracts_are_kept():
+    from importlinter.cli import lint_imports
+
+    output = io.StringIO()
+    with redirect_stdout(output), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        code = lint_imports(config_filename=str(ROOT / ".importlinter"))
+    assert code == 0, output.getvalue()[-3000:]
+    assert "Contracts: 4 kept, 0 broken." in output.getvalue()
