@@ -1,6 +1,7 @@
 """Statistics a skeptic trusts for latency: medians with bootstrap intervals, ratios of medians from
 interleaved rounds (paired bootstrap), and a stability verdict that says when a measurement was
-disturbed (spread, drift, other processes' CPU use read from the OS, steal, frequency changes).
+disturbed (spread, drift, other processes' CPU use read from the OS, steal, frequency changes), and
+the facts of the machine a measurement ran on (``machine_info``: CPU model, cores, ISA, GPU, Jetson).
 
 Means are not used for anything a user reads: one stall on a shared machine moves a mean by more
 than the difference between two engines, while it barely moves a median.
@@ -9,12 +10,17 @@ than the difference between two engines, while it barely moves a median.
 from __future__ import annotations
 
 import os
+import platform
+import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -193,3 +199,41 @@ def wait_until_quiet(max_seconds: float, window: float = 1.0) -> dict:
         other = monitor.report.other_cpu
         if other <= MAX_OTHER_CPU or waited >= max_seconds:
             return {"waited_s": round(waited, 1), "quiet": other <= MAX_OTHER_CPU, "other_cpu_fraction": round(other, 3)}
+
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+              "amx_bf16", "asimddp", "i8mm", "bf16")
+
+
+def machine_info() -> dict:
+    """CPU model and cores; GPU name; on Jetson the model, L4T/JetPack release and power mode."""
+    info: dict = {"platform": platform.platform(), "machine": platform.machine(), "cpu_cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("model name", "hardware") and "cpu" not in info:
+                info["cpu"] = line.split(":", 1)[1].strip()
+            elif key in ("flags", "features") and "cpu_features" not in info:
+                flags = set(line.split(":", 1)[1].split())
+                # what decides the INT8/BF16 kernels the engines pick, detected rather than assumed
+                info["cpu_features"] = " ".join(f for f in _ISA_FLAGS if f in flags) or "none of note"
+    except OSError:
+        pass
+    try:
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    tegra = Path("/etc/nv_tegra_release")
+    if tegra.is_file():
+        info["l4t"] = tegra.read_text().splitlines()[0].strip()
+        model = Path("/proc/device-tree/model")
+        if model.is_file():
+            info["jetson_model"] = model.read_bytes().rstrip(b"\x00").decode(errors="replace")
+        if shutil.which("nvpmodel"):
+            try:
+                done = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10)
+                info["power_mode"] = " ".join(done.stdout.split())
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return info

@@ -52,9 +52,15 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise CbamDeployError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def split_list(value: str | list | None) -> list[str]:
+    """The one comma-list splitter: 'a, b,,c' -> ['a', 'b', 'c']; a list is taken item by item."""
+    items = value if isinstance(value, (list, tuple)) else (value or "").split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
 def parse_list(value: str | list[str] | None, option: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    """'a,b' -> ['a', 'b'], each checked against ``allowed``; empty lists and repeats are errors."""
-    items = value if isinstance(value, list) else [v.strip() for v in (value or "").split(",") if v.strip()]
+    """'a,b' -> ['a', 'b'], each checked against ``allowed``; an empty list is an error, repeats are dropped."""
+    items = split_list(value)
     if not items:
         raise CbamDeployError(f"{option} takes a comma list{_of(allowed)}; got nothing")
     bad = [v for v in items if allowed is not None and v not in allowed]
@@ -83,7 +89,7 @@ def parse_batch(value: str | int | None, option: str = "--batch") -> int | None:
 def parse_batches(value: str, option: str = "--batch") -> list[int]:
     """'1,8,32' -> [1, 8, 32] (each 1..MAX_BATCH)."""
     try:
-        batches = [int(b) for b in str(value).split(",") if b.strip()]
+        batches = [int(b) for b in split_list(str(value))]
     except ValueError:
         raise CbamDeployError(f"{option} takes a comma list of positive integers, got {value!r}") from None
     if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:

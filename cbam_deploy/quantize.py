@@ -17,7 +17,7 @@ from .data import check_data_source, load_calibration
 from .errors import CbamDeployError
 from .loaders import open_artifact, reference_runner
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
-from .transaction import BundleUpdate, faultpoint
+from .transaction import BundleUpdate, commit_from_source, faultpoint
 
 
 def quantize_bundle(
@@ -62,14 +62,7 @@ def quantize_bundle(
                                          attention, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
         faultpoint("quantized")
 
-        def check_source_onnx(current: dict) -> dict:  # the INT8 artifacts themselves are added by the commit
-            onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
-            if onnx_now is None or onnx_now["sha256"] != source_sha:
-                raise CbamDeployError(f"bundle {bundle_dir} was re-exported while quantizing: its ONNX is not the one "
-                                      "these INT8 artifacts were made from; run quantize again")
-            return current
-
-        update.commit(check_source_onnx)
+        commit_from_source(update, source_sha, "quantizing", "run quantize again")
     return {"bundle": str(bundle_dir), "artifacts": results, "calibration": data.describe(),
             "passed": all(a["parity"]["passed"] for a in results)}
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .checks import split_list
 from .errors import BackendUnavailable, CbamDeployError
 from .formats import FORMATS
 from .runners.onnxruntime import OnnxRuntimeRunner
@@ -210,7 +211,7 @@ def parse_runtimes(value: str | list[str] | None, option: str = "--runtime") -> 
     """A comma list (or list) of runtime names, checked; None for the default."""
     if value is None:
         return None
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    names = split_list(value)
     if not names:
         raise CbamDeployError(f"{option}: give one or more of {', '.join(RUNTIMES)}")
     return check_runtime_names(names, option)

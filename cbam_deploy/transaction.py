@@ -334,6 +334,21 @@ class BundleUpdate:
                 raise mapped from None
 
 
+def commit_from_source(update: BundleUpdate, source_sha: str, doing: str, again: str) -> dict:
+    """Commit ``update`` (the artifacts recorded with ``add_artifact``) unless the bundle's FP32 ONNX is
+    no longer the one they were made from (sha256 ``source_sha``): a re-export that landed meanwhile
+    wins, and the error says so (``doing``: 'quantizing', ``again``: what to run again)."""
+
+    def check(current: dict) -> dict:
+        onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
+        if onnx_now is None or onnx_now["sha256"] != source_sha:
+            raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {doing}: its ONNX is not the one "
+                                  f"these artifacts were made from; {again}")
+        return current
+
+    return update.commit(check)
+
+
 def update_manifest(bundle_dir: str | Path, change: Callable[[dict], dict]) -> dict:
     """Commit a manifest-only change (no new files), merged into the current manifest under the lock."""
     with BundleUpdate(bundle_dir) as update:

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cbam_deploy import runtimes
-from cbam_deploy.bench import bench_bundle, markdown_report
+from cbam_deploy.bench import bench_bundle
+from cbam_deploy.report import markdown_report
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import CbamDeployError
-from ..transaction import BundleUpdate
+from ..transaction import BundleUpdate, commit_from_source
 
 
 @dataclass
@@ -38,13 +37,5 @@ class BuildOutcome:
 def commit_artifact(update: BundleUpdate, source_sha: str) -> None:
     """Commit the artifacts built in ``update`` (``update.add_artifact``), unless the ONNX they were
     built from was replaced meanwhile."""
-
-    def check(current: dict) -> dict:
-        onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
-        if onnx_now is None or onnx_now["sha256"] != source_sha:
-            built = ", ".join(a["name"] for a in update.added)
-            raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {built} was built from it; "
-                                  "build again")
-        return current
-
-    update.commit(check)
+    built = ", ".join(a["name"] for a in update.added)
+    commit_from_source(update, source_sha, f"{built} was built from it", "build again")

@@ -1,6 +1,6 @@
 """The ``cbam-deploy`` command line: one thin function per command over the library.
 
-Each command parses options, calls ``cbam_deploy``, prints. A ``CbamDeployError`` becomes one red
+Each command parses options, calls ``cbam_deploy``, and prints the result (``render``). A ``CbamDeployError`` becomes one red
 line on stderr and a non-zero exit, never a traceback. ``--json`` prints one JSON document on
 stdout and nothing else there.
 """
@@ -8,46 +8,42 @@ stdout and nothing else there.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from typer.core import TyperGroup
 
-from .bench import (COLUMNS, OVERHEAD_COLUMNS, bench_bundle, compare_heading, fallback_notes, markdown_report,
-                    overhead_cells, plot_latency, row_cells, unstable_notes)
-from .bundle import Bundle
-from .checks import check_existing_file, check_int, check_output_dir, check_output_file, parse_batch, parse_list
-from .errors import CbamDeployError
-from .evaluate import evaluate_bundle
-from .explain import explain_bundle
-from .exporters.tensorrt import image_stack
-from .formats import formats as known_formats
-from .fsutil import write_bytes_atomic
-from .models import zoo_table
-from .models.spec import check_input_size
-from .backends.base import TensorRTOptions
-from .export import ExportRequest
-from .pipeline import bench_model, plan_export, run_export, validate_export_options
-from .profile import plot_profile, profile_bundle
-from .quantize import quantize_bundle
-from .runtimes import runtime_help
-from .serve.app import ServeConfig, serve
-from .serve.kserve import inference_service, write_yaml
-from .serve.triton import write_repository
-from .verify import verify_bundle
+from ..bench import bench_bundle
+from ..report import markdown_report, plot_latency
+from ..bundle import Bundle
+from ..checks import check_existing_file, check_int, check_output_dir, check_output_file, parse_batch, parse_list
+from ..errors import CbamDeployError
+from ..evaluate import evaluate_bundle
+from ..explain import explain_bundle
+from ..exporters.tensorrt import image_stack
+from ..formats import formats as known_formats
+from ..fsutil import write_bytes_atomic
+from ..models import zoo_table
+from ..models.spec import check_input_size
+from ..backends.base import TensorRTOptions
+from ..export import ExportRequest
+from ..pipeline import bench_model, plan_export, run_export, validate_export_options
+from ..profile import plot_profile, profile_bundle
+from ..quantize import quantize_bundle
+from ..runtimes import runtime_help
+from ..serve.app import ServeConfig, serve
+from ..serve.kserve import inference_service, write_yaml
+from ..serve.triton import write_repository
+from ..verify import verify_bundle
+from . import render
+from .render import err, out, print_json
 
 _RUNTIME_HELP = ("Runtime that runs the artifacts: " + runtime_help() + ". Default: the best available here (for ONNX "
                  "ort-tensorrt > ort-cuda > ort-openvino > ort-cpu).")
 
-# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False)
 # typer vendors click; its ClickException is found through a public exception's class hierarchy
 _CLICK_EXCEPTION = next((c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), typer.BadParameter)
 
@@ -107,24 +103,6 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
 
 
-def _attention(parity: dict | None) -> str:
-    """The worst spatial gate: 'corr 0.9976 IoU 0.864'; '-' without CBAM spatial gates."""
-    if not parity or parity.get("min_correlation") is None:
-        return "-" if not parity or not parity.get("skipped") else "skipped"
-    return f"corr {parity['min_correlation']:.4f} IoU {parity['min_top_iou']:.3f}"
-
-
-def _top1(metrics: dict, decimals: int = 1) -> str:
-    """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
-    value = metrics.get("top1_agreement")
-    return "-" if value is None else f"{value * 100:.{decimals}f}%"
-
-
-def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
 @app.command("models")
 @_handle_errors
 def models_command(
@@ -135,18 +113,9 @@ def models_command(
     check_input_size(input_size, "resnet18", "imagenet")
     rows = zoo_table(input_size)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
-    table = Table(title=f"cbam-deploy model zoo (GFLOPs = multiply-accumulates at {input_size}x{input_size})")
-    table.add_column("model")
-    table.add_column("params", justify="right")
-    table.add_column("GFLOPs", justify="right")
-    table.add_column("description")
-    for row in rows:
-        table.add_row(row["name"], f"{row['parameters']:,}", f"{row['gflops']:.3f}", row["description"])
-    out.print(table)
-    out.print("Any zoo model also takes --stem cifar (3x3 stem, no max pool). Your own network: --model file.py:factory")
-
+    render.zoo(rows, input_size)
 
 @app.command("export")
 @_handle_errors
@@ -204,13 +173,13 @@ def export_command(
         err.print(f"exporting [bold]{model}[/] ...")
     result = run_export(request, plan)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
-        _print_export(result)
+        render.export(result)
         if result.get("int8"):
-            _print_quantize(result["int8"])
+            render.quantize(result["int8"])
         if result.get("summary"):
-            _print_summary(result["summary"])
+            render.summary(result["summary"])
     if result["passed"] is False:
         err.print("[bold red]error:[/] parity check failed: the ONNX model does not match PyTorch (recorded in the manifest)")
         raise typer.Exit(3)
@@ -220,56 +189,6 @@ def export_command(
     if result.get("summary") and result["summary"]["passed"] is False:
         err.print("[bold red]error:[/] an artifact failed verification (recorded in the manifest)")
         raise typer.Exit(3)
-
-
-def _print_export(result: dict) -> None:
-    model = result["model"]
-    weights = model["weights"]["path"] if model["weights"] else "none (random init)"
-    out.print(f"model   {model['name']}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
-    out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
-              f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
-    rewrites = result["export"].get("cbam_opt") or {}
-    if rewrites.get("mode") == "on":
-        done = ", ".join(f"{r['name']} ({r['modules']} gates{', exact' if r['exact'] else ''})" for r in rewrites["rewrites"])
-        out.print(f"cbam-opt {done or rewrites.get('note', 'nothing to rewrite')}  (--cbam-opt off exports as written)")
-    parity = result["parity"]
-    if parity.get("passed") is None:
-        out.print("parity  skipped (--no-parity)")
-        return
-    table = Table(title="parity: onnxruntime CPU vs PyTorch eager (fp32)")
-    for column in ("batch", "HxW", "n", "max|err|", "mean|err|", "cos min", "top-1", "result"):
-        table.add_column(column, justify="right")
-    for case in parity["cases"]:
-        table.add_row(
-            str(case["batch"]), f"{case['height']}x{case['width']}", str(case["samples"]),
-            f"{case.get('max_abs_err', float('nan')):.1e}", f"{case.get('mean_abs_err', float('nan')):.1e}",
-            f"{case.get('cosine_min', float('nan')):.6f}", _top1(case, 0),
-            "[green]pass[/]" if case["passed"] else f"[red]FAIL[/] {escape(case.get('reason', ''))}",
-        )
-    out.print(table)
-    for note in model["notes"]:
-        out.print(f"[yellow]note:[/] {escape(note)}")
-
-
-def _print_summary(summary: dict) -> None:
-    table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
-    for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
-        table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
-    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3}
-    rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
-    for row in rows:
-        if row.get("skipped"):
-            table.add_row(row["format"], row["precision"], "-", "-", "[yellow]skipped[/]", "-", "-")
-            continue
-        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
-        latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
-        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
-        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
-        table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
-    out.print(table)
-    for row in rows:
-        if row.get("skipped"):
-            out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
 
 
 @app.command("verify")
@@ -286,28 +205,9 @@ def verify_command(
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     result = verify_bundle(bundle, data, names, samples, runtime=runtime)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
-        under = f" (runtime {runtime})" if runtime else ""
-        table = Table(title=f"verify {result['bundle']}{under} against {result['reference']}")
-        for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
-            table.add_column(column)
-        for row in result["results"]:
-            if row.get("skipped"):
-                table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-",
-                              f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
-                continue
-            cosine = row.get("cosine_min", row.get("cosine_mean"))
-            table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
-                          f"{cosine:.5f}", _top1(row), _attention(row.get("attention")),
-                          "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
-        out.print(table)
-        for row in result["results"]:
-            divergence = row.get("first_divergence")
-            if divergence:
-                out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
-                          f"({divergence['type']}, ONNX node {divergence['onnx_node']}): max abs error "
-                          f"{divergence['max_abs_err']:.3g} > {divergence['bound']:.3g}")
+        render.verify(result, runtime)
     for row in result["results"]:
         if row.get("fallback"):
             err.print(f"[yellow]warning:[/] {escape(row['artifact'])} under {row.get('runtime')}: {escape(row['fallback'])}",
@@ -371,47 +271,9 @@ def bench_command(
     except OSError as exc:
         raise CbamDeployError(f"cannot write the report {exc.filename or markdown or plot}: {exc.strerror or exc}") from None
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    _print_bench(result, title)
-
-
-def _print_bench(result: dict, title: str) -> None:
-    table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("runner", "runtime", "precision", "stable") else "right",
-                         overflow="fold" if column == "runner" else "ellipsis")  # ARTIFACT@RUNTIME in full
-    for r in result["results"]:
-        table.add_row(*(escape(c) for c in row_cells(r)))
-    out.print(table)
-    if result.get("overhead"):
-        table = Table(title=f"attention overhead: {result['model']} / {result['overhead']['plain']}, same engine, same rounds")
-        for column in OVERHEAD_COLUMNS:
-            table.add_column(column, justify="left" if column == "engine" else "right")
-        for row in result["overhead"]["rows"]:
-            table.add_row(*overhead_cells(row))
-        out.print(table)
-    if result.get("cbam_opt_compare"):
-        title, columns = compare_heading(result)
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column, justify="left" if column == "engine" else "right")
-        for row in result["cbam_opt_compare"]["rows"]:
-            table.add_row(*overhead_cells(row))
-        out.print(table)
-    for r in result["results"]:
-        if r.get("made_by"):
-            out.print(f"[dim]{escape(r['runner'])}: {escape(r['made_by'])}[/]")
-    out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
-    for note in fallback_notes(result["results"]):
-        out.print(f"[yellow]fallback[/] {escape(note)}")
-    for note in unstable_notes(result["results"]):
-        out.print(f"[yellow]unstable[/] {escape(note)}")
-    if not result["stable"]:
-        out.print("[yellow]unstable measurement:[/] the rows marked NO are not to be quoted; try --wait-quiet 60 "
-                  "--retries 2 on a quieter machine, or --strict to make this an error")
-    for skip in result["skipped"]:
-        out.print(f"[yellow]skipped[/] {skip['artifact']}: {escape(skip['reason'])}")
+    render.bench(result, title)
 
 
 @app.command("profile")
@@ -437,17 +299,9 @@ def profile_command(
     if plot:
         plot_profile(result, plot)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    for row in result["results"]:
-        table = Table(title=f"{row['artifact']} ({row['tool']}): {row['total_ms']:.3f} ms per inference in kernels, "
-                            f"batch {result['batch']}")
-        for column in ("category", "ms", "share"):
-            table.add_column(column, justify="left" if column == "category" else "right")
-        for category in row["categories"]:
-            table.add_row(category["category"], f"{category['ms']:.3f}", f"{category['share'] * 100:.1f}%")
-        out.print(table)
-        out.print("slowest ops: " + ", ".join(f"{o['op']} ({o['category']}) {o['ms']:.3f} ms" for o in row["top_ops"][:5]))
+    render.profile(result)
 
 
 @app.command("quantize")
@@ -467,32 +321,12 @@ def quantize_command(
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
     result = quantize_bundle(bundle, target, calib_data, calib_size, calib_batch, method, gates, cache, seed)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
-        _print_quantize(result)
+        render.quantize(result)
     if not result["passed"]:
         err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
         raise typer.Exit(3)
-
-
-def _print_quantize(result: dict) -> None:
-    calib = result["calibration"]
-    out.print(f"calibration  {calib['source']} ({calib['kind']}): {calib['samples']} samples, "
-              f"{calib['skipped_unreadable']} unreadable skipped")
-    for warning in calib.get("warnings", []):
-        out.print(f"[yellow]warning:[/] {escape(warning)}")
-    table = Table(title="INT8 artifacts vs PyTorch FP32")
-    for column in ("artifact", "recipe", "method", "gates", "size", "top-1 agree", "cosine", "cache", "result"):
-        table.add_column(column)
-    for artifact in result["artifacts"]:
-        quant, parity = artifact["quantization"], artifact["parity"]
-        table.add_row(
-            artifact["name"], quant["recipe"], quant["method"], quant["gates"], f"{artifact['size_bytes'] / 1e6:.1f} MB",
-            _top1(parity), f"{parity['cosine_mean']:.4f}",
-            "hit" if quant["calibration_cache"].get("hit") else "-",
-            "[green]pass[/]" if parity["passed"] else "[red]FAIL[/]",
-        )
-    out.print(table)
 
 
 @app.command("eval")
@@ -508,18 +342,9 @@ def eval_command(
     """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
     result = evaluate_bundle(bundle, data, artifact, batch, limit)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']})")
-    for column in ("artifact", "format", "precision", "top-1", "top-5", "agree w/ fp32", "seconds"):
-        table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
-    for row in result["results"]:
-        if "skipped" in row:
-            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
-            continue
-        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['top1'] * 100:.2f}%",
-                      f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%", f"{row['seconds']:.2f}")
-    out.print(table)
+    render.evaluation(result)
 
 
 @app.command("serve")
@@ -640,14 +465,9 @@ def triton_command(
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     written = write_repository(bundle, output, names, name, max_batch, instances, delay_us, kind, triton_release)
     if as_json:
-        _print_json(written)
+        print_json(written)
         return
-    for entry in written:
-        out.print(f"{entry['model']}: {entry['format']} artifact {entry['artifact']} -> {entry['path']}")
-        for warning in entry.get("warnings", []):
-            out.print(f"[yellow]warning:[/] {escape(warning)}")
-    out.print(f"start Triton: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/{output}:/models "
-              f"nvcr.io/nvidia/tritonserver:{triton_release or '<yy.mm>'}-py3 tritonserver --model-repository=/models")
+    render.triton(written, output, triton_release)
 
 
 @app.command("explain")
@@ -670,30 +490,9 @@ def explain_command(
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     result = explain_bundle(bundle, image, names, output)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    if result["artifacts"] and result["gates"]:
-        rows = result["artifacts"]
-        table = Table(title=f"attention parity vs {result['reference']}: correlation / top-10% IoU per spatial gate")
-        table.add_column("gate")
-        for name in rows:
-            table.add_column(name, justify="right")
-        for gate in result["gates"]:
-            cells = [rows[n]["attention"]["gates"][gate] for n in rows]
-            table.add_row(gate, *(f"{c['correlation']:.4f} / {c['top_iou']:.3f}" if c.get("found") else "[red]missing[/]"
-                                  for c in cells))
-        if result["classifier"]:
-            table.add_row("top-1", *("agrees" if rows[n]["top1_agrees"] else "[red]differs[/]" for n in rows))
-        table.add_row("attention", *("[green]pass[/]" if rows[n]["attention"]["passed"] else "[red]FAIL[/]" for n in rows))
-        out.print(table)
-    if result["gradcam"]:
-        out.print(f"Grad-CAM: class {result['gradcam']['target']} on {result['gradcam']['layer']}")
-    for note in result["notes"]:
-        out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    for name, reason in result["skipped"].items():
-        out.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", soft_wrap=True)
-    out.print(f"page: {escape(result['page'])} ({len(result['files'])} files in {escape(result['output_dir'])})",
-              soft_wrap=True)
+    render.explain(result)
 
 
 @app.command("info")
@@ -713,25 +512,9 @@ def info_command(
     stack = image_stack()  # the pinned stack of a cbam-deploy Docker image; None elsewhere
     if as_json:
         artifacts = [{**a.raw, "integrity": integrity[a.name]} for a in opened.artifacts]
-        _print_json({**opened.manifest, "artifacts": artifacts, **({"image_stack": stack} if stack else {})})
+        print_json({**opened.manifest, "artifacts": artifacts, **({"image_stack": stack} if stack else {})})
     else:
-        model = opened.model
-        params = f"{model.parameters:,}" if isinstance(model.parameters, int) else "?"
-        out.print(f"[bold]{escape(model.name)}[/]  classes={model.num_classes}  params={params}  "
-                  f"input {opened.input.shape}")
-        table = Table()
-        for column in ("artifact", "format", "precision", "size", "sha256", "parity"):
-            table.add_column(column)
-        for artifact in opened.artifacts:
-            state = integrity[artifact.name]
-            shown = "ok" if state == "ok" else f"[red]{state}[/]"
-            passed = (artifact.parity or {}).get("passed")
-            verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not run"}[passed]
-            size = f"{artifact.size_bytes / 1e6:.1f} MB" if artifact.size_bytes is not None else "-"
-            table.add_row(artifact.name, artifact.format, artifact.precision, size, shown, verdict)
-        out.print(table)
-        if stack:
-            out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))
+        render.info(opened, integrity, stack)
     broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
     if broken:
         err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "

@@ -1,0 +1,259 @@
+"""What the commands print for people: rich tables and one-line notes (``--json`` prints the library's
+result instead, with ``print_json``). Each function takes a library result and prints it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..bundle import Bundle
+from ..report import (COLUMNS, OVERHEAD_COLUMNS, compare_heading, fallback_notes, overhead_cells, row_cells,
+                      unstable_notes)
+
+# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False)
+
+
+def attention_cell(parity: dict | None) -> str:
+    """The worst spatial gate: 'corr 0.9976 IoU 0.864'; '-' without CBAM spatial gates."""
+    if not parity or parity.get("min_correlation") is None:
+        return "-" if not parity or not parity.get("skipped") else "skipped"
+    return f"corr {parity['min_correlation']:.4f} IoU {parity['min_top_iou']:.3f}"
+
+
+def top1_cell(metrics: dict, decimals: int = 1) -> str:
+    """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
+    value = metrics.get("top1_agreement")
+    return "-" if value is None else f"{value * 100:.{decimals}f}%"
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def zoo(rows: list[dict], input_size: int) -> None:
+    table = Table(title=f"cbam-deploy model zoo (GFLOPs = multiply-accumulates at {input_size}x{input_size})")
+    table.add_column("model")
+    table.add_column("params", justify="right")
+    table.add_column("GFLOPs", justify="right")
+    table.add_column("description")
+    for row in rows:
+        table.add_row(row["name"], f"{row['parameters']:,}", f"{row['gflops']:.3f}", row["description"])
+    out.print(table)
+    out.print("Any zoo model also takes --stem cifar (3x3 stem, no max pool). Your own network: --model file.py:factory")
+
+
+def export(result: dict) -> None:
+    model = result["model"]
+    weights = model["weights"]["path"] if model["weights"] else "none (random init)"
+    out.print(f"model   {model['name']}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
+    out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
+              f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
+    rewrites = result["export"].get("cbam_opt") or {}
+    if rewrites.get("mode") == "on":
+        done = ", ".join(f"{r['name']} ({r['modules']} gates{', exact' if r['exact'] else ''})" for r in rewrites["rewrites"])
+        out.print(f"cbam-opt {done or rewrites.get('note', 'nothing to rewrite')}  (--cbam-opt off exports as written)")
+    parity = result["parity"]
+    if parity.get("passed") is None:
+        out.print("parity  skipped (--no-parity)")
+        return
+    table = Table(title="parity: onnxruntime CPU vs PyTorch eager (fp32)")
+    for column in ("batch", "HxW", "n", "max|err|", "mean|err|", "cos min", "top-1", "result"):
+        table.add_column(column, justify="right")
+    for case in parity["cases"]:
+        table.add_row(
+            str(case["batch"]), f"{case['height']}x{case['width']}", str(case["samples"]),
+            f"{case.get('max_abs_err', float('nan')):.1e}", f"{case.get('mean_abs_err', float('nan')):.1e}",
+            f"{case.get('cosine_min', float('nan')):.6f}", top1_cell(case, 0),
+            "[green]pass[/]" if case["passed"] else f"[red]FAIL[/] {escape(case.get('reason', ''))}",
+        )
+    out.print(table)
+    for note in model["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def summary(summary: dict) -> None:
+    table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
+    for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
+        table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
+    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3}
+    rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
+    for row in rows:
+        if row.get("skipped"):
+            table.add_row(row["format"], row["precision"], "-", "-", "[yellow]skipped[/]", "-", "-")
+            continue
+        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
+        latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
+        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
+        table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
+    out.print(table)
+    for row in rows:
+        if row.get("skipped"):
+            out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
+
+
+def verify(result: dict, runtime: str | None = None) -> None:
+    under = f" (runtime {runtime})" if runtime else ""
+    table = Table(title=f"verify {result['bundle']}{under} against {result['reference']}")
+    for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
+        table.add_column(column)
+    for row in result["results"]:
+        if row.get("skipped"):
+            table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-",
+                          f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
+            continue
+        cosine = row.get("cosine_min", row.get("cosine_mean"))
+        table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
+                      f"{cosine:.5f}", top1_cell(row), attention_cell(row.get("attention")),
+                      "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
+    out.print(table)
+    for row in result["results"]:
+        divergence = row.get("first_divergence")
+        if divergence:
+            out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
+                      f"({divergence['type']}, ONNX node {divergence['onnx_node']}): max abs error "
+                      f"{divergence['max_abs_err']:.3g} > {divergence['bound']:.3g}")
+
+
+def bench(result: dict, title: str) -> None:
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("runner", "runtime", "precision", "stable") else "right",
+                         overflow="fold" if column == "runner" else "ellipsis")  # ARTIFACT@RUNTIME in full
+    for r in result["results"]:
+        table.add_row(*(escape(c) for c in row_cells(r)))
+    out.print(table)
+    if result.get("overhead"):
+        table = Table(title=f"attention overhead: {result['model']} / {result['overhead']['plain']}, same engine, same rounds")
+        for column in OVERHEAD_COLUMNS:
+            table.add_column(column, justify="left" if column == "engine" else "right")
+        for row in result["overhead"]["rows"]:
+            table.add_row(*overhead_cells(row))
+        out.print(table)
+    if result.get("cbam_opt_compare"):
+        title, columns = compare_heading(result)
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, justify="left" if column == "engine" else "right")
+        for row in result["cbam_opt_compare"]["rows"]:
+            table.add_row(*overhead_cells(row))
+        out.print(table)
+    for r in result["results"]:
+        if r.get("made_by"):
+            out.print(f"[dim]{escape(r['runner'])}: {escape(r['made_by'])}[/]")
+    out.print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    for note in fallback_notes(result["results"]):
+        out.print(f"[yellow]fallback[/] {escape(note)}")
+    for note in unstable_notes(result["results"]):
+        out.print(f"[yellow]unstable[/] {escape(note)}")
+    if not result["stable"]:
+        out.print("[yellow]unstable measurement:[/] the rows marked NO are not to be quoted; try --wait-quiet 60 "
+                  "--retries 2 on a quieter machine, or --strict to make this an error")
+    for skip in result["skipped"]:
+        out.print(f"[yellow]skipped[/] {skip['artifact']}: {escape(skip['reason'])}")
+
+
+def profile(result: dict) -> None:
+    for row in result["results"]:
+        table = Table(title=f"{row['artifact']} ({row['tool']}): {row['total_ms']:.3f} ms per inference in kernels, "
+                            f"batch {result['batch']}")
+        for column in ("category", "ms", "share"):
+            table.add_column(column, justify="left" if column == "category" else "right")
+        for category in row["categories"]:
+            table.add_row(category["category"], f"{category['ms']:.3f}", f"{category['share'] * 100:.1f}%")
+        out.print(table)
+        out.print("slowest ops: " + ", ".join(f"{o['op']} ({o['category']}) {o['ms']:.3f} ms" for o in row["top_ops"][:5]))
+
+
+def quantize(result: dict) -> None:
+    calib = result["calibration"]
+    out.print(f"calibration  {calib['source']} ({calib['kind']}): {calib['samples']} samples, "
+              f"{calib['skipped_unreadable']} unreadable skipped")
+    for warning in calib.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {escape(warning)}")
+    table = Table(title="INT8 artifacts vs PyTorch FP32")
+    for column in ("artifact", "recipe", "method", "gates", "size", "top-1 agree", "cosine", "cache", "result"):
+        table.add_column(column)
+    for artifact in result["artifacts"]:
+        quant, parity = artifact["quantization"], artifact["parity"]
+        table.add_row(
+            artifact["name"], quant["recipe"], quant["method"], quant["gates"], f"{artifact['size_bytes'] / 1e6:.1f} MB",
+            top1_cell(parity), f"{parity['cosine_mean']:.4f}",
+            "hit" if quant["calibration_cache"].get("hit") else "-",
+            "[green]pass[/]" if parity["passed"] else "[red]FAIL[/]",
+        )
+    out.print(table)
+
+
+def evaluation(result: dict) -> None:
+    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']})")
+    for column in ("artifact", "format", "precision", "top-1", "top-5", "agree w/ fp32", "seconds"):
+        table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
+    for row in result["results"]:
+        if "skipped" in row:
+            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
+            continue
+        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['top1'] * 100:.2f}%",
+                      f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%", f"{row['seconds']:.2f}")
+    out.print(table)
+
+
+def triton(written: list[dict], output: str, triton_release: str | None = None) -> None:
+    for entry in written:
+        out.print(f"{entry['model']}: {entry['format']} artifact {entry['artifact']} -> {entry['path']}")
+        for warning in entry.get("warnings", []):
+            out.print(f"[yellow]warning:[/] {escape(warning)}")
+    out.print(f"start Triton: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/{output}:/models "
+              f"nvcr.io/nvidia/tritonserver:{triton_release or '<yy.mm>'}-py3 tritonserver --model-repository=/models")
+
+
+def explain(result: dict) -> None:
+    if result["artifacts"] and result["gates"]:
+        rows = result["artifacts"]
+        table = Table(title=f"attention parity vs {result['reference']}: correlation / top-10% IoU per spatial gate")
+        table.add_column("gate")
+        for name in rows:
+            table.add_column(name, justify="right")
+        for gate in result["gates"]:
+            cells = [rows[n]["attention"]["gates"][gate] for n in rows]
+            table.add_row(gate, *(f"{c['correlation']:.4f} / {c['top_iou']:.3f}" if c.get("found") else "[red]missing[/]"
+                                  for c in cells))
+        if result["classifier"]:
+            table.add_row("top-1", *("agrees" if rows[n]["top1_agrees"] else "[red]differs[/]" for n in rows))
+        table.add_row("attention", *("[green]pass[/]" if rows[n]["attention"]["passed"] else "[red]FAIL[/]" for n in rows))
+        out.print(table)
+    if result["gradcam"]:
+        out.print(f"Grad-CAM: class {result['gradcam']['target']} on {result['gradcam']['layer']}")
+    for note in result["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    for name, reason in result["skipped"].items():
+        out.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", soft_wrap=True)
+    out.print(f"page: {escape(result['page'])} ({len(result['files'])} files in {escape(result['output_dir'])})",
+              soft_wrap=True)
+
+
+def info(opened: Bundle, integrity: dict[str, str], stack: dict | None) -> None:
+    model = opened.model
+    params = f"{model.parameters:,}" if isinstance(model.parameters, int) else "?"
+    out.print(f"[bold]{escape(model.name)}[/]  classes={model.num_classes}  params={params}  "
+              f"input {opened.input.shape}")
+    table = Table()
+    for column in ("artifact", "format", "precision", "size", "sha256", "parity"):
+        table.add_column(column)
+    for artifact in opened.artifacts:
+        state = integrity[artifact.name]
+        shown = "ok" if state == "ok" else f"[red]{state}[/]"
+        passed = (artifact.parity or {}).get("passed")
+        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "not run"}[passed]
+        size = f"{artifact.size_bytes / 1e6:.1f} MB" if artifact.size_bytes is not None else "-"
+        table.add_row(artifact.name, artifact.format, artifact.precision, size, shown, verdict)
+    out.print(table)
+    if stack:
+        out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))
