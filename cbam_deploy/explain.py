@@ -33,6 +33,7 @@ from PIL import Image
 
 from .attention import artifact_maps, compare_maps, torch_maps
 from .bundle import Bundle, Preprocess, check_artifact_names
+from .checks import check_existing_file, check_output_dir
 from .data import _Unreadable, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
 from .fsutil import write_bytes_atomic
@@ -59,11 +60,11 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     ``predictions`` {runner: top-5}, ``gradcam``, ``artifacts`` {name: {"attention": compare_maps(...),
     "files": {gate: png}, ...}}, ``skipped`` {name: reason}, ``notes``.
     """
+    check_existing_file("--image", image_path)
+    check_output_dir("--output", output_dir)
     bundle = Bundle.open(bundle_dir)
     bundle_dir = bundle.directory  # the folder, also when a manifest file was given
     image_path = Path(image_path)
-    if not image_path.is_file():
-        raise CbamDeployError(f"--image {image_path} is not a file")
     try:
         chw = load_image_file(image_path, bundle.input.raw)
     except _Unreadable as exc:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .checks import MAX_BATCH, check_int, check_output_file
 from .scopes import inside, name_module_path
 from .errors import CbamDeployError
 from .runners import OnnxRuntimeRunner
@@ -100,10 +101,14 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
 
 
 def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, batch: int = 1, runs: int = 20,
-                   warmup: int = 5, threads: int | None = None) -> dict:
-    """Per-operator time of each artifact (default: every onnx and openvino artifact), rolled up."""
-    if runs < 1 or warmup < 0 or batch < 1:
-        raise CbamDeployError("--runs and --batch must be >= 1, --warmup >= 0")
+                   warmup: int = 5, threads: int | None = None, plot: str | Path | None = None) -> dict:
+    """Per-operator time of each artifact (default: every onnx and openvino artifact), rolled up.
+    ``plot``: where the caller will draw ``plot_profile`` (checked here, before any profiling)."""
+    check_int("--batch", batch, 1, MAX_BATCH)
+    check_int("--runs", runs, 1, 100000)
+    check_int("--warmup", warmup, 0, 100000)
+    check_int("--threads", threads, 1, allow_none=True)
+    check_output_file("--plot", plot)
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
     known = bundle.artifact_names

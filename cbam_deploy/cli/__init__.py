@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from ..bench import bench_bundle
 from ..report import markdown_report, plot_latency
 from ..bundle import Bundle
-from ..checks import check_existing_file, check_int, check_output_dir, check_output_file, parse_batch, parse_list
+from ..checks import parse_batch, parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain import explain_bundle
@@ -290,12 +290,8 @@ def profile_command(
 ) -> None:
     """Per-operator time (onnxruntime profiler, OpenVINO performance counters), rolled up into conv,
     CBAM channel gate, CBAM spatial gate, layout, quantize/dequantize and other."""
-    check_int("--batch", batch, 1, 1024)
-    check_int("--runs", runs, 1, 100000)
-    check_int("--warmup", warmup, 0, 100000)
-    check_int("--threads", threads, 1, allow_none=True)
-    check_output_file("--plot", plot)
-    result = profile_bundle(bundle, parse_list(artifact, "--artifact") if artifact else None, batch, runs, warmup, threads)
+    result = profile_bundle(bundle, parse_list(artifact, "--artifact") if artifact else None, batch, runs, warmup, threads,
+                            plot)
     if plot:
         plot_profile(result, plot)
     if as_json:
@@ -375,10 +371,6 @@ def serve_command(
     (its folder when two would clash) and listed by /v2/repository/index. Exit codes: 0 stopped by
     Ctrl-C, 2 a bad option or bundle, 4 an address could not be bound or the server could not start.
     SIGTERM stops it within a few seconds."""
-    if not 0 <= grpc_port <= 65535:
-        raise CbamDeployError(f"--grpc-port must be 0 to 65535, got {grpc_port}")
-    if grpc_port and grpc_port == port:
-        raise CbamDeployError(f"--port and --grpc-port are both {port}")
     config = ServeConfig(bundles[0] if len(bundles) == 1 else list(bundles), artifact=artifact, name=name,
                          max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_mb=max_body_mb, labels=labels,
                          threads=threads, max_queue=max_queue, request_timeout_s=request_timeout_s,
@@ -485,8 +477,6 @@ def explain_command(
     Writes PNG overlays and one self-contained HTML page (every image embedded) into the output folder.
     Exit codes: 0 the page was written (also for a model without spatial gates: the page says so),
     2 a bad option, bundle or image."""
-    check_existing_file("--image", image)
-    check_output_dir("--output", output)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     result = explain_bundle(bundle, image, names, output)
     if as_json:

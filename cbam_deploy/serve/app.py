@@ -361,6 +361,8 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
     ``on_started('host:port')`` once it listens (then ``app.state.grpc_address`` names the gRPC
     endpoint, if any)."""
     config.check()
+    if config.grpc_port and config.grpc_port == port:
+        raise CbamDeployError(f"--port and --grpc-port are both {port}")
     sock = bind_socket(host, port)  # before the models load: a taken port fails at once
     try:
         if config.grpc_port:  # the same for the gRPC port (it is bound again, by grpc, once the models are loaded)
