@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import itertools
 import re
 import shlex
@@ -211,13 +212,19 @@ def _variants(args: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.islice(itertools.product(*choices), 64)]
 
 
-def _parse(args: list[str]) -> None:
-    """Parse ``cbam-deploy ARGS`` as the CLI would, without running anything."""
+@functools.lru_cache(maxsize=1)
+def _cli():
+    """The click command the ``cbam-deploy`` entry point runs, built from the Typer app."""
     import typer.main
 
     from cbam_deploy.cli import app
 
-    group = typer.main.get_command(app)
+    return typer.main.get_command(app)
+
+
+def _parse(args: list[str]) -> None:
+    """Parse ``cbam-deploy ARGS`` as the CLI would, without running anything."""
+    group = _cli()
     assert args, "no command"
     name, rest = args[0], args[1:]
     ctx = group.make_context("cbam-deploy", [name], resilient_parsing=False)
@@ -233,22 +240,14 @@ COMMANDS = shown_commands()
 
 
 def test_the_pages_show_commands_for_every_cli_command():
-    import typer.main
-
-    from cbam_deploy.cli import app
-
     shown = {args[0] for _, _, args, bare in COMMANDS if args and not bare}
-    missing = sorted(set(typer.main.get_command(app).commands) - shown)
+    missing = sorted(set(_cli().commands) - shown)
     assert not missing, f"no page shows these commands: {missing}"
 
 
 @pytest.mark.parametrize("page,text,args,bare", COMMANDS, ids=[f"{p}:{' '.join(a)[:60]}" for p, _, a, _ in COMMANDS])
 def test_every_command_shown_parses_against_the_cli(page, text, args, bare):
-    import typer.main
-
-    from cbam_deploy.cli import app
-
-    group = typer.main.get_command(app)
+    group = _cli()
     if bare:
         assert not args or args[0] in group.commands, f"{page}: `{text}` names no command"
         return
