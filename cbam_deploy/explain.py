@@ -15,7 +15,8 @@ says, and shows for it:
 A bundle whose PyTorch model cannot be rebuilt (a stand-in reference) still gets the artifacts'
 maps, compared with the FP32 ONNX's, but no Grad-CAM and no channel profiles; the page says so. A
 model without CBAM spatial gates gets a page with its predictions and Grad-CAM and a line saying
-there are no gates to compare. Every file is written atomically; the page embeds every image as a
+there are no gates to compare. The folder is written as one unit (staged beside it, then swapped in
+whole: an interrupted run leaves the previous page as it was); the page embeds every image as a
 data: URI, so it can be mailed or attached to a CI run on its own.
 """
 
@@ -25,12 +26,16 @@ import base64
 import html
 import io
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BackendUnavailable, CbamDeployError
+from .fsutil import StagedFolder
+from .options import shorten
+from .transaction import faultpoint
 
 if TYPE_CHECKING:
     from .bundle import Bundle, Preprocess
@@ -46,7 +51,7 @@ EXPLAINABLE_FORMATS = ("onnx", "openvino")
 
 
 def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: list[str] | None = None,
-                   output_dir: str | Path | None = None) -> dict:
+                   output_dir: str | Path | None = None, trust=None) -> dict:
     """Explain one image with a bundle; returns what was found and every file written.
 
     ``artifacts``: names of ONNX / OpenVINO artifacts (default: all of them in the bundle; others are
@@ -62,6 +67,8 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
 
     bundle = Bundle.open(bundle_dir)
     bundle_dir = bundle.directory  # the folder, also when a manifest file was given
+    output_dir = output_folder(output_dir, bundle_dir)  # before any work
+    faultpoint("explain-start")
     image_path = Path(image_path)
     if not image_path.is_file():
         raise CbamDeployError(f"--image {image_path} is not a file")
@@ -75,7 +82,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     classifier = bundle.classification_output is not None
     notes: list[str] = []
 
-    runner, label = reference_runner(bundle)
+    runner, label = reference_runner(bundle, trust=trust)  # a factory's code runs only when trusted
     key = label.split(" ")[0]  # 'pytorch-fp32', or 'onnx-fp32' standing in
     stand_in = is_stand_in(runner)
     model = None if stand_in else runner.model
@@ -139,17 +146,30 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
             row["top1_agrees"] = predictions[name][0]["class"] == predictions[key][0]["class"]
         rows[name] = row
 
-    # --- render and write -------------------------------------------------------------------------
-    output_dir = Path(output_dir) if output_dir is not None else Path("explain") / bundle_dir.resolve().name
+    # --- render and write: into a staging folder, swapped in whole at the end ----------------------
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        stage = StagedFolder(output_dir, "explain")
+        staged = stage.__enter__()
     except OSError as exc:
         raise CbamDeployError(f"-o {output_dir}: cannot create the folder ({exc.strerror or exc})") from None
-    writer = _Writer(output_dir)
+    try:
+        result = _render(stage, staged, output_dir, bundle, bundle_dir, image_path, chw, key, label, classifier, gates,
+                         reference_maps, channel_maps, candidate_maps, rows, predictions, gradcam, gradcam_map,
+                         skipped, notes)
+    finally:
+        stage.__exit__(None, None, None)
+    return result
+
+
+def _render(stage, staged: Path, output_dir: Path, bundle, bundle_dir, image_path, chw, key, label, classifier, gates,
+            reference_maps, channel_maps, candidate_maps, rows, predictions, gradcam, gradcam_map, skipped,
+            notes) -> dict:
+    writer = _Writer(output_dir, staged)
     picture = _display_image(chw, bundle.input.preprocess)
     outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
 
     writer.png("input.png", _render_image(picture))
+    faultpoint("explain-render")
     if gradcam_map is not None:
         gradcam["file"] = writer.png("gradcam.png", _render_overlay(
             picture, _normalise(gradcam_map), (0.0, 1.0), smooth=True, label="Grad-CAM (relative)", outline=outline))
@@ -193,7 +213,27 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     page = _page(result, writer, spatial_files, channel_files, {g: m[0, 0] for g, m in reference_maps.items()})
     result["page"] = writer.write(PAGE_NAME, page.encode("utf-8"))
     result["files"] = list(writer.files)
+    faultpoint("explain-staged")
+    try:
+        stage.swap_in()  # the old folder or the new one, never a mix
+    except OSError as exc:
+        raise CbamDeployError(f"-o {output_dir}: cannot put the page in place ({exc.strerror or exc})") from None
     return result
+
+
+def output_folder(output_dir: str | Path | None, bundle_dir: Path) -> Path:
+    """Where the page goes (default ``explain/<bundle folder name>/``), refused when it is a folder of
+    other files: explain replaces its folder as a whole, so it takes a new or empty folder, or one an
+    earlier explain wrote."""
+    output_dir = Path(output_dir) if output_dir is not None else Path("explain") / bundle_dir.resolve().name
+    if output_dir.is_dir():
+        names = set(os.listdir(output_dir))
+        if names and not names & {PAGE_NAME, MAPS_NAME}:
+            raise CbamDeployError(f"-o {output_dir} holds other files ({shorten(sorted(names)[0])}, ...): explain "
+                                  "replaces its folder as a whole; give a new or empty folder, or an earlier page's")
+    elif output_dir.exists() or output_dir.is_symlink():
+        raise CbamDeployError(f"-o {output_dir} exists and is not a folder")
+    return output_dir
 
 
 # --- choosing --------------------------------------------------------------------------------------
@@ -228,6 +268,7 @@ def _top_k(logits: np.ndarray, k: int = TOP_K) -> list[dict]:
 def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
     """captum's LayerGradCam on the last attention-bearing stage (else the last stage), for ``target``,
     upsampled to the input's size with LayerAttribution.interpolate (bilinear)."""
+    faultpoint("explain-gradcam")
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
@@ -411,19 +452,19 @@ def _slug(text: str) -> str:
 # --- writing ---------------------------------------------------------------------------------------
 
 class _Writer:
-    """Writes files atomically into one folder, keeps their bytes for the page, lists them."""
+    """Writes files into the staging folder, keeps their bytes for the page, lists them under the
+    paths they will have once the folder is swapped in."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, staging: Path) -> None:
         self.folder = folder
+        self.staging = staging
         self.files: list[str] = []
         self.data: dict[str, bytes] = {}
 
     def write(self, name: str, data: bytes) -> str:
-        from .fsutil import write_bytes_atomic
-
         path = self.folder / name
         try:
-            write_bytes_atomic(path, data)
+            (self.staging / name).write_bytes(data)
         except OSError as exc:
             raise CbamDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.files.append(str(path))

@@ -25,6 +25,7 @@ import numpy as np
 from .bundle import Bundle
 from .scopes import inside, name_module_path
 from .errors import CbamDeployError
+from .fsutil import atomic_path
 
 CATEGORIES = ("conv", "cbam channel gate", "cbam spatial gate", "attention (other)", "layout",
               "quantize/dequantize", "other")
@@ -142,5 +143,10 @@ def plot_profile(result: dict, path: str | Path) -> None:
     ax.set_title(f"{result['model']}: where the time goes (batch {result['batch']})")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the whole PNG or the old file, whatever the name's suffix says
+            fig.savefig(tmp, dpi=110, format="png")
+    except OSError as exc:
+        raise CbamDeployError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
