@@ -53,11 +53,14 @@ class _OneLineUsageErrors(TyperGroup):
             err.print(f"[bold red]error:[/] {escape(_one_line(exc.format_message()))}{hint}", soft_wrap=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
-            if interrupts.interrupted():  # click turns Ctrl-C into Abort
-                err.print(f"[red]interrupted[/]{escape(interrupts.MESSAGE[len('interrupted'):])}", soft_wrap=True)
+            if interrupts.interrupted():
+                _say_interrupted()
                 sys.exit(interrupts.EXIT_CODE)
             err.print("[bold red]error:[/] aborted", soft_wrap=True)
             sys.exit(1)
+        if interrupts.interrupted():  # typer turns a Ctrl-C while parsing into a silent exit code 130
+            _say_interrupted()
+            sys.exit(interrupts.EXIT_CODE)
         # without standalone mode, typer hands back the exit code of a typer.Exit (None on success)
         sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
@@ -98,8 +101,13 @@ def _handle_errors(func):
 
 
 def _interrupted():
-    err.print(f"[red]interrupted[/]{escape(interrupts.MESSAGE[len('interrupted'):])}", soft_wrap=True)
+    _say_interrupted()
     raise typer.Exit(interrupts.EXIT_CODE) from None
+
+
+def _say_interrupted() -> None:
+    if interrupts.first_to_say():
+        err.print(f"[red]interrupted[/]{escape(interrupts.MESSAGE[len('interrupted'):])}", soft_wrap=True)
 
 
 def _one_line(message: str) -> str:

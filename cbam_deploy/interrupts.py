@@ -18,7 +18,7 @@ import threading
 EXIT_CODE = 130
 MESSAGE = "interrupted: every bundle and output is as it was before, or fully updated (never half-written)"
 
-_state = {"count": 0}
+_state = {"count": 0, "said": False}
 
 
 def on_sigint(signum, frame) -> None:
@@ -47,6 +47,12 @@ def reset() -> None:
     _state["count"] = 0
 
 
+def first_to_say() -> bool:
+    """True the first time it is asked: the one line is printed once, by whoever gets there first."""
+    said, _state["said"] = _state["said"], True
+    return not said
+
+
 def raise_if_interrupted() -> None:
     """Raise ``KeyboardInterrupt`` when a Ctrl-C arrived that something swallowed: nothing may be
     committed after it."""
@@ -55,10 +61,11 @@ def raise_if_interrupted() -> None:
 
 
 def exit_interrupted() -> None:
-    """Print the one line and leave with exit code 130."""
-    try:
-        sys.stderr.write(MESSAGE + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    """Print the one line (unless printed already) and leave with exit code 130."""
+    if first_to_say():
+        try:
+            sys.stderr.write(MESSAGE + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
     sys.exit(EXIT_CODE)
