@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .errors import CbamDeployError
 from .fsutil import UnsafePath, copy_checked, open_no_follow, resolve_inside, sha256_file, sha256_no_follow
+from .options import shorten
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
@@ -526,6 +527,7 @@ class Bundle:
     def __init__(self, manifest: dict, directory: str | Path | None = None) -> None:
         self.manifest = manifest
         self.directory = Path(directory) if directory is not None else None
+        self._companions_checked: dict[tuple[str, str], list[str]] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Bundle:
@@ -646,7 +648,29 @@ class Bundle:
                     f"artifact {artifact.name} ({folder / relative}) does not match the sha256 in the manifest: it was "
                     "changed or its write did not finish; rebuild it"
                 )
+        undeclared = self._undeclared_companions(artifact, path)
+        if undeclared:
+            raise CbamDeployError(f"artifact {artifact.name}: its file refers to {shorten(undeclared[0])}, which the "
+                                  "manifest does not record; a bundle's files must be plain files inside it, each with "
+                                  "its sha256 (re-export the bundle)")
         return path
+
+    def _undeclared_companions(self, artifact: ArtifactRecord, path: Path) -> list[str]:
+        """Files the artifact's own file makes its runtime open (an ONNX's external data) that the
+        manifest does not list with a sha256: a crafted ONNX could point them anywhere. Read once per
+        artifact version."""
+        from .backends import get
+
+        key = (artifact.name, artifact.sha256)
+        if key not in self._companions_checked:
+            try:
+                wanted = get(artifact.format).companions(path)
+            except CbamDeployError:
+                raise
+            except Exception as exc:  # a file the format's reader cannot parse: the runtime would fail too
+                raise CbamDeployError(f"artifact {artifact.name}: cannot read {path}: {str(exc)[:200]}") from None
+            self._companions_checked[key] = [c for c in wanted if c not in artifact.companion_files]
+        return self._companions_checked[key]
 
     def check_integrity(self) -> dict[str, str]:
         """Per artifact: 'ok', 'changed' (a file no longer matches its sha256), 'missing', or 'unsafe'
@@ -664,6 +688,11 @@ class Bundle:
                     state = "unsafe"
                 except (OSError, UnsafePath):  # unreadable: as good as missing
                     state = "missing" if state in ("ok", "changed") else state
+            if state == "ok":
+                try:
+                    state = "unsafe" if self._undeclared_companions(artifact, self.resolve(artifact.path)) else "ok"
+                except CbamDeployError:
+                    state = "unsafe"
             states[artifact.name] = state
         return states
 

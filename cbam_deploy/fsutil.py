@@ -21,18 +21,54 @@ def sha256_file(path: str | Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it into place, else delete it."""
+    """Yield a temporary path beside ``final``; on success rename it into place, else delete it.
+
+    The temporary file is ``flock``-ed while it is written, so the temporaries a killed run left for
+    the same ``final`` (their lock free) are removed here, and a run still writing is never touched."""
+    import fcntl
+
     final = Path(final)
+    clean_stale_temporaries(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; a finished file follows the umask
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
+        os.close(fd)
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def clean_stale_temporaries(final: str | Path) -> list[str]:
+    """Remove the ``atomic_path`` temporaries of ``final`` that killed runs left (nobody holds their lock)."""
+    import fcntl
+
+    final = Path(final)
+    prefix, removed = f".{final.name}.", []
+    try:
+        names = os.listdir(final.parent if str(final.parent) else ".")
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        path = final.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed.append(name)
+        except OSError:  # held: a run still writing it
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 @functools.lru_cache(maxsize=1)

@@ -175,6 +175,32 @@ def test_a_symlink_to_a_fifo_is_refused_without_opening_it(world):
     one_error(err, "not a regular file")
 
 
+def test_an_onnx_whose_external_data_leads_outside_is_refused(world):
+    """The ONNX itself names its external-data file: one the manifest does not record (here
+    ``../outside/w.bin``) is never opened, whatever the ONNX's own sha256."""
+    import onnx
+
+    bundle, outside = world["bundle"], world["outside"]
+    onnx.save_model(onnx.load(str(bundle / "model.onnx")), str(outside / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    proto = onnx.load(str(outside / "ext.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside/w.bin"
+    (bundle / "model.onnx").write_bytes(proto.SerializeToString())
+    digest = sha256_file(bundle / "model.onnx")
+    edit_manifest(bundle, lambda m: m["artifacts"][0].update(sha256=digest))
+    before = tree(world["root"])
+    code, out, err = cli("info", bundle)
+    assert code == 3 and "unsafe" in out
+    one_error(err, "onnx-fp32 (unsafe)")
+    code, _, err = cli("triton", bundle, "-o", world["root"] / "repo")
+    assert code == 2
+    one_error(err, "refers to '../outside/w.bin'", "does not record")
+    assert tree(world["root"]) == before
+
+
 def test_a_symlinked_manifest_and_lock_are_refused(world):
     bundle, root = world["bundle"], world["root"]
     real = world["outside"] / "manifest.json"
@@ -521,6 +547,7 @@ def test_profile_refuses_a_plot_path_before_profiling(world, plot):
 
 def test_profile_plot_is_a_png_whatever_its_suffix(world):
     plot = world["root"] / "plot.xyz"
+    (world["root"] / ".plot.xyz.k1lled.tmp").write_bytes(b"half a PNG")  # what a killed run left
     code, _, err = cli("profile", world["bundle"], "--runs", "1", "--warmup", "0", "--plot", plot)
     assert code == 0, err
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

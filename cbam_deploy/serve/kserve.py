@@ -25,6 +25,7 @@ from pathlib import Path
 from ..backends import all_backends
 from ..bundle import Bundle
 from ..errors import CbamDeployError
+from ..fsutil import write_bytes_atomic
 from ..options import check_plain_text
 from .triton import triton_model_name
 
@@ -130,23 +131,15 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
 
 def write_yaml(service: dict, path: str | Path, header: list[str]) -> Path:
     """The manifest as YAML, after a comment header; written whole or not at all."""
-    import os
-    import tempfile
-
     import yaml
 
     path = Path(path)
-    text = "".join(f"# {_comment(line)}\n" for line in header) + yaml.safe_dump(service, sort_keys=False, default_flow_style=False)
-    temporary = None
+    text = "".join(f"# {_comment(line)}\n" for line in header) + yaml.safe_dump(service, sort_keys=False,
+                                                                                default_flow_style=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            temporary = handle.name
-            handle.write(text)
-        os.replace(temporary, path)
+        write_bytes_atomic(path, text.encode())
     except OSError as exc:
-        if temporary:
-            Path(temporary).unlink(missing_ok=True)
         raise CbamDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
