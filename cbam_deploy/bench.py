@@ -452,7 +452,8 @@ def _spec_to_run(bundle: Bundle, trust=None) -> str:
 
     spec, why_not = model_spec_to_run(bundle.model, trust)
     if spec is None:
-        raise CbamDeployError(f"bench times every artifact against the PyTorch original, and this bundle's {why_not}")
+        raise CbamDeployError(f"bench times every artifact against the PyTorch original, which is not rebuilt here: "
+                              f"{why_not}")
     return spec
 
 

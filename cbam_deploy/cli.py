@@ -875,8 +875,11 @@ def info_command(
             out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))
     broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
     if broken:
+        unsafe = "; unsafe: a symbolic link, not a regular file, or a file the manifest does not record, never read" \
+            if "unsafe" in integrity.values() else ""
         err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "
-                  "ones the manifest recorded (sha256); rebuild these artifacts or re-export the bundle", soft_wrap=True)
+                  f"ones the manifest recorded (sha256){unsafe}; rebuild these artifacts or re-export the bundle",
+                  soft_wrap=True)
         raise typer.Exit(3)
 
 

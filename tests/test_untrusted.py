@@ -158,6 +158,19 @@ def test_a_symlink_in_a_bundle_is_never_followed(world, how):
         load_repository(ServeConfig(str(bundle)), Metrics())
 
 
+def test_a_folder_of_bundles_does_not_serve_a_linked_one(world, clean_bundle):
+    from cbam_deploy.errors import CbamDeployError
+    from cbam_deploy.serve.service import bundle_paths
+
+    farm = world["root"] / "farm"
+    farm.mkdir()
+    shutil.copytree(clean_bundle, farm / "a")
+    (farm / "b").symlink_to(world["bundle"], target_is_directory=True)
+    with pytest.raises(CbamDeployError, match="b is a symbolic link; a folder of bundles holds the bundles themselves"):
+        bundle_paths(str(farm))
+    assert bundle_paths([str(farm / "a"), str(world["bundle"])])  # each named on the command line: served
+
+
 def test_a_symlink_to_a_fifo_is_refused_without_opening_it(world):
     """A FIFO blocks whoever opens it for reading: the command finishing at all shows nothing opened it."""
     fifo = world["outside"] / "pipe"

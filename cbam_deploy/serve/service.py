@@ -302,6 +302,10 @@ def bundle_paths(paths: str | list[str] | tuple[str, ...]) -> list[Path]:
         path = Path(raw)
         if path.is_dir() and not (path / MANIFEST_NAME).is_file():
             inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file())
+            linked = [p for p in inside if p.is_symlink()]
+            if linked:  # the folder given is what is served: a link in it would serve a bundle from elsewhere
+                raise CbamDeployError(f"{linked[0]} is a symbolic link; a folder of bundles holds the bundles "
+                                      "themselves (name a linked bundle on the command line instead)")
             if not inside:
                 raise CbamDeployError(f"{path} is neither a bundle nor a folder of bundles (no {MANIFEST_NAME} in it "
                                       "or in its sub-folders)")
