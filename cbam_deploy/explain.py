@@ -23,6 +23,7 @@ data: URI, so it can be mailed or attached to a CI run on its own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
@@ -147,78 +148,67 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
         rows[name] = row
 
     # --- render and write: into a staging folder, swapped in whole at the end ----------------------
+    stage = StagedFolder(output_dir, "explain")
     try:
-        stage = StagedFolder(output_dir, "explain")
-        staged = stage.__enter__()
+        staged = stage.open()
     except OSError as exc:
         raise CbamDeployError(f"-o {output_dir}: cannot create the folder ({exc.strerror or exc})") from None
-    try:
-        result = _render(stage, staged, output_dir, bundle, bundle_dir, image_path, chw, key, label, classifier, gates,
-                         reference_maps, channel_maps, candidate_maps, rows, predictions, gradcam, gradcam_map,
-                         skipped, notes)
-    finally:
-        stage.__exit__(None, None, None)
-    return result
+    with contextlib.closing(stage):  # removes the staging folder: the old page after a swap, or the unfinished one
+        writer = _Writer(output_dir, staged)
+        picture = _display_image(chw, bundle.input.preprocess)
+        outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
 
+        writer.png("input.png", _render_image(picture))
+        faultpoint("explain-render")
+        if gradcam_map is not None:
+            gradcam["file"] = writer.png("gradcam.png", _render_overlay(
+                picture, _normalise(gradcam_map), (0.0, 1.0), smooth=True, label="Grad-CAM (relative)", outline=outline))
+        spatial_files: dict[str, dict[str, str]] = {}
+        for gate in gates:
+            ref = reference_maps[gate][0, 0]
+            scale = _scale_of(ref)
+            spatial_files[gate] = {key: writer.png(f"spatial-{_slug(gate)}-{_slug(key)}.png",
+                                                   _render_overlay(picture, ref, scale, outline=outline))}
+            for name in rows:
+                cand = candidate_maps[name].get(gate)
+                if cand is not None and cand.size == ref.size:
+                    file = writer.png(f"spatial-{_slug(gate)}-{_slug(name)}.png",
+                                      _render_overlay(picture, cand.reshape(ref.shape), scale, outline=outline))
+                    rows[name]["files"][gate] = file
+                    spatial_files[gate][name] = file
+        channel_files = {gate: writer.png(f"channel-{_slug(gate)}.png", _render_profile(profile[0]))
+                         for gate, profile in channel_maps.items()}
 
-def _render(stage, staged: Path, output_dir: Path, bundle, bundle_dir, image_path, chw, key, label, classifier, gates,
-            reference_maps, channel_maps, candidate_maps, rows, predictions, gradcam, gradcam_map, skipped,
-            notes) -> dict:
-    writer = _Writer(output_dir, staged)
-    picture = _display_image(chw, bundle.input.preprocess)
-    outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
+        arrays = {f"spatial/{key}/{g}": m[0, 0] for g, m in reference_maps.items()}
+        arrays.update({f"spatial/{name}/{g}": m.reshape(reference_maps[g].shape[2:])
+                       for name, maps in candidate_maps.items() for g, m in maps.items()
+                       if g in reference_maps and m.size == reference_maps[g].size})
+        arrays.update({f"channel/{key}/{g}": m[0] for g, m in channel_maps.items()})
+        if gradcam_map is not None:
+            arrays["gradcam"] = gradcam_map
+        arrays["input"] = chw
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        maps_file = writer.write(MAPS_NAME, buffer.getvalue())
 
-    writer.png("input.png", _render_image(picture))
-    faultpoint("explain-render")
-    if gradcam_map is not None:
-        gradcam["file"] = writer.png("gradcam.png", _render_overlay(
-            picture, _normalise(gradcam_map), (0.0, 1.0), smooth=True, label="Grad-CAM (relative)", outline=outline))
-    spatial_files: dict[str, dict[str, str]] = {}
-    for gate in gates:
-        ref = reference_maps[gate][0, 0]
-        scale = _scale_of(ref)
-        spatial_files[gate] = {key: writer.png(f"spatial-{_slug(gate)}-{_slug(key)}.png",
-                                               _render_overlay(picture, ref, scale, outline=outline))}
-        for name in rows:
-            cand = candidate_maps[name].get(gate)
-            if cand is not None and cand.size == ref.size:
-                file = writer.png(f"spatial-{_slug(gate)}-{_slug(name)}.png",
-                                  _render_overlay(picture, cand.reshape(ref.shape), scale, outline=outline))
-                rows[name]["files"][gate] = file
-                spatial_files[gate][name] = file
-    channel_files = {gate: writer.png(f"channel-{_slug(gate)}.png", _render_profile(profile[0]))
-                     for gate, profile in channel_maps.items()}
-
-    arrays = {f"spatial/{key}/{g}": m[0, 0] for g, m in reference_maps.items()}
-    arrays.update({f"spatial/{name}/{g}": m.reshape(reference_maps[g].shape[2:])
-                   for name, maps in candidate_maps.items() for g, m in maps.items()
-                   if g in reference_maps and m.size == reference_maps[g].size})
-    arrays.update({f"channel/{key}/{g}": m[0] for g, m in channel_maps.items()})
-    if gradcam_map is not None:
-        arrays["gradcam"] = gradcam_map
-    arrays["input"] = chw
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    maps_file = writer.write(MAPS_NAME, buffer.getvalue())
-
-    result = {
-        "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
-        "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
-        "input_shape": list(chw.shape), "gates": gates,
-        "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
-        "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
-        "maps": maps_file, "reference_files": {g: f[key] for g, f in spatial_files.items()},
-        "channel_files": channel_files,
-    }
-    page = _page(result, writer, spatial_files, channel_files, {g: m[0, 0] for g, m in reference_maps.items()})
-    result["page"] = writer.write(PAGE_NAME, page.encode("utf-8"))
-    result["files"] = list(writer.files)
-    faultpoint("explain-staged")
-    try:
-        stage.swap_in()  # the old folder or the new one, never a mix
-    except OSError as exc:
-        raise CbamDeployError(f"-o {output_dir}: cannot put the page in place ({exc.strerror or exc})") from None
-    return result
+        result = {
+            "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
+            "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
+            "input_shape": list(chw.shape), "gates": gates,
+            "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
+            "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
+            "maps": maps_file, "reference_files": {g: f[key] for g, f in spatial_files.items()},
+            "channel_files": channel_files,
+        }
+        page = _page(result, writer, spatial_files, channel_files, {g: m[0, 0] for g, m in reference_maps.items()})
+        result["page"] = writer.write(PAGE_NAME, page.encode("utf-8"))
+        result["files"] = list(writer.files)
+        faultpoint("explain-staged")
+        try:
+            stage.swap_in()  # the old folder or the new one, never a mix
+        except OSError as exc:
+            raise CbamDeployError(f"-o {output_dir}: cannot put the page in place ({exc.strerror or exc})") from None
+        return result
 
 
 def output_folder(output_dir: str | Path | None, bundle_dir: Path) -> Path:

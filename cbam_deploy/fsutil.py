@@ -1,14 +1,18 @@
-"""Writing files so that a crash or Ctrl-C never leaves a truncated file that a later step trusts."""
+"""Writing files so that a crash or Ctrl-C never leaves a truncated file that a later step trusts, and
+reading files from a folder someone else made (a bundle) without following a link out of it."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .interrupts import raise_if_interrupted
 
 
 def sha256_file(path: str | Path) -> str:
@@ -107,7 +111,6 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     OS, an old kernel or libc, a filesystem without it): the caller falls back to two renames."""
     import ctypes
     import ctypes.util
-    import errno
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -170,7 +173,7 @@ def open_no_follow(path: str | Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        if exc.errno == __import__("errno").ELOOP:
+        if exc.errno == errno.ELOOP:
             raise UnsafePath(f"{path} is a symbolic link") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -279,6 +282,10 @@ class StagedFolder:
         self._owner: int | None = None
 
     def __enter__(self) -> Path:
+        return self.open()
+
+    def open(self) -> Path:
+        """Make the staging folder (removing what killed runs left); returns the folder to fill."""
         import fcntl
 
         self.parent.mkdir(parents=True, exist_ok=True)
@@ -292,8 +299,6 @@ class StagedFolder:
 
     def swap_in(self) -> None:
         """Put the staged folder in place of ``final`` (which may or may not exist)."""
-        from .interrupts import raise_if_interrupted
-
         raise_if_interrupted()
         assert self.path is not None
         os.chmod(self.content, 0o777 & ~current_umask())
@@ -303,9 +308,13 @@ class StagedFolder:
                 os.rename(self.content, self.final)
         else:
             os.rename(self.content, self.final)
-        fsync_dir(self.parent)
+        fsync_dir(self.final.absolute().parent)
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the staging folder (the old one after ``swap_in``, else the unfinished one)."""
         import shutil
 
         if self._owner is not None:

@@ -39,7 +39,7 @@ def model_spec_to_run(model, trust=None) -> tuple[str | None, str]:
     """What ``models.build_model`` may be given to rebuild a bundle's model (``bundle.ModelInfo``):
     the zoo name, or a factory the user trusts (``models.CodeTrust``); else (None, why not). A manifest
     that names Python code (a factory, whatever its ``source`` says) never gets it run by itself."""
-    from ..models import CodeTrust, factory_to_run, is_factory_spec
+    from ..models import factory_to_run, is_factory_spec
 
     if model.source == "factory" or is_factory_spec(model.spec) or model.factory:
         return factory_to_run(model.spec, model.factory_sha256, trust)
