@@ -25,7 +25,8 @@ def on_sigint(signum, frame) -> None:
     _state["count"] += 1
     if _state["count"] > 1:  # asked twice: no more waiting for a library to unwind
         try:
-            os.write(2, (MESSAGE + "\n").encode())
+            if first_to_say():
+                os.write(2, (MESSAGE + "\n").encode())
         finally:
             os._exit(EXIT_CODE)
     raise KeyboardInterrupt
@@ -44,7 +45,7 @@ def interrupted() -> bool:
 
 def reset() -> None:
     """Forget a Ctrl-C that was handled as the normal way to stop (a server's Ctrl-C)."""
-    _state["count"] = 0
+    _state["count"], _state["said"] = 0, False
 
 
 def first_to_say() -> bool:

@@ -8,9 +8,8 @@ import importlib.util
 import inspect
 import sys
 import traceback
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
