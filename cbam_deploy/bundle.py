@@ -648,12 +648,16 @@ class Bundle:
                     f"artifact {artifact.name} ({folder / relative}) does not match the sha256 in the manifest: it was "
                     "changed or its write did not finish; rebuild it"
                 )
+        if verify_hash:  # an intact file: what it makes its runtime open must be recorded too
+            self._check_companions(artifact, path)
+        return path
+
+    def _check_companions(self, artifact: ArtifactRecord, path: Path) -> None:
         undeclared = self._undeclared_companions(artifact, path)
         if undeclared:
             raise CbamDeployError(f"artifact {artifact.name}: its file refers to {shorten(undeclared[0])}, which the "
                                   "manifest does not record; a bundle's files must be plain files inside it, each with "
                                   "its sha256 (re-export the bundle)")
-        return path
 
     def _undeclared_companions(self, artifact: ArtifactRecord, path: Path) -> list[str]:
         """Files the artifact's own file makes its runtime open (an ONNX's external data) that the
@@ -761,6 +765,7 @@ class Bundle:
             if not intact:
                 raise CbamDeployError(f"artifact {name} ({self._folder() / relative}) does not match the sha256 in the "
                                       "manifest: it was changed or replaced meanwhile; run the command again")
+        self._check_companions(artifact, folder / artifact.path)
         return artifact, folder / artifact.path
 
     def _folder(self) -> Path:
