@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -660,9 +661,9 @@ class Bundle:
                                   "its sha256 (re-export the bundle)")
 
     def _undeclared_companions(self, artifact: ArtifactRecord, path: Path) -> list[str]:
-        """Files the artifact's own file makes its runtime open (an ONNX's external data) that the
-        manifest does not list with a sha256: a crafted ONNX could point them anywhere. Read once per
-        artifact version."""
+        """Files the artifact's own file makes its runtime open (an ONNX's external data, an IR's .bin)
+        that exist but that the manifest does not list with a sha256: a crafted ONNX could point them
+        anywhere. Read once per artifact version."""
         from .backends import get
 
         key = (artifact.name, artifact.sha256)
@@ -673,7 +674,10 @@ class Bundle:
                 raise
             except Exception as exc:  # a file the format's reader cannot parse: the runtime would fail too
                 raise CbamDeployError(f"artifact {artifact.name}: cannot read {path}: {str(exc)[:200]}") from None
-            self._companions_checked[key] = [c for c in wanted if c not in artifact.companion_files]
+            # one that is not there cannot be read (the runtime will say it is missing); one that is there
+            # (a file, a link) but not recorded with its sha256 is refused
+            self._companions_checked[key] = [c for c in wanted if c not in artifact.companion_files
+                                             and os.path.lexists(path.parent / c)]
         return self._companions_checked[key]
 
     def check_integrity(self) -> dict[str, str]:
@@ -737,8 +741,6 @@ class Bundle:
     def snapshot(self, name: str, update) -> tuple[ArtifactRecord, Path]:
         """Link (or copy) an artifact's file into a ``BundleUpdate``'s staging folder and check its sha256
         there: work that reads it for minutes sees one version, whatever lands in the bundle meanwhile."""
-        import os
-
         artifact = self.artifact(name)
         self.path_of(name, verify_hash=False)
         # its own folder, files under their own names: an ONNX finds its external-data companions
