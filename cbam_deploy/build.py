@@ -20,7 +20,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions: str | list[str],
                     calib_data: str | None = None, calib_size: int = 128, gates: str | None = None,
-                    trt: TensorRTOptions | None = None) -> list[BuildOutcome]:
+                    trt: TensorRTOptions | None = None, trust=None) -> list[BuildOutcome]:
     bundle_dir = Path(bundle_dir)
     formats = parse_list(formats, "--format", backend_formats())
     precisions = parse_list(precisions, "--precision", PRECISIONS)
@@ -32,7 +32,7 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                 outcomes.append(BuildOutcome(fmt, "int8", skipped="INT8 needs --calib-data (images, .npy/.npz or 'synthetic')"))
                 continue
             try:
-                quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates)
+                quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates, trust=trust)
             except BackendUnavailable as exc:
                 outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
                 continue

@@ -16,6 +16,7 @@ from .checks import MAX_BATCH, check_int
 from .data import _Unreadable, check_data_source, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
 from .loaders import open_artifact, reference_runner
+from .models import CodeTrust
 
 
 def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -47,7 +48,7 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndar
 
 
 def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
-                    batch: int = 32, limit: int | None = None) -> dict:
+                    batch: int = 32, limit: int | None = None, trust: CodeTrust | None = None) -> dict:
     validate_eval_options(str(data_dir), batch, limit)  # every option before any work
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
@@ -68,7 +69,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         out = runner.run_batched(inputs, batch)
         return out, time.perf_counter() - started
 
-    reference, reference_label = reference_runner(bundle)
+    reference, reference_label = reference_runner(bundle, trust=trust)  # ONNX stands in without it
     ref_logits, ref_seconds = run(reference)
     ref_top1 = ref_logits.argmax(1)
     rows = [{"artifact": reference_label, "format": "pytorch" if reference_label == "pytorch-fp32" else "onnx",

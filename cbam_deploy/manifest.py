@@ -19,12 +19,14 @@ from . import __version__
 from .calib.targets import DEFAULT_GATES
 from .errors import CbamDeployError
 from .formats import get as get_format
-from .fsutil import sha256_file
+from .fsutil import UnsafePath, open_no_follow, sha256_file
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
+MAX_DEPTH = 32  # the schema nests 4 deep; records that commands add (export, parity, verify) a few more
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def library_versions() -> dict:
@@ -50,14 +52,39 @@ def new_manifest(model: dict, input_spec: dict, outputs: list[dict]) -> dict:
 
 
 def read_manifest_file(path: Path) -> dict:
-    if not path.is_file():
+    """The manifest in file ``path``: a regular file (not a symbolic link), at most
+    ``MAX_MANIFEST_BYTES``, JSON nested at most ``MAX_DEPTH`` deep, valid against the schema."""
+    if not path.is_file() and not path.is_symlink():
         raise CbamDeployError(f"{path} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
     try:
-        manifest = json.loads(path.read_text())
+        with open(open_no_follow(path), "rb", closefd=True) as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CbamDeployError(f"cannot read {path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+        manifest = json.loads(data.decode("utf-8"))
+    except UnsafePath as exc:
+        raise CbamDeployError(f"cannot read {path}: {exc}; a bundle's files must be plain files inside it") from None
+    except RecursionError:
+        raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CbamDeployError(f"cannot read {path}: {exc}") from None
+    if _depth(manifest) > MAX_DEPTH:
+        raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels")
     validate_manifest(manifest, path)
     return manifest
+
+
+def _depth(value) -> int:
+    """How deep a parsed JSON value nests (iterative: a deep value cannot exhaust the stack here)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
@@ -87,6 +114,7 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
+    check.field(model, "factory_sha256", "model.", _is_text, "a sha256 string", required=False)
     check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
     check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
                 "a list of strings", required=False)

@@ -26,6 +26,7 @@ from .bundle import Bundle
 from .checks import MAX_BATCH, check_int, check_output_file
 from .scopes import inside, name_module_path
 from .errors import CbamDeployError
+from .fsutil import atomic_path
 from .runners import OnnxRuntimeRunner
 from .runners.openvino import OpenVINORunner
 
@@ -145,5 +146,10 @@ def plot_profile(result: dict, path: str | Path) -> None:
     ax.set_title(f"{result['model']}: where the time goes (batch {result['batch']})")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the whole PNG or the old file, whatever the name's suffix says
+            fig.savefig(tmp, dpi=110, format="png")
+    except OSError as exc:
+        raise CbamDeployError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

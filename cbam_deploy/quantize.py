@@ -31,7 +31,10 @@ def quantize_bundle(
     use_cache: bool = True,
     seed: int = 0,
     check_samples: int = 64,
+    trust=None,
 ) -> dict:
+    """INT8 artifacts for ``targets``, each checked against the PyTorch original (rebuilt only with
+    ``trust`` for a factory model, else the FP32 ONNX stands in: ``loaders.reference_runner``)."""
     targets = validate_quantize_options(targets, calib_data, calib_size, calib_batch, method, gates)  # before any work
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)  # a missing or damaged bundle is reported before the calibration data is read
@@ -52,7 +55,7 @@ def quantize_bundle(
             check_source = "calibration samples (source too small to hold any out)"
         check, _ = bundle.fit_to_batch(check, calib_batch)
         attention = bundle.model.attention_modules
-        reference, reference_label = reference_runner(bundle)
+        reference, reference_label = reference_runner(bundle, trust=trust)
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32.sha256
