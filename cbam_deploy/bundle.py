@@ -120,10 +120,14 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     if weights is not None:
         check.field(weights, "path", "model.weights.", _is_text, "a non-empty string")
         check.field(weights, "sha256", "model.weights.", _is_text, "a non-empty string")
-    modules = check.field(model, "attention_modules", "model.", _is_list, "a list", required=False)
-    for i, module in enumerate(modules or []):
-        check.item(module, f"model.attention_modules[{i}]", _is_dict, "an object")
-        check.field(module, "path", f"model.attention_modules[{i}].", _is_text, "a non-empty string")
+    gates = check.field(model, "gates", "model.", _is_dict, "an object", required=False)
+    if gates is not None:
+        listed = check.field(gates, "gates", "model.gates.", _is_list, "a list")
+        for i, gate in enumerate(listed):
+            check.item(gate, f"model.gates.gates[{i}]", _is_dict, "an object")
+            check.field(gate, "name", f"model.gates.gates[{i}].", _is_text, "a non-empty string")
+            check.field(gate, "kind", f"model.gates.gates[{i}].", lambda v: v in ("channel", "spatial", "joint"),
+                        "'channel', 'spatial' or 'joint'")
 
     spec = check.field(manifest, "input", "", _is_dict, "an object")
     check.field(spec, "name", "input.", _is_text, "a non-empty string")
@@ -427,7 +431,7 @@ class ModelInfo:
     weights: Weights | None = None
     init: dict | None = None
     outputs_mode: str | None = None
-    attention_modules: list = field(default_factory=list)
+    gates: dict | None = None  # what the gate finder found in the PyTorch model (``gates.GateReport``)
     parameters: int | None = None
     notes: list = field(default_factory=list)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
@@ -437,13 +441,21 @@ class ModelInfo:
         weights = raw.get("weights")
         return cls(raw["name"], raw.get("source", "zoo"), raw.get("stem", "imagenet"), raw.get("num_classes"),
                    raw.get("factory"), Weights(weights["path"], weights["sha256"]) if weights else None,
-                   raw.get("init"), raw.get("outputs_mode"), list(raw.get("attention_modules") or []),
+                   raw.get("init"), raw.get("outputs_mode"), raw.get("gates"),
                    raw.get("parameters"), list(raw.get("notes") or []), raw)
 
     @property
     def spec(self) -> str:
         """What ``models.build_model`` takes: the factory (absolute path) or the zoo name."""
         return self.factory or self.name
+
+    @property
+    def gate_list(self) -> list[dict] | None:
+        """The model's gates as the finder recorded them; None when the manifest has no record (an
+        older bundle) or the model could not be traced: the exported graphs are then searched alone."""
+        if not self.gates or self.gates.get("error"):
+            return None
+        return list(self.gates.get("gates") or [])
 
     @property
     def trained(self) -> bool:

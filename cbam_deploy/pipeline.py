@@ -19,6 +19,7 @@ from .cbam_opt import optimize_for_export
 from .bundle import MANIFEST_NAME, Bundle, artifact_file, new_manifest, read_manifest
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, export_onnx
+from .gates import example_input, find_gates
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .outputs import output_kinds
 from .parity import plan_cases, run_parity
@@ -179,7 +180,10 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
                  started: float) -> dict:
     out_dir = update.bundle_dir
     staged = update.stage_artifact("onnx", "fp32")
-    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
+    # every attention gate, found by its structure in the traced model (the manifest lists them; the
+    # INT8 policy, attention parity, explain, profile and the rewrites read this one record)
+    gates = find_gates(loaded.module, example_input(options.in_channels, options.input_size)).describe()
+    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt, gates)
     info = export_onnx(exported, staged, options)
     info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
     faultpoint("exported")
@@ -192,6 +196,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     faultpoint("parity-done")
 
     model_info = loaded.describe()
+    model_info["gates"] = gates
     try:
         model_info["gflops"] = round(count_gmacs(loaded.module, options.input_size), 3)
         model_info["gflops_input_size"] = options.input_size
