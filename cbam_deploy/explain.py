@@ -15,7 +15,7 @@ says, and shows for it:
   of PyTorch and of each artifact, with the profiles' cosine and top-k channel overlap.
 
 A bundle whose PyTorch model cannot be rebuilt (a stand-in reference) still gets the artifacts'
-maps, compared with the FP32 ONNX's, but no Grad-CAM and no channel profiles; the page says so. A
+maps and channel profiles, compared with the FP32 ONNX's, but no Grad-CAM; the page says so. A
 model without gates gets a page with its predictions and Grad-CAM and a line saying
 there are no gates to compare. Every file is written atomically; the page embeds every image as a
 data: URI, so it can be mailed or attached to a CI run on its own.
@@ -83,9 +83,8 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     stand_in = is_stand_in(runner)
     model = None if stand_in else runner.model
     if stand_in:
-        notes.append(f"The PyTorch model could not be rebuilt; the reference is {label}. Grad-CAM and the channel-gate "
-                     "profiles need the PyTorch model and are not shown; the artifacts' maps are compared with the "
-                     "FP32 ONNX's.")
+        notes.append(f"The PyTorch model could not be rebuilt; the reference is {label}. Grad-CAM needs the PyTorch model "
+                     "and is not shown; the artifacts' maps and channel profiles are compared with the FP32 ONNX's.")
         chosen = [name for name in chosen if name != "onnx-fp32"]
 
     # --- the reference: gates, channel profiles, predictions, Grad-CAM -----------------------------
