@@ -146,6 +146,8 @@ def quantize_onnx(
         proto = onnx.load(str(pre))
         found = _graph_gates_or_fail(onnx_gates(proto, expected), expected, "the ONNX graph")
         excluded, extra_types = _onnx_policy(proto, found, gates)
+        if gates == "fp" and _unshare_initializers(proto, set(nodes_of(found))):
+            onnx.save(proto, str(pre))
         input_name = proto.graph.input[0].name
         supports_cache = "calibration_cache_path" in quantize_static.__code__.co_varnames
         cache_path, cache_hit, cache_warning = None, False, None
@@ -241,6 +243,29 @@ def _onnx_policy(proto: onnx.ModelProto, found: list, gates: str) -> tuple[list[
 
 
 _GATE_OP_TYPES = ("Sigmoid", "HardSigmoid", "Mul", "Add")
+
+
+def _unshare_initializers(proto: onnx.ModelProto, gate_nodes: set[str]) -> int:
+    """Give gate nodes their own copy of every initializer they share with a node outside the gates.
+    Graph simplification merges equal constants (a zero bias of a gate's MLP and of a folded conv
+    become one initializer); onnxruntime then quantizes it for the conv and hands the gate the
+    dequantized int32 copy, so a gate kept in float would read a quantized bias. Returns the copies made."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    outside = {name for node in proto.graph.node if node.name not in gate_nodes for name in node.input}
+    copies = {}
+    for node in proto.graph.node:
+        if node.name not in gate_nodes:
+            continue
+        for index, name in enumerate(node.input):
+            if name in initializers and name in outside:
+                if name not in copies:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(initializers[name])
+                    copy.name = f"{name}__gate_float"
+                    proto.graph.initializer.append(copy)
+                    copies[name] = copy.name
+                node.input[index] = copies[name]
+    return len(copies)
 
 
 def _ort_op_types(extra: list[str]) -> list[str] | None:
