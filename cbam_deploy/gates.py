@@ -25,11 +25,15 @@ under ``--gates int8`` every gate sigmoid and gating multiply must be.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
 
 from .errors import CbamDeployError
 from .scopes import name_module_path, node_module_path
@@ -308,8 +312,6 @@ class GateReport:
 
 
 def _export(model, example):
-    import torch
-
     model = model.eval()
     with torch.no_grad():
         return torch.export.export(model, (example,), strict=False)
@@ -317,8 +319,6 @@ def _export(model, example):
 
 def _torch_graph(program) -> tuple[_Graph, dict]:
     """The exported program as a ``_Graph``; also {fx node name: fx node}."""
-    import torch
-
     signature = program.graph_signature
     user_inputs = set(signature.user_inputs)
     ops, shapes, constants, nodes = [], {}, set(), {}
@@ -354,8 +354,6 @@ _ATEN_VIEW = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "e
 
 
 def _classify_aten(op: _Op, node, shapes: dict) -> None:
-    import operator
-
     target = node.target
     if target is operator.getitem:
         op.kind = "view" if node.args[1] == 0 else "other"
@@ -427,8 +425,6 @@ def _torch_activation_stripper(model):
 
 
 def example_input(channels: int = 3, size: int = 32):
-    import torch
-
     return torch.zeros(1, channels, size, size)
 
 
@@ -469,8 +465,6 @@ def trace_gate_maps(model, x: np.ndarray, gates: list[dict] | None = None) -> tu
     """(maps, kinds): the map every gate of ``model`` computes for ``x``, by gate name: spatial
     (N, 1, H, W), channel (N, C), joint (N, C, H, W); read from the traced graph, so functional
     sigmoids are seen as well as modules. ``gates``: only these (the manifest's list)."""
-    import torch
-
     tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     program, wanted = _traced(model, tensor[:1])
     if gates is not None:
@@ -517,9 +511,6 @@ _ONNX_VIEW = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Transpose
 
 
 def _onnx_graph(proto) -> _Graph:
-    import onnx
-    from onnx import numpy_helper
-
     graph = proto.graph
     try:
         inferred = onnx.shape_inference.infer_shapes(proto).graph
