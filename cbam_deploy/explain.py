@@ -58,7 +58,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     "files": {gate: png}, ...}}, ``skipped`` {name: reason}, ``notes``.
     """
     from .attention import artifact_maps, compare_maps, torch_maps
-    from .gates import shape_map
+    from .gates import GatesUntraceable, shape_map
     from .bundle import Bundle
     from .data import _Unreadable, load_image_file
     from .runners import is_stand_in, open_artifact, reference_runner
@@ -91,7 +91,11 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     gate_list = bundle.model.gate_list
     kinds = {g["name"]: g["kind"] for g in gate_list or []}
     if model is not None:
-        reference_all = {g: m[:1] for g, m in torch_maps(model, x, None, gate_list).items()}
+        try:
+            reference_all = {g: m[:1] for g, m in torch_maps(model, x, None, gate_list).items()}
+        except GatesUntraceable as exc:
+            notes.append(str(exc))
+            reference_all = {}
     else:
         try:
             reference_all = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, "onnx-fp32", x).items()}

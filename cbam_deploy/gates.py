@@ -39,6 +39,10 @@ from .errors import CbamDeployError
 from .scopes import name_module_path, node_module_path
 
 KINDS = ("channel", "spatial", "joint")
+
+
+class GatesUntraceable(CbamDeployError):
+    """The PyTorch model could not be traced, so its gates cannot be read from it."""
 MAX_GATE_OPS = 96  # a backward walk from a sigmoid that needs more ops than this is not a gate
 _ACTIVATION_CLASSES = {"Sigmoid", "Hardsigmoid", "HardSigmoid", "HSigmoid"}
 
@@ -452,7 +456,12 @@ def _traced(model, example):
     key = (tuple(example.shape), tuple(t.data_ptr() for t in model.state_dict().values()))
     per_model = _TRACED.setdefault(model, {})
     if key not in per_model:
-        program = _export(model, example)
+        try:
+            program = _export(model, example)
+        except Exception as exc:  # a user's model may not trace: no PyTorch maps, said in one line
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GatesUntraceable(f"torch.export could not trace the model, so its gate maps cannot be read: "
+                                   f"{type(exc).__name__}: {text}") from None
         graph, _ = _torch_graph(program)
         found = _search(graph)
         records = _describe(graph, found, _torch_activation_stripper(model))
@@ -594,16 +603,23 @@ def _classify_onnx(op: _Op, node, shapes, initializers, numpy_helper) -> None:
         op.inputs = op.inputs[:1]
 
 
-def _onnx_strip(expected: list[dict] | None):
-    """Name ONNX/OpenVINO gates as the model's are named: the sigmoid module's recorded gate name."""
+def _onnx_strip(expected: list[dict] | None, graph: _Graph):
+    """Name ONNX/OpenVINO gates as the model's are named: the sigmoid module's recorded gate name;
+    without a record, a module that holds nothing but the sigmoid (an activation module) is dropped."""
     homes = {}
     for gate in expected or []:
         module = gate.get("sigmoid", {}).get("module")
         if module is not None:
             homes[module] = gate["name"].split(":")[0] if gate["name"] != "(model)" else ""
+    per_module = defaultdict(int)
+    for op in graph.ops:
+        per_module[op.module or ""] += 1
 
     def strip(sigmoid: _Op) -> str:
-        return homes.get(sigmoid.module or "", sigmoid.module or "")
+        module = sigmoid.module or ""
+        if module in homes:
+            return homes[module]
+        return module.rpartition(".")[0] if module and per_module[module] == 1 else module
     return strip
 
 
@@ -630,7 +646,7 @@ class GraphGate:
 
 def _graph_gates(graph: _Graph, expected: list[dict] | None) -> list[GraphGate]:
     found = _search(graph)
-    records = _describe(graph, found, _onnx_strip(expected))
+    records = _describe(graph, found, _onnx_strip(expected, graph))
     result = []
     for gate, record in zip(found, records):
         nodes = [op.name for op in gate["body"]] + [gate["sigmoid"].name] + [op.name for op in gate["chain"]] + \
@@ -825,5 +841,5 @@ def nodes_of(found: list[GraphGate]) -> list[str]:
     return list(dict.fromkeys(n for g in found for n in g.nodes))
 
 
-__all__ = ["GateReport", "GraphGate", "KINDS", "check_onnx_policy", "check_openvino_policy", "find_gates",
+__all__ = ["GateReport", "GatesUntraceable", "GraphGate", "KINDS", "check_onnx_policy", "check_openvino_policy", "find_gates",
            "nodes_of", "onnx_gates", "openvino_gates", "policy_check", "shape_map", "torch_gate_maps", "trace_gate_maps"]

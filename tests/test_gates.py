@@ -401,3 +401,20 @@ def test_the_new_user_flow_on_the_cli(tmp_path):
     rows = {r["artifact"]: r for r in json.loads(verified.stdout)["results"]}
     assert rows["int8-ort-cpu"]["attention"]["counts"] == {"spatial": 2, "channel": 2, "joint": 0, "not_found": 0}
     assert rows["int8-ort-cpu"]["gate_policy"]["held"] is True
+
+
+def test_a_model_torch_export_cannot_trace_still_gets_its_policy(tmp_path):
+    """The manifest says why the model's gates could not be listed; the INT8 policy still finds and
+    keeps the gate in the ONNX graph, and verify says why it has no PyTorch maps to compare."""
+    bundle = tmp_path / "b"
+    exported = export_bundle(ExportRequest(model=_spec("untraceable"), output=str(bundle), input_size=SIZE,
+                                           parity_samples=2))
+    assert exported["passed"] is True
+    gates = exported["model"]["gates"]
+    assert gates["count"] == 0 and "torch.export could not trace" in gates["error"]
+    quantized = quantize_bundle(bundle, ["ort-cpu"], "synthetic", calib_size=8, check_samples=4, use_cache=False)
+    check = quantized["artifacts"][0]["quantization"]["gate_check"]
+    assert check["held"] is True and check["gates"] == 1 and check["per_gate"][0]["gate"] == "gate"
+    row = next(r for r in verify_bundle(bundle, samples=4)["results"] if r["artifact"] == "int8-ort-cpu")
+    assert row["gate_policy"]["held"] is True
+    assert row["attention"]["passed"] is None and "could not trace" in row["attention"]["skipped"]

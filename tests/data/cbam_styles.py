@@ -350,3 +350,23 @@ def official_layout():
 
 def se_eca():
     return _seeded(SeEca)
+
+
+# --- a model torch.export cannot trace (a branch on the data); the ONNX exporter bakes the branch in --
+
+class DataBranch(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.gate = UChannelAttention(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        y = self.gate(self.conv(x))
+        if float(y.mean()) > 1e9:  # never true; torch.export refuses to guess
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def untraceable():
+    return _seeded(DataBranch)
