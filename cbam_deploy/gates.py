@@ -191,6 +191,8 @@ def _gate_shape(graph: _Graph, sigmoid: _Op, chain: list):
 
 
 def _kind(graph: _Graph, gate_shape, map_shape, pools: list, multiply: _Op) -> str | None:
+    """channel / spatial / joint from the gate's broadcast shape against the gated map, the pools
+    deciding where the shape cannot (a 1x1 or one-channel map); None when the two disagree."""
     hw = [p for p in pools if p.axes == "hw"]
     c = [p for p in pools if p.axes == "c"]
     out_shape = graph.shape(multiply.outputs[0]) or map_shape
@@ -402,7 +404,6 @@ def _pool_from_shapes(op: _Op, before, after, pool: str) -> None:
     """A reduction is a pool when it takes a 4-D map to (N, C, 1, 1) (over H, W) or (N, 1, H, W) (over C)."""
     if before is None or after is None or len(before) != 4:
         return
-    squeezed = [d for d in after]
     if len(after) == 4:
         if after[2] == 1 and after[3] == 1 and (before[2] != 1 or before[3] != 1) and after[1] == before[1]:
             op.kind, op.axes, op.pool = "pool", "hw", pool
@@ -410,9 +411,9 @@ def _pool_from_shapes(op: _Op, before, after, pool: str) -> None:
             op.kind, op.axes, op.pool = "pool", "c", pool
         elif after[2] == 1 and after[3] == 1 and before[2] == 1 and before[3] == 1 and after[1] == before[1]:
             op.kind, op.axes, op.pool = "pool", "hw", pool  # a 1x1 map: a pool all the same
-    elif len(squeezed) == 2 and squeezed[1] == before[1]:
+    elif len(after) == 2 and after[1] == before[1]:
         op.kind, op.axes, op.pool = "pool", "hw", pool
-    elif len(squeezed) == 3 and tuple(squeezed[1:]) == tuple(before[2:]):
+    elif len(after) == 3 and tuple(after[1:]) == tuple(before[2:]):
         op.kind, op.axes, op.pool = "pool", "c", pool
 
 
