@@ -7,7 +7,7 @@
 # user "cbam" (uid 1000 where the base has no user 1000 yet), and records its stack in /etc/cbam-deploy/stack.json (read back by
 # cbam_deploy.exporters.tensorrt.image_stack). For `serve`, publish the port and bind all interfaces:
 #   docker run --rm -p 8000:8000 -v $PWD:/work cbam-deploy:cpu serve bundles/m --host 0.0.0.0
-# None of these images has been built on the project's machines (no Docker engine there); the pins
+# None of these images has been built yet (tests/test_dockerfile.py checks this file as text); the pins
 # below are chosen from the sources named beside each, and are what to check first if a build fails.
 
 # The Triton release the cuda image's TensorRT plans are for (an ARG before the first FROM is the

@@ -1,8 +1,9 @@
-"""Experiment (issue 11): exact Q/DQ rewrites of the CBAM gates for onnxruntime INT8, kept as a record.
+"""Experiment: exact Q/DQ rewrites of the CBAM gates for onnxruntime INT8, kept as a record.
 
 They keep the full-size gate work on the uint8 feature map instead of dequantized float copies, and
 they are exact (outputs bit-identical on resnet50_cbam here), but onnxruntime 1.32 runs every one of
-them slower than the plain Q/DQ graph (resnet50_cbam, batch 1, 2 cores, AMD EPYC, one interleaved run):
+them slower than the plain Q/DQ graph (resnet50_cbam, batch 1, AMD EPYC, 2 cores, AVX-512 VNNI/BF16,
+2026-11-27, one interleaved run):
 uint8 ReduceMax x1.09, MatMulInteger mean pool x1.02, per-channel dequantize as the gate multiply x1.22,
 all three x1.35. Its generic uint8 reduce and per-axis dequantize kernels are unvectorised and
 break the NHWC layout its QLinearConv path uses, so cbam-deploy does not apply them.

@@ -1,4 +1,4 @@
-"""Experiment (issue 11): what a fused CBAM custom operator would pay in OpenVINO's CPU plugin before
+"""Experiment: what a fused CBAM custom operator would pay in OpenVINO's CPU plugin before
 doing any work.
 
 An extension op runs as a "Reference" node: the plugin hands it plain-layout f32 tensors, so every

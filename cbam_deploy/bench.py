@@ -35,7 +35,7 @@ def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: in
     """Milliseconds per run for each runner; the runners take turns, one call each per round, in a new
     random order every round (seeded). Not a rotation: a rotation keeps who-follows-whom fixed, and a
     runner always following PyTorch eager ran 10% slower than the same file following another runner
-    (issue 11). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call.
+    (resnet50_cbam, docs/measurements.md). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call.
     Device compute times (CUDA events) go into ``device_times`` where a runner has them."""
     for runner in runners.values():
         for _ in range(warmup):

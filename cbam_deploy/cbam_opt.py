@@ -1,6 +1,6 @@
 """CBAM-specific optimisations applied on the way to the deployed artifact (``--cbam-opt on``, the default).
 
-CBAM adds 0.2% FLOPs to a ResNet50 but, deployed, far more time (issue 11): its gates are small
+CBAM adds 0.2% FLOPs to a ResNet50 but, deployed, far more time (docs/measurements.md): its gates are small
 operators (pools, a tiny MLP, channel reductions, two broadcast multiplies) whose cost is memory
 traffic and per-node overhead, not arithmetic. Each rewrite here is named, says whether it is exact
 (same function up to float rounding: it is checked by the export's parity run against the

@@ -493,7 +493,7 @@ def quantize_command(
     calib_data: Annotated[str, typer.Option(help="Image folder (recursive), .npy/.npz, or 'synthetic' (not for production).")] = ...,
     calib_size: Annotated[int, typer.Option(help="Calibration samples (seeded choice).")] = 128,
     calib_batch: Annotated[int, typer.Option(help="Calibration batch size.")] = 8,
-    method: Annotated[Optional[str], typer.Option(help="minmax, entropy or percentile (default: per target, see README).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="minmax, entropy or percentile (default: per target, see docs/int8.md).")] = None,
     gates: Annotated[Optional[str], typer.Option(help="int8: quantize the attention gates too; fp: keep them in float.")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse cached calibration for the same model, data and recipe.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,

@@ -2,7 +2,7 @@
 
 Knows nothing of backends: it takes two runners (or two arrays) and seeded inputs.
 
-FP32 tolerance (documented in the README): for every case,
+FP32 tolerance (documented in docs/export.md): for every case,
 ``max_abs_err <= atol + rtol * max|reference|`` with atol = 1e-5, rtol = 1e-4, the minimum per-sample
 cosine similarity >= 0.99999, and top-1 agreement on every sample whose reference top-1/top-2 gap
 is larger than that same error bound (a near tie may flip without anything being wrong).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The prepared GPU check: what this project's CPU-only machines cannot run, in one script that
+"""The prepared GPU check: what a CPU-only machine cannot run, in one script that
 finishes in under 5 minutes on one GPU.
 
   python scripts/gpu_check.py [--model resnet50_cbam] [--json out.json] [--budget-s 270] [--int8]

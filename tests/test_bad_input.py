@@ -380,7 +380,7 @@ def test_library_refuses_what_the_cli_refuses():
     with pytest.raises(CbamDeployError, match="input-size"):
         ExportRequest(model="resnet10_half_cbam", stem="cifar", input_size=0)
     with pytest.raises(CbamDeployError, match="num_classes must be a positive integer"):
-        build_model("resnet10_half_cbam", num_classes=0, stem="cifar")  # no longer silently 1000
+        build_model("resnet10_half_cbam", num_classes=0, stem="cifar")  # never silently 1000
     with pytest.raises(CbamDeployError, match="too large"):
         OnnxExportOptions(input_size=100_000).validate()
     with pytest.raises(CbamDeployError, match="--iters"):

@@ -1,4 +1,4 @@
-"""CBAM rewrites (``--cbam-opt``, issue 11): exact on every zoo CBAM model, fixed and dynamic H/W, recorded
+"""CBAM rewrites (``--cbam-opt``): exact on every zoo CBAM model, fixed and dynamic H/W, recorded
 in the manifest, reversible with ``--cbam-opt off``, and INT8 accuracy on the reference model unchanged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runtimes as an axis (issue 10 part 4): one ONNX artifact under onnxruntime's providers and under
+"""Runtimes as an axis: one ONNX artifact under onnxruntime's providers and under
 OpenVINO; selection, refusal, parity between runtimes, bench rows per runtime, verify, and the
 providers that really ran (onnxruntime's silent fallback detected). The ort-openvino tests run where
 onnxruntime-openvino is installed (another venv: see the module's last tests)."""

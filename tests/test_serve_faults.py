@@ -170,7 +170,8 @@ SHAPES = [(1, 3, 32, 32), (2, 3, 32, 32), (1, 3, 40, 48), (1, 3, 24, 24), (3, 3,
 
 def test_mixed_shapes_concurrently_match_onnxruntime(server, session):
     """24 clients at once, six different HxW and batch sizes, JSON and binary: every answer equals a
-    direct onnxruntime run of that request alone (the old batcher concatenated them and hung for good)."""
+    direct onnxruntime run of that request alone (concatenating requests of different shapes would fail the
+    whole batch)."""
     url, answers, failures = server["url"], [], []
     lock = threading.Lock()
 

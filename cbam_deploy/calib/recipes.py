@@ -42,11 +42,11 @@ from ..gates import check_onnx_policy, check_openvino_policy, nodes_of, onnx_gat
 TARGETS = ("ort-cpu", "tensorrt", "openvino")
 METHODS = ("minmax", "entropy", "percentile")
 GATES = ("int8", "fp")
-# Chosen by measurement on the reference digits model (see README "INT8"): every method keeps
+# Chosen by measurement on the reference digits model (docs/int8.md): every method keeps
 # top-1 within 1 point there; minmax is the cheapest and as good as the others on these models.
 DEFAULT_METHOD = {"ort-cpu": "minmax", "tensorrt": "minmax", "openvino": "minmax"}
 # Keep the attention gates in float by default: on the reference model both policies give the same
-# accuracy and latencies within noise of each other (README "INT8"), and float gates avoid the
+# accuracy and latencies within noise of each other (docs/int8.md), and float gates avoid the
 # known INT8 failure of sigmoid gating (TensorRT#1114, NNCF's SE ignore patterns).
 DEFAULT_GATES = {"ort-cpu": "fp", "tensorrt": "fp", "openvino": "fp"}
 CACHE_VERSION = 3  # 2: OpenVINO entries carry a digest file; 3: int8 gates quantize sigmoid and multiply too

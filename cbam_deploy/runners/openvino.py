@@ -3,7 +3,7 @@ runtime of an ONNX artifact). The inference precision is always set explicitly: 
 support OpenVINO would otherwise run an "fp32" model in bf16, and a latency labelled fp32 would be wrong.
 The one exception is INT8: an INT8 IR's float remainder (CBAM's gates, residual adds) runs in the
 device's default precision, bf16 on CPUs that have it, which is what OpenVINO gives a user of the same
-IR and 7% faster on resnet50_cbam (issue 11); ``describe()["inference_precision"]`` says which ran."""
+IR and 7% faster on resnet50_cbam (docs/measurements.md); ``describe()["inference_precision"]`` says which ran."""
 
 from __future__ import annotations
 
