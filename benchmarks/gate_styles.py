@@ -62,10 +62,10 @@ def run(label: str, spec: str, size: int, batch, expected: dict, work: Path) -> 
     checks = {}
     for policy in ("fp", "int8"):
         quantized = cli("quantize", str(bundle), "--target", "ort-cpu,openvino", "--calib-data", "synthetic",
-                        "--calib-size", "16", "--gates", policy)
+                        "--calib-size", "16", "--gates", policy, "--model", spec)
         for artifact in quantized["artifacts"]:
             checks[artifact["name"]] = artifact["quantization"]["gate_check"]
-    verified = cli("verify", str(bundle), "--samples", "8")
+    verified = cli("verify", str(bundle), "--samples", "8", "--model", spec)
     parity = {}
     for row in verified["results"]:
         attention = row.get("attention") or {}

@@ -317,7 +317,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
                  calib_data: str | None = None, runtime: str | list[str] | None = None,
-                 cbam_opt_compare: bool = False) -> dict:
+                 cbam_opt_compare: bool = False, trust=None) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
     on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine; with
@@ -347,7 +347,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
         import torch
 
         torch.set_num_threads(threads)
-    module = _pytorch_model(bundle)
+    module = _pytorch_model(bundle, trust)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
     skipped: list[dict] = []
     limits: dict[str, tuple[int, int] | None] = {}
@@ -368,7 +368,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
         if twin:
             opened = list(dict.fromkeys(r.partition("@")[0] for r in runners))  # each artifact once, whatever its runtimes
             twin_bundle = Bundle.open(_build_twin(bundle, twin, calib, Path(tmp) / "plain",
-                                                  [r for r in opened if bundle.has_artifact(r)], skipped))
+                                                  [r for r in opened if bundle.has_artifact(r)], skipped, trust=trust))
             runners["plain:pytorch"] = TorchRunner(_pytorch_model(twin_bundle))
             _open_artifacts(twin_bundle, None, threads, "plain:", runners, skipped, limits, runtimes)
         other_mode = None
@@ -376,7 +376,7 @@ def bench_bundle(bundle_dir, batches: list[int] | None = None, artifacts: list[s
             other_mode = "off" if bundle.cbam_opt.get("mode") == "on" else "on"
             mine = [name for name in dict.fromkeys(r.partition("@")[0] for r in runners) if bundle.has_artifact(name)]
             other = Bundle.open(_build_twin(bundle, None, calib, Path(tmp) / f"cbam-opt-{other_mode}", mine, skipped,
-                                            cbam_opt=other_mode))
+                                            cbam_opt=other_mode, trust=trust))
             _open_artifacts(other, mine, threads, f"cbam-opt-{other_mode}:", runners, skipped, limits, runtimes)
         quiet = wait_until_quiet(wait_quiet) if wait_quiet > 0 else None
         rows = []
@@ -430,19 +430,31 @@ def overhead_rows(rows: list[dict], prefix: str = "plain:") -> list[dict]:
     return out
 
 
-def _pytorch_model(bundle: Bundle):
+def _pytorch_model(bundle: Bundle, trust=None):
     """The eager model for timing: with its checkpoint when it is there (weights do not change the
-    time, so a lost checkpoint falls back to the architecture's seeded init)."""
+    time, so a lost checkpoint falls back to the architecture's seeded init). A factory model only with
+    ``trust`` (``models.CodeTrust``): the PyTorch row is what every ratio is measured against."""
     from pathlib import Path
 
     from .models import build_model
 
     model = bundle.model
-    if model.source == "factory" and not Path(model.spec.rpartition(":")[0]).is_file():
-        raise CbamDeployError(f"cannot rebuild the PyTorch model from {model.spec}: the file is gone")
+    spec = _spec_to_run(bundle, trust)
+    if model.source == "factory" and not Path(spec.rpartition(":")[0]).is_file():
+        raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
     usable = model.weights is not None and Path(model.weights.path).is_file()
-    return build_model(model.spec, model.weights.path if usable else None, model.num_classes, model.stem,
+    return build_model(spec, model.weights.path if usable else None, model.num_classes, model.stem,
                        model.outputs_mode).module
+
+
+def _spec_to_run(bundle: Bundle, trust=None) -> str:
+    from .runners import model_spec_to_run
+
+    spec, why_not = model_spec_to_run(bundle.model, trust)
+    if spec is None:
+        raise CbamDeployError(f"bench times every artifact against the PyTorch original, which is not rebuilt here: "
+                              f"{why_not}")
+    return spec
 
 
 def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None, prefix: str,
@@ -487,7 +499,7 @@ def _calibration(bundle: Bundle, calib_data: str | None, size: int = 128):
 
 
 def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts: list[str], skipped: list,
-                cbam_opt: str = "on") -> "Path":
+                cbam_opt: str = "on", trust=None) -> "Path":
     """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
     weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
     exporter; the same INT8 recipes on the same calibration data."""
@@ -500,7 +512,7 @@ def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts:
     export = bundle.artifact().export or {}
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
-    export_bundle(ExportRequest(model=twin or model.spec, weights=weights, num_classes=model.num_classes, stem=model.stem,
+    export_bundle(ExportRequest(model=twin or _spec_to_run(bundle, trust), weights=weights, num_classes=model.num_classes, stem=model.stem,
                                 cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out),
                                 input_size=bundle.input.side, batch=bundle.fixed_batch,
                                 dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
@@ -515,5 +527,5 @@ def _build_twin(bundle: Bundle, twin: str | None, calib, out: "Path", artifacts:
                 continue
             q = artifact.quantization
             quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
-                            gates=q["gates"], check_samples=8)
+                            gates=q["gates"], check_samples=8, trust=trust)
     return out

@@ -47,7 +47,7 @@ def comma_list(value: str | list[str], what: str, allowed: tuple[str, ...] | Non
 
 def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions: str | list[str],
                     calib_data: str | None = None, calib_size: int = 128, gates: str | None = None,
-                    trt: TensorRTOptions | None = None) -> list[BuildOutcome]:
+                    trt: TensorRTOptions | None = None, trust=None) -> list[BuildOutcome]:
     bundle_dir = Path(bundle_dir)
     formats = comma_list(formats, "format", backend_formats())
     precisions = comma_list(precisions, "precision", PRECISIONS)
@@ -61,7 +61,7 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
                 outcomes.append(BuildOutcome(fmt, "int8", skipped="INT8 needs --calib-data (images, .npy/.npz or 'synthetic')"))
                 continue
             try:
-                quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates)
+                quantize_bundle(bundle_dir, [target], calib_data, calib_size=calib_size, gates=gates, trust=trust)
             except BackendUnavailable as exc:
                 outcomes.append(BuildOutcome(fmt, "int8", skipped=str(exc)))
                 continue

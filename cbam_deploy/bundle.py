@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .errors import CbamDeployError
-from .fsutil import sha256_file
+from .fsutil import UnsafePath, copy_checked, open_no_follow, resolve_inside, sha256_file, sha256_no_follow
+from .options import shorten
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
+MAX_DEPTH = 32  # the schema nests 4 deep; records that commands add (export, parity, verify) a few more
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def library_versions() -> dict:
@@ -76,14 +80,39 @@ def read_manifest(bundle_dir: str | Path) -> dict:
 
 
 def read_manifest_file(path: Path) -> dict:
-    if not path.is_file():
+    """The manifest in file ``path``: a regular file (not a symbolic link), at most
+    ``MAX_MANIFEST_BYTES``, JSON nested at most ``MAX_DEPTH`` deep, valid against the schema."""
+    if not path.is_file() and not path.is_symlink():
         raise CbamDeployError(f"{path} is not a bundle: no {MANIFEST_NAME} (make one with 'cbam-deploy export')")
     try:
-        manifest = json.loads(path.read_text())
+        with open(open_no_follow(path), "rb", closefd=True) as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CbamDeployError(f"cannot read {path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+        manifest = json.loads(data.decode("utf-8"))
+    except UnsafePath as exc:
+        raise CbamDeployError(f"cannot read {path}: {exc}; a bundle's files must be plain files inside it") from None
+    except RecursionError:
+        raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CbamDeployError(f"cannot read {path}: {exc}") from None
+    if _depth(manifest) > MAX_DEPTH:
+        raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels")
     validate_manifest(manifest, path)
     return manifest
+
+
+def _depth(value) -> int:
+    """How deep a parsed JSON value nests (iterative: a deep value cannot exhaust the stack here)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
@@ -113,6 +142,7 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
+    check.field(model, "factory_sha256", "model.", _is_text, "a sha256 string", required=False)
     check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
     check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
                 "a list of strings", required=False)
@@ -428,6 +458,7 @@ class ModelInfo:
     stem: str = "imagenet"
     num_classes: int | None = None
     factory: str | None = None
+    factory_sha256: str | None = None
     weights: Weights | None = None
     init: dict | None = None
     outputs_mode: str | None = None
@@ -440,7 +471,8 @@ class ModelInfo:
     def from_dict(cls, raw: dict) -> ModelInfo:
         weights = raw.get("weights")
         return cls(raw["name"], raw.get("source", "zoo"), raw.get("stem", "imagenet"), raw.get("num_classes"),
-                   raw.get("factory"), Weights(weights["path"], weights["sha256"]) if weights else None,
+                   raw.get("factory"), raw.get("factory_sha256"),
+                   Weights(weights["path"], weights["sha256"]) if weights else None,
                    raw.get("init"), raw.get("outputs_mode"), raw.get("gates"),
                    raw.get("parameters"), list(raw.get("notes") or []), raw)
 
@@ -508,6 +540,7 @@ class Bundle:
     def __init__(self, manifest: dict, directory: str | Path | None = None) -> None:
         self.manifest = manifest
         self.directory = Path(directory) if directory is not None else None
+        self._companions_checked: dict[tuple[str, str], list[str]] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Bundle:
@@ -596,40 +629,110 @@ class Bundle:
         raise CbamDeployError(f"bundle {self.directory} has no artifact {name!r}; it has "
                               f"{', '.join(a.name for a in artifacts)}")
 
+    def resolve(self, relative: str) -> Path:
+        """The one rule for every file read from a bundle: ``relative`` (a path the manifest names) as a
+        path inside the bundle folder that is a regular file, reached without a symbolic link (the
+        file's own or a folder's on the way) and without leaving the folder. A bundle from elsewhere is
+        untrusted input: whatever its manifest says, nothing outside it is read."""
+        try:
+            return resolve_inside(self._folder(), relative)
+        except UnsafePath as exc:
+            raise CbamDeployError(f"bundle {self._folder()}: {exc}; a bundle's files must be plain files inside "
+                                  "it (re-export it, or copy it without links)") from None
+
     def path_of(self, name: str | None = None, verify_hash: bool = True) -> Path:
-        """The file of artifact ``name`` (the first when None), present and, with ``verify_hash``, its
-        file and companions matching the sha256 in the manifest."""
+        """The file of artifact ``name`` (the first when None), present, inside the bundle (``resolve``)
+        and, with ``verify_hash``, its file and companions matching the sha256 in the manifest."""
         artifact = self.artifact(name)
         folder = self._folder()
-        path = folder / artifact.path
-        if not path.is_file():
-            raise CbamDeployError(f"artifact {artifact.name} is missing its file {path}; re-export the bundle")
-        if verify_hash:
-            for relative, digest in artifact.files.items():
-                file = folder / relative
-                if not file.is_file() or sha256_file(file) != digest:
-                    raise CbamDeployError(
-                        f"artifact {artifact.name} ({file}) does not match the sha256 in the manifest: it was "
-                        "changed or its write did not finish; rebuild it"
-                    )
+        try:
+            path = self.resolve(artifact.path)
+        except FileNotFoundError:
+            raise CbamDeployError(f"artifact {artifact.name} is missing its file {folder / artifact.path}; re-export "
+                                  "the bundle") from None
+        for relative, digest in artifact.files.items():
+            try:
+                file = self.resolve(relative)
+                intact = not verify_hash or sha256_no_follow(file) == digest
+            except (FileNotFoundError, UnsafePath):
+                intact = False
+            if not intact:
+                raise CbamDeployError(
+                    f"artifact {artifact.name} ({folder / relative}) does not match the sha256 in the manifest: it was "
+                    "changed or its write did not finish; rebuild it"
+                )
+        if verify_hash:  # an intact file: what it makes its runtime open must be recorded too
+            self._check_companions(artifact, path)
         return path
 
+    def _check_companions(self, artifact: ArtifactRecord, path: Path) -> None:
+        undeclared = self._undeclared_companions(artifact, path)
+        if undeclared:
+            raise CbamDeployError(f"artifact {artifact.name}: its file refers to {shorten(undeclared[0])}, which the "
+                                  "manifest does not record; a bundle's files must be plain files inside it, each with "
+                                  "its sha256 (re-export the bundle)")
+
+    def _undeclared_companions(self, artifact: ArtifactRecord, path: Path) -> list[str]:
+        """Files the artifact's own file makes its runtime open (an ONNX's external data, an IR's .bin)
+        that exist but that the manifest does not list with a sha256: a crafted ONNX could point them
+        anywhere. Read once per artifact version."""
+        from .backends import get
+
+        key = (artifact.name, artifact.sha256)
+        if key not in self._companions_checked:
+            try:
+                wanted = get(artifact.format).companions(path)
+            except CbamDeployError:
+                raise
+            except Exception as exc:  # a file the format's reader cannot parse: the runtime would fail too
+                raise CbamDeployError(f"artifact {artifact.name}: cannot read {path}: {str(exc)[:200]}") from None
+            # one that is not there cannot be read (the runtime will say it is missing); one that is there
+            # (a file, a link) but not recorded with its sha256 is refused
+            self._companions_checked[key] = [c for c in wanted if c not in artifact.companion_files
+                                             and os.path.lexists(path.parent / c)]
+        return self._companions_checked[key]
+
     def check_integrity(self) -> dict[str, str]:
-        """Per artifact: 'ok', 'changed' (a file no longer matches its sha256) or 'missing'."""
-        folder = self._folder()
+        """Per artifact: 'ok', 'changed' (a file no longer matches its sha256), 'missing', or 'unsafe'
+        (a file is a symbolic link, or not a regular file: ``resolve`` refuses it)."""
         states = {}
         for artifact in self.artifacts:
-            paths = [folder / f for f in artifact.files]
-            try:
-                if not all(p.is_file() for p in paths):
-                    states[artifact.name] = "missing"
-                elif any(sha256_file(p) != digest for p, digest in zip(paths, artifact.files.values())):
-                    states[artifact.name] = "changed"
-                else:
-                    states[artifact.name] = "ok"
-            except OSError:  # unreadable: as good as missing
-                states[artifact.name] = "missing"
+            state = "ok"
+            for relative, digest in artifact.files.items():
+                try:
+                    if sha256_no_follow(self.resolve(relative)) != digest:
+                        state = "changed" if state == "ok" else state
+                except FileNotFoundError:
+                    state = "missing" if state in ("ok", "changed") else state
+                except CbamDeployError:
+                    state = "unsafe"
+                except (OSError, UnsafePath):  # unreadable: as good as missing
+                    state = "missing" if state in ("ok", "changed") else state
+            if state == "ok":
+                try:
+                    state = "unsafe" if self._undeclared_companions(artifact, self.resolve(artifact.path)) else "ok"
+                except CbamDeployError:
+                    state = "unsafe"
+            states[artifact.name] = state
         return states
+
+    def copy_file(self, relative: str, target: Path) -> None:
+        """Copy a file the manifest names (an artifact's or a companion's) to ``target``: resolved by
+        the one rule, read once, and what is written is exactly what matched the recorded sha256."""
+        digest = next((d for a in self.artifacts for f, d in a.files.items() if f == relative), None)
+        if digest is None:
+            raise CbamDeployError(f"bundle {self._folder()}: the manifest names no file {relative}")
+        try:
+            source = self.resolve(relative)
+            intact = copy_checked(source, target, digest)
+        except FileNotFoundError:
+            raise CbamDeployError(f"bundle {self._folder()}: {relative} is missing; re-export the bundle") from None
+        except UnsafePath as exc:
+            raise CbamDeployError(f"bundle {self._folder()}: {exc}; a bundle's files must be plain files inside "
+                                  "it") from None
+        if not intact:
+            raise CbamDeployError(f"bundle {self._folder()}: {relative} does not match the sha256 in the manifest: it "
+                                  "was changed or replaced; rebuild it")
 
     @property
     def files(self) -> set[str]:
@@ -650,27 +753,33 @@ class Bundle:
     def snapshot(self, name: str, update) -> tuple[ArtifactRecord, Path]:
         """Link (or copy) an artifact's file into a ``BundleUpdate``'s staging folder and check its sha256
         there: work that reads it for minutes sees one version, whatever lands in the bundle meanwhile."""
-        import os
-        import shutil
-
         artifact = self.artifact(name)
-        path = self.path_of(name, verify_hash=False)
+        self.path_of(name, verify_hash=False)
         # its own folder, files under their own names: an ONNX finds its external-data companions
         # beside it, and nothing here is a file the commit would move into the bundle
         folder = update.path(".source-" + name)
         folder.mkdir(exist_ok=True)
         for relative, digest in artifact.files.items():
-            source, copy = self._folder() / relative, folder / relative
+            copy = folder / relative
             copy.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(source, copy)
+                source = self.resolve(relative)  # a regular file inside the bundle, no link on the way
+                os.link(source, copy, follow_symlinks=False)
+                intact = sha256_no_follow(copy) == digest
             except FileNotFoundError:
-                raise CbamDeployError(f"artifact {name}: {source} is missing; run the command that built it again") from None
-            except OSError:
-                shutil.copyfile(source, copy)
-            if sha256_file(copy) != digest:
-                raise CbamDeployError(f"artifact {name} ({source}) does not match the sha256 in the manifest: it was "
-                                      "changed or replaced meanwhile; run the command again")
+                raise CbamDeployError(f"artifact {name}: {self._folder() / relative} is missing; run the command that "
+                                      "built it again") from None
+            except (OSError, UnsafePath):
+                copy.unlink(missing_ok=True)
+                try:
+                    intact = copy_checked(self.resolve(relative), copy, digest)
+                except UnsafePath as exc:
+                    raise CbamDeployError(f"artifact {name}: {exc}; a bundle's files must be plain files inside it") \
+                        from None
+            if not intact:
+                raise CbamDeployError(f"artifact {name} ({self._folder() / relative}) does not match the sha256 in the "
+                                      "manifest: it was changed or replaced meanwhile; run the command again")
+        self._check_companions(artifact, folder / artifact.path)
         return artifact, folder / artifact.path
 
     def _folder(self) -> Path:

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from . import interrupts
 from .backends import formats as backend_formats
 from .errors import CbamDeployError
 from .runtimes import runtime_help
@@ -52,8 +53,14 @@ class _OneLineUsageErrors(TyperGroup):
             err.print(f"[bold red]error:[/] {escape(_one_line(exc.format_message()))}{hint}", soft_wrap=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
+            if interrupts.interrupted():
+                _say_interrupted()
+                sys.exit(interrupts.EXIT_CODE)
             err.print("[bold red]error:[/] aborted", soft_wrap=True)
             sys.exit(1)
+        if interrupts.interrupted():  # typer turns a Ctrl-C while parsing into a silent exit code 130
+            _say_interrupted()
+            sys.exit(interrupts.EXIT_CODE)
         # without standalone mode, typer hands back the exit code of a typer.Exit (None on success)
         sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
@@ -69,18 +76,38 @@ app = typer.Typer(
 
 
 def _handle_errors(func):
+    """A ``CbamDeployError`` becomes one red line; Ctrl-C becomes one line and exit 130, also when a
+    library swallowed it or turned it into another exception (``interrupts``)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted()
         except CbamDeployError as exc:
+            if interrupts.interrupted():
+                _interrupted()
             err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]: every bundle is as it was before, or fully updated (never half-written)")
-            raise typer.Exit(130) from None
+        except BaseException:
+            if interrupts.interrupted():
+                _interrupted()
+            raise
+        if interrupts.interrupted():  # swallowed by a library: still an interrupted run
+            _interrupted()
+        return result
 
     return wrapper
+
+
+def _interrupted():
+    _say_interrupted()
+    raise typer.Exit(interrupts.EXIT_CODE) from None
+
+
+def _say_interrupted() -> None:
+    if interrupts.first_to_say():
+        err.print(f"[red]interrupted[/]{escape(interrupts.MESSAGE[len('interrupted'):])}", soft_wrap=True)
 
 
 def _one_line(message: str) -> str:
@@ -110,6 +137,29 @@ def _top1(metrics: dict, decimals: int = 1) -> str:
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+_TrustModel = Annotated[Optional[str], typer.Option(
+    "--model", help="A factory-made bundle: its factory again (FILE.py:FACTORY), so that its code may run to rebuild the "
+                    "PyTorch reference; the file's sha256 must match the one recorded at export.")]
+_TrustCode = Annotated[bool, typer.Option(
+    "--trust-code", help="Run the factory file the bundle's manifest names (only for a bundle you trust: it is Python).")]
+
+
+def _trust(model: str | None, trust_code: bool):
+    """The code the user lets a command run (``models.CodeTrust``); a bundle's own code never runs by itself."""
+    from .models import CodeTrust
+
+    return CodeTrust(factory=model, trust_bundle=trust_code)
+
+
+def _note_untrusted(bundle: str, trust) -> None:
+    """One line when the bundle's PyTorch model will not be rebuilt because its code is not trusted."""
+    from .runners import untrusted_code
+
+    why = untrusted_code(bundle, trust)
+    if why:
+        err.print(f"[yellow]note:[/] no PyTorch reference: {escape(why)}", soft_wrap=True)
 
 
 @app.command("models")
@@ -280,9 +330,14 @@ def verify_command(
     artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
     samples: Annotated[int, typer.Option(help="Images for the --data and INT8 checks.")] = 16,
     runtime: Annotated[Optional[str], typer.Option(help=_RUNTIME_HELP + " Artifacts it does not run are skipped.")] = None,
+    model: _TrustModel = None,
+    trust_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
-    """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs."""
+    """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs.
+
+    A factory-made bundle's model is rebuilt only with --model FILE.py:FACTORY (sha256 checked) or
+    --trust-code; without them every artifact is 'skipped: no trusted reference', never passed."""
     from .bundle import Bundle
     from .options import check_artifact_names, parse_list, validate_verify_options
     from .verify import verify_bundle
@@ -290,7 +345,7 @@ def verify_command(
     validate_verify_options(data, samples)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     check_artifact_names(Bundle.open(bundle), names, bundle)
-    result = verify_bundle(bundle, data, names, samples, runtime=runtime)
+    result = verify_bundle(bundle, data, names, samples, runtime=runtime, trust=_trust(model, trust_code))
     if as_json:
         _print_json(result)
     else:
@@ -330,7 +385,10 @@ def verify_command(
 @_handle_errors
 def bench_command(
     bundle: Annotated[Optional[str], typer.Argument(help="Bundle folder (or use --model).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Export this zoo model to a temporary bundle and bench it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Export this zoo model to a temporary bundle and bench it; with a "
+                                                      "factory-made BUNDLE: its factory again (FILE.py:FACTORY, sha256 "
+                                                      "checked), so that its code may run.")] = None,
+    trust_code: _TrustCode = False,
     batch: Annotated[str, typer.Option(help="Comma list of batch sizes, e.g. 1,8,32.")] = "1",
     artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: all).")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Interleaved rounds (default: adaptive, see --min-seconds).")] = None,
@@ -375,10 +433,11 @@ def bench_command(
         check_number("--max-seconds", max_seconds)
     if wait_quiet < 0:
         raise CbamDeployError(f"--wait-quiet must be >= 0 seconds, got {wait_quiet}")
-    if (bundle is None) == (model is None):
+    if bundle is None and model is None:
         raise CbamDeployError("give a BUNDLE folder or --model NAME (one of them)")
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    if model is not None:
+    trust = _trust(model if bundle is not None else None, trust_code)
+    if bundle is None:
         check_model_spec(model)
         check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, names, f"(exported from --model {model})")
     else:
@@ -391,7 +450,7 @@ def bench_command(
 
             bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
         result = bench_bundle(bundle, batches, names, iters, min_seconds, warmup, threads, max_seconds, strict, retries,
-                              wait_quiet, peers, overhead, calib_data, runtime, cbam_opt_compare)
+                              wait_quiet, peers, overhead, calib_data, runtime, cbam_opt_compare, trust=trust)
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:
@@ -501,16 +560,21 @@ def quantize_command(
     gates: Annotated[Optional[str], typer.Option(help="int8: quantize the attention gates too; fp: keep them in float.")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse cached calibration for the same model, data and recipe.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
+    model: _TrustModel = None,
+    trust_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
-    """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch."""
+    """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch
+    (for a factory-made bundle without --model/--trust-code: with its FP32 ONNX)."""
     from .bundle import Bundle
     from .options import validate_quantize_options
     from .quantize import quantize_bundle
 
     targets = validate_quantize_options(target, calib_data, calib_size, calib_batch, method, gates)
     Bundle.open(bundle)  # a missing or damaged bundle is reported before the calibration data is read
-    result = quantize_bundle(bundle, targets, calib_data, calib_size, calib_batch, method, gates, cache, seed)
+    trust = _trust(model, trust_code)
+    _note_untrusted(bundle, trust)
+    result = quantize_bundle(bundle, targets, calib_data, calib_size, calib_batch, method, gates, cache, seed, trust=trust)
     if as_json:
         _print_json(result)
     else:
@@ -548,6 +612,8 @@ def eval_command(
     artifact: Annotated[Optional[str], typer.Option(help="One artifact (default: all of the bundle).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
     limit: Annotated[Optional[int], typer.Option(help="Use at most this many images.")] = None,
+    model: _TrustModel = None,
+    trust_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
@@ -556,7 +622,9 @@ def eval_command(
 
     validate_eval_options(data, batch, limit)
 
-    result = evaluate_bundle(bundle, data, artifact, batch, limit)
+    trust = _trust(model, trust_code)
+    _note_untrusted(bundle, trust)
+    result = evaluate_bundle(bundle, data, artifact, batch, limit, trust=trust)
     if as_json:
         _print_json(result)
         return
@@ -624,6 +692,7 @@ def serve_command(
         serve(config, host, port, on_started=started, on_app=lambda app: state.update(app=app))
     except KeyboardInterrupt:
         err.print("stopped")
+    interrupts.reset()  # Ctrl-C is how a server is stopped: exit code 0
 
 
 @app.command("kserve")
@@ -723,6 +792,8 @@ def explain_command(
     artifact: Annotated[Optional[str], typer.Option(help="Comma list of onnx/openvino artifacts (default: all of them).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for the PNGs and the page "
                                                                          "(default explain/<bundle name>/).")] = None,
+    model: _TrustModel = None,
+    trust_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """See what the network sees: Grad-CAM, every CBAM gate per stage, and the attention parity of each artifact.
@@ -736,7 +807,9 @@ def explain_command(
     check_existing_file("--image", image)
     check_output_dir("--output", output)
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    result = explain_bundle(bundle, image, names, output)
+    trust = _trust(model, trust_code)
+    _note_untrusted(bundle, trust)
+    result = explain_bundle(bundle, image, names, output, trust=trust)
     if as_json:
         _print_json(result)
         return
@@ -806,12 +879,16 @@ def info_command(
             out.print("image stack: " + ", ".join(f"{k}={v}" for k, v in stack.items()))
     broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
     if broken:
+        unsafe = "; unsafe: a symbolic link, not a regular file, or a file the manifest does not record, never read" \
+            if "unsafe" in integrity.values() else ""
         err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "
-                  "ones the manifest recorded (sha256); rebuild these artifacts or re-export the bundle", soft_wrap=True)
+                  f"ones the manifest recorded (sha256){unsafe}; rebuild these artifacts or re-export the bundle",
+                  soft_wrap=True)
         raise typer.Exit(3)
 
 
-def main() -> None:  # console-script entry point
+def main() -> None:  # console-script entry point (``cbam_deploy.__main__`` installs the Ctrl-C handler earlier)
+    interrupts.install()
     app()
 
 

@@ -46,7 +46,7 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndar
 
 
 def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
-                    batch: int = 32, limit: int | None = None) -> dict:
+                    batch: int = 32, limit: int | None = None, trust=None) -> dict:
     from .options import check_artifact_names, validate_eval_options
 
     validate_eval_options(str(data_dir), batch, limit)  # every option before any work
@@ -69,7 +69,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         out = runner.run_batched(inputs, batch)
         return out, time.perf_counter() - started
 
-    reference, reference_label = reference_runner(bundle)
+    reference, reference_label = reference_runner(bundle, trust=trust)  # ONNX stands in without it
     ref_logits, ref_seconds = run(reference)
     ref_top1 = ref_logits.argmax(1)
     rows = [{"artifact": reference_label, "format": "pytorch" if reference_label == "pytorch-fp32" else "onnx",

@@ -17,22 +17,28 @@ says, and shows for it:
 A bundle whose PyTorch model cannot be rebuilt (a stand-in reference) still gets the artifacts'
 maps and channel profiles, compared with the FP32 ONNX's, but no Grad-CAM; the page says so. A
 model without gates gets a page with its predictions and Grad-CAM and a line saying
-there are no gates to compare. Every file is written atomically; the page embeds every image as a
+there are no gates to compare. The folder is written as one unit (staged beside it, then swapped in
+whole: an interrupted run leaves the previous page as it was); the page embeds every image as a
 data: URI, so it can be mailed or attached to a CI run on its own.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BackendUnavailable, CbamDeployError
+from .fsutil import StagedFolder
+from .options import shorten
+from .transaction import faultpoint
 
 if TYPE_CHECKING:
     from .bundle import Bundle, Preprocess
@@ -48,7 +54,7 @@ EXPLAINABLE_FORMATS = ("onnx", "openvino")
 
 
 def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: list[str] | None = None,
-                   output_dir: str | Path | None = None) -> dict:
+                   output_dir: str | Path | None = None, trust=None) -> dict:
     """Explain one image with a bundle; returns what was found and every file written.
 
     ``artifacts``: names of ONNX / OpenVINO artifacts (default: all of them in the bundle; others are
@@ -65,6 +71,8 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
 
     bundle = Bundle.open(bundle_dir)
     bundle_dir = bundle.directory  # the folder, also when a manifest file was given
+    output_dir = output_folder(output_dir, bundle_dir)  # before any work
+    faultpoint("explain-start")
     image_path = Path(image_path)
     if not image_path.is_file():
         raise CbamDeployError(f"--image {image_path} is not a file")
@@ -78,7 +86,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     classifier = bundle.classification_output is not None
     notes: list[str] = []
 
-    runner, label = reference_runner(bundle)
+    runner, label = reference_runner(bundle, trust=trust)  # a factory's code runs only when trusted
     key = label.split(" ")[0]  # 'pytorch-fp32', or 'onnx-fp32' standing in
     stand_in = is_stand_in(runner)
     model = None if stand_in else runner.model
@@ -153,68 +161,90 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
             row["top1_agrees"] = predictions[name][0]["class"] == predictions[key][0]["class"]
         rows[name] = row
 
-    # --- render and write -------------------------------------------------------------------------
-    output_dir = Path(output_dir) if output_dir is not None else Path("explain") / bundle_dir.resolve().name
+    # --- render and write: into a staging folder, swapped in whole at the end ----------------------
+    stage = StagedFolder(output_dir, "explain")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        staged = stage.open()
     except OSError as exc:
         raise CbamDeployError(f"-o {output_dir}: cannot create the folder ({exc.strerror or exc})") from None
-    writer = _Writer(output_dir)
-    picture = _display_image(chw, bundle.input.preprocess)
-    outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
+    with contextlib.closing(stage):  # removes the staging folder: the old page after a swap, or the unfinished one
+        writer = _Writer(output_dir, staged)
+        picture = _display_image(chw, bundle.input.preprocess)
+        outline = _outline(chw, bundle.input.preprocess, picture.shape[0])
 
-    writer.png("input.png", _render_image(picture))
-    if gradcam_map is not None:
-        gradcam["file"] = writer.png("gradcam.png", _render_overlay(
-            picture, _normalise(gradcam_map), (0.0, 1.0), smooth=True, label="Grad-CAM (relative)", outline=outline))
-    spatial_files: dict[str, dict[str, str]] = {}
-    for gate in gates:
-        ref = reference_maps[gate][0, 0]
-        scale = _scale_of(ref)
-        spatial_files[gate] = {key: writer.png(f"spatial-{_slug(gate)}-{_slug(key)}.png",
-                                               _render_overlay(picture, ref, scale, outline=outline))}
+        writer.png("input.png", _render_image(picture))
+        faultpoint("explain-render")
+        if gradcam_map is not None:
+            gradcam["file"] = writer.png("gradcam.png", _render_overlay(
+                picture, _normalise(gradcam_map), (0.0, 1.0), smooth=True, label="Grad-CAM (relative)", outline=outline))
+        spatial_files: dict[str, dict[str, str]] = {}
+        for gate in gates:
+            ref = reference_maps[gate][0, 0]
+            scale = _scale_of(ref)
+            spatial_files[gate] = {key: writer.png(f"spatial-{_slug(gate)}-{_slug(key)}.png",
+                                                   _render_overlay(picture, ref, scale, outline=outline))}
+            for name in rows:
+                cand = candidate_maps[name].get(gate)
+                if cand is not None and cand.size == ref.size:
+                    file = writer.png(f"spatial-{_slug(gate)}-{_slug(name)}.png",
+                                      _render_overlay(picture, cand.reshape(ref.shape), scale, outline=outline))
+                    rows[name]["files"][gate] = file
+                    spatial_files[gate][name] = file
+        channel_files = {gate: writer.png(f"channel-{_slug(gate)}.png", _render_profile(profile[0]))
+                         for gate, profile in channel_maps.items()}
         for name in rows:
-            cand = candidate_maps[name].get(gate)
-            if cand is not None and cand.size == ref.size:
-                file = writer.png(f"spatial-{_slug(gate)}-{_slug(name)}.png",
-                                  _render_overlay(picture, cand.reshape(ref.shape), scale, outline=outline))
-                rows[name]["files"][gate] = file
-                spatial_files[gate][name] = file
-    channel_files = {gate: writer.png(f"channel-{_slug(gate)}.png", _render_profile(profile[0]))
-                     for gate, profile in channel_maps.items()}
-    for name in rows:
-        for gate, profile in candidate_profiles[name].items():
-            if gate in channel_maps and profile.size == channel_maps[gate].size:
-                rows[name]["channel_files"][gate] = writer.png(f"channel-{_slug(gate)}-{_slug(name)}.png",
-                                                               _render_profile(profile[0]))
+            for gate, profile in candidate_profiles[name].items():
+                if gate in channel_maps and profile.size == channel_maps[gate].size:
+                    rows[name]["channel_files"][gate] = writer.png(f"channel-{_slug(gate)}-{_slug(name)}.png",
+                                                                   _render_profile(profile[0]))
 
-    arrays = {f"spatial/{key}/{g}": m[0, 0] for g, m in reference_maps.items()}
-    arrays.update({f"spatial/{name}/{g}": m.reshape(reference_maps[g].shape[2:])
-                   for name, maps in candidate_maps.items() for g, m in maps.items()
-                   if g in reference_maps and m.size == reference_maps[g].size})
-    arrays.update({f"channel/{key}/{g}": m[0] for g, m in channel_maps.items()})
-    arrays.update({f"channel/{name}/{g}": m[0] for name, profiles in candidate_profiles.items()
-                   for g, m in profiles.items() if g in channel_maps and m.size == channel_maps[g].size})
-    if gradcam_map is not None:
-        arrays["gradcam"] = gradcam_map
-    arrays["input"] = chw
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    maps_file = writer.write(MAPS_NAME, buffer.getvalue())
+        arrays = {f"spatial/{key}/{g}": m[0, 0] for g, m in reference_maps.items()}
+        arrays.update({f"spatial/{name}/{g}": m.reshape(reference_maps[g].shape[2:])
+                       for name, maps in candidate_maps.items() for g, m in maps.items()
+                       if g in reference_maps and m.size == reference_maps[g].size})
+        arrays.update({f"channel/{key}/{g}": m[0] for g, m in channel_maps.items()})
+        arrays.update({f"channel/{name}/{g}": m[0] for name, profiles in candidate_profiles.items()
+                       for g, m in profiles.items() if g in channel_maps and m.size == channel_maps[g].size})
+        if gradcam_map is not None:
+            arrays["gradcam"] = gradcam_map
+        arrays["input"] = chw
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        maps_file = writer.write(MAPS_NAME, buffer.getvalue())
 
-    result = {
-        "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
-        "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
-        "input_shape": list(chw.shape), "gates": gates, "gate_kinds": {g: kinds[g] for g in reference_all},
-        "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
-        "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
-        "maps": maps_file, "reference_files": {g: f[key] for g, f in spatial_files.items()},
-        "channel_files": channel_files,
-    }
-    page = _page(result, writer, spatial_files, channel_files, {g: m[0, 0] for g, m in reference_maps.items()})
-    result["page"] = writer.write(PAGE_NAME, page.encode("utf-8"))
-    result["files"] = list(writer.files)
-    return result
+        result = {
+            "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
+            "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
+            "input_shape": list(chw.shape), "gates": gates, "gate_kinds": {g: kinds[g] for g in reference_all},
+            "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
+            "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
+            "maps": maps_file, "reference_files": {g: f[key] for g, f in spatial_files.items()},
+            "channel_files": channel_files,
+        }
+        page = _page(result, writer, spatial_files, channel_files, {g: m[0, 0] for g, m in reference_maps.items()})
+        result["page"] = writer.write(PAGE_NAME, page.encode("utf-8"))
+        result["files"] = list(writer.files)
+        faultpoint("explain-staged")
+        try:
+            stage.swap_in()  # the old folder or the new one, never a mix
+        except OSError as exc:
+            raise CbamDeployError(f"-o {output_dir}: cannot put the page in place ({exc.strerror or exc})") from None
+        return result
+
+
+def output_folder(output_dir: str | Path | None, bundle_dir: Path) -> Path:
+    """Where the page goes (default ``explain/<bundle folder name>/``), refused when it is a folder of
+    other files: explain replaces its folder as a whole, so it takes a new or empty folder, or one an
+    earlier explain wrote."""
+    output_dir = Path(output_dir) if output_dir is not None else Path("explain") / bundle_dir.resolve().name
+    if output_dir.is_dir():
+        names = set(os.listdir(output_dir))
+        if names and not names & {PAGE_NAME, MAPS_NAME}:
+            raise CbamDeployError(f"-o {output_dir} holds other files ({shorten(sorted(names)[0])}, ...): explain "
+                                  "replaces its folder as a whole; give a new or empty folder, or an earlier page's")
+    elif output_dir.exists() or output_dir.is_symlink():
+        raise CbamDeployError(f"-o {output_dir} exists and is not a folder")
+    return output_dir
 
 
 def _as_spatial(values: np.ndarray) -> np.ndarray:
@@ -254,6 +284,7 @@ def _top_k(logits: np.ndarray, k: int = TOP_K) -> list[dict]:
 def _grad_cam(model, x: np.ndarray, target: int, gates: list[dict] | None = None) -> tuple[dict, np.ndarray]:
     """captum's LayerGradCam on the last attention-bearing stage (else the last stage), for ``target``,
     upsampled to the input's size with LayerAttribution.interpolate (bilinear)."""
+    faultpoint("explain-gradcam")
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
@@ -436,19 +467,19 @@ def _slug(text: str) -> str:
 # --- writing ---------------------------------------------------------------------------------------
 
 class _Writer:
-    """Writes files atomically into one folder, keeps their bytes for the page, lists them."""
+    """Writes files into the staging folder, keeps their bytes for the page, lists them under the
+    paths they will have once the folder is swapped in."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, staging: Path) -> None:
         self.folder = folder
+        self.staging = staging
         self.files: list[str] = []
         self.data: dict[str, bytes] = {}
 
     def write(self, name: str, data: bytes) -> str:
-        from .fsutil import write_bytes_atomic
-
         path = self.folder / name
         try:
-            write_bytes_atomic(path, data)
+            (self.staging / name).write_bytes(data)
         except OSError as exc:
             raise CbamDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.files.append(str(path))

@@ -1,14 +1,18 @@
-"""Writing files so that a crash or Ctrl-C never leaves a truncated file that a later step trusts."""
+"""Writing files so that a crash or Ctrl-C never leaves a truncated file that a later step trusts, and
+reading files from a folder someone else made (a bundle) without following a link out of it."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .interrupts import raise_if_interrupted
 
 
 def sha256_file(path: str | Path) -> str:
@@ -21,18 +25,54 @@ def sha256_file(path: str | Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it into place, else delete it."""
+    """Yield a temporary path beside ``final``; on success rename it into place, else delete it.
+
+    The temporary file is ``flock``-ed while it is written, so the temporaries a killed run left for
+    the same ``final`` (their lock free) are removed here, and a run still writing is never touched."""
+    import fcntl
+
     final = Path(final)
+    clean_stale_temporaries(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; a finished file follows the umask
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
+        os.close(fd)
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def clean_stale_temporaries(final: str | Path) -> list[str]:
+    """Remove the ``atomic_path`` temporaries of ``final`` that killed runs left (nobody holds their lock)."""
+    import fcntl
+
+    final = Path(final)
+    prefix, removed = f".{final.name}.", []
+    try:
+        names = os.listdir(final.parent if str(final.parent) else ".")
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        path = final.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed.append(name)
+        except OSError:  # held: a run still writing it
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,7 +111,6 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     OS, an old kernel or libc, a filesystem without it): the caller falls back to two renames."""
     import ctypes
     import ctypes.util
-    import errno
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -89,3 +128,197 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this kernel or filesystem
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# ---------------------------------------------------------------- files read from a folder someone else made
+
+class UnsafePath(ValueError):
+    """A path inside a folder leads elsewhere: a symbolic link (the file or a folder on the way), a
+    ``..`` or absolute path, or something that is not a plain file (a FIFO, a device)."""
+
+
+def resolve_inside(root: str | Path, relative: str | Path) -> Path:
+    """``root / relative``, refused (``UnsafePath``) unless every step below ``root`` is a real folder
+    and the last a regular file, none a symbolic link, and the path stays inside ``root``.
+
+    The check is on what the path *is* (``lstat`` of every component), not on its text: a symlink to
+    ``/etc/passwd`` named ``model.onnx`` is refused, whatever its target's sha256. ``root`` itself is
+    what the user named and may be reached through links. A missing file raises ``FileNotFoundError``.
+    """
+    import stat
+
+    root = Path(root)
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or any(p in ("..", ".", "") for p in parts):
+        raise UnsafePath(f"{relative} is not a plain path inside the folder")
+    path = root
+    for index, part in enumerate(parts):
+        path = path / part
+        mode = os.lstat(path).st_mode  # FileNotFoundError for a missing step
+        if stat.S_ISLNK(mode):
+            raise UnsafePath(f"{path} is a symbolic link")
+        last = index == len(parts) - 1
+        if last and not stat.S_ISREG(mode):
+            raise UnsafePath(f"{path} is not a regular file")
+        if not last and not stat.S_ISDIR(mode):
+            raise UnsafePath(f"{path} is not a folder")
+    return path
+
+
+def open_no_follow(path: str | Path) -> int:
+    """A read-only descriptor of ``path``, refused (``UnsafePath``) when the last step is a symbolic
+    link or not a regular file, checked on the opened file itself (no window for a swap)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{path} is a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{path} is not a regular file")
+    return fd
+
+
+def sha256_no_follow(path: str | Path) -> str:
+    """``sha256_file`` of a regular file that is not a symbolic link."""
+    digest = hashlib.sha256()
+    with os.fdopen(open_no_follow(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_checked(source: str | Path, target: str | Path, sha256: str) -> bool:
+    """Copy ``source`` to ``target`` from one open descriptor (no symbolic link followed), hashing the
+    bytes as they are written: what lands in ``target`` is exactly what was checked. False (and no
+    ``target``) when the bytes do not match ``sha256``."""
+    digest = hashlib.sha256()
+    with os.fdopen(open_no_follow(source), "rb") as src:
+        try:
+            with open(target, "xb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+    if digest.hexdigest() != sha256:
+        os.unlink(target)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- multi-file outputs: stage, then swap
+
+OWNER_NAME = ".owner"
+
+
+def staging_prefix(final: str | Path, tag: str) -> str:
+    """The name prefix of a command's staging folders for ``final`` (``.cbam-<tag>-<name>-``)."""
+    return f".cbam-{tag}-{Path(final).name}-"
+
+
+def _owner_alive(folder: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(folder / OWNER_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def clean_stale_staging(parent: str | Path, prefix: str) -> list[str]:
+    """Remove the staging folders (``prefix*`` in ``parent``) that killed runs left: those whose owner
+    lock nobody holds. A run still going holds its own, so it is never touched. Returns the names."""
+    import shutil
+    import stat
+
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        entry = Path(parent) / name
+        if not name.startswith(prefix):
+            continue
+        try:
+            if not stat.S_ISDIR(os.lstat(entry).st_mode) or _owner_alive(entry):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+class StagedFolder:
+    """Write a folder of files as one unit: files go into a private folder beside ``final`` (same
+    filesystem), owned through an ``flock``; ``swap_in`` puts it in place of ``final`` with one
+    atomic exchange where the system has it (two renames elsewhere) and removes the old one. Leaving
+    the ``with`` block without ``swap_in`` (an error, Ctrl-C) removes the staging folder; a killed run's
+    is removed by the next run (``clean_stale_staging``). A pending Ctrl-C is raised before the swap.
+
+    ``around``: stage beside this path instead (a Triton model folder is staged beside the repository,
+    never inside it, where Triton's polling would take it for a model)."""
+
+    def __init__(self, final: str | Path, tag: str, around: str | Path | None = None) -> None:
+        self.final = Path(final)
+        around = Path(around) if around is not None else self.final
+        self.parent = around.absolute().parent
+        self.prefix = staging_prefix(around, tag)
+        self.path: Path | None = None
+        self._owner: int | None = None
+
+    def __enter__(self) -> Path:
+        return self.open()
+
+    def open(self) -> Path:
+        """Make the staging folder (removing what killed runs left); returns the folder to fill."""
+        import fcntl
+
+        self.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(self.parent, self.prefix)
+        self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
+        self._owner = os.open(self.path / OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._owner, fcntl.LOCK_EX)
+        self.content = self.path / "content"
+        self.content.mkdir()
+        return self.content
+
+    def swap_in(self) -> None:
+        """Put the staged folder in place of ``final`` (which may or may not exist)."""
+        raise_if_interrupted()
+        assert self.path is not None
+        os.chmod(self.content, 0o777 & ~current_umask())
+        if self.final.exists() or self.final.is_symlink():
+            if not exchange(self.content, self.final):
+                os.rename(self.final, self.path / "previous")
+                os.rename(self.content, self.final)
+        else:
+            os.rename(self.content, self.final)
+        fsync_dir(self.final.absolute().parent)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the staging folder (the old one after ``swap_in``, else the unfinished one)."""
+        import shutil
+
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)  # the old folder after a swap, or the unfinished one

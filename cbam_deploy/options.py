@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,45 @@ def parse_batches(value: str, option: str = "--batch") -> list[int]:
     return list(dict.fromkeys(batches))
 
 
+# --- names that become paths, and text that goes into a file -------------------------------------
+
+NAME_MAX = 128
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(text: str) -> str:
+    """A name made from ``text`` that obeys ``check_name``: other characters become '_', leading and
+    trailing dots go, at most ``NAME_MAX`` characters; 'model' when nothing is left."""
+    return _UNSAFE_NAME_CHARS.sub("_", text)[:NAME_MAX].strip(".") or "model"
+
+
+def check_name(option: str, name: str) -> str:
+    """The one rule for a name that becomes a folder or a URL path (a served model, a Triton model, a
+    KServe model): letters, digits, '_', '.' and '-', not starting with '.', at most ``NAME_MAX``
+    characters. So ``../evil``, ``/abs`` or ``a/b`` can never lead out of the folder it is written in."""
+    if not isinstance(name, str) or not name or safe_name(name) != name or len(name) > NAME_MAX:
+        raise CbamDeployError(f"{option} {shorten(name)}: a model name is letters, digits, '_', '.' and '-' (not "
+                              f"starting with '.'), at most {NAME_MAX} characters")
+    return name
+
+
+def check_plain_text(option: str, value: str | None) -> str | None:
+    """Text that goes into a YAML value, a pbtxt string or a comment line: no line break or other
+    control character, which would end the line it is written on."""
+    if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise CbamDeployError(f"{option} {shorten(value)}: control characters (a line break, a tab) are not allowed")
+    return value
+
+
+def shorten(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters with the full length named: error text that
+    quotes a name stays short whatever the name (a 20 KB model name in a gRPC request)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 20]}...' ({len(value) if hasattr(value, '__len__') else len(text)} characters)"
+
+
 # --- paths --------------------------------------------------------------------------------------
 
 def check_existing_file(option: str, path: str | Path | None) -> None:
@@ -112,9 +152,15 @@ def check_output_file(option: str, path: str | Path | None) -> None:
     Checked before any measuring, so a typo in the path does not throw away minutes of work."""
     if path is None:
         return
-    path = Path(path)
     if str(path).strip() == "":
         raise CbamDeployError(f"{option} needs a file path")
+    try:
+        _check_output_file(option, Path(path))
+    except OSError as exc:  # a name too long, a loop of links: whatever a write would meet
+        raise CbamDeployError(f"{option} {shorten(str(path))}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _check_output_file(option: str, path: Path) -> None:
     if path.is_dir():
         raise CbamDeployError(f"{option} {path} is a folder; give a file path")
     parent = path.parent if str(path.parent) else Path(".")
@@ -122,6 +168,16 @@ def check_output_file(option: str, path: str | Path | None) -> None:
         raise CbamDeployError(f"{option} {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):  # files are replaced atomically: the folder is what counts
         raise CbamDeployError(f"{option} {path}: the folder {parent} is not writable")
+    # os.access misses what only a write shows (root on a read-only or special filesystem such as
+    # /proc, a name too long): make and remove the very temporary file the atomic write will use
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CbamDeployError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def check_output_dir(option: str, path: str | Path | None) -> None:

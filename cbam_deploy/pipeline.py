@@ -281,30 +281,34 @@ def plan_export(formats: str = "onnx", precisions: str = "fp32", int8: bool = Fa
 
 def run_export(request: ExportRequest, plan: ExportPlan | None = None) -> dict:
     """Export, then carry out the plan; the summary that ``export --json`` prints."""
+    from .models import CodeTrust, is_factory_spec
+
     result = export_bundle(request)
     plan = plan or ExportPlan()
+    trust = CodeTrust(factory=request.model) if is_factory_spec(request.model) else None  # the user's own code
     if plan.quantize_targets:
         from .quantize import quantize_bundle
 
-        result["int8"] = quantize_bundle(result["bundle"], plan.quantize_targets, plan.calib_data, gates=plan.gates)
+        result["int8"] = quantize_bundle(result["bundle"], plan.quantize_targets, plan.calib_data, gates=plan.gates,
+                                         trust=trust)
     if plan.builds:
         result["summary"] = build_verify_bench(result["bundle"], plan.formats, plan.precisions, plan.calib_data, plan.gates,
-                                               plan.trt)
+                                               plan.trt, trust=trust)
     return result
 
 
 def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, calib_data: str | None = None,
-                       gates: str | None = None, trt=None, bench_iters: int = 20) -> dict:
+                       gates: str | None = None, trt=None, bench_iters: int = 20, trust=None) -> dict:
     """The one-command job after export: build every requested artifact the machine can build,
     verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
     from .bench import bench_bundle
     from .build import build_artifacts
     from .verify import verify_bundle
 
-    outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt)
+    outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt, trust=trust)
     built = [o.name for o in outcomes if o.name]
-    verified = verify_bundle(bundle_dir, artifacts=built)
-    timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters)
+    verified = verify_bundle(bundle_dir, artifacts=built, trust=trust)
+    timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters, trust=trust)
     sizes = {a.name: a.size_bytes for a in Bundle.open(bundle_dir).artifacts}
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}

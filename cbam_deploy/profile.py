@@ -26,6 +26,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import CbamDeployError
+from .fsutil import atomic_path
 from .gates import onnx_gates, openvino_gates
 from .scopes import name_module_path
 
@@ -163,5 +164,10 @@ def plot_profile(result: dict, path: str | Path) -> None:
     ax.set_title(f"{result['model']}: where the time goes (batch {result['batch']})")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the whole PNG or the old file, whatever the name's suffix says
+            fig.savefig(tmp, dpi=110, format="png")
+    except OSError as exc:
+        raise CbamDeployError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

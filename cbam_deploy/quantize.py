@@ -29,7 +29,10 @@ def quantize_bundle(
     use_cache: bool = True,
     seed: int = 0,
     check_samples: int = 64,
+    trust=None,
 ) -> dict:
+    """INT8 artifacts for ``targets``, each checked against the PyTorch original (rebuilt only with
+    ``trust`` for a factory model, else the FP32 ONNX stands in: ``runners.reference_runner``)."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.open(bundle_dir)
     bundle.path_of("onnx-fp32")
@@ -53,7 +56,7 @@ def quantize_bundle(
             check_source = "calibration samples (source too small to hold any out)"
         check, _ = bundle.fit_to_batch(check, calib_batch)
         expected = bundle.model.gate_list  # the gates found in the PyTorch model (None: an older bundle)
-        reference, reference_label = reference_runner(bundle)
+        reference, reference_label = reference_runner(bundle, trust=trust)
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32.sha256

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .errors import CbamDeployError
 from .fsutil import fsync_dir, write_bytes_atomic
+from .interrupts import raise_if_interrupted
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
@@ -48,6 +49,7 @@ STAGING_PREFIX = ".staging-"
 OWNER_NAME = ".owner"
 COMMIT_NAME = "COMMIT"
 LOCK_TIMEOUT_S = 600.0
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # errors a user can fix (space, permissions, read-only media): one line, not a traceback
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
@@ -81,15 +83,18 @@ def bundle_lock(bundle_dir: str | Path, shared: bool = False) -> Iterator[bool]:
     """Hold the bundle's lock (shared for readers, exclusive for a commit); yields False when a reader
     cannot even create the lock file (a read-only bundle: nobody can write it then either)."""
     path = Path(bundle_dir) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a symbolic link: a bundle from elsewhere must not make us create a file outside it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
     except OSError as exc:
         if shared:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
             except OSError:
                 yield False
                 return
+        elif exc.errno == errno.ELOOP:
+            raise CbamDeployError(f"cannot lock bundle {bundle_dir}: its {LOCK_NAME} is a symbolic link; a bundle's "
+                                  "files must be plain files inside it") from None
         else:
             raise user_os_error(exc, f"cannot lock bundle {bundle_dir}") or exc from None
     try:
@@ -137,6 +142,8 @@ def recover(bundle_dir: str | Path) -> list[str]:
     bundle_dir = Path(bundle_dir)
     done = []
     for entry in sorted(bundle_dir.iterdir()):
+        if entry.is_symlink():  # no command of ours leaves a link: never follow one out of the bundle
+            continue
         if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
             if _owner_alive(entry):
                 continue
@@ -162,8 +169,30 @@ def recover_if_needed(bundle_dir: Path) -> None:
             pass  # a read-only bundle: readers go on with what is committed
 
 
+def _plan(staging: Path) -> dict | None:
+    """The staging folder's ``COMMIT``, or None when it is not one this tool wrote: unreadable, not
+    the shape it writes, or naming a file outside the bundle (a crafted bundle must not move or
+    remove anything outside itself)."""
+    try:
+        plan = json.loads((staging / COMMIT_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    names = [*plan.get("files", []), *plan.get("remove", [])] if isinstance(plan, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) and _plain(n) for n in names):
+        return None
+    return plan
+
+
+def _plain(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and not any(p in ("..", ".") for p in parts)
+
+
 def _apply(bundle_dir: Path, staging: Path) -> None:
-    plan = json.loads((staging / COMMIT_NAME).read_text())
+    plan = _plan(staging)
+    if plan is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     for name in plan["files"]:
         source = staging / name
         if source.exists():
@@ -313,6 +342,7 @@ class BundleUpdate:
             write_bytes_atomic(self.staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
             plan = {"files": files + [MANIFEST_NAME], "remove": remove}
             faultpoint("before-commit")
+            raise_if_interrupted()  # a Ctrl-C that a library swallowed: nothing is committed after it
             write_bytes_atomic(self.staging / COMMIT_NAME, json.dumps(plan).encode())
             fsync_dir(self.staging)
             with _signals_held():

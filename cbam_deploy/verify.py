@@ -21,7 +21,7 @@ from .data import load_calibration
 from .errors import BackendUnavailable, CbamDeployError
 from .gates import check_onnx_policy, check_openvino_policy
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
-from .runners import is_stand_in, open_artifact, reference_runner
+from .runners import is_stand_in, open_artifact, reference_runner, untrusted_code
 from .transaction import faultpoint, update_manifest
 
 
@@ -117,9 +117,11 @@ def _ran(runner) -> dict:
 
 
 def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: list[str] | None = None,
-                  samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
+                  samples: int = 16, seed: int = 0, runtime: str | None = None, trust=None) -> dict:
     """``runtime``: run every artifact whose format it runs under that runtime (see
-    ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format."""
+    ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format.
+    ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model; without it such a
+    bundle's artifacts are all skipped ("no trusted reference"), never passed."""
     from .runtimes import RUNTIMES, parse_runtimes
 
     if runtime is not None and len(parse_runtimes(runtime)) != 1:
@@ -130,7 +132,14 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
         missing = set(artifacts) - set(bundle.artifact_names)
         if missing:
             raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(sorted(missing))}")
-    reference, label = reference_runner(bundle)
+    untrusted = untrusted_code(bundle, trust)
+    if untrusted is not None:
+        rows = [{"artifact": a.name, "format": a.format, "precision": a.precision, "passed": None,
+                 "skipped": "no trusted reference", "reference": None}
+                for a in bundle.artifacts if not artifacts or a.name in artifacts]
+        return {"bundle": str(bundle_dir), "reference": "none", "results": rows, "passed": None,
+                "warnings": [f"nothing verified: no trusted reference: {untrusted}"]}
+    reference, label = reference_runner(bundle, trust=trust)
     rows, recorded = [], {}
     for artifact in bundle.artifacts:
         if artifacts and artifact.name not in artifacts:

@@ -158,7 +158,7 @@ BAD_OPTIONS = [
     ("bench-plot-folder-missing", ["bench", "{root}/bundle", "--plot", "{root}/missing/plot.png"],
      "the folder {root}/missing does not exist"),
     ("bench-markdown-is-folder", ["bench", "{root}/bundle", "--markdown", "{root}/empty"], "is a folder"),
-    ("bench-bundle-and-model", ["bench", "{root}/bundle", "--model", "resnet18"], "one of them"),
+    ("bench-bundle-and-model", ["bench", "{root}/bundle", "--model", "resnet18"], "not a factory; leave --model out"),
     ("bench-model-unknown", ["bench", "--model", "nope"], "unknown model 'nope'"),
     ("bench-model-artifact", ["bench", "--model", "resnet10_half_cbam", "--artifact", "int8-ort-cpu"], "no artifact 'int8-ort-cpu'"),
     # eval

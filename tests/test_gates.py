@@ -25,6 +25,7 @@ from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.gates import find_gates, onnx_gates
+from cbam_deploy.models import CodeTrust
 from cbam_deploy.pipeline import ExportRequest, export_bundle
 from cbam_deploy.quantize import quantize_bundle
 from cbam_deploy.scopes import name_module_path, node_module_path
@@ -41,6 +42,10 @@ SIZE = 32
 
 def _spec(style: str) -> str:
     return f"{DATA / 'cbam_styles.py'}:{style}"
+
+
+def _trust(style: str) -> CodeTrust:
+    return CodeTrust(factory=_spec(style))  # the factory named again: its code may rebuild the model
 
 
 def _batch(style: str):
@@ -178,7 +183,7 @@ def _export_and_quantize(style, tmp_path_factory):
     results = {}
     for policy in ("fp", "int8"):
         quantized = quantize_bundle(bundle, ["ort-cpu", "openvino"], "synthetic", calib_size=8, calib_batch=4,
-                                    check_samples=4, gates=policy, use_cache=False)
+                                    check_samples=4, gates=policy, use_cache=False, trust=_trust(style))
         results[policy] = quantized["artifacts"]
     return style, bundle, results
 
@@ -209,7 +214,7 @@ def test_int8_policy_holds_on_the_built_graph(built):
 def test_verify_reports_attention_parity_for_every_gate(built):
     style, bundle, _ = built
     expected = cbam_styles.EXPECTED[style]
-    result = verify_bundle(bundle, samples=4)
+    result = verify_bundle(bundle, samples=4, trust=_trust(style))
     assert result["passed"] is True, [(r["artifact"], r.get("reason")) for r in result["results"]]
     for row in result["results"]:
         attention = row["attention"]
@@ -233,7 +238,7 @@ def test_explain_renders_every_gate(built, tmp_path):
     image = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(image)
     result = explain_bundle(bundle, image, artifacts=["onnx-fp32", "int8-ort-cpu", "int8-openvino"],
-                            output_dir=tmp_path / "out")
+                            output_dir=tmp_path / "out", trust=_trust(style))
     gates = read_manifest(bundle)["model"]["gates"]["gates"]
     spatial = [g["name"] for g in gates if g["kind"] == "spatial"]
     channel = [g["name"] for g in gates if g["kind"] == "channel"]
@@ -280,7 +285,8 @@ def test_a_gate_quantized_anyway_fails_verify_by_name(third_party, tmp_path):
     artifact["sha256"] = sha256_file(path)  # a wrong artifact, not a torn file
     write_manifest(broken, manifest)
 
-    row = verify_bundle(broken, artifacts=["int8-ort-cpu"], samples=4)["results"][0]
+    trust = _trust("third_party_resnet")
+    row = verify_bundle(broken, artifacts=["int8-ort-cpu"], samples=4, trust=trust)["results"][0]
     assert row["passed"] is False and row["gate_policy"]["held"] is False
     assert victim["name"] in row["reason"] and "sigmoid" in row["reason"]
     assert row["gate_policy"]["broken"] == [f"{victim['name']}: sigmoid and multiply quantized under --gates fp"]
@@ -296,7 +302,7 @@ def test_a_gate_quantized_anyway_fails_verify_by_name(third_party, tmp_path):
     for companion in artifact.get("companion_files", {}) or {}:
         artifact["companion_files"][companion] = sha256_file(broken / companion)
     write_manifest(broken, manifest)
-    row = verify_bundle(broken, artifacts=["int8-openvino"], samples=4)["results"][0]
+    row = verify_bundle(broken, artifacts=["int8-openvino"], samples=4, trust=trust)["results"][0]
     assert row["passed"] is False and len(row["gate_policy"]["broken"]) == len(manifest["model"]["gates"]["gates"])
     assert all(g["name"] in row["reason"] for g in manifest["model"]["gates"]["gates"])
 
@@ -363,7 +369,7 @@ def test_foreign_checkpoints_load(tmp_path, wrap):
     assert result["model"]["weights"]["sha256"] == sha256_file(ckpt)
     from cbam_deploy.runners import reference_runner
 
-    rebuilt = reference_runner(read_manifest(tmp_path / "b"), tmp_path / "b")[0].model
+    rebuilt = reference_runner(read_manifest(tmp_path / "b"), tmp_path / "b", trust=_trust("third_party_resnet"))[0].model
     for key, value in trained.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
 
@@ -392,11 +398,11 @@ def test_the_new_user_flow_on_the_cli(tmp_path):
     assert exported.exit_code == 0, exported.output
     assert json.loads(exported.stdout)["model"]["gates"]["kinds"] == {"channel": 2, "spatial": 2, "joint": 0}
     quantized = runner.invoke(app, ["quantize", str(out), "--target", "ort-cpu", "--calib-data", "synthetic",
-                                    "--calib-size", "8", "--json"])
+                                    "--calib-size", "8", "--model", _spec("neutral_names"), "--json"])
     assert quantized.exit_code == 0, quantized.output
     check = json.loads(quantized.stdout)["artifacts"][0]["quantization"]["gate_check"]
     assert check["held"] is True and check["gates"] == 4
-    verified = runner.invoke(app, ["verify", str(out), "--json"])
+    verified = runner.invoke(app, ["verify", str(out), "--model", _spec("neutral_names"), "--json"])
     assert verified.exit_code == 0, verified.output
     rows = {r["artifact"]: r for r in json.loads(verified.stdout)["results"]}
     assert rows["int8-ort-cpu"]["attention"]["counts"] == {"spatial": 2, "channel": 2, "joint": 0, "not_found": 0}
@@ -412,9 +418,11 @@ def test_a_model_torch_export_cannot_trace_still_gets_its_policy(tmp_path):
     assert exported["passed"] is True
     gates = exported["model"]["gates"]
     assert gates["count"] == 0 and "torch.export could not trace" in gates["error"]
-    quantized = quantize_bundle(bundle, ["ort-cpu"], "synthetic", calib_size=8, check_samples=4, use_cache=False)
+    quantized = quantize_bundle(bundle, ["ort-cpu"], "synthetic", calib_size=8, check_samples=4, use_cache=False,
+                                trust=_trust("untraceable"))
     check = quantized["artifacts"][0]["quantization"]["gate_check"]
     assert check["held"] is True and check["gates"] == 1 and check["per_gate"][0]["gate"] == "gate"
-    row = next(r for r in verify_bundle(bundle, samples=4)["results"] if r["artifact"] == "int8-ort-cpu")
+    row = next(r for r in verify_bundle(bundle, samples=4, trust=_trust("untraceable"))["results"]
+               if r["artifact"] == "int8-ort-cpu")
     assert row["gate_policy"]["held"] is True
     assert row["attention"]["passed"] is None and "could not trace" in row["attention"]["skipped"]

@@ -13,6 +13,7 @@ import torch
 from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
+from cbam_deploy.models import CodeTrust
 from cbam_deploy.outputs import flatten_outputs, output_kind
 from cbam_deploy.pipeline import ExportRequest, export_bundle
 from cbam_deploy.quantize import quantize_bundle
@@ -88,16 +89,17 @@ def test_a_broken_output_fails_parity_and_names_it(bundle):
 
 def test_quantize_verify_and_bench_handle_every_output(bundle):
     name, out, _ = bundle
-    result = quantize_bundle(out, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False)
+    trust = CodeTrust(factory=f"{HEADS}:{name}")  # the factory named again: its code may run
+    result = quantize_bundle(out, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False, trust=trust)
     parity = result["artifacts"][0]["parity"]
     assert parity["cosine_mean"] > 0.9
     if len(EXPECTED[name]) > 1:
         assert set(parity["outputs"]) == {n for n, _, _ in EXPECTED[name]}
-    verified = verify_bundle(out)
+    verified = verify_bundle(out, trust=trust)
     rows = {r["artifact"]: r for r in verified["results"]}
     assert verified["reference"] == "pytorch-fp32" and rows["onnx-fp32"]["passed"] is True  # seeded factory, rebuilt
     assert rows["int8-ort-cpu"]["cosine_mean"] > 0.9
-    timing = bench_bundle(out, [1], iters=3, warmup=1)
+    timing = bench_bundle(out, [1], iters=3, warmup=1, trust=trust)
     assert {r["runner"] for r in timing["results"]} == {"pytorch", "onnx-fp32", "int8-ort-cpu"}
 
 
@@ -193,7 +195,8 @@ def test_output_kind_option_makes_verify_judge_an_embedding_by_cosine_and_bounds
     guessed = tmp_path / "guessed"
     export_bundle(ExportRequest(model=f"{HEADS}:embedder", input_size=32, output=str(guessed), parity=False))
     assert Bundle.open(guessed).output_kinds == {"embedding": "logits", "heatmap": "dense"}
-    row = {r["artifact"]: r for r in verify_bundle(guessed)["results"]}["onnx-fp32"]
+    trust = CodeTrust(factory=f"{HEADS}:embedder")
+    row = {r["artifact"]: r for r in verify_bundle(guessed, trust=trust)["results"]}["onnx-fp32"]
     assert all("top1_agreement" in case["outputs"]["embedding"] for case in row["cases"])  # judged as a classifier
 
     out = tmp_path / "set"
@@ -205,11 +208,12 @@ def test_output_kind_option_makes_verify_judge_an_embedding_by_cosine_and_bounds
     export_case = json.loads(result.stdout)["parity"]["cases"][0]["outputs"]["embedding"]
     assert export_case["kind"] == "dense" and "top1_agreement" not in export_case
 
-    quantized = quantize_bundle(out, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False)
+    quantized = quantize_bundle(out, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False,
+                                trust=trust)
     int8_embedding = quantized["artifacts"][0]["parity"]["outputs"]["embedding"]
     assert int8_embedding["kind"] == "dense" and "top1_agreement" not in int8_embedding
 
-    verified = verify_bundle(out)
+    verified = verify_bundle(out, trust=trust)
     rows = {r["artifact"]: r for r in verified["results"]}
     fp32 = rows["onnx-fp32"]
     assert verified["reference"] == "pytorch-fp32" and fp32["passed"] is True and "top1_agreement" not in fp32

@@ -210,11 +210,11 @@ def test_replacing_a_model_never_leaves_its_folder_missing(bundle, tmp_path):
 
 
 def test_replacement_falls_back_to_two_renames(bundle, tmp_path, monkeypatch):
-    import cbam_deploy.serve.triton as triton
+    import cbam_deploy.fsutil as fsutil
 
     repo = tmp_path / "repo"
     model = write_repository(bundle, repo, ["onnx-fp32"])[0]["model"]
-    monkeypatch.setattr(triton, "exchange", lambda a, b: False)  # a system without RENAME_EXCHANGE
+    monkeypatch.setattr(fsutil, "exchange", lambda a, b: False)  # a system without RENAME_EXCHANGE
     write_repository(bundle, repo, ["onnx-fp32"], max_batch=3)
     assert parse(repo / model / "config.pbtxt").max_batch_size == 3
     assert sorted(p.name for p in repo.iterdir()) == [model]

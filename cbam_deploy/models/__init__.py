@@ -11,13 +11,13 @@ from torch import nn
 
 from ..errors import CbamDeployError
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
-from .custom import is_factory_spec, load_factory_model
+from .custom import CodeTrust, factory_sha256, factory_to_run, is_factory_spec, load_factory_model
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
 from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
 
 __all__ = [
-    "BAM", "CBAM", "ChannelGate", "LoadedModel", "SpatialGate", "SqueezeExcite", "build_model",
+    "BAM", "CBAM", "ChannelGate", "CodeTrust", "LoadedModel", "factory_to_run", "SpatialGate", "SqueezeExcite", "build_model",
     "OUTPUTS", "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
     "zoo_table",
 ]
@@ -51,6 +51,7 @@ class LoadedModel:
     checkpoint: Checkpoint | None = None
     notes: list[str] = field(default_factory=list)
     outputs: str | None = "logits"  # zoo: "logits" or "features" (C2..C5); factory: None, its forward decides
+    factory_sha256: str | None = None  # a factory's file, hashed before it was imported
 
     def describe(self) -> dict:
         entry = get_entry(self.name) if self.source == "zoo" else None
@@ -69,6 +70,7 @@ class LoadedModel:
         if self.source == "factory":  # absolute, so that verify can rebuild it from any folder
             path, _, factory = self.name.rpartition(":")
             info["factory"] = f"{Path(path).resolve()}:{factory}"
+            info["factory_sha256"] = self.factory_sha256  # what --model must match to run it again
         if self.checkpoint is None:  # verify rebuilds it and checks it is the same model
             info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module)}
         return info
@@ -90,13 +92,14 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         if outputs == "features":
             raise CbamDeployError(f"--outputs features is for zoo models; your factory decides its outputs ({spec}): "
                                   "return the stage outputs (a dict or tuple of tensors) from its forward instead")
+        digest = factory_sha256(spec) if Path(spec.rpartition(":")[0]).is_file() else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)  # a random-init factory model is the same model every time too
             module = load_factory_model(spec, num_classes)
         if checkpoint:
             apply_state_dict(module, checkpoint, spec)
         return LoadedModel(module, spec, "factory", num_classes, stem, 224, checkpoint=checkpoint, notes=notes,
-                           outputs=None)
+                           outputs=None, factory_sha256=digest)
     entry = get_entry(spec)
     if checkpoint and num_classes is None:
         num_classes = infer_num_classes(checkpoint.state_dict)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import inspect
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -18,6 +20,58 @@ def is_factory_spec(spec: str) -> bool:
     """True for 'file.py:factory' (a path to a .py file, a colon, a name)."""
     path, sep, name = spec.rpartition(":")
     return bool(sep) and path.endswith(".py") and name.isidentifier()
+
+
+def factory_sha256(spec: str) -> str:
+    """The sha256 of a factory spec's file ('file.py:factory'), recorded at export."""
+    path = Path(spec.rpartition(":")[0])
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise CbamDeployError(f"cannot read the model file {path}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class CodeTrust:
+    """Which Python code a command may run to rebuild a bundle's PyTorch model. A bundle's manifest
+    can name a factory file, but a bundle may come from anyone: its code runs only when the user names
+    that factory again (``factory``: ``--model file.py:factory``, checked against the sha256 recorded
+    at export) or says so (``trust_bundle``: ``--trust-code``)."""
+
+    factory: str | None = None
+    trust_bundle: bool = False
+
+
+NO_TRUSTED_CODE = ("its model is made by Python code ({file}), and code from a bundle never runs by itself: name it "
+                   "again (--model FILE.py:FACTORY, checked against the sha256 recorded at export) or pass --trust-code")
+
+
+def factory_to_run(recorded: str, recorded_sha256: str | None, trust: CodeTrust | None) -> tuple[str | None, str]:
+    """The factory spec a command may import to rebuild a bundle's model whose manifest names
+    ``recorded`` (with ``recorded_sha256``), and '' ; or (None, why not). A factory the user names
+    whose file does not match the recorded sha256 is an error: they asked for it by name."""
+    trust = trust or CodeTrust()
+    if trust.factory is not None:
+        if not is_factory_spec(trust.factory):
+            raise CbamDeployError(f"--model {trust.factory!r}: name the bundle's factory as FILE.py:FACTORY")
+        if not Path(trust.factory.rpartition(":")[0]).is_file():
+            raise CbamDeployError(f"--model: model file {trust.factory.rpartition(':')[0]} does not exist")
+        if recorded_sha256 is None:
+            raise CbamDeployError(f"--model {trust.factory}: the bundle records no sha256 of its factory file, so "
+                                  "nothing shows this is its code; pass --trust-code to run it anyway")
+        if factory_sha256(trust.factory) != recorded_sha256:
+            raise CbamDeployError(f"--model {trust.factory}: this file's sha256 differs from the one recorded when the "
+                                  f"bundle was exported (from {recorded.rpartition(':')[0]}); it is not the bundle's "
+                                  "model code")
+        return trust.factory, ""
+    if trust.trust_bundle:
+        file = Path(recorded.rpartition(":")[0])
+        if not file.is_file():
+            return None, f"its model file {file} is not on this machine"
+        if recorded_sha256 is not None and factory_sha256(recorded) != recorded_sha256:
+            return None, f"its model file {file} changed since the bundle was exported (sha256 differs)"
+        return recorded, ""
+    return None, NO_TRUSTED_CODE.format(file=Path(recorded.rpartition(":")[0]).name or recorded)
 
 
 def load_factory_model(spec: str, num_classes: int | None = None) -> nn.Module:

@@ -14,7 +14,8 @@ from .base import Runner
 from .onnxruntime import OnnxRuntimeRunner
 from .torch import TorchRunner
 
-__all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner", "is_stand_in", "open_artifact", "reference_runner"]
+__all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner", "is_stand_in", "model_spec_to_run", "open_artifact",
+           "reference_runner", "untrusted_code"]
 
 
 def open_artifact(bundle_dir: str | Path | None, manifest, name: str, threads: int | None = None,
@@ -34,31 +35,61 @@ def open_artifact(bundle_dir: str | Path | None, manifest, name: str, threads: i
     return select_runtime(artifact.format, runtime).open(path, artifact.precision, threads)
 
 
-def reference_runner(manifest, bundle_dir: str | Path | None = None) -> tuple[Runner, str]:
+def model_spec_to_run(model, trust=None) -> tuple[str | None, str]:
+    """What ``models.build_model`` may be given to rebuild a bundle's model (``bundle.ModelInfo``):
+    the zoo name, or a factory the user trusts (``models.CodeTrust``); else (None, why not). A manifest
+    that names Python code (a factory, whatever its ``source`` says) never gets it run by itself."""
+    from ..models import factory_to_run, is_factory_spec
+
+    if model.source == "factory" or is_factory_spec(model.spec) or model.factory:
+        return factory_to_run(model.spec, model.factory_sha256, trust)
+    if trust is not None and trust.factory is not None:
+        raise CbamDeployError(f"--model {trust.factory}: this bundle's model is the zoo model {model.name}, not a "
+                              "factory; leave --model out")
+    return model.spec, ""
+
+
+def untrusted_code(manifest, trust=None) -> str | None:
+    """Why the bundle's PyTorch model may not be rebuilt here (its code is not trusted), or None."""
+    from ..bundle import Bundle
+
+    return model_spec_to_run(Bundle.of(manifest).model, trust)[1] or None
+
+
+def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None) -> tuple[Runner, str]:
     """The PyTorch FP32 original, rebuilt from the manifest (a ``Bundle`` or a manifest dict): the
     checkpoint (by its absolute path, checked against its sha256), or for a random-init zoo model the
-    same seeded init (checked against the state fingerprint recorded at export). Where neither is
-    possible the bundle's FP32 ONNX (checked against PyTorch at export) stands in; the label says so,
-    and ``is_stand_in`` tells callers not to count a comparison of that ONNX with itself as a pass."""
+    same seeded init (checked against the state fingerprint recorded at export). A factory model is
+    rebuilt only with ``trust`` (``models.CodeTrust``): code from a bundle never runs by itself. Where
+    the model cannot be rebuilt the bundle's FP32 ONNX (checked against PyTorch at export) stands in;
+    the label says so, and ``is_stand_in`` tells callers not to count a comparison of that ONNX with
+    itself as a pass."""
     from ..bundle import Bundle
-    from ..fsutil import sha256_file
+    from ..fsutil import UnsafePath, sha256_no_follow
     from ..models import build_model, state_fingerprint
 
     bundle = Bundle.of(manifest, bundle_dir)
     bundle_dir = bundle_dir if bundle_dir is not None else bundle.directory
     model = bundle.model
-    if model.weights is not None:
+    spec, reason = model_spec_to_run(model, trust)
+    if spec is None:
+        reason = f"not rebuilt: {reason}"
+    elif model.weights is not None:
         path = Path(model.weights.path)
-        if path.is_file() and sha256_file(path) == model.weights.sha256:
+        try:  # a regular file (not a FIFO or a device), by its recorded sha256, loaded with weights_only
+            matches = sha256_no_follow(path) == model.weights.sha256
+        except (OSError, UnsafePath):
+            matches = False
+        if matches:
             try:
-                loaded = build_model(model.spec, str(path), model.num_classes, model.stem, model.outputs_mode)
+                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode)
                 return TorchRunner(loaded.module), "pytorch-fp32"
             except CbamDeployError as exc:
                 reason = f"the model could not be rebuilt: {exc}"
         else:
             reason = f"checkpoint {path} missing or changed"
     elif model.init:
-        loaded = build_model(model.spec, None, model.num_classes, model.stem, model.outputs_mode)
+        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode)
         if state_fingerprint(loaded.module) == model.init["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
         reason = "random init: this torch rebuilds different weights from the same seed"

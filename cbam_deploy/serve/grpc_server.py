@@ -35,6 +35,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..errors import CbamDeployError
+from ..options import shorten
 from .batcher import BatcherError
 from .protocol import ProtocolError
 from .service import ModelRepository, ModelService
@@ -46,10 +47,17 @@ _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           422: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+MAX_MESSAGE = 1024
+
+
 class _Failed(Exception):
     """An RPC's outcome other than OK: a status code and its message."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        # the message travels as grpc-message metadata: a client's 20 KB name quoted in it must not
+        # break the stream (metadata is limited to 16 KB), so it is bounded here whatever it quotes
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 30] + f"... ({len(message)} characters)"
         super().__init__(message)
         self.code = code
 
@@ -103,21 +111,21 @@ def decode_request(service: ModelService, request: pb.ModelInferRequest) -> tupl
     raw = len(request.raw_input_contents) > 0
     if raw:
         if typed:
-            raise ProtocolError(f"input {tensor.name!r} has both {typed[0]} and raw_input_contents; send one")
+            raise ProtocolError(f"input {shorten(tensor.name)} has both {typed[0]} and raw_input_contents; send one")
         if len(request.raw_input_contents) != len(inputs):
             raise ProtocolError(f"raw_input_contents has {len(request.raw_input_contents)} entries for {len(inputs)} input(s)")
         data = request.raw_input_contents[0]
         if len(data) != count * 4:
-            raise ProtocolError(f"input {tensor.name!r}: {len(data)} bytes of raw contents for shape {shape} FP32 "
+            raise ProtocolError(f"input {shorten(tensor.name)}: {len(data)} bytes of raw contents for shape {shape} FP32 "
                                 f"(needs {count * 4})")
         array = np.frombuffer(data, dtype="<f4").reshape(shape)
     else:
         if typed and typed != ["fp32_contents"]:
-            raise ProtocolError(f"input {tensor.name!r} is FP32 but carries {', '.join(typed)}; send fp32_contents "
+            raise ProtocolError(f"input {shorten(tensor.name)} is FP32 but carries {', '.join(typed)}; send fp32_contents "
                                 "or raw_input_contents")
         values = tensor.contents.fp32_contents
         if len(values) != count:
-            raise ProtocolError(f"input {tensor.name!r}: {len(values)} fp32_contents for shape {shape} (needs {count})")
+            raise ProtocolError(f"input {shorten(tensor.name)}: {len(values)} fp32_contents for shape {shape} (needs {count})")
         array = np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
     return service.validate_batch(array), wanted, raw
 
@@ -190,7 +198,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc("grpc_repository_index")
     async def RepositoryIndex(self, request, context):
         if request.repository_name not in ("", "models"):
-            raise ProtocolError(f"unknown repository {request.repository_name!r}; this server has one (name it '')", 404)
+            raise ProtocolError(f"unknown repository {shorten(request.repository_name)}; this server has one (name it '')", 404)
         rows = self.repository.index(request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
 

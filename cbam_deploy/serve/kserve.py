@@ -25,6 +25,9 @@ from pathlib import Path
 from ..backends import all_backends
 from ..bundle import Bundle
 from ..errors import CbamDeployError
+from ..fsutil import write_bytes_atomic
+from ..options import check_plain_text
+from .triton import triton_model_name
 
 PREDICTORS = ("triton", "cbam-deploy")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -40,15 +43,11 @@ def service_name(model: str) -> str:
     return name[:45].rstrip("-")
 
 
-def triton_model_name(manifest, name: str | None = None) -> str:
-    """The model's folder in the Triton repository (the name ``cbam-deploy triton`` gives it) for a
-    ``Bundle`` or a manifest dict."""
-    return name or Bundle.of(manifest).model.name.replace(":", "_").replace("/", "_").replace(".py", "")
-
-
 def _check(options: dict) -> None:
     if options["predictor"] not in PREDICTORS:
         raise CbamDeployError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {options['predictor']!r}")
+    check_plain_text("--storage-uri", options["storage_uri"])  # it goes into YAML and its comment header
+    check_plain_text("--image", options["image"])
     if "://" not in options["storage_uri"]:
         raise CbamDeployError(f"--storage-uri must be a URI KServe can fetch (s3://, gs://, pvc://, https://, ...), "
                               f"got {options['storage_uri']!r}")
@@ -87,7 +86,7 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
     chosen = artifact or (opened.artifact().name if predictor == "cbam-deploy" else "onnx-fp32")
     opened.path_of(chosen)  # present and intact
     record = opened.artifact(chosen)
-    model = triton_model_name(opened, model_name)
+    model = triton_model_name(opened, model_name, option="--model-name")
     options = {"predictor": predictor, "storage_uri": storage_uri, "name": name or service_name(model),
                "namespace": namespace, "cpu": str(cpu), "memory": str(memory), "gpus": gpus, "min_replicas": min_replicas,
                "max_replicas": max_replicas, "scale_target": scale_target, "max_batch": max_batch, "image": image}
@@ -132,25 +131,22 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
 
 def write_yaml(service: dict, path: str | Path, header: list[str]) -> Path:
     """The manifest as YAML, after a comment header; written whole or not at all."""
-    import os
-    import tempfile
-
     import yaml
 
     path = Path(path)
-    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(service, sort_keys=False, default_flow_style=False)
-    temporary = None
+    text = "".join(f"# {_comment(line)}\n" for line in header) + yaml.safe_dump(service, sort_keys=False,
+                                                                                default_flow_style=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            temporary = handle.name
-            handle.write(text)
-        os.replace(temporary, path)
+        write_bytes_atomic(path, text.encode())
     except OSError as exc:
-        if temporary:
-            Path(temporary).unlink(missing_ok=True)
         raise CbamDeployError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _comment(text: str) -> str:
+    """One comment line whatever ``text`` holds: control characters (a line break) written escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 __all__ = ["PREDICTORS", "inference_service", "service_name", "triton_model_name", "write_yaml"]

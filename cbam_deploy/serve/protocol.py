@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..options import shorten
+
 HEADER_LENGTH = "inference-header-content-length"
 
 DATATYPES = {
@@ -104,18 +106,18 @@ def decode_input(spec: InputTensor, binary: bytes, offset: int) -> tuple[np.ndar
     dtype = np.dtype(DATATYPES[datatype])
     count = math.prod(shape)  # a Python int: [2**40, 2**40] cannot overflow
     if count > MAX_ELEMENTS:
-        raise ProtocolError(f"input {name!r}: shape {shape} has {count} elements (at most {MAX_ELEMENTS})")
+        raise ProtocolError(f"input {shorten(name)}: shape {shape} has {count} elements (at most {MAX_ELEMENTS})")
     size = spec.parameters.binary_data_size if spec.parameters else None
     if size is not None:
         if offset + size > len(binary):
-            raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the request body")
+            raise ProtocolError(f"input {shorten(name)}: binary_data_size {size} runs past the request body")
         if size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name!r}: {size} bytes of binary data for shape {shape} {datatype} "
+            raise ProtocolError(f"input {shorten(name)}: {size} bytes of binary data for shape {shape} {datatype} "
                                 f"(needs {count * dtype.itemsize})")
         array = np.frombuffer(memoryview(binary)[offset:offset + size], dtype=dtype).reshape(shape)
         return array, offset + size
     if "data" not in spec.model_fields_set:
-        raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+        raise ProtocolError(f"input {shorten(name)} has neither 'data' nor binary_data_size")
     return _data_array(spec.data, name, shape, datatype, count), offset
 
 
@@ -129,17 +131,17 @@ def _data_array(data: Any, name: str, shape: list[int], datatype: str, count: in
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):  # ragged nesting, > 64 dims, ...
-        raise ProtocolError(f"input {name!r}: 'data' is not a list of {datatype} {noun} of one shape") from None
+        raise ProtocolError(f"input {shorten(name)}: 'data' is not a list of {datatype} {noun} of one shape") from None
     if array.dtype.kind not in _KINDS[dtype.kind]:
-        raise ProtocolError(f"input {name!r}: 'data' is not a list of {datatype} {noun}")
+        raise ProtocolError(f"input {shorten(name)}: 'data' is not a list of {datatype} {noun}")
     if array.size != count:
-        raise ProtocolError(f"input {name!r}: {array.size} elements for shape {shape} (needs {count})")
+        raise ProtocolError(f"input {shorten(name)}: {array.size} elements for shape {shape} (needs {count})")
     if array.ndim > 1 and list(array.shape) != shape:
-        raise ProtocolError(f"input {name!r}: 'data' is nested as {list(array.shape)}; send it flat or nested as {shape}")
+        raise ProtocolError(f"input {shorten(name)}: 'data' is nested as {list(array.shape)}; send it flat or nested as {shape}")
     if dtype.kind in "iu" and array.size:
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
-            raise ProtocolError(f"input {name!r}: a value is outside the {datatype} range")
+            raise ProtocolError(f"input {shorten(name)}: a value is outside the {datatype} range")
     with np.errstate(over="ignore"):  # 1e300 as FP32 is inf; the caller decides whether that is allowed
         return array.astype(dtype).reshape(shape)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..bundle import MANIFEST_NAME, Bundle
 from ..errors import CbamDeployError
+from ..options import check_name, safe_name, shorten
 from ..runners import open_artifact
 from .batcher import BatcherError, DynamicBatcher
 from .images import decode_image
@@ -37,7 +38,6 @@ from .threads import DaemonThreads
 if TYPE_CHECKING:
     from .app import ServeConfig
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 class Metrics:
@@ -79,11 +79,6 @@ def _labels(path: str | None, bundle: Bundle, classes: int, model: str) -> list[
             raise CbamDeployError(f"labels file {path} has {len(names)} lines; the model {model} has {classes} classes")
         return names
     return list(bundle.labels or [str(i) for i in range(classes)])
-
-
-def safe_name(text: str) -> str:
-    """A model name usable in a URL path and a Triton/KServe name: letters, digits, '_', '.', '-'."""
-    return _UNSAFE.sub("_", text).strip(".") or "model"
 
 
 def default_name(bundle: Bundle) -> str:
@@ -153,9 +148,9 @@ class ModelService:
         """The request's input tensors: one, by the model's input name, FP32."""
         expected = self.input_spec.name
         if count != 1:
-            raise ProtocolError(f"the model has one input ({expected!r}); got {count}")
+            raise ProtocolError(f"the model has one input ({shorten(expected)}); got {count}")
         if name != expected:
-            raise ProtocolError(f"unknown input {name!r}; the model's input is {expected!r}")
+            raise ProtocolError(f"unknown input {shorten(name)}; the model's input is {shorten(expected)}")
         if datatype != "FP32":
             raise ProtocolError(f"input datatype {datatype} is not accepted; send FP32")
 
@@ -163,7 +158,7 @@ class ModelService:
         """The outputs to answer: those asked for, in that order, or every output when none was."""
         for name in requested:
             if name not in self.output_names:
-                raise ProtocolError(f"unknown output {name!r}; the model's outputs are {', '.join(self.output_names)}")
+                raise ProtocolError(f"unknown output {shorten(name)}; the model's outputs are {', '.join(self.output_names)}")
         return list(requested) or list(self.output_names)
 
     @staticmethod
@@ -249,7 +244,7 @@ class ModelRepository:
         service = self.models.get(name)
         if service is None:
             served = ", ".join(repr(n) for n in self.models)
-            raise ProtocolError(f"unknown model {name!r}; this server serves {served}", 404)
+            raise ProtocolError(f"unknown model {shorten(name)}; this server serves {served}", 404)
         service.check_version(version)
         return service
 
@@ -307,6 +302,10 @@ def bundle_paths(paths: str | list[str] | tuple[str, ...]) -> list[Path]:
         path = Path(raw)
         if path.is_dir() and not (path / MANIFEST_NAME).is_file():
             inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file())
+            linked = [p for p in inside if p.is_symlink()]
+            if linked:  # the folder given is what is served: a link in it would serve a bundle from elsewhere
+                raise CbamDeployError(f"{linked[0]} is a symbolic link; a folder of bundles holds the bundles "
+                                      "themselves (name a linked bundle on the command line instead)")
             if not inside:
                 raise CbamDeployError(f"{path} is neither a bundle nor a folder of bundles (no {MANIFEST_NAME} in it "
                                       "or in its sub-folders)")
@@ -345,8 +344,8 @@ def _open_runner(config: ServeConfig, bundle: Bundle, artifact: str):
 def load_repository(config: ServeConfig, metrics: Metrics) -> ModelRepository:
     """Read every bundle of ``config.bundle``, name the models, open their runners."""
     paths = bundle_paths(config.bundle)
-    if config.name and safe_name(config.name) != config.name:
-        raise CbamDeployError(f"--name {config.name!r}: a model name is letters, digits, '_', '.' and '-'")
+    if config.name:
+        check_name("--name", config.name)
     if config.name and len(paths) > 1:
         raise CbamDeployError(f"--name names one model; {len(paths)} bundles are served (each is named after its "
                               "bundle's model, or its folder when two would clash)")

@@ -29,14 +29,14 @@ What each backend accepts, read from the backends' sources (triton-inference-ser
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..backends import get as get_backend
 from ..bundle import Bundle
 from ..errors import CbamDeployError
-from ..fsutil import exchange
+from ..fsutil import StagedFolder
+from ..options import check_name, safe_name
+from ..transaction import faultpoint
 
 def _fragment(artifact: dict):
     """The backend table's Triton fragment for the artifact's format."""
@@ -113,15 +113,15 @@ def model_config(manifest, artifact: dict, name: str, max_batch: int, instances:
     notes = warnings if warnings is not None else []
     if artifact["format"] == "tensorrt":
         notes += tensorrt_triton_check(artifact, batched, max_batch, check_triton_release(triton_release))
-    lines = [f'name: "{name}"', platform, f"max_batch_size: {max_batch if batched else 0}"]
+    lines = [f"name: {_quoted(name)}", platform, f"max_batch_size: {max_batch if batched else 0}"]
     in_dims = shape[1:] if batched else shape
     lines += [
-        "input [", "  {", f'    name: "{bundle.input.name}"', "    data_type: TYPE_FP32",
+        "input [", "  {", f"    name: {_quoted(bundle.input.name)}", "    data_type: TYPE_FP32",
         f"    dims: {_dims(in_dims)}", "  }", "]", "output [",
     ]
     for index, output in enumerate(bundle.outputs):  # every output, in the model's order
         out_dims = output.shape[1:] if batched else output.shape
-        lines += ["  {", f'    name: "{output.name}"', "    data_type: TYPE_FP32", f"    dims: {_dims(out_dims)}",
+        lines += ["  {", f"    name: {_quoted(output.name)}", "    data_type: TYPE_FP32", f"    dims: {_dims(out_dims)}",
                   "  }" + ("," if index < len(bundle.outputs) - 1 else "")]
     lines.append("]")
     if batched:
@@ -140,9 +140,17 @@ def model_config(manifest, artifact: dict, name: str, max_batch: int, instances:
         if batched and max_batch > 1:
             notes.append(f"{artifact['name']}: OpenVINO runs every batch padded to {max_batch}; --max-batch 1 for "
                          "lowest single-request latency")
-    lines.append(f'# made by cbam-deploy from artifact "{artifact["name"]}" ({artifact["format"]}, {artifact["precision"]}, '
-                 f'sha256 {artifact["sha256"][:16]}...)')
+    lines.append(f"# made by cbam-deploy from artifact {_quoted(artifact['name'])} ({_quoted(artifact['format'])}, "
+                 f"{_quoted(artifact['precision'])}, sha256 {_quoted(artifact['sha256'][:16])}...)")
     return "\n".join(lines) + "\n"
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a protobuf text-format string: quoted, with '\\', '"' and control characters escaped,
+    so a name from a manifest can never end the line or the string it is written in."""
+    escaped = "".join("\\\\" if c == "\\" else '\\"' if c == '"' else f"\\{ord(c):03o}" if ord(c) < 0x20 or ord(c) == 0x7F
+                      else c for c in str(text))
+    return f'"{escaped}"'
 
 
 def _parameters(values: dict[str, str]) -> list[str]:
@@ -162,62 +170,53 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
     if kind not in (None, "KIND_CPU", "KIND_GPU"):
         raise CbamDeployError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
     chosen = artifacts or ["onnx-fp32"]
-    base = name or bundle.model.name.replace(":", "_").replace("/", "_").replace(".py", "")
+    base = triton_model_name(bundle, name)
     plans = []  # every config made (and so checked) before anything is written
     for artifact_name in chosen:
-        path = bundle.path_of(artifact_name)
+        bundle.path_of(artifact_name)  # present, inside the bundle, intact
         artifact = bundle.artifact(artifact_name).raw
         _fragment(artifact)  # a format without a Triton backend is refused before anything is written
-        model_name = base if len(chosen) == 1 else f"{base}-{artifact_name}"
+        model_name = base if len(chosen) == 1 else safe_name(f"{base}-{artifact_name}")
         warnings: list[str] = []
         config = model_config(bundle, artifact, model_name, max_batch, instances, delay_us, kind, triton_release, warnings)
-        plans.append((artifact, path, model_name, config, warnings))
+        plans.append((artifact, model_name, config, warnings))
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CbamDeployError(f"cannot create the repository folder {repo}: {exc.strerror or exc}") from None
     written = []
-    for artifact, path, model_name, config, warnings in plans:
+    for artifact, model_name, config, warnings in plans:
         files = _fragment(artifact).files
         final = repo / model_name
-        with _staging_beside(repo) as staging:
-            staged = staging / model_name
-            (staged / "1").mkdir(parents=True)
-            sources = [path] if len(files) == 1 else [path, path.with_suffix(".bin")]
-            for source, target in zip(sources, files):
-                shutil.copyfile(source, staged / "1" / target)
-            if artifact["format"] == "onnx":  # external data, beside model.onnx under the name its graph gives
-                for companion in artifact.get("companion_files", {}):
-                    (staged / "1" / companion).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path.parent / companion, staged / "1" / companion)
-            (staged / "config.pbtxt").write_text(config)
-            # one atomic swap where the system has it (Triton never sees the model folder missing);
-            # elsewhere two renames, with a moment between them when it is
-            if not (final.exists() and exchange(staged, final)):
-                if final.exists():
-                    final.rename(staging / "previous")
-                staged.rename(final)
+        try:
+            stage = StagedFolder(final, "triton", around=repo)
+            with stage as staged:
+                (staged / "1").mkdir()
+                record = bundle.artifact(artifact["name"])
+                # the checked bytes themselves (read once, hashed as they are written), never a link
+                sources = [record.path] if len(files) == 1 else [record.path, str(Path(record.path).with_suffix(".bin"))]
+                for source, target in zip(sources, files):
+                    bundle.copy_file(source, staged / "1" / target)
+                if artifact["format"] == "onnx":  # external data, beside model.onnx under the name its graph gives
+                    for companion in record.companion_files:
+                        (staged / "1" / companion).parent.mkdir(parents=True, exist_ok=True)
+                        bundle.copy_file(companion, staged / "1" / companion)
+                (staged / "config.pbtxt").write_text(config)
+                faultpoint("triton-staged")
+                # one atomic swap where the system has it (Triton never sees the model folder missing);
+                # elsewhere two renames, with a moment between them when it is
+                stage.swap_in()
+        except OSError as exc:
+            raise CbamDeployError(f"cannot write the model folder {final}: {exc.strerror or exc}") from None
         written.append({"model": model_name, "artifact": artifact["name"], "format": artifact["format"],
                         "path": str(final), "config": str(final / "config.pbtxt"), "warnings": warnings})
     return written
 
 
-def _staging_beside(repo: Path):
-    """A temporary folder next to the repository (same filesystem, so the renames are atomic), never
-    inside it: Triton's repository polling would take a folder there for a model."""
-    try:
-        return _TemporaryDir(tempfile.mkdtemp(prefix=f".cbam-triton-{repo.name}-", dir=repo.resolve().parent))
-    except OSError as exc:
-        raise CbamDeployError(f"cannot stage beside the repository {repo} (its parent folder must be writable): "
-                              f"{exc.strerror or exc}") from None
-
-
-class _TemporaryDir:
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+def triton_model_name(manifest, name: str | None = None, option: str = "--name") -> str:
+    """The model's folder in the Triton repository: ``name`` (the one name rule, ``options.check_name``)
+    or one made from the bundle's model name (a ``Bundle`` or a manifest dict), which can never lead out
+    of the repository whatever the manifest says."""
+    if name is not None:
+        return check_name(option, name)
+    return safe_name(Bundle.of(manifest).model.name.replace(":", "_").replace("/", "_").replace(".py", ""))
