@@ -1,10 +1,16 @@
 """Attention parity: does a deployed artifact still look where the PyTorch FP32 model looks?
 
-Logit agreement can hide a spatial gate that has collapsed. Here every CBAM spatial gate (the
-sigmoid map, N x 1 x H x W) is read out of the PyTorch model (forward hooks) and out of each artifact
-under its own runtime: a probe copy of the artifact exposes each gate's sigmoid tensor as an extra
-output (ONNX: graph outputs; OpenVINO IR: ``Model.add_outputs``), found by the module scope of the
-node (``scopes``). Per stage: Pearson correlation of the maps and the IoU of their top-k% regions.
+Logit agreement can hide a gate that has collapsed. Every attention gate the gate finder
+(``cbam_deploy.gates``) finds is read out of the PyTorch model (its traced graph, so a functional
+``torch.sigmoid`` is seen as well as a module) and out of each artifact under its own runtime: a
+probe copy of the artifact exposes each gate's sigmoid tensor as an extra output (ONNX: graph
+outputs; OpenVINO IR: ``Model.add_outputs``), the gate found by the same finder in the artifact's
+graph. Per gate:
+
+- spatial (N, 1, H, W) and joint (N, C, H, W) maps: Pearson correlation and the IoU of the top-10%
+  regions;
+- channel gates (N, C): cosine of the channel profiles and the overlap of their top-k channels
+  (k = a quarter of the channels, at least one).
 """
 
 from __future__ import annotations
@@ -14,74 +20,46 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from torch import nn
 
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
 from .exporters.openvino import require_openvino
-from .models.layers import ChannelGate, SpatialGate
+from .gates import GatesUntraceable, onnx_gates, openvino_gates, shape_map, trace_gate_maps
 from .runners import OnnxRuntimeRunner
 from .runners.openvino import OpenVINORunner
-from .scopes import name_module_path, node_module_path
 
 TOP_FRACTION = 0.10
-# Per precision: a gate passes when its map correlates at least this well with PyTorch FP32 and
-# its top-10% region overlaps at least this much (IoU).
+TOP_CHANNEL_FRACTION = 0.25
+# Per precision: a spatial gate passes when its map correlates at least this well with PyTorch FP32
+# and its top-10% region overlaps at least this much (IoU).
 THRESHOLDS = {"fp32": (0.999, 0.90), "fp16": (0.99, 0.80), "bf16": (0.98, 0.70), "int8": (0.90, 0.50)}
+# Per precision: a channel gate passes when its profile's cosine with PyTorch FP32 and the overlap of
+# its top-k channels reach these.
+CHANNEL_THRESHOLDS = {"fp32": (0.9999, 0.90), "fp16": (0.999, 0.75), "bf16": (0.995, 0.70), "int8": (0.98, 0.50)}
 
 
-def torch_maps(model: nn.Module, x: np.ndarray, kind: str = "spatial") -> dict[str, np.ndarray]:
-    """The gates PyTorch computes for ``x``: spatial maps (N, 1, H, W) or channel profiles (N, C)."""
-    wanted = SpatialGate if kind == "spatial" else ChannelGate
-    captured: dict[str, np.ndarray] = {}
-
-    def hook(name):
-        def record(module, inputs, _output):
-            gate = module.attention(inputs[0])
-            captured[name] = gate.detach().float().reshape(gate.shape[0], -1 if kind == "channel" else 1,
-                                                         *(() if kind == "channel" else gate.shape[2:])).numpy()
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, wanted)]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _gate_of(path: str | None) -> str | None:
-    """'layer1.0.cbam.SpatialGate' for any node inside that gate's scope."""
-    if not path or "SpatialGate" not in path.split("."):
-        return None
-    parts = path.split(".")
-    return ".".join(parts[: parts.index("SpatialGate") + 1])
-
-
-def onnx_gate_tensors(proto) -> dict[str, str]:
-    """{spatial gate module: the tensor its Sigmoid writes} in an ONNX graph (FP32 or Q/DQ INT8)."""
-    found = {}
-    for node in proto.graph.node:
-        gate = _gate_of(node_module_path(node)) if node.op_type == "Sigmoid" else None
-        if gate:
-            found[gate] = node.output[0]
-    return found
+def torch_maps(model: nn.Module, x: np.ndarray, kind: str | None = "spatial",
+               gates: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """The gates PyTorch computes for ``x``, by gate name: spatial maps (N, 1, H, W), channel
+    profiles (N, C), joint maps (N, C, H, W); ``kind`` keeps one kind (None: all)."""
+    maps, kinds = trace_gate_maps(model, x, gates)
+    return {g: m for g, m in maps.items() if kind is None or kinds.get(g) == kind}
 
 
 def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
                   threads: int | None = None) -> dict[str, np.ndarray]:
-    """The spatial gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict)
-    computes for ``x``, under its own runtime."""
+    """The gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict)
+    computes for ``x``, under its own runtime, by gate name (named as the manifest names them)."""
     bundle = Bundle(Bundle.of(manifest).manifest, bundle_dir)
+    expected = bundle.model.gate_list
     path = bundle.path_of(name)
     artifact = bundle.artifact(name)
     with tempfile.TemporaryDirectory(prefix="cbam-attention-") as tmp:
         if artifact.format == "onnx":
             proto = onnx.load(str(path))
-            tensors = onnx_gate_tensors(proto)
+            found = onnx_gates(proto, expected)
+            tensors = {g.name: g.sigmoid_tensor for g in found}
             existing = {o.name for o in proto.graph.output}
             for tensor in tensors.values():
                 if tensor not in existing:
@@ -92,24 +70,30 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
         elif artifact.format == "openvino":
             ov = require_openvino()
             model = ov.Core().read_model(str(path))
+            found = openvino_gates(model, expected)
+            by_name = {op.get_friendly_name(): op for op in model.get_ops()}
             tensors = {}
-            for op in model.get_ops():
-                gate = _gate_of(name_module_path(op.get_friendly_name())) if op.get_type_name() == "Sigmoid" else None
-                if gate:
+            for gate in found:
+                op = by_name.get(gate.sigmoid)
+                if op is not None:
                     model.add_outputs([op.output(0)])
-                    tensors[gate] = op.output(0).get_any_name()
+                    tensors[gate.name] = op.output(0).get_any_name()
             probe = Path(tmp) / "probe.xml"
             ov.save_model(model, str(probe), compress_to_fp16=False)
             outputs = OpenVINORunner(probe, precision=artifact.precision, threads=threads).infer(x)
         else:
             raise BackendUnavailable(f"attention maps are read from onnx and openvino artifacts; {name} is {artifact.format}")
-    return {gate: outputs[tensor] for gate, tensor in tensors.items() if tensor in outputs}
+    kinds = {g.name: g.kind for g in found}
+    return {gate: shape_map(outputs[tensor], kinds[gate]) for gate, tensor in tensors.items() if tensor in outputs}
 
 
 def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str = "fp32",
-                 top_fraction: float = TOP_FRACTION) -> dict:
-    """Per gate: correlation, top-k% IoU, max abs error; the verdict by the precision's thresholds."""
+                 top_fraction: float = TOP_FRACTION, kinds: dict[str, str] | None = None) -> dict:
+    """Per gate: for maps, correlation, top-k% IoU, max abs error; for channel gates (``kinds``
+    says which; by default a 2-D reference is a channel profile), cosine and top-k overlap. The
+    verdict by the precision's thresholds."""
     min_corr, min_iou = THRESHOLDS.get(precision, THRESHOLDS["fp32"])
+    min_cos, min_overlap = CHANNEL_THRESHOLDS.get(precision, CHANNEL_THRESHOLDS["fp32"])
     stages, reasons = {}, []
     for gate, ref in reference.items():
         cand = candidate.get(gate)
@@ -119,17 +103,37 @@ def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
             continue
         r = ref.reshape(len(ref), -1).astype(np.float64)
         c = cand.reshape(len(cand), -1).astype(np.float64)
+        kind = (kinds or {}).get(gate) or ("channel" if ref.ndim == 2 else "spatial")
+        if kind == "channel":
+            cosine = float(np.mean([_cosine(a, b) for a, b in zip(r, c)]))
+            overlap = float(np.mean([_top_overlap(a, b, TOP_CHANNEL_FRACTION) for a, b in zip(r, c)]))
+            stages[gate] = {"found": True, "kind": "channel", "cosine": cosine, "top_overlap": overlap,
+                            "max_abs_err": float(np.abs(r - c).max())}
+            if cosine < min_cos or overlap < min_overlap:
+                reasons.append(f"{gate}: channel profile cosine {cosine:.4f}, top-{TOP_CHANNEL_FRACTION:.0%} overlap "
+                               f"{overlap:.3f} (needs {min_cos} and {min_overlap})")
+            continue
         corr = _correlation(r, c)
         iou = float(np.mean([_top_iou(a, b, top_fraction) for a, b in zip(r, c)]))
-        stages[gate] = {"found": True, "correlation": corr, "top_iou": iou, "max_abs_err": float(np.abs(r - c).max())}
+        stages[gate] = {"found": True, "kind": kind, "correlation": corr, "top_iou": iou,
+                        "max_abs_err": float(np.abs(r - c).max())}
         if corr < min_corr or iou < min_iou:
             reasons.append(f"{gate}: correlation {corr:.4f}, top-{top_fraction:.0%} IoU {iou:.3f} "
                            f"(needs {min_corr} and {min_iou})")
-    found = [s for s in stages.values() if s.get("found")]
+    maps = [s for s in stages.values() if s.get("found") and "correlation" in s]
+    profiles = [s for s in stages.values() if s.get("found") and "cosine" in s]
     return {"gates": stages, "passed": not reasons, "reason": "; ".join(reasons) if reasons else None,
-            "min_correlation": min((s["correlation"] for s in found), default=None),
-            "min_top_iou": min((s["top_iou"] for s in found), default=None),
-            "thresholds": {"min_correlation": min_corr, "min_top_iou": min_iou, "top_fraction": top_fraction}}
+            "counts": {"spatial": sum(1 for s in stages.values() if s.get("kind") == "spatial"),
+                       "channel": sum(1 for s in stages.values() if s.get("kind") == "channel"),
+                       "joint": sum(1 for s in stages.values() if s.get("kind") == "joint"),
+                       "not_found": sum(1 for s in stages.values() if not s.get("found"))},
+            "min_correlation": min((s["correlation"] for s in maps), default=None),
+            "min_top_iou": min((s["top_iou"] for s in maps), default=None),
+            "min_channel_cosine": min((s["cosine"] for s in profiles), default=None),
+            "min_channel_overlap": min((s["top_overlap"] for s in profiles), default=None),
+            "thresholds": {"min_correlation": min_corr, "min_top_iou": min_iou, "top_fraction": top_fraction,
+                           "min_channel_cosine": min_cos, "min_channel_overlap": min_overlap,
+                           "top_channel_fraction": TOP_CHANNEL_FRACTION}}
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,6 +142,22 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     if denominator == 0:  # a constant map: equal constants agree perfectly, anything else does not
         return 1.0 if np.allclose(a, b) else 0.0
     return float(a @ b / denominator)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    if denominator == 0:
+        return 1.0 if np.allclose(a, b) else 0.0
+    return float(a @ b / denominator)
+
+
+def _top_overlap(reference: np.ndarray, candidate: np.ndarray, fraction: float, tie: float = 1e-6) -> float:
+    """Share of the candidate's top-k channels that are among the reference's top k (a channel tied,
+    within ``tie``, with the reference's k-th value counts as among them)."""
+    k = max(1, int(round(fraction * reference.size)))
+    kth = np.partition(-reference, k - 1)[k - 1] * -1
+    top_candidate = np.argpartition(-candidate, k - 1)[:k]
+    return float(np.mean(reference[top_candidate] >= kth - tie))
 
 
 def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
@@ -149,15 +169,20 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
 
 def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray) -> dict | None:
     """Attention parity of one artifact (``manifest``: a ``Bundle`` or its manifest dict) against the
-    PyTorch model on ``x``; None for a model without spatial gates."""
-    reference = torch_maps(model, x)
+    PyTorch model on ``x``, for every gate of the model; None for a model without gates."""
+    bundle = Bundle.of(manifest)
+    gates = bundle.model.gate_list
+    try:
+        reference, kinds = trace_gate_maps(model, x, gates)
+    except GatesUntraceable as exc:
+        return {"passed": None, "skipped": str(exc)}
     if not reference:
         return None
-    artifact = Bundle.of(manifest).artifact(name)
+    artifact = bundle.artifact(name)
     try:
         candidate = artifact_maps(bundle_dir, manifest, name, x)
     except BackendUnavailable as exc:
         return {"passed": None, "skipped": str(exc)}
     except CbamDeployError:
         raise
-    return compare_maps(reference, candidate, artifact.precision)
+    return compare_maps(reference, candidate, artifact.precision, kinds=kinds)

@@ -128,7 +128,7 @@ class ModelInfo:
     weights: Weights | None = None
     init: dict | None = None
     outputs_mode: str | None = None
-    attention_modules: list = field(default_factory=list)
+    gates: dict | None = None  # what the gate finder found in the PyTorch model (``gates.GateReport``)
     parameters: int | None = None
     notes: list = field(default_factory=list)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
@@ -139,13 +139,21 @@ class ModelInfo:
         return cls(raw["name"], raw.get("source", "zoo"), raw.get("stem", "imagenet"), raw.get("num_classes"),
                    raw.get("factory"), raw.get("factory_sha256"),
                    Weights(weights["path"], weights["sha256"]) if weights else None,
-                   raw.get("init"), raw.get("outputs_mode"), list(raw.get("attention_modules") or []),
+                   raw.get("init"), raw.get("outputs_mode"), raw.get("gates"),
                    raw.get("parameters"), list(raw.get("notes") or []), raw)
 
     @property
     def spec(self) -> str:
         """What ``models.build_model`` takes: the factory (absolute path) or the zoo name."""
         return self.factory or self.name
+
+    @property
+    def gate_list(self) -> list[dict] | None:
+        """The model's gates as the finder recorded them; None when the manifest has no record (an
+        older bundle) or the model could not be traced: the exported graphs are then searched alone."""
+        if not self.gates or self.gates.get("error"):
+            return None
+        return list(self.gates.get("gates") or [])
 
     @property
     def trained(self) -> bool:

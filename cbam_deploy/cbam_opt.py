@@ -16,6 +16,12 @@ and ``explain`` (forward hooks on the original modules) are unaffected.
   ``sum_i (W2 relu(W1 p_i + b1) + b2) = W2 (sum_i relu(W1 p_i + b1)) + k b2``. At batch 1 the MLP
   is bound by reading its weights (ResNet50-CBAM: 2.5 M MLP parameters), and this reads each weight
   once instead of k times.
+
+Where a rewrite applies is decided gate by gate from what the gate finder (``cbam_deploy.gates``)
+found: ``mlp-batched`` is exact for a channel gate with two or more pooled descriptors through one
+shared Linear-ReLU-Linear MLP, in a module whose forward is known to compute exactly
+``sigmoid(sum_i MLP(pool_i(x)))`` (cbam_deploy's ``ChannelGate``). Every other gate is exported as
+written, and the record says why, per gate (``gates``).
 """
 
 from __future__ import annotations
@@ -70,18 +76,48 @@ def _mlp_batchable(module: nn.Module) -> bool:
             and isinstance(module.mlp[3], nn.Linear) and isinstance(module.mlp[2], nn.ReLU))
 
 
-def optimize_for_export(model: nn.Module, mode: str = "on") -> tuple[nn.Module, dict]:
+def _decide(model: nn.Module, gate: dict) -> tuple[str | None, str | None]:
+    """(module to rewrite, None) when ``mlp-batched`` is exact for ``gate``; else (None, why not)."""
+    if gate["kind"] != "channel":
+        return None, f"{gate['kind']} gate: no rewrite for it"
+    if len(gate.get("pools") or []) < 2:
+        return None, f"one pooled descriptor ({', '.join(gate.get('pools') or []) or 'none'}): nothing to batch"
+    try:
+        module = model.get_submodule(gate["name"].split(":")[0]) if gate["name"] != "(model)" else model
+    except AttributeError:
+        module = None
+    if module is None or not _mlp_batchable(module):
+        owner = type(module).__name__ if module is not None else "the model's forward"
+        return None, (f"computed by {owner}, whose forward cbam-deploy does not know to be "
+                      "sigmoid(sum of one shared Linear-ReLU-Linear MLP over the pools); rewriting it would not be "
+                      "exact for certain")
+    return gate["name"], None
+
+
+def optimize_for_export(model: nn.Module, mode: str = "on", gates: dict | None = None) -> tuple[nn.Module, dict]:
     """The module to export and the manifest's record of what was rewritten.
 
-    ``model`` itself is never changed (it stays the parity reference): a rewrite works on a copy
-    whose modules have their class swapped to an equivalent one with the same parameters."""
+    ``gates``: the gate finder's report on ``model`` (``GateReport.describe()``); each gate gets an
+    entry saying whether a rewrite was applied to it, and why not. ``model`` itself is never changed
+    (it stays the parity reference): a rewrite works on a copy whose modules have their class swapped
+    to an equivalent one with the same parameters."""
     check_mode(mode)
     record = {"mode": mode, "rewrites": []}
     if mode == "off":
         return model, record
-    targets = [name for name, module in model.named_modules() if _mlp_batchable(module)]
+    if gates is None:
+        targets = [name for name, module in model.named_modules() if _mlp_batchable(module)]
+    else:
+        targets, record["gates"] = [], []
+        for gate in gates.get("gates") or []:
+            target, reason = _decide(model, gate)
+            if target:
+                targets.append(target)
+            record["gates"].append({"gate": gate["name"], "applied": ["mlp-batched"] if target else [],
+                                    **({"not_applied": reason} if reason else {})})
     if not targets:
-        record["note"] = "no CBAM channel gate of cbam_deploy's own class found: exported as written"
+        record["note"] = ("no gate where a rewrite is exact: exported as written" if gates is None or gates.get("gates")
+                          else "the model has no attention gates: exported as written")
         return model, record
     optimized = copy.deepcopy(model)
     for name in targets:

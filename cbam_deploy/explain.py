@@ -7,14 +7,16 @@ says, and shows for it:
 - the top-5 predictions of PyTorch and of each artifact (classifiers);
 - Grad-CAM of the PyTorch model for its top class (captum's ``LayerGradCam`` on the last
   attention-bearing stage, upsampled with ``LayerAttribution.interpolate``; classifiers only);
-- every CBAM spatial gate (the sigmoid map) of PyTorch and of each ONNX / OpenVINO artifact under its
-  own runtime (``attention.artifact_maps``), side by side, with the per-gate correlation and top-10%
-  IoU of ``attention.compare_maps`` under each artifact's map;
-- every CBAM channel gate of PyTorch as a profile (one value per channel).
+- every gate the gate finder (``cbam_deploy.gates``) finds, whatever its module or class names:
+  each spatial gate (the sigmoid map; a BAM joint gate shown as its mean over channels) of PyTorch and
+  of each ONNX / OpenVINO artifact under its own runtime (``attention.artifact_maps``), side by side,
+  with the per-gate correlation and top-10% IoU of ``attention.compare_maps`` under each artifact's
+  map; each channel gate (SE, ECA, CBAM's channel attention) as a profile, one value per channel,
+  of PyTorch and of each artifact, with the profiles' cosine and top-k channel overlap.
 
 A bundle whose PyTorch model cannot be rebuilt (a stand-in reference) still gets the artifacts'
-maps, compared with the FP32 ONNX's, but no Grad-CAM and no channel profiles; the page says so. A
-model without CBAM spatial gates gets a page with its predictions and Grad-CAM and a line saying
+maps and channel profiles, compared with the FP32 ONNX's, but no Grad-CAM; the page says so. A
+model without gates gets a page with its predictions and Grad-CAM and a line saying
 there are no gates to compare. The folder is written as one unit (staged beside it, then swapped in
 whole: an interrupted run leaves the previous page as it was); the page embeds every image as a
 data: URI, so it can be mailed or attached to a CI run on its own.
@@ -42,7 +44,7 @@ from .errors import BackendUnavailable, CbamDeployError
 from .fsutil import StagedFolder
 from .loaders import is_stand_in, open_artifact, reference_runner
 from .models import CodeTrust
-from .models.layers import ChannelGate, SpatialGate
+from .gates import GatesUntraceable, shape_map
 from .transaction import faultpoint
 
 PAGE_NAME = "index.html"
@@ -87,21 +89,27 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     stand_in = is_stand_in(runner)
     model = None if stand_in else runner.model
     if stand_in:
-        notes.append(f"The PyTorch model could not be rebuilt; the reference is {label}. Grad-CAM and the channel-gate "
-                     "profiles need the PyTorch model and are not shown; the artifacts' maps are compared with the "
-                     "FP32 ONNX's.")
+        notes.append(f"The PyTorch model could not be rebuilt; the reference is {label}. Grad-CAM needs the PyTorch model "
+                     "and is not shown; the artifacts' maps and channel profiles are compared with the FP32 ONNX's.")
         chosen = [name for name in chosen if name != "onnx-fp32"]
 
     # --- the reference: gates, channel profiles, predictions, Grad-CAM -----------------------------
+    gate_list = bundle.model.gate_list
+    kinds = {g["name"]: g["kind"] for g in gate_list or []}
     if model is not None:
-        reference_maps = {g: m[:1] for g, m in torch_maps(model, x, "spatial").items()}
-        channel_maps = {g: m[:1] for g, m in torch_maps(model, x, "channel").items()}
+        try:
+            reference_all = {g: m[:1] for g, m in torch_maps(model, x, None, gate_list).items()}
+        except GatesUntraceable as exc:
+            notes.append(str(exc))
+            reference_all = {}
     else:
         try:
-            reference_maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, "onnx-fp32", x).items()}
+            reference_all = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, "onnx-fp32", x).items()}
         except BackendUnavailable:
-            reference_maps = {}
-        channel_maps = {}
+            reference_all = {}
+    kinds.update({g: "channel" if m.ndim == 2 else "spatial" for g, m in reference_all.items() if g not in kinds})
+    reference_maps = {g: _as_spatial(m) for g, m in reference_all.items() if kinds[g] != "channel"}
+    channel_maps = {g: m for g, m in reference_all.items() if kinds[g] == "channel"}
     gates = list(reference_maps)
     predictions: dict[str, list[dict]] = {}
     if classifier:
@@ -110,7 +118,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     gradcam, gradcam_map = None, None
     if model is not None and classifier:
         try:
-            gradcam, gradcam_map = _grad_cam(model, x[:1], predictions[key][0]["class"])
+            gradcam, gradcam_map = _grad_cam(model, x[:1], predictions[key][0]["class"], gate_list)
         except BackendUnavailable as exc:
             notes.append(str(exc))
     elif not classifier:
@@ -118,29 +126,34 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
                      f"{', '.join(o.name for o in bundle.outputs)} (maps only).")
 
     if not gates and not classifier and not channel_maps:
-        raise CbamDeployError(f"nothing to explain in {bundle_dir}: the model has no CBAM spatial gates and is not a "
+        raise CbamDeployError(f"nothing to explain in {bundle_dir}: the model has no attention gates and is not a "
                               "classifier (no Grad-CAM)")
-    if not gates:
-        notes.append(f"{bundle.model.name} has no CBAM spatial gates: there are no attention maps to show or "
+    if not gates and not channel_maps:
+        notes.append(f"{bundle.model.name} has no attention gates: there are no attention maps to show or "
                      "to compare across artifacts" + ("; Grad-CAM and predictions only." if classifier else "."))
+    elif not gates:
+        notes.append(f"{bundle.model.name} has channel gates only (no spatial map): its gates are shown as channel "
+                     "profiles.")
 
     # --- the artifacts ----------------------------------------------------------------------------
     candidate_maps: dict[str, dict[str, np.ndarray]] = {}
+    candidate_profiles: dict[str, dict[str, np.ndarray]] = {}
     rows: dict[str, dict] = {}
     for name in chosen:
         artifact = bundle.artifact(name)
         try:
-            maps = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, name, x).items()} if gates else {}
+            every = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, name, x).items()} if reference_all else {}
             logits = open_artifact(bundle_dir, bundle, name).run(x)[0] if classifier else None
         except BackendUnavailable as exc:
             if artifacts:  # asked for by name: say why it cannot be done
                 raise
             skipped[name] = str(exc)
             continue
-        candidate_maps[name] = maps
-        row = {"format": artifact.format, "precision": artifact.precision, "files": {}}
-        if gates:
-            row["attention"] = compare_maps(reference_maps, maps, artifact.precision)
+        candidate_maps[name] = {g: _as_spatial(m) for g, m in every.items() if kinds.get(g, "spatial") != "channel"}
+        candidate_profiles[name] = {g: shape_map(m, "channel") for g, m in every.items() if kinds.get(g) == "channel"}
+        row = {"format": artifact.format, "precision": artifact.precision, "files": {}, "channel_files": {}}
+        if reference_all:
+            row["attention"] = compare_maps(reference_all, every, artifact.precision, kinds=kinds)
         if classifier:
             predictions[name] = _top_k(logits)
             row["top1_agrees"] = predictions[name][0]["class"] == predictions[key][0]["class"]
@@ -177,12 +190,19 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
                     spatial_files[gate][name] = file
         channel_files = {gate: writer.png(f"channel-{_slug(gate)}.png", _render_profile(profile[0]))
                          for gate, profile in channel_maps.items()}
+        for name in rows:
+            for gate, profile in candidate_profiles[name].items():
+                if gate in channel_maps and profile.size == channel_maps[gate].size:
+                    rows[name]["channel_files"][gate] = writer.png(f"channel-{_slug(gate)}-{_slug(name)}.png",
+                                                                   _render_profile(profile[0]))
 
         arrays = {f"spatial/{key}/{g}": m[0, 0] for g, m in reference_maps.items()}
         arrays.update({f"spatial/{name}/{g}": m.reshape(reference_maps[g].shape[2:])
                        for name, maps in candidate_maps.items() for g, m in maps.items()
                        if g in reference_maps and m.size == reference_maps[g].size})
         arrays.update({f"channel/{key}/{g}": m[0] for g, m in channel_maps.items()})
+        arrays.update({f"channel/{name}/{g}": m[0] for name, profiles in candidate_profiles.items()
+                       for g, m in profiles.items() if g in channel_maps and m.size == channel_maps[g].size})
         if gradcam_map is not None:
             arrays["gradcam"] = gradcam_map
         arrays["input"] = chw
@@ -193,7 +213,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
         result = {
             "bundle": str(bundle_dir), "image": str(image_path), "output_dir": str(output_dir),
             "model": bundle.model.name, "reference": key, "reference_label": label, "classifier": classifier,
-            "input_shape": list(chw.shape), "gates": gates,
+            "input_shape": list(chw.shape), "gates": gates, "gate_kinds": {g: kinds[g] for g in reference_all},
             "gate_shapes": {g: list(m.shape[2:]) for g, m in reference_maps.items()}, "channel_gates": list(channel_maps),
             "predictions": predictions, "gradcam": gradcam, "artifacts": rows, "skipped": skipped, "notes": notes,
             "maps": maps_file, "reference_files": {g: f[key] for g, f in spatial_files.items()},
@@ -225,6 +245,11 @@ def output_folder(output_dir: str | Path | None, bundle_dir: Path) -> Path:
     return output_dir
 
 
+def _as_spatial(values: np.ndarray) -> np.ndarray:
+    """A gate as one map per image (N, 1, H, W): a joint (N, C, H, W) gate by its mean over channels."""
+    return values if values.ndim != 4 or values.shape[1] == 1 else values.mean(axis=1, keepdims=True)
+
+
 # --- choosing --------------------------------------------------------------------------------------
 
 def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -252,7 +277,7 @@ def _top_k(logits: np.ndarray, k: int = TOP_K) -> list[dict]:
     return [{"class": int(i), "probability": float(probs[i]), "logit": float(logits[i])} for i in order]
 
 
-def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
+def _grad_cam(model, x: np.ndarray, target: int, gates: list[dict] | None = None) -> tuple[dict, np.ndarray]:
     """captum's LayerGradCam on the last attention-bearing stage (else the last stage), for ``target``,
     upsampled to the input's size with LayerAttribution.interpolate (bilinear)."""
     faultpoint("explain-gradcam")
@@ -261,7 +286,7 @@ def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
     except ImportError:
         raise BackendUnavailable("Grad-CAM needs captum: pip install 'cbam-deploy[explain]'") from None
 
-    layer_name, layer = _last_stage(model, x)
+    layer_name, layer = _last_stage(model, x, gates)
     inputs = torch.from_numpy(np.ascontiguousarray(x, np.float32)).requires_grad_(True)
     model.eval()
     with torch.enable_grad():
@@ -273,11 +298,12 @@ def _grad_cam(model, x: np.ndarray, target: int) -> tuple[dict, np.ndarray]:
     return info, cam
 
 
-def _last_stage(model, x: np.ndarray):
-    """(name, module): the last top-level child holding a CBAM gate; else ``layer4``; else the last
-    top-level child whose output is a feature map (4-D)."""
+def _last_stage(model, x: np.ndarray, gates: list[dict] | None = None):
+    """(name, module): the last top-level child holding a gate (``gates``: the manifest's); else
+    ``layer4``; else the last top-level child whose output is a feature map (4-D)."""
     children = list(model.named_children())
-    with_gates = [(n, m) for n, m in children if any(isinstance(s, (SpatialGate, ChannelGate)) for s in m.modules())]
+    homes = {(g.get("module") or g["name"]).split(".")[0] for g in gates or []}
+    with_gates = [(n, m) for n, m in children if n in homes]
     if with_gates:
         return with_gates[-1]
     if isinstance(getattr(model, "layer4", None), torch.nn.Module):
@@ -496,7 +522,8 @@ def _page(result: dict, writer: _Writer, spatial_files: dict, channel_files: dic
     if result["artifacts"]:
         parts.append("<h2>Attention parity against " + e(label) + "</h2>")
         parts.append("<table><tr><th>artifact</th><th>format</th><th>precision</th><th>top-1</th>"
-                     "<th>worst gate correlation</th><th>worst top-10% IoU</th><th>needs</th><th>attention</th></tr>")
+                     "<th>worst gate correlation</th><th>worst top-10% IoU</th><th>worst channel cosine</th>"
+                     "<th>worst channel overlap</th><th>needs</th><th>attention</th></tr>")
         for name, row in result["artifacts"].items():
             attention = row.get("attention") or {}
             needs = attention.get("thresholds", {})
@@ -508,6 +535,8 @@ def _page(result: dict, writer: _Writer, spatial_files: dict, channel_files: dic
                 f"<tr><td><b>{e(name)}</b></td><td>{e(row['format'])}</td><td>{e(row['precision'])}</td><td>{top1}</td>"
                 f"<td class=num>{_fmt(attention.get('min_correlation'), 4)}</td>"
                 f"<td class=num>{_fmt(attention.get('min_top_iou'), 3)}</td>"
+                f"<td class=num>{_fmt(attention.get('min_channel_cosine'), 4)}</td>"
+                f"<td class=num>{_fmt(attention.get('min_channel_overlap'), 3)}</td>"
                 f"<td class=num>{_needs(needs)}</td><td>{verdict}</td></tr>")
         parts.append("</table>")
 
@@ -542,8 +571,8 @@ def _page(result: dict, writer: _Writer, spatial_files: dict, channel_files: dic
     # stages
     if result["gates"]:
         parts.append("<h2>Spatial attention per stage</h2>")
-        parts.append('<p class="muted">Each CBAM spatial gate (the sigmoid map, one cell per feature-map position, '
-                     "nearest-upscaled) over the input; every map of a row shares the reference map's colour "
+        parts.append('<p class="muted">Each spatial gate (the sigmoid map, one cell per feature-map position, '
+                     "nearest-upscaled; a joint gate as its mean over channels) over the input; every map of a row shares the reference map's colour "
                      "scale. Under each artifact: Pearson correlation with the reference map, IoU of the "
                      "top-10% regions, largest absolute difference.</p>")
         for gate in result["gates"]:
@@ -563,17 +592,30 @@ def _page(result: dict, writer: _Writer, spatial_files: dict, channel_files: dic
                     continue
                 parts.append(_figure_html(writer.uri(file), f"<b>{e(name)}</b><br>" + _parity_caption(
                     stage_parity, row["attention"]["thresholds"])))
-            channel_gate = gate.rsplit(".", 1)[0] + ".ChannelGate"
-            if channel_gate in channel_files:
-                parts.append(_figure_html(writer.uri(channel_files[channel_gate]),
-                                          f"<b>channel gate</b> ({e(label)})<br><code>{e(channel_gate)}</code>"))
             parts.append("</div>")
-    leftover = [g for g in channel_files if g.rsplit(".", 1)[0] + ".SpatialGate" not in result["gates"]]
-    if leftover:
-        parts.append("<h2>Channel gates</h2><div class='row'>")
-        for gate in leftover:
-            parts.append(_figure_html(writer.uri(channel_files[gate]), f"<b>{e(gate)}</b>"))
-        parts.append("</div>")
+    if channel_files:
+        parts.append("<h2>Channel gates</h2>")
+        parts.append('<p class="muted">Each channel gate as a profile (one bar per channel, on the gate\'s 0..1 '
+                     "range). Under each artifact: cosine of the profiles and the share of its top-k channels "
+                     "among the reference's top k.</p>")
+        for gate, file in channel_files.items():
+            parts.append(f"<h3><code>{e(gate)}</code></h3><div class='row'>")
+            parts.append(_figure_html(writer.uri(file), f"<b>{e(label)}</b>"))
+            for name, row in result["artifacts"].items():
+                stage_parity = (row.get("attention") or {}).get("gates", {}).get(gate, {})
+                artifact_file = row.get("channel_files", {}).get(gate)
+                if not artifact_file or not stage_parity.get("found"):
+                    parts.append(f"<figure><figcaption><b>{e(name)}</b><br>"
+                                 "<span class=fail>gate not found in the artifact</span></figcaption></figure>")
+                    continue
+                thresholds = row["attention"]["thresholds"]
+                ok_cos = stage_parity["cosine"] >= thresholds["min_channel_cosine"]
+                ok_top = stage_parity["top_overlap"] >= thresholds["min_channel_overlap"]
+                caption = (f'<b>{e(name)}</b><br><span class="{"pass" if ok_cos else "fail"}">cosine '
+                           f'{stage_parity["cosine"]:.4f}</span> · <span class="{"pass" if ok_top else "fail"}">'
+                           f'top-k {stage_parity["top_overlap"]:.2f}</span>')
+                parts.append(_figure_html(writer.uri(artifact_file), caption))
+            parts.append("</div>")
     parts.append(f'<p class="muted">made by cbam-deploy explain · every image is embedded in this page · raw maps: '
                  f"{e(Path(result['maps']).name)}</p></body></html>")
     return "\n".join(parts)

@@ -23,6 +23,7 @@ from .cbam_opt import optimize_for_export
 from .checks import check_choice, check_int, parse_batch
 from .errors import CbamDeployError
 from .exporters.onnx import OnnxExportOptions, check_opset, export_onnx
+from .gates import example_input, find_gates
 from .manifest import MANIFEST_NAME, artifact_file, new_manifest
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .models.spec import STEMS, check_input_size, check_num_classes
@@ -183,7 +184,10 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
                  started: float) -> dict:
     out_dir = update.bundle_dir
     staged = update.stage_artifact("onnx", "fp32")
-    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt)
+    # every attention gate, found by its structure in the traced model (the manifest lists them; the
+    # INT8 policy, attention parity, explain, profile and the rewrites read this one record)
+    gates = find_gates(loaded.module, example_input(options.in_channels, options.input_size)).describe()
+    exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt, gates)
     info = export_onnx(exported, staged, options)
     info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
     faultpoint("exported")
@@ -196,6 +200,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     faultpoint("parity-done")
 
     model_info = loaded.describe()
+    model_info["gates"] = gates
     try:
         model_info["gflops"] = round(count_gmacs(loaded.module, options.input_size), 3)
         model_info["gflops_input_size"] = options.input_size

@@ -122,10 +122,14 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     if weights is not None:
         check.field(weights, "path", "model.weights.", _is_text, "a non-empty string")
         check.field(weights, "sha256", "model.weights.", _is_text, "a non-empty string")
-    modules = check.field(model, "attention_modules", "model.", _is_list, "a list", required=False)
-    for i, module in enumerate(modules or []):
-        check.item(module, f"model.attention_modules[{i}]", _is_dict, "an object")
-        check.field(module, "path", f"model.attention_modules[{i}].", _is_text, "a non-empty string")
+    gates = check.field(model, "gates", "model.", _is_dict, "an object", required=False)
+    if gates is not None:
+        listed = check.field(gates, "gates", "model.gates.", _is_list, "a list")
+        for i, gate in enumerate(listed):
+            check.item(gate, f"model.gates.gates[{i}]", _is_dict, "an object")
+            check.field(gate, "name", f"model.gates.gates[{i}].", _is_text, "a non-empty string")
+            check.field(gate, "kind", f"model.gates.gates[{i}].", lambda v: v in ("channel", "spatial", "joint"),
+                        "'channel', 'spatial' or 'joint'")
 
     spec = check.field(manifest, "input", "", _is_dict, "an object")
     check.field(spec, "name", "input.", _is_text, "a non-empty string")

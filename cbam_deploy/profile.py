@@ -1,12 +1,14 @@
 """``profile``: where an artifact's time goes, per operator, rolled up by the module it came from.
 
 onnxruntime's profiler and OpenVINO's performance counters give per-node kernel times. Each node is
-put in one category from its scoped name (``/layer1/layer1.0/cbam/ChannelGate/mlp/...``, mapped back
-to its module with the same code that finds the gates for INT8) and its op type:
+put in one category by the gate finder (``cbam_deploy.gates``, run on the artifact's own graph: a
+node that is part of a gate, its multiply included wherever the model computes it, counts for that
+gate's kind), else by its scoped name (``/layer1/layer1.0/ca/...``: inside the module that holds a
+gate's parts) and its op type:
 
 - ``layout``: reorders and transposes the engine inserted (a cost of the layout, whichever module);
-- ``cbam channel gate`` / ``cbam spatial gate`` (and ``attention (other)`` for SE/BAM and CBAM's own
-  glue): nodes inside a recorded attention module;
+- ``channel gate`` / ``spatial gate`` (CBAM's, SE's, ECA's: any gate of that kind) and
+  ``attention (other)`` (BAM's joint gates);
 - ``conv``: convolutions outside the gates;
 - ``quantize/dequantize``: Q/DQ nodes not attributable to a module;
 - ``other``: everything else (pools, adds, the classifier).
@@ -21,33 +23,48 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from .bundle import Bundle
 from .checks import MAX_BATCH, check_int, check_output_file
-from .scopes import inside, name_module_path
 from .errors import CbamDeployError
 from .fsutil import atomic_path
+from .gates import onnx_gates, openvino_gates
 from .runners import OnnxRuntimeRunner
 from .runners.openvino import OpenVINORunner
+from .scopes import name_module_path
 
-CATEGORIES = ("conv", "cbam channel gate", "cbam spatial gate", "attention (other)", "layout",
-              "quantize/dequantize", "other")
+CATEGORIES = ("conv", "channel gate", "spatial gate", "attention (other)", "layout", "quantize/dequantize", "other")
+_KIND_CATEGORY = {"channel": "channel gate", "spatial": "spatial gate", "joint": "attention (other)"}
 _LAYOUT = {"Reorder", "ReorderInput", "ReorderOutput", "Transpose"}
 _CONV = {"Conv", "QLinearConv", "FusedConv", "ConvInteger", "Convolution", "GroupConvolution", "ConvolutionBackpropData"}
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "FakeQuantize"}
 
 
-def categorize(name: str, op_type: str, modules: list[dict]) -> tuple[str, str | None]:
-    """(category, module path) of one profiled node."""
+def gate_index(gates: list) -> dict:
+    """What ``categorize`` needs to know of an artifact's gates (``gates.GraphGate`` objects, or the
+    manifest's records): {"nodes": {node name: kind}, "modules": [(module, kind)], deepest first}."""
+    nodes, modules = {}, {}
+    for gate in gates:
+        record = gate.record if hasattr(gate, "record") else gate
+        for node in getattr(gate, "nodes", []):
+            nodes[node] = record["kind"]
+        if record.get("module"):
+            modules[record["module"]] = record["kind"]
+    return {"nodes": nodes, "modules": sorted(modules.items(), key=lambda m: -len(m[0]))}
+
+
+def categorize(name: str, op_type: str, index: dict | None) -> tuple[str, str | None]:
+    """(category, module path) of one profiled node; ``index``: ``gate_index`` of the artifact's gates."""
     path = name_module_path(name)
     if op_type in _LAYOUT:
         return "layout", path
-    if inside(path, modules):
-        if "ChannelGate" in path:
-            return "cbam channel gate", path
-        if "SpatialGate" in path:
-            return "cbam spatial gate", path
-        return "attention (other)", path
+    index = index or {"nodes": {}, "modules": []}
+    kind = index["nodes"].get(name)
+    if kind is None and path:
+        kind = next((k for module, k in index["modules"] if path == module or path.startswith(module + ".")), None)
+    if kind is not None:
+        return _KIND_CATEGORY[kind], path
     if op_type in _CONV:
         return "conv", path
     if op_type in _QDQ:
@@ -55,13 +72,13 @@ def categorize(name: str, op_type: str, modules: list[dict]) -> tuple[str, str |
     return "other", path
 
 
-def roll_up(node_times: list[tuple[str, str, float]], runs: int, modules: list[dict]) -> dict:
+def roll_up(node_times: list[tuple[str, str, float]], runs: int, index: dict | None) -> dict:
     """Per-inference milliseconds by category, by top-level module (stage) and the slowest ops."""
     by_category: dict[str, float] = defaultdict(float)
     by_module: dict[str, float] = defaultdict(float)
     by_op: dict[tuple[str, str], float] = defaultdict(float)
     for name, op_type, microseconds in node_times:
-        category, path = categorize(name, op_type, modules)
+        category, path = categorize(name, op_type, index)
         ms = microseconds / 1000.0 / runs
         by_category[category] += ms
         by_module[".".join(path.split(".")[:2]) if path else "(unscoped)"] += ms
@@ -79,7 +96,9 @@ def roll_up(node_times: list[tuple[str, str, float]], runs: int, modules: list[d
 def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: int, threads: int | None) -> dict:
     path = bundle.path_of(name)
     artifact = bundle.artifact(name)
+    expected = bundle.model.gate_list
     if artifact.format == "onnx":
+        index = gate_index(onnx_gates(onnx.load(str(path)), expected))
         with tempfile.TemporaryDirectory(prefix="cbam-profile-") as tmp:
             runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact.precision, profile_dir=tmp)
             for _ in range(warmup + runs):
@@ -88,6 +107,7 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
         tool = "onnxruntime profiler (CPU execution provider)"
     elif artifact.format == "openvino":
         runner = OpenVINORunner(path, precision=artifact.precision, threads=threads, perf_counters=True)
+        index = gate_index(openvino_gates(runner.core.read_model(str(path)), expected))
         for _ in range(warmup):
             runner.run(x)
         times = []
@@ -98,7 +118,7 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
     else:
         raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact.format}")
     return {"artifact": name, "format": artifact.format, "precision": artifact.precision, "tool": tool,
-            "runs": runs, **roll_up(times, runs, bundle.model.attention_modules)}
+            "runs": runs, "gates": len(index["modules"]), **roll_up(times, runs, index)}
 
 
 def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, batch: int = 1, runs: int = 20,

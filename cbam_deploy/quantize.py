@@ -54,7 +54,7 @@ def quantize_bundle(
             check = data.inputs[: min(len(data.inputs), check_samples)]
             check_source = "calibration samples (source too small to hold any out)"
         check, _ = bundle.fit_to_batch(check, calib_batch)
-        attention = bundle.model.attention_modules
+        expected = bundle.model.gate_list  # the gates found in the PyTorch model (None: an older bundle)
         reference, reference_label = reference_runner(bundle, trust=trust)
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
@@ -62,7 +62,7 @@ def quantize_bundle(
         results = []
         for target in targets:
             results.append(_quantize_one(update, bundle, target, method, gates, fp32_path, source_sha, data,
-                                         attention, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
+                                         expected, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
         faultpoint("quantized")
 
         commit_from_source(update, source_sha, "quantizing", "run quantize again")
@@ -71,7 +71,7 @@ def quantize_bundle(
 
 
 def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates: str | None, fp32_path: Path,
-                  source_sha: str, data, attention: list, calib_batch: int, cache_dir, check, check_source: str,
+                  source_sha: str, data, expected: list | None, calib_batch: int, cache_dir, check, check_source: str,
                   ref_out, reference_label: str) -> dict:
     """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
     chosen_method, chosen_gates = resolve(target, method, gates)
@@ -79,10 +79,10 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
     out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
     if target == "openvino":
-        result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, attention,
+        result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, expected,
                                    cache_dir / "openvino" if cache_dir else None)
     else:
-        result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, attention,
+        result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, expected,
                                calib_batch, cache_dir)
     seconds = time.perf_counter() - started
     artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,

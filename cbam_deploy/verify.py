@@ -4,7 +4,10 @@ fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs 
 shapes; int8 uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data``
 when given, else the artifact's own calibration source when it still exists, else seeded noise
 (marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
-module whose output departs. Results go into the manifest.
+module whose output departs. Every gate the model has is compared too (attention parity: spatial
+maps and channel profiles), and an INT8 artifact's gate policy is checked again on its graph (Q/DQ or
+FakeQuantize placement, ``gates.policy_check``): a gate quantized under ``--gates fp``, or left in
+float under ``--gates int8``, fails the artifact by name. Results go into the manifest.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from .attention import attention_parity
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
@@ -19,8 +23,10 @@ from .checks import check_int
 from .data import check_data_source, load_calibration
 from .diagnose import locate_divergence
 from .errors import BackendUnavailable, CbamDeployError
+from .exporters.openvino import require_openvino
 from .loaders import is_stand_in, open_artifact, reference_runner, untrusted_code
 from .models import CodeTrust
+from .gates import check_onnx_policy, check_openvino_policy
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
 from .runtimes import RUNTIMES, parse_runtimes
 from .transaction import faultpoint, update_manifest
@@ -66,8 +72,9 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
 
 def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
                      samples: int, seed: int) -> None:
-    """Attention parity (``attention``): every CBAM spatial gate of the artifact against PyTorch's, on
-    images where there are any. A gate that drifted fails the artifact even when its logits agree."""
+    """Attention parity (``attention``): every gate of the artifact (spatial maps, channel profiles)
+    against PyTorch's, on images where there are any. A gate that drifted fails the artifact even when
+    its logits agree."""
     x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
     x, _ = bundle.fit_to_batch(x)
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
@@ -78,6 +85,29 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
     if parity["passed"] is False:
         result["passed"] = False
         result["reason"] = "; ".join(r for r in (result.get("reason"), "attention drifted: " + parity["reason"]) if r)
+
+
+def _check_gate_policy(bundle: Bundle, artifact: ArtifactRecord, result: dict) -> None:
+    """The INT8 gate policy the manifest states for ``artifact``, checked on the artifact's graph."""
+    policy = (artifact.quantization or {}).get("gates")
+    if artifact.precision != "int8" or policy is None or artifact.format not in ("onnx", "openvino"):
+        return
+    path = bundle.path_of(artifact.name)
+    expected = bundle.model.gate_list
+    if artifact.format == "onnx":
+        check = check_onnx_policy(onnx.load(str(path)), expected, policy, artifact.name)
+    else:
+        try:
+            ov = require_openvino()
+        except BackendUnavailable as exc:
+            result["gate_policy"] = {"policy": policy, "held": None, "skipped": str(exc)}
+            return
+        check = check_openvino_policy(ov.Core().read_model(str(path)), expected, policy, artifact.name)
+    result["gate_policy"] = check
+    if not check["held"]:
+        result["passed"] = False
+        reason = f"gate policy --gates {policy} broken: " + "; ".join(check["broken"])
+        result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
 
 
 def _ran(runner) -> dict:
@@ -119,6 +149,8 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
         else:
             result = verify_artifact(bundle, artifact, reference, data, samples, seed, runtime)
         result["reference"] = label
+        if result.get("passed") is not None:
+            _check_gate_policy(bundle, artifact, result)
         if result.get("passed") is not None and not is_stand_in(reference):
             _check_attention(bundle, artifact, reference.model, result, data, samples, seed)
         if result.get("passed") is False and artifact.format == "onnx" and artifact.precision != "int8" \

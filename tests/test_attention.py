@@ -13,11 +13,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam_deploy.attention import THRESHOLDS, artifact_maps, compare_maps, onnx_gate_tensors, torch_maps  # noqa: E402
+from cbam_deploy.attention import THRESHOLDS, artifact_maps, compare_maps, torch_maps  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from helpers import write_manifest  # noqa: E402
 from cbam_deploy.data import load_calibration  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
+from cbam_deploy.gates import onnx_gates  # noqa: E402
 from cbam_deploy.loaders import reference_runner  # noqa: E402
 from cbam_deploy.scopes import node_module_path  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
@@ -39,7 +40,8 @@ def test_every_spatial_gate_is_found_in_the_graphs(digits):
     bundle, manifest, _, model = digits
     assert sorted(torch_maps(model, np.zeros((1, 3, 32, 32), np.float32))) == GATES
     for name in ("model.onnx", "model.int8-ort-cpu.onnx"):
-        assert sorted(onnx_gate_tensors(onnx.load(str(bundle / name)))) == GATES
+        found = onnx_gates(onnx.load(str(bundle / name)), manifest["model"]["gates"]["gates"])
+        assert sorted(g.name for g in found if g.kind == "spatial") == GATES
 
 
 def test_fp32_onnx_maps_equal_pytorch(digits):
@@ -69,7 +71,9 @@ def test_verify_records_attention_parity_for_every_artifact(digits):
     assert rows["onnx-fp32"]["attention"]["min_correlation"] > 0.9999
     assert rows["int8-openvino"]["attention"]["passed"] is True
     recorded = {a["name"]: a for a in read_manifest(bundle)["artifacts"]}
-    assert set(recorded["int8-ort-cpu"]["verify"]["attention"]["gates"]) == set(GATES)
+    assert set(GATES) < set(recorded["int8-ort-cpu"]["verify"]["attention"]["gates"])  # channel gates too
+    assert recorded["int8-ort-cpu"]["verify"]["attention"]["counts"] == {"spatial": 4, "channel": 4, "joint": 0,
+                                                                         "not_found": 0}
 
 
 def test_a_collapsed_spatial_gate_is_caught(digits, tmp_path):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cbam_deploy.bench import UnstableMeasurement, bench_bundle, bench_runners
 from cbam_deploy.cli import app
 from cbam_deploy.export import ExportRequest, export_bundle
-from cbam_deploy.profile import CATEGORIES, categorize, profile_bundle
+from cbam_deploy.profile import CATEGORIES, categorize, gate_index, profile_bundle
 from cbam_deploy.quantize import quantize_bundle
 
 
@@ -109,9 +109,10 @@ def test_cli_bench_json_and_markdown(bundle, tmp_path):
 
 
 def test_categorize_by_module_and_op():
-    modules = [{"path": "layer1.0.cbam", "type": "CBAM"}]
-    assert categorize("/layer1/layer1.0/cbam/ChannelGate/mlp/mlp.1/Gemm", "FusedGemm", modules)[0] == "cbam channel gate"
-    assert categorize("/layer1/layer1.0/cbam/SpatialGate/spatial/conv/Conv", "Conv", modules)[0] == "cbam spatial gate"
+    modules = gate_index([{"name": "layer1.0.cbam.ChannelGate", "kind": "channel", "module": "layer1.0.cbam.ChannelGate"},
+                          {"name": "layer1.0.cbam.SpatialGate", "kind": "spatial", "module": "layer1.0.cbam.SpatialGate"}])
+    assert categorize("/layer1/layer1.0/cbam/ChannelGate/mlp/mlp.1/Gemm", "FusedGemm", modules)[0] == "channel gate"
+    assert categorize("/layer1/layer1.0/cbam/SpatialGate/spatial/conv/Conv", "Conv", modules)[0] == "spatial gate"
     assert categorize("/layer1/layer1.0/conv1/Conv_token_28", "QLinearConv", modules)[0] == "conv"
     assert categorize("/layer1/layer1.0/cbam/ChannelGate/ReduceMax_acdb_abcd_x", "Reorder", modules)[0] == "layout"
     assert categorize("onnx::Conv_264_DequantizeLinear", "DequantizeLinear", modules)[0] == "quantize/dequantize"
@@ -125,11 +126,11 @@ def test_profile_rolls_up_every_artifact_and_draws_it(bundle, tmp_path):
         shares = {c["category"]: c["ms"] for c in row["categories"]}
         assert list(shares) == list(CATEGORIES)
         assert sum(shares.values()) == pytest.approx(row["total_ms"]) and row["total_ms"] > 0
-        assert shares["conv"] > 0 and shares["cbam channel gate"] > 0 and shares["cbam spatial gate"] > 0
+        assert shares["conv"] > 0 and shares["channel gate"] > 0 and shares["spatial gate"] > 0
     png = tmp_path / "p.png"
     cli = CliRunner().invoke(app, ["profile", str(bundle), "--runs", "2", "--warmup", "0", "--plot", str(png)])
     assert cli.exit_code == 0, cli.output
-    assert "cbam spatial gate" in cli.stdout
+    assert "spatial gate" in cli.stdout
     with Image.open(png) as image:
         assert image.size[0] > 300
 

@@ -89,7 +89,7 @@ def test_typed_views_of_the_manifest(built):
     assert bundle.fixed_batch is None
     assert bundle.model.name == "resnet10_half_cbam" and bundle.model.num_classes == 10 and bundle.model.stem == "cifar"
     assert bundle.model.spec == "resnet10_half_cbam" and not bundle.model.trained and bundle.model.init["state_sha256"]
-    assert bundle.model.attention_modules  # the CBAM gates, for the INT8 gate policy
+    assert bundle.model.gate_list  # the gates the finder found, for the INT8 gate policy
     first = bundle.artifact()
     assert isinstance(first, ArtifactRecord) and first.name == "onnx-fp32" and first.path == "model.onnx"
     assert first.format == "onnx" and first.precision == "fp32" and first.export["opset"] == 17

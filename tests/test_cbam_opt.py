@@ -51,7 +51,7 @@ def test_off_returns_the_model_itself(tiny_cbam):
 def test_one_pool_or_a_foreign_gate_is_left_as_written():
     single = CBAM(32, pool_types=("avg",))  # one pool: nothing to batch
     model, record = optimize_for_export(single)
-    assert model is single and record["rewrites"] == [] and "no CBAM channel gate" in record["note"]
+    assert model is single and record["rewrites"] == [] and "no gate where a rewrite is exact" in record["note"]
     three = CBAM(32, pool_types=("avg", "max", "lse")).eval()
     optimized, record = optimize_for_export(three)
     x = torch.randn(2, 32, 9, 7)

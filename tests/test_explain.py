@@ -51,8 +51,8 @@ def test_every_file_is_written_and_every_png_is_a_valid_image(digits):
     assert Path(result["page"]) in files and Path(result["maps"]) in files
     assert all(f.is_file() and f.stat().st_size > 0 for f in files)
     pngs = [f for f in files if f.suffix == ".png"]
-    # input, Grad-CAM, 4 gates x (PyTorch + 3 artifacts), 4 channel profiles
-    assert len(pngs) == 2 + 4 * 4 + 4
+    # input, Grad-CAM, 4 spatial gates x (PyTorch + 3 artifacts), 4 channel gates x (PyTorch + 3 artifacts)
+    assert len(pngs) == 2 + 4 * 4 + 4 * 4
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
@@ -68,7 +68,7 @@ def test_page_is_self_contained_and_names_every_stage_and_artifact(digits):
     page = _html(result)
     assert "http://" not in page and "https://" not in page and "<link" not in page and "url(" not in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 2 + 4 * 4 + 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 2 + 4 * 4 + 4 * 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     for source in sources:
         with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
             assert image.width > 0
@@ -96,8 +96,14 @@ def test_int8_artifacts_get_a_parity_figure_per_stage_on_the_page(digits):
     for name in ("int8-ort-cpu", "int8-openvino"):
         row = result["artifacts"][name]
         assert row["precision"] == "int8" and row["top1_agrees"] is True
-        assert set(row["attention"]["gates"]) == set(GATES) and set(row["files"]) == set(GATES)
-        for stage in row["attention"]["gates"].values():
+        channel = {g.replace("SpatialGate", "ChannelGate") for g in GATES}
+        assert set(row["attention"]["gates"]) == set(GATES) | channel and set(row["files"]) == set(GATES)
+        assert set(row["channel_files"]) == channel
+        for gate in channel:
+            stage = row["attention"]["gates"][gate]
+            assert stage["kind"] == "channel" and 0.9 < stage["cosine"] <= 1.0 and 0.0 <= stage["top_overlap"] <= 1.0
+            assert f"cosine {stage['cosine']:.4f}" in page
+        for stage in (row["attention"]["gates"][g] for g in GATES):
             assert 0.5 < stage["correlation"] <= 1.0 and 0.0 <= stage["top_iou"] <= 1.0 and stage["max_abs_err"] > 0
             assert f"corr {stage['correlation']:.4f}" in page and f"IoU {stage['top_iou']:.3f}" in page
         assert len(result["predictions"][name]) == 5
@@ -150,9 +156,9 @@ def test_a_model_without_spatial_gates_gets_a_page_saying_so(digits, tmp_path):
     export_bundle(ExportRequest(model="resnet10_half", stem="cifar", output=str(bundle), parity=False))
     result = CliRunner().invoke(app, ["explain", str(bundle), "--image", str(digits["image"]), "-o", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
-    assert "no CBAM spatial gates" in " ".join(result.output.split())
+    assert "no attention gates" in " ".join(result.output.split())
     page = (tmp_path / "p" / "index.html").read_text()
-    assert "no CBAM spatial gates" in page and "Grad-CAM" in page and "SpatialGate" not in page
+    assert "no attention gates" in page and "Grad-CAM" in page and "SpatialGate" not in page
     assert (tmp_path / "p" / "gradcam.png").is_file()
 
 
@@ -167,6 +173,8 @@ def test_a_stand_in_reference_shows_artifact_maps_without_grad_cam(digits, tmp_p
     manifest["model"]["weights"]["path"] = str(tmp_path / "gone.pth")
     manifest_path.write_text(json.dumps(manifest))
     result = explain_bundle(bundle, digits["image"], ["int8-ort-cpu"], tmp_path / "out")
-    assert result["reference"] == "onnx-fp32" and result["gradcam"] is None and not result["channel_gates"]
+    assert result["reference"] == "onnx-fp32" and result["gradcam"] is None
+    assert len(result["channel_gates"]) == 4  # read from the FP32 ONNX, like the maps
+    assert result["artifacts"]["int8-ort-cpu"]["attention"]["min_channel_overlap"] >= 0.5
     assert any("could not be rebuilt" in note for note in result["notes"])
     assert result["artifacts"]["int8-ort-cpu"]["attention"]["min_correlation"] > 0.9

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.bundle import read_manifest  # noqa: E402
-from cbam_deploy.calib.gates import attention_modules, gate_nodes  # noqa: E402
+from cbam_deploy.gates import find_gates, nodes_of, onnx_gates  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
 from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
@@ -113,37 +113,32 @@ def test_gates_fp_keeps_gate_nodes_unquantized(digits):
     quantize_bundle(digits["bundle"], ["ort-cpu"], str(digits["train"]), calib_size=32, gates="fp")
     manifest = read_manifest(digits["bundle"])
     model = onnx.load(str(digits["bundle"] / "model.int8-ort-cpu.onnx"))  # fp is the default policy
-    gate_names = set(gate_nodes(model, manifest["model"]["attention_modules"]))
+    gate_names = set(nodes_of(onnx_gates(model, manifest["model"]["gates"]["gates"])))
     producers = {out: node for node in model.graph.node for out in node.output}
     gate_ops = [n for n in model.graph.node if n.name in gate_names]
     assert {"Gemm", "Sigmoid", "Mul", "Conv"} <= {n.op_type for n in gate_ops}
     for node in gate_ops:
         if node.op_type in ("Gemm", "Conv"):  # the MLP and the 7x7 conv take float weights, not int8
             assert producers.get(node.input[1]) is None or producers[node.input[1]].op_type != "DequantizeLinear", node.name
+    artifact = next(a for a in manifest["artifacts"] if a["name"] == "int8-ort-cpu")
+    assert artifact["quantization"]["gate_check"]["held"] is True and artifact["quantization"]["gate_check"]["gates"] == 8
 
 
-def test_gate_discovery_from_modules():
-    import torch
+def test_gate_discovery_on_zoo_models():
+    from collections import Counter
 
     from cbam_deploy.models import create_model
 
-    model = create_model("resnet18_cbam", num_classes=10, stem="cifar")
-    modules = attention_modules(model)
-    assert [m["path"] for m in modules] == [f"layer{s}.{b}.cbam" for s in range(1, 5) for b in range(2)]
-    assert [m["path"] for m in attention_modules(create_model("resnet18_bam"))] == ["bam1", "bam2", "bam3"]
-    assert len(attention_modules(create_model("resnet18_se"))) == 8
+    def kinds(name):
+        return Counter(g["kind"] for g in find_gates(create_model(name, num_classes=10, stem="cifar")).gates)
 
-    class ChannelAttention(torch.nn.Module):  # a user's own CBAM-style module, found by its class name
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Conv2d(8, 8, 1)
-
-        def forward(self, x):
-            return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-
-    custom = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), ChannelAttention(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    custom(torch.zeros(1, 3, 8, 8))
-    assert attention_modules(custom) == [{"path": "1", "type": "ChannelAttention"}]
+    assert kinds("resnet18_cbam") == {"channel": 8, "spatial": 8}
+    assert kinds("resnet18_bam") == {"joint": 3}
+    assert kinds("resnet18_se") == {"channel": 8}
+    names = [g["name"] for g in find_gates(create_model("resnet18_cbam", num_classes=10, stem="cifar")).gates]
+    assert names[:2] == ["layer1.0.cbam.ChannelGate", "layer1.0.cbam.SpatialGate"]
+    plain = find_gates(create_model("resnet18", num_classes=10, stem="cifar")).describe()
+    assert plain["count"] == 0 and "no attention gates" in plain["note"]
 
 
 def test_gate_discovery_in_graph(tmp_path):
@@ -153,14 +148,14 @@ def test_gate_discovery_in_graph(tmp_path):
     model = create_model("resnet18_cbam", num_classes=10, stem="cifar")
     export_onnx(model, tmp_path / "m.onnx", OnnxExportOptions(input_size=32))
     graph = onnx.load(str(tmp_path / "m.onnx"))
-    names = gate_nodes(graph, attention_modules(model))
+    found = onnx_gates(graph, find_gates(model).gates)
+    names = nodes_of(found)
     assert all("/cbam/" in n for n in names)
-    outside = [n.name for n in graph.graph.node if "/cbam/" in n.name and n.name not in names]
-    assert outside == []
     per_block = {n.split("/cbam/")[0] for n in names}
-    assert len(per_block) == 8
+    assert len(per_block) == 8 and len(found) == 16
     ops = {n.op_type for n in graph.graph.node if n.name in names}
     assert {"ReduceMean", "ReduceMax", "Gemm", "Sigmoid", "Mul", "Concat", "Conv"} <= ops
+    assert sorted(n.op_type for n in graph.graph.node if n.op_type == "Sigmoid") == ["Sigmoid"] * 16
 
 
 def test_gate_discovery_with_dynamo_metadata(tmp_path):
@@ -171,7 +166,10 @@ def test_gate_discovery_with_dynamo_metadata(tmp_path):
     model = create_model("resnet10_half_cbam", num_classes=10, stem="cifar")
     export_onnx(model, tmp_path / "m.onnx", OnnxExportOptions(input_size=32, opset=18, exporter="dynamo"))
     graph = onnx.load(str(tmp_path / "m.onnx"))
-    names = set(gate_nodes(graph, attention_modules(model)))
+    expected = find_gates(model).gates
+    found = onnx_gates(graph, expected)
+    assert sorted(g.name for g in found) == sorted(g["name"] for g in expected) and len(found) == 8
+    names = set(nodes_of(found))
     ops = [n.op_type for n in graph.graph.node if n.name in names]
     assert ops.count("Sigmoid") == 8 and "Conv" in ops  # 4 blocks x (channel + spatial sigmoid)
     assert all(n.op_type != "Sigmoid" for n in graph.graph.node if n.name not in names)

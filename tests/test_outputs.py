@@ -56,7 +56,7 @@ def test_export_lists_every_output_and_checks_each(bundle):
     case = result["parity"]["cases"][0]
     if len(EXPECTED[name]) > 1:
         assert set(case["outputs"]) == {n for n, _, _ in EXPECTED[name]} and all(m["passed"] for m in case["outputs"].values())
-    assert manifest["model"]["attention_modules"]  # the CBAM inside was found, for the INT8 gate policy
+    assert manifest["model"]["gates"]["kinds"] == {"channel": 1, "spatial": 1, "joint": 0}  # the CBAM inside, found
 
 
 def test_onnx_answers_every_output_like_pytorch(bundle):

@@ -9,8 +9,14 @@
 * ``openvino``  NNCF post-training quantization of the OpenVINO model: an INT8 IR.
 
 All three run onnxruntime's pre-processing (symbolic shape inference, graph optimisation) on the
-FP32 ONNX first. ``gates='fp'`` keeps the attention-gate subgraphs (found by ``gates.gate_nodes``)
-out of quantization.
+FP32 ONNX first. The gate policy covers every attention gate the finder (``cbam_deploy.gates``) finds
+in the pre-processed graph, each as a whole: its pools and layers, its sigmoid, the reshapes to its
+multiply and the multiply, wherever the model computes it. ``gates='fp'`` keeps all of that out of
+quantization; ``gates='int8'`` quantizes it, gate sigmoids and gating multiplies included (onnxruntime
+quantizes neither op type by default, so they are added for the gates' own nodes only). Then the
+built graph is inspected (Q/DQ placement in the ONNX, FakeQuantize placement in the IR): a gate that
+does not follow the policy fails the artifact, by name; the checked result goes into the manifest
+as ``quantization.gate_check``.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ from ..errors import BackendUnavailable, CbamDeployError
 from ..exporters.openvino import save_ir
 from ..fsutil import atomic_path, cache_root, sha256_file
 from ..data import CalibrationSet
-from .gates import gate_nodes, gate_op_names
+from ..gates import check_onnx_policy, check_openvino_policy, nodes_of, onnx_gates, openvino_gates
 
-CACHE_VERSION = 2  # 2: OpenVINO entries carry a digest file; older entries are plain misses
+CACHE_VERSION = 3  # 2: OpenVINO entries carry a digest file; 3: int8 gates quantize sigmoid and multiply too
 
 
 @dataclass
@@ -92,7 +98,7 @@ def quantize_onnx(
     target: str,
     method: str,
     gates: str,
-    attention: list[dict],
+    expected: list[dict] | None,
     batch: int = 8,
     cache_dir: Path | None = None,
 ) -> QuantizeResult:
@@ -112,9 +118,10 @@ def quantize_onnx(
         pre = Path(tmp) / "pre.onnx"
         preprocess_onnx(fp32_onnx, pre)
         proto = onnx.load(str(pre))
-        excluded = gate_nodes(proto, attention) if gates == "fp" else []
-        if gates == "fp" and attention and not excluded:
-            raise CbamDeployError("--gates fp: no attention-gate nodes found in the graph; re-export the bundle")
+        found = _graph_gates_or_fail(onnx_gates(proto, expected), expected, "the ONNX graph")
+        excluded, extra_types = _onnx_policy(proto, found, gates)
+        if gates == "fp" and _unshare_initializers(proto, set(nodes_of(found))):
+            onnx.save(proto, str(pre))
         input_name = proto.graph.input[0].name
         supports_cache = "calibration_cache_path" in quantize_static.__code__.co_varnames
         cache_path, cache_hit, cache_warning = None, False, None
@@ -135,7 +142,8 @@ def quantize_onnx(
                     str(pre), str(tmp_out), _Reader(data, input_name, batch),
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
                     activation_type=activation, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded, calibrate_method=calibrate_method, extra_options=extra, **kwargs,
+                    nodes_to_exclude=excluded, calibrate_method=calibrate_method, extra_options=extra,
+                    op_types_to_quantize=_ort_op_types(extra_types), **kwargs,
                 )
                 onnx.checker.check_model(str(tmp_out))
 
@@ -160,6 +168,9 @@ def quantize_onnx(
         finally:
             logging.getLogger().setLevel(previous)
     quantized = onnx.load(str(out_path), load_external_data=False)
+    check = check_onnx_policy(quantized, expected if expected is not None else [g.record for g in found], gates,
+                              f"the {target} Q/DQ graph")
+    _fail_unless_held(check, out_path)
     ops = [n.op_type for n in quantized.graph.node]
     info = {
         "recipe": target,
@@ -167,7 +178,9 @@ def quantize_onnx(
         "gates": gates,
         "activations": "uint8 asymmetric" if target == "ort-cpu" else "int8 symmetric (zero point 0)",
         "weights": "int8 symmetric, per output channel",
-        "excluded_nodes": len(excluded),
+        "excluded_nodes": len(excluded) if gates == "fp" else 0,
+        "gate_nodes": len(nodes_of(found)),
+        "gate_check": check,
         "quantize_linear_nodes": ops.count("QuantizeLinear"),
         "opset": next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), None),
         "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if cache_path is not None else
@@ -177,6 +190,76 @@ def quantize_onnx(
     if cache_warning:
         info["calibration_cache"]["rebuilt"] = cache_warning
     return QuantizeResult(out_path, "onnx", info)
+
+
+def _graph_gates_or_fail(found: list, expected: list[dict] | None, where: str) -> list:
+    """The gates found in a graph to be quantized; every gate of the model must be among them, or
+    the policy could not be applied to it."""
+    if expected:
+        names = {g.name for g in found}
+        missing = [g["name"] for g in expected if g["name"] not in names]
+        if missing:
+            raise CbamDeployError(f"gate policy: {', '.join(missing)} (found in the model) not found in {where}; "
+                                  "the policy cannot be applied to it. Re-export the bundle")
+    return found
+
+
+def _onnx_policy(proto: onnx.ModelProto, found: list, gates: str) -> tuple[list[str], list[str]]:
+    """(nodes_to_exclude, op types to add): ``fp`` excludes every gate node; ``int8`` adds the gate
+    sigmoid and multiply op types, and excludes the nodes of those types that are not part of a gate
+    (so the rest of the network is quantized as the recipe always did)."""
+    gate_nodes = set(nodes_of(found))
+    if gates == "fp":
+        return [n.name for n in proto.graph.node if n.name in gate_nodes], []
+    extra = sorted({n.op_type for n in proto.graph.node if n.name in gate_nodes and n.op_type in _GATE_OP_TYPES})
+    others = [n.name for n in proto.graph.node if n.op_type in extra and n.name not in gate_nodes]
+    return others, extra
+
+
+_GATE_OP_TYPES = ("Sigmoid", "HardSigmoid", "Mul", "Add")
+
+
+def _unshare_initializers(proto: onnx.ModelProto, gate_nodes: set[str]) -> int:
+    """Give gate nodes their own copy of every initializer they share with a node outside the gates.
+    Graph simplification merges equal constants (a zero bias of a gate's MLP and of a folded conv
+    become one initializer); onnxruntime then quantizes it for the conv and hands the gate the
+    dequantized int32 copy, so a gate kept in float would read a quantized bias. Returns the copies made."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    outside = {name for node in proto.graph.node if node.name not in gate_nodes for name in node.input}
+    copies = {}
+    for node in proto.graph.node:
+        if node.name not in gate_nodes:
+            continue
+        for index, name in enumerate(node.input):
+            if name in initializers and name in outside:
+                if name not in copies:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(initializers[name])
+                    copy.name = f"{name}__gate_float"
+                    proto.graph.initializer.append(copy)
+                    copies[name] = copy.name
+                node.input[index] = copies[name]
+    return len(copies)
+
+
+def _ort_op_types(extra: list[str]) -> list[str] | None:
+    """onnxruntime's default Q/DQ op types plus ``extra``; None (its default) when there is nothing to add."""
+    if not extra:
+        return None
+    from onnxruntime.quantization.registry import QDQRegistry  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+
+    return sorted(set(QDQRegistry) | set(extra))
+
+
+def _fail_unless_held(check: dict, artifact_path: Path) -> None:
+    """A built graph that does not follow the gate policy is no artifact: remove it, name the gates."""
+    if check["held"]:
+        return
+    for suffix in ("", ".bin"):
+        with contextlib.suppress(FileNotFoundError):
+            (artifact_path.with_suffix(".bin") if suffix else artifact_path).unlink()
+    raise CbamDeployError(f"gate policy --gates {check['policy']} does not hold on {check['checked_on']}: "
+                          + "; ".join(check["broken"]))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -232,7 +315,7 @@ def quantize_openvino(
     data: CalibrationSet,
     method: str,
     gates: str,
-    attention: list[dict],
+    expected: list[dict] | None,
     cache_dir: Path | None = None,
 ) -> QuantizeResult:
     """NNCF post-training quantization of the OpenVINO model; writes an INT8 IR (.xml + .bin).
@@ -251,26 +334,27 @@ def quantize_openvino(
     with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_onnx(fp32_onnx, pre)
-        proto = onnx.load(str(pre))
-        excluded = gate_nodes(proto, attention) if gates == "fp" else []
         key = cache_key(sha256_file(pre), data, "openvino", method, gates)
         cached = (cache_dir / f"{key}.xml") if cache_dir else None
         info = {"recipe": "openvino", "method": method, "gates": gates,
                 "activations": "int8 (NNCF performance preset: symmetric)", "weights": "int8 symmetric, per channel",
-                "excluded_nodes": len(excluded)}
+}
         cache_warning = None
         if cached:
             problem = _ov_cache_problem(cached)
             if problem is None:
                 _copy_ir(cached, out_xml)
                 info["calibration_cache"] = {"path": str(cached), "hit": True}
+                info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
                 return QuantizeResult(out_xml, "openvino", info)
             if problem != "absent":
                 cache_warning = _cache_rebuilt(data, cached, problem)
         model = ov.convert_model(str(pre))
-        ignored = gate_op_names([op.get_friendly_name() for op in model.get_ops()], attention) if gates == "fp" else []
-        if gates == "fp" and attention and not ignored:
-            raise CbamDeployError("--gates fp: none of the gate nodes survived conversion to OpenVINO; cannot exclude them")
+        found = _graph_gates_or_fail(openvino_gates(model, expected), expected, "the OpenVINO model")
+        if expected is None:
+            expected = [g.record for g in found]
+        ignored = nodes_of(found) if gates == "fp" else []
+        info["excluded_nodes"] = len(ignored)
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
         batches = [b for b in data.batches(1)]
         nncf.set_log_level(logging.ERROR)
@@ -289,6 +373,7 @@ def quantize_openvino(
             raise CbamDeployError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from None
         save_ir(quantized, out_xml)
         info["ignored_ov_nodes"] = len(ignored)
+        info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
         if cached:
             cache_dir.mkdir(parents=True, exist_ok=True)
             _store_ir(out_xml, cached)
@@ -298,6 +383,13 @@ def quantize_openvino(
         else:
             info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
     return QuantizeResult(out_xml, "openvino", info)
+
+
+def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> dict:
+    """The gate policy checked on the IR as written (FakeQuantize placement); fails it when broken."""
+    check = check_openvino_policy(ov.Core().read_model(str(xml)), expected, gates, "the OpenVINO INT8 IR")
+    _fail_unless_held(check, xml)
+    return check
 
 
 def _ov_digest_file(cached_xml: Path) -> Path:

@@ -55,6 +55,10 @@ def export(result: dict) -> None:
     out.print(f"model   {model['name']}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
     out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
               f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
+    gates = model.get("gates") or {}
+    if gates:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in gates.get("kinds", {}).items() if n)
+        out.print(f"gates   {kinds + ' (found by structure)' if kinds else gates.get('error') or gates.get('note')}")
     rewrites = result["export"].get("cbam_opt") or {}
     if rewrites.get("mode") == "on":
         done = ", ".join(f"{r['name']} ({r['modules']} gates{', exact' if r['exact'] else ''})" for r in rewrites["rewrites"])

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import CbamDeployError
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import CodeTrust, factory_sha256, factory_to_run, is_factory_spec, load_factory_model
-from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite, attention_modules
+from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
 from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
 
@@ -65,7 +65,6 @@ class LoadedModel:
             "outputs_mode": self.outputs,
             "parameters": count_parameters(self.module),
             "weights": self.checkpoint.describe() if self.checkpoint else None,
-            "attention_modules": attention_modules(self.module),
             "notes": self.notes,
         }
         if self.source == "factory":  # absolute, so that verify can rebuild it from any folder

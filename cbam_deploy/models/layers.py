@@ -16,7 +16,6 @@ sigmoid(BN(conv7x7([max, mean]))), applied in that order.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -220,34 +219,9 @@ class BAM(nn.Module):
         return x * (1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x)))
 
 
-# Which modules are attention gates: ours by type, a user's CBAM/SE-style modules by class name.
-_OWN_TYPES = (CBAM, BAM, SqueezeExcite, ChannelGate, SpatialGate)
-_NAME_PATTERN = re.compile(
-    r"(cbam|bam|channel_?(attention|gate)|spatial_?(attention|gate)|squeeze_?excit|^se(layer|block|module)?$|"
-    r"effective_?se|eca(layer|module)?$)",
-    re.IGNORECASE,
-)
-
-
-def attention_modules(model: nn.Module) -> list[dict]:
-    """Qualified names of the outermost attention modules in ``model``."""
-    found: list[dict] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if any(name == f["path"] or name.startswith(f["path"] + ".") for f in found):
-            continue
-        kind = type(module).__name__
-        if isinstance(module, _OWN_TYPES) or _NAME_PATTERN.search(kind):
-            found.append({"path": name, "type": kind})
-    return found
-
-
-
 __all__ = [
     "BAM",
     "CBAM",
-    "attention_modules",
     "BasicConv",
     "ChannelGate",
     "ChannelPool",

@@ -18,6 +18,16 @@ from .base import Runner
 _HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": None}  # None: the device's default
 
 
+def _output_name(port) -> str:
+    """The model's name for an output port. Compiling can fuse an output op into its producer (a
+    detector's final Sigmoid), and the port then carries the producer's scoped tensor name as well
+    (``/Reshape_1_output_0`` beside ``output1``); ``get_any_name`` may pick either, so the plain name
+    wins."""
+    names = sorted(port.get_names())
+    plain = [n for n in names if not n.startswith("/")]
+    return plain[0] if plain else port.get_any_name()
+
+
 class OpenVINORunner(Runner):
     backend = "openvino"
 
@@ -41,7 +51,7 @@ class OpenVINORunner(Runner):
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CbamDeployError(f"OpenVINO cannot compile {xml}: {' '.join(lines) or exc}") from None
         self.request = self.compiled.create_infer_request()
-        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+        self.output_names = [_output_name(port) for port in self.compiled.outputs]
         self.device = device
         self.precision = precision
         self.hint = hint
