@@ -19,17 +19,14 @@ def main() -> None:
 
         cli_main()
     except KeyboardInterrupt:
-        interrupts.exit_interrupted()
-    except SystemExit as exc:  # the CLI's own exit: its line is printed already when it is 130
-        if interrupts.interrupted() and exc.code != interrupts.EXIT_CODE:
-            interrupts.exit_interrupted()
-        raise
-    except BaseException:
-        if interrupts.interrupted():  # what a library made of a Ctrl-C (an ImportError, a ValueError)
-            interrupts.exit_interrupted()
-        raise
+        pass
+    except BaseException:  # SystemExit too: the CLI's own exit, or what a library made of a Ctrl-C
+        if not interrupts.interrupted():
+            raise
     finally:  # the work is done and its line printed: a Ctrl-C while the interpreter winds down changes nothing
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if interrupts.interrupted():
+        interrupts.leave()
 
 
 if __name__ == "__main__":

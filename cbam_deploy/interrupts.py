@@ -61,12 +61,20 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def exit_interrupted() -> None:
-    """Print the one line (unless printed already) and leave with exit code 130."""
+def leave() -> None:
+    """End an interrupted process now: the one line (unless printed already), the streams flushed, exit
+    code 130. ``os._exit``, not ``sys.exit``: once a ``KeyboardInterrupt`` has passed through code the
+    interpreter ran on its own (an import, a library's exec), a normal interpreter exit can end the
+    process by SIGINT (exit -2) even though the interrupt was handled; by now every staged output has
+    been removed or committed on the way up."""
     if first_to_say():
         try:
             sys.stderr.write(MESSAGE + "\n")
-            sys.stderr.flush()
         except (OSError, ValueError):
             pass
-    sys.exit(EXIT_CODE)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_CODE)
