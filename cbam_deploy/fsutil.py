@@ -223,7 +223,8 @@ def staging_prefix(final: str | Path, tag: str) -> str:
     return f".cbam-{tag}-{Path(final).name}-"
 
 
-def _owner_alive(folder: Path) -> bool:
+def owner_alive(folder: Path) -> bool:
+    """Whether a live process holds the owner lock (``.owner``, flock) of a staging folder."""
     try:
         fd = os.open(folder / OWNER_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -250,7 +251,7 @@ def clean_stale_staging(parent: str | Path, prefix: str) -> list[str]:
         if not name.startswith(prefix):
             continue
         try:
-            if not stat.S_ISDIR(os.lstat(entry).st_mode) or _owner_alive(entry):
+            if not stat.S_ISDIR(os.lstat(entry).st_mode) or owner_alive(entry):
                 continue
         except OSError:
             continue

@@ -40,14 +40,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CbamDeployError
-from .fsutil import fsync_dir, write_bytes_atomic
+from .fsutil import OWNER_NAME, fsync_dir, owner_alive, write_bytes_atomic
 from .manifest import (MANIFEST_NAME, artifact_file, artifact_name, artifact_record, read_manifest_file, upsert_artifact,
                        validate_manifest)
 from .interrupts import raise_if_interrupted
 
 LOCK_NAME = ".lock"
 STAGING_PREFIX = ".staging-"
-OWNER_NAME = ".owner"
 COMMIT_NAME = "COMMIT"
 LOCK_TIMEOUT_S = 600.0
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -115,20 +114,6 @@ def bundle_lock(bundle_dir: str | Path, shared: bool = False) -> Iterator[bool]:
         os.close(fd)
 
 
-def _owner_alive(staging: Path) -> bool:
-    try:
-        fd = os.open(staging / OWNER_NAME, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def pending_work(bundle_dir: Path) -> bool:
     """Whether a dead command left something behind (a staging folder or a temporary file)."""
     try:
@@ -146,7 +131,7 @@ def recover(bundle_dir: str | Path) -> list[str]:
         if entry.is_symlink():  # no command of ours leaves a link: never follow one out of the bundle
             continue
         if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
-            if _owner_alive(entry):
+            if owner_alive(entry):
                 continue
             if (entry / COMMIT_NAME).is_file():
                 _apply(bundle_dir, entry)
