@@ -22,7 +22,7 @@ from ..bundle import Bundle
 from ..checks import parse_batch, parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
-from ..explain import explain_bundle
+from ..explain_report import explain_bundle
 from ..export import ExportRequest
 from ..exporters.tensorrt import image_stack
 from ..formats import formats as known_formats
