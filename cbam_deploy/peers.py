@@ -3,6 +3,16 @@ PyTorch model through each library's own documented, default path, so the bench 
 project's artifacts are worth.
 
 * ``peer-torch-compile``        ``torch.compile(model)``: inductor, default mode, FP32.
+* ``peer-torchao-pt2e-int8``    PyTorch's own INT8 path for x86 CPUs (torchao PT2E): ``torch.export``
+                                (strict, as the PT2E guides have it; the non-strict default fails
+                                on a ResNet block's ReLU module called twice),
+                                ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default config
+                                (static, per-channel weights), calibration, ``convert_pt2e``, inductor's
+                                freezing passes through torchao's ``lower_pt2e_quantized_to_x86``,
+                                run as the lowered graph. ``torch.compile(..., options={"freezing":
+                                True})`` is what the guides show; it fails on torch 2.13 + torchao
+                                0.18 (no fake kernel for ``onednn.qconv_prepack``), and so does
+                                compiling the lowered graph; the peer's ``note`` says so.
 * ``peer-openvino-fp32``        ``ov.convert_model(model, example_input=...)`` compiled for "CPU" with no
                                 config (OpenVINO's default hint and inference precision, bf16 on CPUs
                                 that have it; ``describe()["inference_precision"]`` says which).
@@ -140,6 +150,79 @@ def _torch_compile(src: _Source) -> PeerRunner:
     return peer
 
 
+def _torchao_pt2e_int8(src: _Source) -> PeerRunner:
+    calib = src.calibration()
+    torchao = _require("torchao", "torchao is not installed: pip install 'cbam-deploy[peers]'")
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86  # lazy: the optional peers extra
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # lazy: as above
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # lazy: as above; also registers
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)  # its inductor passes (int8 fusions)
+
+    # traced at batch 2 with the batch dynamic (export specialises a dimension of size 1)
+    example = (torch.from_numpy(np.concatenate([src.example[:1]] * 2)),)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    # strict=True (TorchDynamo tracing, what torch.export did by default when the PT2E guides were written):
+    # the non-strict default records no source_fn_stack, and X86InductorQuantizer then takes the two calls
+    # of a ReLU module that a ResNet block makes for one partition and stops with "Input partition has
+    # more than one output node" (torch 2.13, torchao 0.18)
+    exported, export_seconds = _timed(lambda: torch.export.export(
+        src.module, example, dynamic_shapes=({0: batch},), strict=True).module())
+    prepared = prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+
+    def calibrate() -> None:
+        with torch.no_grad():
+            for start in range(0, len(calib), 16):
+                prepared(torch.from_numpy(calib[start:start + 16].copy()))
+
+    _, calibrate_seconds = _timed(calibrate)
+    converted = convert_pt2e(prepared)
+    lowered: dict[int, Callable] = {}
+    kernels: dict[str, int] = {}  # the oneDNN kernels of the first lowered graph
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            inputs = torch.from_numpy(x)
+            if x.shape[0] not in lowered:  # lowered per batch size: its first call, inside the bench's warm-up
+                lowered[x.shape[0]] = lower_pt2e_quantized_to_x86(converted, (inputs,))
+                kernels.update(_onednn_kernels(lowered[x.shape[0]]) if not kernels else {})
+            return flatten_outputs(lowered[x.shape[0]](inputs))[0][1].float().numpy()
+
+    _, lower_seconds = _timed(run, src.example)
+    _, warmup_seconds = _timed(lambda: [run(src.example) for _ in range(2)])
+    peer = PeerRunner(
+        run, "torch-pt2e-onednn", "int8",
+        "torch.export.export(model, (a batch of 2,), dynamic batch, strict=True).module(); torchao "
+        "prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())) "
+        f"(static, per-channel symmetric int8 weights, per-tensor uint8 activations), calibrated on {len(calib)} "
+        "images in batches of 16; convert_pt2e; torchao lower_pt2e_quantized_to_x86(converted, example) (inductor's "
+        "freezing passes: int8 weights prepacked for oneDNN, Q/DQ fused into qconv/qlinear, constants folded), "
+        "the lowered GraphModule called under torch.no_grad()",
+        torch.get_num_threads,
+        {"torch": torch.__version__, "torchao": torchao.__version__, "export_seconds": export_seconds,
+         "calibrate_seconds": calibrate_seconds, "lower_seconds": lower_seconds, "int8_kernels": kernels,
+         "warmup_calls": 3,
+         "warmup_seconds": warmup_seconds, "calibration_samples": len(calib),
+         "note": "the freezing passes through torchao's lowering, not torch.compile: torch.compile(converted, "
+                 "options={'freezing': True}) fails here (torch 2.13, torchao 0.18: onednn.qconv_prepack has no "
+                 "fake kernel, InductorError UnsupportedOperatorException), and torch.compile of the lowered "
+                 "graph fails too (qlinear lowering: 'packed_weight ... in V.graph.constants'); lowered per "
+                 "batch size, on its first call (inside the bench's warm-up)"},
+    )
+    peer.settle_seconds = TorchRunner.settle_seconds  # the same OpenMP threads as eager PyTorch
+    return peer
+
+
+def _onednn_kernels(graph_module) -> dict[str, int]:
+    """{op: count} of the oneDNN ops a lowered PT2E graph calls (onednn.qconv_pointwise, ...)."""
+    counts: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        name = str(getattr(node.target, "name", lambda: node.target)()) if node.op == "call_function" else ""
+        if name.startswith("onednn::"):
+            key = name.replace("::", ".")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # --- OpenVINO -----------------------------------------------------------------------------------------
 
 
@@ -262,6 +345,7 @@ def _ort_default_threads() -> int | None:
 
 PEERS: dict[str, Callable[[_Source], PeerRunner]] = {
     "peer-torch-compile": _torch_compile,
+    "peer-torchao-pt2e-int8": _torchao_pt2e_int8,
     "peer-openvino-fp32": _openvino_fp32,
     "peer-openvino-nncf-int8": _openvino_nncf_int8,
     "peer-ort-quantize-static": _ort_quantize_static,
