@@ -163,3 +163,22 @@ def test_rounds_shuffle_who_follows_whom_and_wait_out_settle_time():
     assert behind == {(x, y) for x in "abcd" for y in "abcd" if x != y}  # every order of neighbours occurred
     gaps = [calls[i + 1][1] - calls[i][1] for i in range(len(calls) - 1) if calls[i][0] == "a" and (i + 1) % 4]
     assert gaps and min(gaps) >= 0.02 and max(times["a"]) < 20  # the wait is not in a's time
+
+
+def test_bench_model_checks_its_options_once(monkeypatch):
+    """One place validates bench's options: bench --model checks them before its export, and the bench
+    after the export does not check them again."""
+    import cbam_deploy.bench as bench
+    import cbam_deploy.pipeline as pipeline
+
+    calls, real = [], bench.check_bench_options
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_bench_options", counted)
+    monkeypatch.setattr(bench, "check_bench_options", counted)
+    result = pipeline.bench_model("resnet10_half_cbam", batches="1", iters=2, warmup=0, artifacts=["onnx-fp32"])
+    assert [r["runner"] for r in result["results"]] == ["pytorch", "onnx-fp32"]
+    assert len(calls) == 1
