@@ -34,10 +34,10 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import BackendUnavailable, CbamDeployError
-from ..exporters.openvino import save_ir
-from ..fsutil import atomic_path, cache_root, sha256_file
+from ..backends.openvino.exporter import save_ir
 from ..data import CalibrationSet
+from ..errors import BackendUnavailable, CbamDeployError
+from ..fsutil import atomic_path, cache_root, sha256_file
 from ..gates import check_onnx_policy, check_openvino_policy, nodes_of, onnx_gates, openvino_gates
 
 CACHE_VERSION = 3  # 2: OpenVINO entries carry a digest file; 3: int8 gates quantize sigmoid and multiply too
@@ -62,7 +62,9 @@ def cache_key(model_sha: str, data: CalibrationSet, target: str, method: str, ga
 
 def preprocess_onnx(src: Path, dst: Path) -> None:
     """onnxruntime's quantization pre-processing: shape inference and graph optimisation."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    from onnxruntime.quantization.shape_inference import (
+        quant_pre_process,  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    )
 
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
@@ -103,7 +105,12 @@ def quantize_onnx(
     cache_dir: Path | None = None,
 ) -> QuantizeResult:
     """The ort-cpu or tensorrt Q/DQ recipe; writes ``out_path`` atomically."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    from onnxruntime.quantization import (  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[method]
@@ -246,7 +253,9 @@ def _ort_op_types(extra: list[str]) -> list[str] | None:
     """onnxruntime's default Q/DQ op types plus ``extra``; None (its default) when there is nothing to add."""
     if not extra:
         return None
-    from onnxruntime.quantization.registry import QDQRegistry  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    from onnxruntime.quantization.registry import (
+        QDQRegistry,  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    )
 
     return sorted(set(QDQRegistry) | set(extra))
 
@@ -279,7 +288,9 @@ def _ort_cache_problem(entry: Path, calibrate_method) -> str | None:
     if not entry.is_file():
         return "not a file"
     try:
-        from onnxruntime.quantization.calibrate import load_tensors_data  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+        from onnxruntime.quantization.calibrate import (
+            load_tensors_data,  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+        )
 
         ranges = load_tensors_data(entry)
     except Exception as exc:  # truncated or garbled JSON, wrong structure: a miss, never a failure
