@@ -330,7 +330,7 @@ def test_corrupt_calibration_cache_entry_is_rebuilt(world, tmp_path, monkeypatch
 
 
 def test_openvino_cache_entry_is_checked_against_its_digests(tmp_path):
-    from cbam_deploy.calib.recipes import _ov_cache_problem, _store_ir
+    from cbam_deploy.backends.openvino.recipe import _ov_cache_problem, _store_ir
 
     source = tmp_path / "src.xml"
     source.write_text("<net/>")

@@ -414,9 +414,7 @@ def current_gpu() -> dict:
     except Exception:
         pass
     try:
-        from cuda.bindings import (
-            runtime as cudart,  # lazy: cuda-python is optional (a machine with TensorRT but no torch CUDA)
-        )
+        from cuda.bindings import runtime as cudart  # lazy: cuda-python is optional (a machine with TensorRT but no torch CUDA)
 
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) == 0:
