@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends.tensorrt.exporter import profile_batch_limit
 from .benchstats import LoadMonitor, LoadReport, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
 from .bundle import Bundle, check_artifact_names
 from .checks import check_int, check_number, check_output_file, parse_batches
 from .data import SYNTHETIC, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
-from .exporters.tensorrt import profile_batch_limit
 from .loaders import model_spec_to_run, open_artifact
 from .models import CodeTrust, build_model
 from .peers import build_peers
-from .runners import TorchRunner
 from .runners.base import Runner
+from .runners.torch import TorchRunner
 from .runtimes import fitting, parse_runtimes
 
 TARGET_CI_WIDTH = 0.06

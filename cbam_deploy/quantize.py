@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .backends.openvino.recipe import quantize_openvino
 from .bundle import Bundle
-from .calib.recipes import default_cache_dir, quantize_onnx, quantize_openvino
+from .calib.recipes import default_cache_dir, quantize_onnx
 from .calib.targets import TARGETS, WRITES, resolve
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration

@@ -18,13 +18,13 @@ from typer.core import TyperGroup
 
 from .. import interrupts
 from ..backends.base import TensorRTOptions
+from ..backends.tensorrt.exporter import image_stack
 from ..bundle import Bundle
 from ..checks import parse_batch, parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain_report import explain_bundle
 from ..export import ExportRequest
-from ..exporters.tensorrt import image_stack
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
 from ..loaders import untrusted_code
