@@ -2,9 +2,10 @@
 
 fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs at the bundle's
 shapes, the bounds of the precision the runtime reports it computed in (``computed_in``: an OpenVINO
-fp16 IR runs in bf16 on a CPU with bf16 but no fp16 arithmetic), not the one the artifact claims; int8 uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data``
-when given, else the artifact's own calibration source when it still exists, else seeded noise
-(marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
+fp16 IR runs in bf16 on a CPU with bf16 but no fp16 arithmetic), not the one the artifact claims;
+the attention parity thresholds too. int8 uses top-1 agreement and cosine (``parity.compare_int8``) on
+images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
+seeded noise (marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
 module whose output departs. Every gate the model has is compared too (attention parity: spatial
 maps and channel profiles), and an INT8 artifact's gate policy is checked again on its graph (Q/DQ or
 FakeQuantize placement, ``gates.policy_check``): a gate quantized under ``--gates fp``, or left in
@@ -91,7 +92,7 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
     x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
     x, _ = bundle.fit_to_batch(x)
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
-    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x)
+    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("computed_in"))
     if parity is None:
         return
     result["attention"] = {**parity, "inputs": label}

@@ -50,6 +50,7 @@ def test_verify_judges_an_fp16_ir_by_the_precision_openvino_compiled_it_to(bundl
     must be those of the precision the compiled model reports, asked of OpenVINO here independently."""
     import openvino as ov
 
+    from cbam_deploy.attention import THRESHOLDS
     from cbam_deploy.parity import TOLERANCES
 
     build_artifacts(bundle, "openvino", "fp16")
@@ -62,6 +63,8 @@ def test_verify_judges_an_fp16_ir_by_the_precision_openvino_compiled_it_to(bundl
     row = result["results"][0]
     assert row["precision"] == "fp16" and row["computed_in"] == ran
     assert row["tolerance"] == {k: getattr(TOLERANCES[ran], k) for k in row["tolerance"]}
+    thresholds = row["attention"]["thresholds"]  # the attention parity is judged by what ran too
+    assert (thresholds["min_correlation"], thresholds["min_top_iou"]) == THRESHOLDS[ran]
     cli = CliRunner().invoke(app, ["verify", str(bundle), "--artifact", "openvino-fp16"])
     assert cli.exit_code == 0, cli.output
     assert (f"a fp16 artifact that ran in {ran}" in " ".join(cli.output.split())) == (ran != "fp16")
