@@ -16,11 +16,13 @@ from ..formats import formats as formats
 from ..formats import get as get_format
 from . import onnxruntime, openvino, tensorrt
 from .base import BuildOptions, BuildOutcome
+from .ncnn import build as ncnn_build
 
 BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
     "onnx": onnxruntime.build,
     "openvino": openvino.build,
     "tensorrt": tensorrt.build,
+    "ncnn": ncnn_build.build,
 }
 
 

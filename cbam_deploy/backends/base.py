@@ -24,6 +24,7 @@ class BuildOptions:
 
     gates: str | None = None
     trt: TensorRTOptions | None = None
+    trust: object = None  # models.CodeTrust: whether a factory model may be rebuilt (formats built from PyTorch)
 
 
 @dataclass
