@@ -10,24 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ...bundle import Bundle
 from ...errors import BackendUnavailable
 from ...loaders import is_stand_in, reference_runner
 from ...transaction import BundleUpdate
 from ..base import BuildOptions, BuildOutcome, commit_artifact
-from .exporter import PINNED, ncnn_pair, require_ncnn, require_pnnx
-
-
-def example_input(bundle: Bundle) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """(the 1 x C x H x W input pnnx traces with, a second H, W for the shape check or None where the
-    bundle's own input is fixed)."""
-    shape = bundle.input.shape
-    h = shape[2] if isinstance(shape[2], int) else bundle.input.side
-    w = shape[3] if isinstance(shape[3], int) else bundle.input.side
-    x = np.random.default_rng(0).standard_normal((1, bundle.input.channels, h, w)).astype(np.float32)
-    return x, ((h + 32, w + 32) if bundle.input.dynamic_hw else None)
+from .exporter import PINNED, example_input, ncnn_pair, require_ncnn, require_pnnx
 
 
 def trusted_module(bundle: Bundle, trust):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...bundle import Bundle
 from ...errors import BackendUnavailable, CbamDeployError
 from ...fsutil import atomic_path
 from ...outputs import flatten_outputs
@@ -502,6 +503,7 @@ def run_blobs(net, chw: np.ndarray, input_blob: str, blobs: list[str]) -> dict[s
     ncnn = require_ncnn()
     arr = np.ascontiguousarray(chw, dtype=np.float32)  # kept alive: ncnn.Mat wraps it without a copy
     ex = net.create_extractor()
+    ex.set_light_mode(len(blobs) < 2)  # light mode frees blobs once consumed: a later extract of one fails
     mat = ncnn.Mat(arr)
     if ex.input(input_blob, mat) != 0:
         raise CbamDeployError(f"ncnn refused the input blob {input_blob}")
@@ -528,6 +530,16 @@ def _max_rel_error(reference: list, candidate: list) -> float:
         got = np.asarray(got, dtype=np.float32).reshape(ref.shape)
         worst = max(worst, float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max()))))
     return worst
+
+
+def example_input(bundle: Bundle) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(the 1 x C x H x W input pnnx traces with, a second H, W for the shape check, or None where the
+    bundle's own input is fixed)."""
+    shape = bundle.input.shape
+    h = shape[2] if isinstance(shape[2], int) else bundle.input.side
+    w = shape[3] if isinstance(shape[3], int) else bundle.input.side
+    x = np.random.default_rng(0).standard_normal((1, bundle.input.channels, h, w)).astype(np.float32)
+    return x, ((h + 32, w + 32) if bundle.input.dynamic_hw else None)
 
 
 def ncnn_pair(module, example: np.ndarray, output_names: list[str], folder: Path, stem: str = "model",

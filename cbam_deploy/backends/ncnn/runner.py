@@ -75,6 +75,7 @@ class NcnnRunner(Runner):
         for image in batch:  # ncnn has no batch axis: one image at a time
             arr = np.ascontiguousarray(image)  # kept alive while ncnn reads it: ncnn.Mat does not copy
             ex = self.net.create_extractor()
+            ex.set_light_mode(len(blobs) < 2)  # light mode frees blobs once consumed: a later extract of one fails
             mat = ncnn.Mat(arr)
             if ex.input(self.input_blob, mat) != 0:
                 raise CbamDeployError(f"ncnn refused the input (shape {image.shape})")
