@@ -226,3 +226,23 @@ def test_not_servable_in_triton(bundle, tmp_path):
     result = cli.invoke(app, ["triton", str(bundle), "--artifact", "ncnn-fp32", "-o", str(tmp_path / "repo")])
     assert result.exit_code != 0
     assert "not servable in Triton/KServe" in result.output
+
+
+def test_served_with_the_same_runner(bundle):
+    """serve opens the ncnn artifact through the runtimes table, like any other: a request through the
+    Open Inference Protocol gives the runner's answer."""
+    import tritonclient.http as httpclient
+    from serving import running_server
+
+    from cbam_deploy.serve.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(str(bundle), artifact="ncnn-fp32", max_batch=4, batch_timeout_ms=5))
+    with running_server(app) as url:
+        client = httpclient.InferenceServerClient(url=url)
+        x = np.random.default_rng(5).standard_normal((2, 3, 32, 32), dtype=np.float32)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(app.state.model_name, [tensor])
+        assert app.state.runner.backend == "ncnn"
+        np.testing.assert_allclose(result.as_numpy("logits"), NcnnRunner(bundle / "model.ncnn-fp32.param").run(x),
+                                   rtol=1e-5, atol=1e-6)
