@@ -21,7 +21,7 @@ import numpy as np
 
 from ...errors import CbamDeployError
 from ...runners.base import Runner
-from .exporter import NcnnParam, net_options, open_net, require_ncnn
+from .exporter import NcnnParam, generic_layers, net_options, open_net, require_ncnn
 
 _OUTPUT = re.compile(r"out(\d+)(?:_(.+))?$")
 
@@ -57,6 +57,8 @@ class NcnnRunner(Runner):
         self.precision = precision
         self.pinned = pinned
         self.options = net_options(self.net)
+        self.layers = param.counts()
+        self.generic_layers = generic_layers(param)
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
@@ -109,4 +111,5 @@ class NcnnRunner(Runner):
                 "compute_precision": ran + (" (int8 layers in int8)" if self.precision == "int8" else ""),
                 "pinned": self.pinned, "ncnn_options": opts, "cpu_support": self.options["cpu_support"],
                 "batch_loop": "ncnn has no batch axis: a batch runs image by image",
+                "ncnn_layers": self.layers, "generic_layers": self.generic_layers,
                 "input_shape": "fixed " + "x".join(map(str, self.fixed_chw)) if self.fixed_chw else "any H, W"}
