@@ -24,12 +24,12 @@ from torch import nn
 
 from .backends.ncnn.exporter import NcnnParam
 from .backends.ncnn.runner import NcnnRunner
+from .backends.onnx.runner import OnnxRuntimeRunner
+from .backends.openvino.exporter import require_openvino
+from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
-from .exporters.openvino import require_openvino
 from .gates import GatesUntraceable, ncnn_gates, onnx_gates, openvino_gates, shape_map, trace_gate_maps
-from .runners import OnnxRuntimeRunner
-from .runners.openvino import OpenVINORunner
 
 TOP_FRACTION = 0.10
 TOP_CHANNEL_FRACTION = 0.25

@@ -10,7 +10,8 @@ from .bundle import Bundle
 from .errors import CbamDeployError
 from .fsutil import UnsafePath, sha256_no_follow
 from .models import build_model, factory_to_run, is_factory_spec, state_fingerprint
-from .runners import Runner, TorchRunner
+from .runners.base import Runner
+from .runners.torch import TorchRunner
 from .runtimes import select_runtime
 
 __all__ = ["is_stand_in", "model_spec_to_run", "open_artifact", "reference_runner", "untrusted_code"]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .backends.ncnn.exporter import example_input, ncnn_pair
 from .backends.ncnn.recipe import quantize_ncnn
+from .backends.openvino.recipe import quantize_openvino
 from .bundle import Bundle
-from .calib.recipes import cache_key, default_cache_dir, quantize_onnx, quantize_openvino
+from .calib.recipes import cache_key, default_cache_dir, quantize_onnx
 from .calib.targets import TARGETS, WRITES, resolve
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .backends.onnx.runner import OnnxRuntimeRunner
+from .backends.openvino.runner import OpenVINORunner
+from .backends.tensorrt.runner import TensorRTRunner
 from .checks import split_list
 from .errors import BackendUnavailable, CbamDeployError
 from .backends.ncnn.runner import NcnnRunner
 from .formats import FORMATS
-from .runners.onnxruntime import OnnxRuntimeRunner
-from .runners.openvino import OpenVINORunner
-from .runners.tensorrt import TensorRTRunner
 
 CPU_EP = "CPUExecutionProvider"
 

@@ -1,7 +1,7 @@
 """ncnn artifacts (.param + .bin), converted by pnnx from the PyTorch model the bundle was made from.
 
-pnnx traces the module itself (not the ONNX), so the model is rebuilt through ``loaders`` under the
-same trust rules as ``verify``: a zoo model or a checkpoint of one, or a factory the user names
+pnnx traces the module itself (not the ONNX), so the model is rebuilt (``BuildOptions.pytorch_model``,
+given by ``cbam_deploy.build``) under the same trust rules as ``verify``: a zoo model or a checkpoint of one, or a factory the user names
 (``--model file.py:factory``) or trusts (``--trust-code``); otherwise the build is skipped with the
 reason. Only the .param and .bin enter the bundle (pnnx's other files stay in a temporary folder),
 committed as one transaction."""
@@ -12,19 +12,18 @@ from pathlib import Path
 
 from ...bundle import Bundle
 from ...errors import BackendUnavailable
-from ...loaders import is_stand_in, reference_runner
 from ...transaction import BundleUpdate
 from ..base import BuildOptions, BuildOutcome, commit_artifact
 from .exporter import PINNED, example_input, ncnn_pair, require_ncnn, require_pnnx
 
 
-def trusted_module(bundle: Bundle, trust):
-    """The bundle's PyTorch model rebuilt (trust rules of ``loaders.reference_runner``); raises
-    BackendUnavailable with the reason where it cannot be."""
-    reference, label = reference_runner(bundle, trust=trust)
-    if is_stand_in(reference):
-        raise BackendUnavailable(f"ncnn is converted from the PyTorch model, which is not available here: {label}")
-    return reference.model
+def trusted_module(options: BuildOptions):
+    """The bundle's PyTorch model (``options.pytorch_model``); BackendUnavailable with the reason where
+    it cannot be rebuilt here (an untrusted factory, a missing checkpoint)."""
+    module, why = options.pytorch_model() if options.pytorch_model else (None, "no way to rebuild it was given")
+    if module is None:
+        raise BackendUnavailable(f"ncnn is converted from the PyTorch model, which is not available here: {why}")
+    return module
 
 
 def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutcome:
@@ -36,7 +35,7 @@ def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutco
         require_ncnn()
         require_pnnx()
         bundle = Bundle.open(bundle_dir)
-        module = trusted_module(bundle, options.trust)
+        module = trusted_module(options)
     except BackendUnavailable as exc:
         return BuildOutcome("ncnn", precision, skipped=str(exc))
     example, second = example_input(bundle)
