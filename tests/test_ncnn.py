@@ -246,3 +246,22 @@ def test_served_with_the_same_runner(bundle):
         assert app.state.runner.backend == "ncnn"
         np.testing.assert_allclose(result.as_numpy("logits"), NcnnRunner(bundle / "model.ncnn-fp32.param").run(x),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_factory_model_built_only_when_trusted(tmp_path):
+    """A bundle made from a factory (Python code): the ncnn build needs that code run again, so without
+    the factory named (or --trust-code) it is skipped with the reason; named, it is built."""
+    from cbam_deploy.build import build_artifacts
+    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.models import CodeTrust
+
+    spec = f"{ROOT / 'tests' / 'data' / 'cbam_styles.py'}:third_party_resnet"
+    out = tmp_path / "b"
+    export_bundle(ExportRequest(model=spec, output=str(out), input_size=32, parity=False))
+    skipped = build_artifacts(out, "ncnn", "fp32")[0]
+    assert skipped.name is None and "ncnn is converted from the PyTorch model" in skipped.skipped
+    assert "--trust-code" in skipped.skipped and "\n" not in skipped.skipped
+    built = build_artifacts(out, "ncnn", "fp32", trust=CodeTrust(factory=spec))[0]
+    assert built.name == "ncnn-fp32", built.skipped
+    info = _artifact(out, "ncnn-fp32")["export"]
+    assert info["generic_layers"] == {} and info["rewrite"]["channel_pools"] == 4
