@@ -265,3 +265,22 @@ def test_factory_model_built_only_when_trusted(tmp_path):
     assert built.name == "ncnn-fp32", built.skipped
     info = _artifact(out, "ncnn-fp32")["export"]
     assert info["generic_layers"] == {} and info["rewrite"]["channel_pools"] == 4
+
+
+def test_a_size_baked_into_a_reshape_fixes_the_input(tmp_path):
+    """The detector style flattens its maps with the traced size (pnnx writes it into a Reshape): the
+    check at a second size finds it, the size is fixed in the .param, and the runner refuses others."""
+    module = cbam_styles.yolo_detector().eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    info = ncnn_pair(module, x, ["p3", "p4"], tmp_path, "m", second_size=(64, 48))
+    assert info["input_shape_policy"]["hw"].startswith("fixed 32x32 (at another size:")
+    assert info["generic_layers"] == {} and info["rewrite"]["channel_pools"] == 4
+    runner = NcnnRunner(tmp_path / "m.param")
+    with torch.inference_mode():
+        expected = [t.numpy() for t in module(torch.from_numpy(x))]
+    got = runner.infer(x)
+    assert list(got) == ["p3", "p4"]
+    for value, reference in zip(got.values(), expected):
+        assert value.shape == reference.shape and float(np.abs(value - reference).max()) < 1e-5
+    with pytest.raises(CbamDeployError, match="built for 3x32x32"):
+        runner.infer(np.zeros((1, 3, 64, 48), np.float32))

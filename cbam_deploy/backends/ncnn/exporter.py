@@ -527,7 +527,10 @@ def _max_rel_error(reference: list, candidate: list) -> float:
     worst = 0.0
     for ref, got in zip(reference, candidate):
         ref = np.asarray(ref, dtype=np.float32)
-        got = np.asarray(got, dtype=np.float32).reshape(ref.shape)
+        got = np.asarray(got, dtype=np.float32)
+        if got.size != ref.size:  # a Reshape with the traced size baked in
+            raise CbamDeployError(f"ncnn gives an output of {got.size} values where PyTorch gives {ref.size}")
+        got = got.reshape(ref.shape)
         worst = max(worst, float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max()))))
     return worst
 
