@@ -9,8 +9,8 @@ says, and computes for it:
   attention-bearing stage, upsampled with ``LayerAttribution.interpolate``; classifiers only);
 - every gate the gate finder (``cbam_deploy.gates``) finds, whatever its module or class names:
   each spatial gate (the sigmoid map; a BAM joint gate as its mean over channels) of PyTorch and
-  of each ONNX / OpenVINO artifact under its own runtime (``attention.artifact_maps``), with the
-  per-gate correlation and top-10% IoU of ``attention.compare_maps``; each channel gate (SE, ECA,
+  of each ONNX / OpenVINO / ncnn artifact under its own runtime (``attention.artifact_maps``), with
+  the per-gate correlation and top-10% IoU of ``attention.compare_maps``; each channel gate (SE, ECA,
   CBAM's channel attention) as a profile, one value per channel, of PyTorch and of each artifact,
   with the profiles' cosine and top-k channel overlap.
 
@@ -38,7 +38,7 @@ from .models import CodeTrust
 from .transaction import faultpoint
 
 TOP_K = 5
-EXPLAINABLE_FORMATS = ("onnx", "openvino")
+EXPLAINABLE_FORMATS = ("onnx", "openvino", "ncnn")
 
 
 @dataclass
@@ -77,9 +77,9 @@ class Explanation:
 def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] | None = None,
                   trust: CodeTrust | None = None) -> Explanation:
     """Explain one image with an open bundle: predictions, Grad-CAM and every gate's map of the
-    reference and of each ONNX / OpenVINO artifact, compared (see the module doc).
+    reference and of each ONNX / OpenVINO / ncnn artifact, compared (see the module doc).
 
-    ``artifacts``: names of ONNX / OpenVINO artifacts (default: all of them in the bundle; others are
+    ``artifacts``: names of ONNX / OpenVINO / ncnn artifacts (default: all of them in the bundle; others are
     listed under ``skipped``)."""
     bundle_dir = bundle.directory
     image_path = Path(image_path)
@@ -186,10 +186,10 @@ def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str
         wrong = [n for n in names if bundle.artifact(n).format not in EXPLAINABLE_FORMATS]
         if wrong:
             shown = ", ".join(f"{n} is {bundle.artifact(n).format}" for n in wrong)
-            raise CbamDeployError(f"--artifact: explain reads the gates of onnx and openvino artifacts; {shown}")
+            raise CbamDeployError(f"--artifact: explain reads the gates of onnx, openvino and ncnn artifacts; {shown}")
         return list(dict.fromkeys(names)), {}
     chosen = [a.name for a in bundle.artifacts if a.format in EXPLAINABLE_FORMATS]
-    skipped = {a.name: f"{a.format} artifact: explain reads the gates of onnx and openvino artifacts"
+    skipped = {a.name: f"{a.format} artifact: explain reads the gates of onnx, openvino and ncnn artifacts"
                for a in bundle.artifacts if a.format not in EXPLAINABLE_FORMATS}
     return chosen, skipped
 

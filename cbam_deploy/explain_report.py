@@ -41,7 +41,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
                    output_dir: str | Path | None = None, trust: CodeTrust | None = None) -> dict:
     """Explain one image with a bundle; returns what was found and every file written.
 
-    ``artifacts``: names of ONNX / OpenVINO artifacts (default: all of them in the bundle; others are
+    ``artifacts``: names of ONNX / OpenVINO / ncnn artifacts (default: all of them in the bundle; others are
     listed under ``skipped``). ``output_dir``: default ``explain/<bundle folder name>/`` under the
     current folder. Result: ``page`` (the HTML), ``files`` (every file written), ``gates``,
     ``predictions`` {runner: top-5}, ``gradcam``, ``artifacts`` {name: {"attention": compare_maps(...),

@@ -3,6 +3,7 @@ ONNX replaced meanwhile."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..transaction import BundleUpdate, commit_from_source
@@ -20,10 +21,14 @@ class TensorRTOptions:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options."""
+    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options, and
+    for formats converted from the PyTorch model (ncnn), ``pytorch_model``: a call giving (the bundle's
+    model rebuilt under the user's trust, "") or (None, why it cannot be), made by ``cbam_deploy.build``
+    (a format package never rebuilds models itself: that is ``loaders``, a floor above it)."""
 
     gates: str | None = None
     trt: TensorRTOptions | None = None
+    pytorch_model: Callable[[], tuple[object, str]] | None = None
 
 
 @dataclass
