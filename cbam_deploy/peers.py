@@ -7,12 +7,9 @@ project's artifacts are worth.
                                 (strict, as the PT2E guides have it; the non-strict default fails
                                 on a ResNet block's ReLU module called twice),
                                 ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default config
-                                (static, per-channel weights), calibration, ``convert_pt2e``, inductor's
-                                freezing passes through torchao's ``lower_pt2e_quantized_to_x86``,
-                                run as the lowered graph. ``torch.compile(..., options={"freezing":
-                                True})`` is what the guides show; it fails on torch 2.13 + torchao
-                                0.18 (no fake kernel for ``onednn.qconv_prepack``), and so does
-                                compiling the lowered graph; the peer's ``note`` says so.
+                                (static, per-channel weights), calibration, ``convert_pt2e``, then
+                                ``torch.compile`` with inductor's freezing on (int8 weights prepacked
+                                for oneDNN, Q/DQ fused into qconv/qlinear).
 * ``peer-openvino-fp32``        ``ov.convert_model(model, example_input=...)`` compiled for "CPU" with no
                                 config (OpenVINO's default hint and inference precision, bf16 on CPUs
                                 that have it; ``describe()["inference_precision"]`` says which).
@@ -160,8 +157,7 @@ def _torch_compile(src: _Source) -> PeerRunner:
 def _torchao_pt2e_int8(src: _Source) -> PeerRunner:
     calib = src.calibration()
     torchao = _require("torchao", "torchao is not installed: pip install 'cbam-deploy[peers]'")
-    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86  # lazy: the optional peers extra
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # lazy: as above
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # lazy: the optional peers extra
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # lazy: as above; also registers
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)  # its inductor passes (int8 fusions)
 
@@ -183,51 +179,43 @@ def _torchao_pt2e_int8(src: _Source) -> PeerRunner:
 
     _, calibrate_seconds = _timed(calibrate)
     converted = convert_pt2e(prepared)
-    lowered: dict[int, Callable] = {}
-    kernels: dict[str, int] = {}  # the oneDNN kernels of the first lowered graph
+    # freezing is inductor's config, scoped to this peer's compiles (each batch size compiles on its first call)
+    compiled = torch.compile(converted)
 
     def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            inputs = torch.from_numpy(x)
-            if x.shape[0] not in lowered:  # lowered per batch size: its first call, inside the bench's warm-up
-                lowered[x.shape[0]] = lower_pt2e_quantized_to_x86(converted, (inputs,))
-                kernels.update(_onednn_kernels(lowered[x.shape[0]]) if not kernels else {})
-            return flatten_outputs(lowered[x.shape[0]](inputs))[0][1].float().numpy()
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+            return flatten_outputs(compiled(torch.from_numpy(x)))[0][1].float().numpy()
 
-    _, lower_seconds = _timed(run, src.example)
+    before = _inductor_int8_matches({})
+    _, compile_seconds = _timed(run, src.example)
+    kernels = _inductor_int8_matches(before)
     _, warmup_seconds = _timed(lambda: [run(src.example) for _ in range(2)])
     peer = PeerRunner(
-        run, "torch-pt2e-onednn", "int8",
+        run, "torch-pt2e-inductor", "int8",
         "torch.export.export(model, (a batch of 2,), dynamic batch, strict=True).module(); torchao "
         "prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())) "
         f"(static, per-channel symmetric int8 weights, per-tensor uint8 activations), calibrated on {len(calib)} "
-        "images in batches of 16; convert_pt2e; torchao lower_pt2e_quantized_to_x86(converted, example) (inductor's "
-        "freezing passes: int8 weights prepacked for oneDNN, Q/DQ fused into qconv/qlinear, constants folded), "
-        "the lowered GraphModule called under torch.no_grad()",
+        "images in batches of 16; convert_pt2e; torch.compile(converted) with torch._inductor.config freezing=True "
+        "(int8 weights prepacked for oneDNN, Q/DQ fused into qconv/qlinear, constants folded), called under "
+        "torch.no_grad()",
         torch.get_num_threads,
         {"torch": torch.__version__, "torchao": torchao.__version__, "export_seconds": export_seconds,
-         "calibrate_seconds": calibrate_seconds, "lower_seconds": lower_seconds, "int8_kernels": kernels,
-         "warmup_calls": 3,
-         "warmup_seconds": warmup_seconds, "calibration_samples": len(calib),
-         "note": "the freezing passes through torchao's lowering, not torch.compile: torch.compile(converted, "
-                 "options={'freezing': True}) fails here (torch 2.13, torchao 0.18: onednn.qconv_prepack has no "
-                 "fake kernel, InductorError UnsupportedOperatorException), and torch.compile of the lowered "
-                 "graph fails too (qlinear lowering: 'packed_weight ... in V.graph.constants'); lowered per "
-                 "batch size, on its first call (inside the bench's warm-up)"},
+         "calibrate_seconds": calibrate_seconds, "compile_seconds": compile_seconds, "int8_kernels": kernels,
+         "warmup_calls": 3, "warmup_seconds": warmup_seconds, "calibration_samples": len(calib),
+         "note": "compiled for the example's batch size; another batch size recompiles on its first call, inside "
+                 "the bench's warm-up"},
     )
     peer.settle_seconds = TorchRunner.settle_seconds  # the same OpenMP threads as eager PyTorch
     return peer
 
 
-def _onednn_kernels(graph_module) -> dict[str, int]:
-    """{op: count} of the oneDNN ops a lowered PT2E graph calls (onednn.qconv_pointwise, ...)."""
-    counts: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        name = str(getattr(node.target, "name", lambda: node.target)()) if node.op == "call_function" else ""
-        if name.startswith("onednn::"):
-            key = name.replace("::", ".")
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+def _inductor_int8_matches(before: dict[str, int]) -> dict[str, int]:
+    """{pattern: count} of inductor's x86 int8 passes (weight prepacking for oneDNN qconv/qlinear, Q/DQ
+    fusions) that fired since ``before`` was taken: what the compile turned into int8 kernels."""
+    from torch._dynamo.utils import counters  # lazy: torch's compile counters, read only by this peer
+
+    now = {k: v for k, v in counters["inductor"].items() if k.startswith("q") and k.endswith("_count")}
+    return {k: v - before.get(k, 0) for k, v in sorted(now.items()) if v - before.get(k, 0)}
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------

@@ -89,14 +89,14 @@ def test_describe_says_how_each_peer_was_made(built):
 
 
 def test_the_torchao_pt2e_peer_runs_int8_kernels_from_the_x86_inductor_quantizer(model, built, tmp_path):
-    """PyTorch's own INT8 path: PT2E with X86InductorQuantizer, lowered by inductor's freezing passes;
-    the lowered graph must hold oneDNN int8 convolutions (not float ones with Q/DQ around them)."""
+    """PyTorch's own INT8 path: PT2E with X86InductorQuantizer, then torch.compile with freezing; the
+    compile must have turned the convolutions into oneDNN int8 ones (inductor's qconv weight-prepack
+    pattern fired for each), not float ones with Q/DQ around them."""
     runners, _ = built
     info = runners["peer-torchao-pt2e-int8"].describe()
     assert info["precision"] == "int8" and info["calibration_samples"] == 16 and info["torchao"]
-    assert "X86InductorQuantizer" in info["made_by"] and "lower_pt2e_quantized_to_x86" in info["made_by"]
-    assert sum(n for op, n in info["int8_kernels"].items() if "qconv" in op) >= 10, info["int8_kernels"]
-    assert "torch.compile" in info["note"]  # why it is not torch.compile(..., freezing) here
+    assert "X86InductorQuantizer" in info["made_by"] and "freezing=True" in info["made_by"]
+    assert info["int8_kernels"].get("qconv_weight_prepack_matcher_count", 0) >= 10, info["int8_kernels"]
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
     assert build_peers(model, example, None, tmp_path, which=["peer-torchao-pt2e-int8"]) == (
         {}, [{"peer": "peer-torchao-pt2e-int8", "reason": NEEDS_CALIBRATION}])
