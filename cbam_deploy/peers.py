@@ -212,8 +212,7 @@ def _torchao_pt2e_int8(src: _Source) -> PeerRunner:
 def _inductor_int8_matches(before: dict[str, int]) -> dict[str, int]:
     """{pattern: count} of inductor's x86 int8 passes (weight prepacking for oneDNN qconv/qlinear, Q/DQ
     fusions) that fired since ``before`` was taken: what the compile turned into int8 kernels."""
-    from torch._dynamo.utils import counters  # lazy: torch's compile counters, read only by this peer
-
+    counters = torch._dynamo.utils.counters  # loaded by the strict torch.export that precedes every call
     now = {k: v for k, v in counters["inductor"].items() if k.startswith("q") and k.endswith("_count")}
     return {k: v - before.get(k, 0) for k, v in sorted(now.items()) if v - before.get(k, 0)}
 
