@@ -13,9 +13,11 @@ $(BIN)/python:
 
 # torch is pinned and installed before anything that depends on it, so pip never resolves an
 # unpinned torch (which would pull a multi-GB CUDA build).
-$(STAMP): $(BIN)/python pyproject.toml requirements/torch-cpu.txt
+$(STAMP): $(BIN)/python pyproject.toml requirements/torch-cpu.txt requirements/edge.txt
 	$(BIN)/python -m pip install --quiet -r requirements/torch-cpu.txt
 	$(BIN)/python -m pip install --quiet -e ".[test,openvino,serve,explain]"
+	# the edge runtimes, pinned, without their heavy dependency sets (see requirements/edge.txt)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/edge.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from .backends.executorch.exporter import NO_GATE_MAPS
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
 from .exporters.openvino import require_openvino
@@ -81,6 +82,8 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
             probe = Path(tmp) / "probe.xml"
             ov.save_model(model, str(probe), compress_to_fp16=False)
             outputs = OpenVINORunner(probe, precision=artifact.precision, threads=threads).infer(x)
+        elif artifact.format == "executorch":
+            raise BackendUnavailable(f"attention maps cannot be read from {name}: {NO_GATE_MAPS}")
         else:
             raise BackendUnavailable(f"attention maps are read from onnx and openvino artifacts; {name} is {artifact.format}")
     kinds = {g.name: g.kind for g in found}

@@ -52,5 +52,5 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
             if missing:
                 outcomes.append(BuildOutcome(fmt, precision, skipped=missing))
                 continue
-            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(gates=gates, trt=trt)))
+            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(gates=gates, trt=trt, trust=trust)))
     return outcomes

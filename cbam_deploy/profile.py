@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .backends.executorch.exporter import NO_PROFILE
 from .bundle import Bundle
 from .checks import MAX_BATCH, check_int, check_output_file
 from .errors import CbamDeployError
@@ -115,6 +116,8 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
             runner.run(x)
             times.extend(runner.node_times())
         tool = f"OpenVINO performance counters ({runner.inference_precision})"
+    elif artifact.format == "executorch":
+        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is executorch: {NO_PROFILE}")
     else:
         raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact.format}")
     return {"artifact": name, "format": artifact.format, "precision": artifact.precision, "tool": tool,

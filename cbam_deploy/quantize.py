@@ -9,13 +9,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .backends.executorch.exporter import default_bounds
+from .backends.executorch.recipe import quantize_pte
 from .bundle import Bundle
 from .calib.recipes import default_cache_dir, quantize_onnx, quantize_openvino
 from .calib.targets import TARGETS, WRITES, resolve
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration
-from .errors import CbamDeployError
-from .loaders import open_artifact, reference_runner
+from .errors import BackendUnavailable, CbamDeployError
+from .loaders import is_stand_in, open_artifact, reference_runner
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .transaction import BundleUpdate, commit_from_source, faultpoint
 
@@ -56,13 +58,17 @@ def quantize_bundle(
         check, _ = bundle.fit_to_batch(check, calib_batch)
         expected = bundle.model.gate_list  # the gates found in the PyTorch model (None: an older bundle)
         reference, reference_label = reference_runner(bundle, trust=trust)
+        if "executorch" in targets and is_stand_in(reference):  # before any calibration work
+            raise BackendUnavailable("the executorch recipe quantizes the PyTorch model, which is "
+                                     f"{reference_label.partition('stand-in: ')[2].rstrip(')')}")
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32.sha256
         results = []
         for target in targets:
             results.append(_quantize_one(update, bundle, target, method, gates, fp32_path, source_sha, data,
-                                         expected, calib_batch, cache_dir, check, check_source, ref_out, reference_label))
+                                         expected, calib_batch, cache_dir, check, check_source, ref_out, reference_label,
+                                         reference))
         faultpoint("quantized")
 
         commit_from_source(update, source_sha, "quantizing", "run quantize again")
@@ -72,12 +78,24 @@ def quantize_bundle(
 
 def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates: str | None, fp32_path: Path,
                   source_sha: str, data, expected: list | None, calib_batch: int, cache_dir, check, check_source: str,
-                  ref_out, reference_label: str) -> dict:
+                  ref_out, reference_label: str, reference=None) -> dict:
     """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
     chosen_method, chosen_gates = resolve(target, method, gates)
     fmt = WRITES[target]
     out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
+    if target == "executorch":  # from the PyTorch model itself (checked above: not a stand-in)
+        bounds = default_bounds(list(bundle.input.shape))
+        calib_batch = min(calib_batch, bounds.batch[1])
+        result = quantize_pte(reference.model, out_path, data, bounds, chosen_gates, expected, chosen_method,
+                              calib_batch, cache_dir / "executorch" if cache_dir else None, source_sha,
+                              rewrite=bundle.cbam_opt.get("mode", "on") == "on")
+        export = result.info.pop("export")
+        seconds = time.perf_counter() - started
+        artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha, export=export,
+                                       quantization={**result.info, "seconds": round(seconds, 2)},
+                                       calibration=data.describe())
+        return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
     if target == "openvino":
         result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, expected,
                                    cache_dir / "openvino" if cache_dir else None)
@@ -88,6 +106,12 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
     artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,
                                    quantization={**result.info, "seconds": round(seconds, 2)},
                                    calibration=data.describe())
+    return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
+
+
+def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str, calib_batch: int, ref_out,
+                reference_label: str, data) -> dict:
+    """The staged INT8 artifact run on the check set against the reference outputs; its parity record."""
     staged = Bundle({**bundle.manifest, "artifacts": [artifact]}, update.staging)
     runner = open_artifact(update.staging, staged, artifact["name"])
     measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch), judge_top1=bundle.model.trained,

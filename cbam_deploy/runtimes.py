@@ -26,6 +26,8 @@ from typing import Callable
 from .checks import split_list
 from .errors import BackendUnavailable, CbamDeployError
 from .formats import FORMATS
+from .backends.executorch.exporter import probe as _probe_executorch
+from .backends.executorch.runner import ExecuTorchRunner
 from .runners.onnxruntime import OnnxRuntimeRunner
 from .runners.openvino import OpenVINORunner
 from .runners.tensorrt import TensorRTRunner
@@ -154,6 +156,10 @@ def _tensorrt(path: Path, precision: str, threads: int | None):
     return TensorRTRunner(path, precision=precision)
 
 
+def _executorch(path: Path, precision: str, threads: int | None):
+    return ExecuTorchRunner(path, precision=precision, threads=threads)
+
+
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort-cpu", ("onnx",), "onnxruntime, CPU execution provider", _probe_ort(CPU_EP),
             _ort(lambda precision, threads: [CPU_EP]), CPU_EP),
@@ -174,6 +180,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("openvino", ("onnx", "openvino"), "OpenVINO runtime (reads the ONNX itself, or the IR)", _probe_openvino,
             _openvino),
     Runtime("tensorrt", ("tensorrt",), "TensorRT runtime (engines built by cbam-deploy)", _probe_tensorrt, _tensorrt),
+    Runtime("executorch", ("executorch",), "ExecuTorch runtime with the XNNPACK delegate (CPU: x86 and ARM)",
+            _probe_executorch, _executorch),
 )}
 
 

@@ -15,12 +15,14 @@ from ..formats import Format
 from ..formats import formats as formats
 from ..formats import get as get_format
 from . import onnxruntime, openvino, tensorrt
+from .executorch import build as executorch_build
 from .base import BuildOptions, BuildOutcome
 
 BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
     "onnx": onnxruntime.build,
     "openvino": openvino.build,
     "tensorrt": tensorrt.build,
+    "executorch": executorch_build.build,
 }
 
 

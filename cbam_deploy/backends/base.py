@@ -20,10 +20,13 @@ class TensorRTOptions:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options."""
+    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options (whose
+    batch range bounds an ExecuTorch program's dynamic batch too), and the code the user trusts to
+    rebuild a factory model (``models.CodeTrust``: builds from the PyTorch model need it)."""
 
     gates: str | None = None
     trt: TensorRTOptions | None = None
+    trust: object = None
 
 
 @dataclass

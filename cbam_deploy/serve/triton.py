@@ -40,9 +40,11 @@ from ..transaction import faultpoint
 
 def _fragment(artifact: dict):
     """The formats table's Triton fragment for the artifact's format."""
-    fragment = get_format(artifact["format"]).triton
-    if fragment is None:
-        raise CbamDeployError(f"artifact {artifact['name']} ({artifact['format']}) has no Triton backend")
+    row = get_format(artifact["format"])
+    if row.triton is None:
+        raise CbamDeployError(f"artifact {artifact['name']} ({artifact['format']}) has no Triton backend"
+                              + (f": {row.no_triton}" if row.no_triton else ""))
+    fragment = row.triton
     return fragment
 
 
