@@ -5,7 +5,7 @@
 #   docker build --target jetson -t cbam-deploy:jetson .   # Jetson, JetPack 6.1/6.2 (L4T r36.4, TensorRT 10.3)
 # Every target's entrypoint is the CLI (docker run --rm cbam-deploy:cpu models), runs as the non-root
 # user "cbam" (uid 1000 where the base has no user 1000 yet), and records its stack in /etc/cbam-deploy/stack.json (read back by
-# cbam_deploy.exporters.tensorrt.image_stack). For `serve`, publish the port and bind all interfaces:
+# cbam_deploy.backends.tensorrt.exporter.image_stack). For `serve`, publish the port and bind all interfaces:
 #   docker run --rm -p 8000:8000 -v $PWD:/work cbam-deploy:cpu serve bundles/m --host 0.0.0.0
 # None of these images has been built yet (tests/test_dockerfile.py checks this file as text); the pins
 # below are chosen from the sources named beside each, and are what to check first if a build fails.

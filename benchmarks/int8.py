@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cbam_deploy.backends.openvino.exporter import export_ir  # noqa: E402
+from cbam_deploy.backends.openvino.runner import OpenVINORunner  # noqa: E402
 from cbam_deploy.bench import interleaved_latency  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.exporters.openvino import export_ir  # noqa: E402
 from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
-from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.loaders import open_artifact  # noqa: E402
-from cbam_deploy.runners import TorchRunner  # noqa: E402
-from cbam_deploy.runners.openvino import OpenVINORunner  # noqa: E402
+from cbam_deploy.quantize import quantize_bundle  # noqa: E402
+from cbam_deploy.runners.torch import TorchRunner  # noqa: E402
 from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 
 

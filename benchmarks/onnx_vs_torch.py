@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import interleaved_latency
 from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.models import create_model
-from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
+from cbam_deploy.runners.torch import TorchRunner
 
 
 def main() -> None:

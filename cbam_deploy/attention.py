@@ -23,12 +23,12 @@ import onnx
 from torch import nn
 
 from .backends.executorch.exporter import NO_GATE_MAPS
+from .backends.onnx.runner import OnnxRuntimeRunner
+from .backends.openvino.exporter import require_openvino
+from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
-from .exporters.openvino import require_openvino
 from .gates import GatesUntraceable, onnx_gates, openvino_gates, shape_map, trace_gate_maps
-from .runners import OnnxRuntimeRunner
-from .runners.openvino import OpenVINORunner
 
 TOP_FRACTION = 0.10
 TOP_CHANNEL_FRACTION = 0.25

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends.tensorrt.exporter import profile_batch_limit
 from .benchstats import LoadMonitor, LoadReport, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
 from .build import build_artifacts
 from .bundle import Bundle, ModelInfo, check_artifact_names
@@ -23,14 +24,13 @@ from .checks import check_int, check_number, check_output_file, parse_batches
 from .data import SYNTHETIC, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
 from .export import ExportRequest, export_bundle
-from .exporters.tensorrt import profile_batch_limit
 from .loaders import model_spec_to_run, open_artifact
 from .models import CodeTrust, build_model
 from .models.registry import get_entry, list_models
 from .peers import build_peers
 from .quantize import quantize_bundle
-from .runners import TorchRunner
 from .runners.base import Runner
+from .runners.torch import TorchRunner
 from .runtimes import fitting, parse_runtimes
 
 TARGET_CI_WIDTH = 0.06

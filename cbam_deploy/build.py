@@ -1,19 +1,52 @@
-"""Build the bundle's other artifacts from its FP32 ONNX, for every format of the table
-(``cbam_deploy.formats``): each format's build (``cbam_deploy.backends``) per precision, INT8 through
+"""Build the bundle's other artifacts for every format of the table (``cbam_deploy.formats``): each
+format's build (``backends/<format>/build.py``, listed in ``BUILDERS``) per precision, INT8 through
 its quantize recipe.
 What cannot be built here is returned as skipped, with its reason."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .backends import formats as backend_formats
-from .backends import get as get_backend
 from .backends.base import BuildOptions, BuildOutcome, TensorRTOptions
+from .backends.executorch import build as executorch_build
+from .backends.onnx import build as onnx_build
+from .backends.openvino import build as openvino_build
+from .backends.tensorrt import build as tensorrt_build
+from .bundle import Bundle
 from .checks import parse_list
 from .errors import BackendUnavailable
+from .formats import Format
+from .formats import formats as backend_formats
+from .formats import get as get_format
+from .loaders import rebuild_model
 from .manifest import artifact_name
 from .quantize import quantize_bundle
+
+# each format's build (backends/<format>/build.py): build(bundle_dir, precision, options) -> BuildOutcome
+BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
+    "onnx": onnx_build.build,
+    "openvino": openvino_build.build,
+    "tensorrt": tensorrt_build.build,
+    "executorch": executorch_build.build,
+}
+
+
+@dataclass(frozen=True)
+class Backend(Format):
+    """A format's row and its build."""
+
+    build: Callable[[Path, str, BuildOptions], BuildOutcome] | None = None
+
+
+def get_backend(fmt: str) -> Backend:
+    row = get_format(fmt)
+    return Backend(**{f.name: getattr(row, f.name) for f in fields(Format)}, build=BUILDERS[fmt])
+
+
+def all_backends() -> list[Backend]:
+    return [get_backend(fmt) for fmt in backend_formats()]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -52,5 +85,6 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
             if missing:
                 outcomes.append(BuildOutcome(fmt, precision, skipped=missing))
                 continue
-            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(gates=gates, trt=trt, trust=trust)))
+            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(
+                gates=gates, trt=trt, pytorch_model=lambda: rebuild_model(Bundle.open(bundle_dir), trust))))
     return outcomes

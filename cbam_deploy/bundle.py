@@ -165,7 +165,7 @@ class ModelInfo:
 class ArtifactRecord:
     """One artifact of the manifest. ``path`` and the keys of ``companion_files`` are relative to the
     bundle folder; ``raw`` is the manifest's own record (for JSON output and the per-artifact helpers
-    of ``exporters.tensorrt`` and ``serve.triton``)."""
+    of ``backends.tensorrt.exporter`` and ``serve.triton``)."""
 
     name: str
     path: str

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from .runners import OnnxRuntimeRunner
+from .backends.onnx.runner import OnnxRuntimeRunner
 from .scopes import inside, node_module_path
 
 _LEAVES = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Identity, nn.Flatten, nn.MaxPool2d)

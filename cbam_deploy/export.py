@@ -17,19 +17,20 @@ from pathlib import Path
 
 import torch
 
+from .backends.onnx.exporter import OnnxExportOptions, check_opset, export_onnx
+from .backends.onnx.runner import OnnxRuntimeRunner
 from .bundle import read_manifest
 from .cbam_opt import MODES as CBAM_OPT_MODES
 from .cbam_opt import optimize_for_export
 from .checks import check_choice, check_int, parse_batch
 from .errors import CbamDeployError
-from .exporters.onnx import OnnxExportOptions, check_opset, export_onnx
 from .gates import example_input, find_gates
 from .manifest import MANIFEST_NAME, artifact_file, new_manifest
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .models.spec import STEMS, check_input_size, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
-from .runners import OnnxRuntimeRunner, TorchRunner
+from .runners.torch import TorchRunner
 from .transaction import BundleUpdate, faultpoint
 
 ONNX_FILE = artifact_file("onnx-fp32", "onnx")

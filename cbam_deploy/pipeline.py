@@ -12,16 +12,24 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import formats as backend_formats
 from .bench import bench_bundle, check_bench_options
 from .build import PRECISIONS, build_artifacts
 from .bundle import Bundle, check_artifact_names
 from .calib.targets import GATES, TARGETS
-from .checks import (MAX_BATCH, check_choice, check_existing_file, check_int, check_output_dir, check_output_file,
-                     parse_batch, parse_list)
+from .checks import (
+    MAX_BATCH,
+    check_choice,
+    check_existing_file,
+    check_int,
+    check_output_dir,
+    check_output_file,
+    parse_batch,
+    parse_list,
+)
 from .data import check_data_source
 from .errors import CbamDeployError
 from .export import ExportRequest, check_model_options, export_bundle
+from .formats import formats as backend_formats
 from .models import CodeTrust, is_factory_spec
 from .models.spec import check_model_spec
 from .outputs import parse_output_kinds

@@ -26,13 +26,13 @@ import numpy as np
 import onnx
 
 from .backends.executorch.exporter import NO_PROFILE
+from .backends.onnx.runner import OnnxRuntimeRunner
+from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .checks import MAX_BATCH, check_int, check_output_file
 from .errors import CbamDeployError
 from .fsutil import atomic_path
 from .gates import onnx_gates, openvino_gates
-from .runners import OnnxRuntimeRunner
-from .runners.openvino import OpenVINORunner
 from .scopes import name_module_path
 
 CATEGORIES = ("conv", "channel gate", "spatial gate", "attention (other)", "layout", "quantize/dequantize", "other")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from .backends.executorch.exporter import default_bounds
 from .backends.executorch.recipe import quantize_pte
+from .backends.openvino.recipe import quantize_openvino
 from .bundle import Bundle
-from .calib.recipes import default_cache_dir, quantize_onnx, quantize_openvino
+from .calib.recipes import default_cache_dir, quantize_onnx
 from .calib.targets import TARGETS, WRITES, resolve
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration
@@ -60,7 +61,7 @@ def quantize_bundle(
         reference, reference_label = reference_runner(bundle, trust=trust)
         if "executorch" in targets and is_stand_in(reference):  # before any calibration work
             raise BackendUnavailable("the executorch recipe quantizes the PyTorch model, which is "
-                                     f"{reference_label.partition('stand-in: ')[2].rstrip(')')}")
+                                     f"{reference_label.partition('stand-in: ')[2].rstrip(')') or reference_label}")
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32.sha256

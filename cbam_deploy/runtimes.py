@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .backends.executorch.exporter import probe as _probe_executorch
+from .backends.executorch.runner import ExecuTorchRunner
+from .backends.onnx.runner import OnnxRuntimeRunner
+from .backends.openvino.runner import OpenVINORunner
+from .backends.tensorrt.runner import TensorRTRunner
 from .checks import split_list
 from .errors import BackendUnavailable, CbamDeployError
 from .formats import FORMATS
-from .backends.executorch.exporter import probe as _probe_executorch
-from .backends.executorch.runner import ExecuTorchRunner
-from .runners.onnxruntime import OnnxRuntimeRunner
-from .runners.openvino import OpenVINORunner
-from .runners.tensorrt import TensorRTRunner
 
 CPU_EP = "CPUExecutionProvider"
 

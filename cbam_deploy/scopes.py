@@ -55,7 +55,7 @@ def name_module_path(name: str) -> str | None:
     path = ""
     for segment in segments:
         if path and segment.startswith(path + "."):
-            path = segment  # a fully qualified scope (dynamo exports, see exporters.onnx)
+            path = segment  # a fully qualified scope (dynamo exports, see backends.onnx.exporter)
         elif path and segment.startswith(path.rsplit(".", 1)[-1] + "."):
             # Sequential children are scoped 'parent.index' under 'parent': replace, don't append
             path = path[: len(path) - len(path.rsplit(".", 1)[-1])] + segment

@@ -18,15 +18,15 @@ import numpy as np
 import onnx
 
 from .attention import attention_parity
+from .backends.openvino.exporter import require_openvino
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
 from .checks import check_int
 from .data import check_data_source, load_calibration
 from .diagnose import locate_divergence
 from .errors import BackendUnavailable, CbamDeployError
-from .exporters.openvino import require_openvino
+from .gates import check_onnx_policy, check_openvino_policy
 from .loaders import is_stand_in, open_artifact, reference_runner, untrusted_code
 from .models import CodeTrust
-from .gates import check_onnx_policy, check_openvino_policy
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
 from .runtimes import RUNTIMES, parse_runtimes
 from .transaction import faultpoint, update_manifest

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cbam_deploy.backends import all_backends, formats, get
-from cbam_deploy.manifest import artifact_file
+from cbam_deploy.build import all_backends
+from cbam_deploy.build import get_backend as get
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
+from cbam_deploy.formats import formats
+from cbam_deploy.manifest import artifact_file
 from cbam_deploy.runtimes import RUNTIMES, default_runtime
 
 

@@ -330,7 +330,7 @@ def test_corrupt_calibration_cache_entry_is_rebuilt(world, tmp_path, monkeypatch
 
 
 def test_openvino_cache_entry_is_checked_against_its_digests(tmp_path):
-    from cbam_deploy.calib.recipes import _ov_cache_problem, _store_ir
+    from cbam_deploy.backends.openvino.recipe import _ov_cache_problem, _store_ir
 
     source = tmp_path / "src.xml"
     source.write_text("<net/>")
@@ -370,10 +370,10 @@ def test_arrays_are_recognised_by_content_not_name(tmp_path):
 
 
 def test_library_refuses_what_the_cli_refuses():
+    from cbam_deploy.backends.onnx.exporter import OnnxExportOptions
     from cbam_deploy.bench import bench_runners
-    from cbam_deploy.exporters.onnx import OnnxExportOptions
-    from cbam_deploy.models import build_model
     from cbam_deploy.export import ExportRequest
+    from cbam_deploy.models import build_model
 
     with pytest.raises(CbamDeployError, match="num-classes"):
         ExportRequest(model="resnet10_half_cbam", num_classes=0)

@@ -46,7 +46,7 @@ def test_rows_carry_medians_intervals_ratios_threads_and_a_verdict(bundle):
 
 
 def test_strict_fails_a_run_disturbed_on_purpose(bundle):
-    from cbam_deploy.runners import OnnxRuntimeRunner
+    from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 
     runners = {"pytorch": OnnxRuntimeRunner(bundle / "model.onnx"), "onnx-fp32": OnnxRuntimeRunner(bundle / "model.onnx")}
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]

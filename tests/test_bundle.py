@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import artifact_path
 
 from cbam_deploy.build import build_artifacts
 from cbam_deploy.bundle import ArtifactRecord, Bundle, OutputSpec
-from cbam_deploy.manifest import MANIFEST_NAME
-from helpers import artifact_path
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.loaders import open_artifact
+from cbam_deploy.manifest import MANIFEST_NAME
 from cbam_deploy.transaction import LOCK_NAME, BundleUpdate
 
 
@@ -175,7 +175,7 @@ def test_onnx_external_data_is_a_companion_of_its_artifact(built, tmp_path):
     expected = open_artifact(copy, bundle, "onnx-fp32").run(x)[0]
     np.testing.assert_allclose(open_artifact(copy, bundle, "onnx-fp16").run(x)[0], expected, rtol=1e-5, atol=1e-6)
     # a Triton repository gets the data file beside model.onnx, where onnxruntime looks for it
-    from cbam_deploy.runners import OnnxRuntimeRunner
+    from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
     from cbam_deploy.serve.triton import write_repository
 
     written = write_repository(copy, tmp_path / "repo", ["onnx-fp16"])

@@ -12,15 +12,15 @@ import torch
 from official_style import randomize
 from typer.testing import CliRunner
 
+from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
+from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.cbam_opt import BatchedMlpChannelGate, applied, optimize_for_export
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
 from cbam_deploy.models import create_model, list_models
 from cbam_deploy.models.layers import CBAM, ChannelGate
 from cbam_deploy.models.registry import get_entry
 from cbam_deploy.parity import TOLERANCES, compare_all
-from cbam_deploy.runners import OnnxRuntimeRunner
 
 CBAM_ZOO = [name for name in list_models() if get_entry(name).attention == "cbam"]
 

@@ -4,15 +4,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import artifact_path, onnx_io
 
+from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
+from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.models import count_parameters, create_model
 from cbam_deploy.parity import TOLERANCES, compare_outputs, plan_cases, run_parity
-from cbam_deploy.export import ExportRequest, export_bundle
-from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
-from helpers import artifact_path, onnx_io
+from cbam_deploy.runners.torch import TorchRunner
 
 
 def test_export_dynamic_batch_and_hw(tmp_path, tiny_cbam):

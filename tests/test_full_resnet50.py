@@ -21,7 +21,7 @@ def test_official_resnet50_cbam_checkpoint_exports_with_parity(tmp_path):
     assert {c["batch"] for c in parity["cases"]} == {1, 4} and parity["top1_agreement"] == 1.0
     # the official-style model itself agrees with the exported bundle's source model
     x = torch.randn(1, 3, 224, 224)
-    from cbam_deploy.runners import OnnxRuntimeRunner
+    from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
     onnx_out = OnnxRuntimeRunner(tmp_path / "bundle" / "model.onnx").run(x.numpy())
     with torch.no_grad():
         ref = official.eval()(x).numpy()

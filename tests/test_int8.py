@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.bundle import read_manifest  # noqa: E402
-from cbam_deploy.gates import find_gates, nodes_of, onnx_gates  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
 from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.gates import find_gates, nodes_of, onnx_gates  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 
@@ -142,7 +142,7 @@ def test_gate_discovery_on_zoo_models():
 
 
 def test_gate_discovery_in_graph(tmp_path):
-    from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
+    from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
     from cbam_deploy.models import create_model
 
     model = create_model("resnet18_cbam", num_classes=10, stem="cifar")
@@ -160,7 +160,7 @@ def test_gate_discovery_in_graph(tmp_path):
 
 def test_gate_discovery_with_dynamo_metadata(tmp_path):
     pytest.importorskip("onnxscript")
-    from cbam_deploy.exporters.onnx import OnnxExportOptions, export_onnx
+    from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
     from cbam_deploy.models import create_model
 
     model = create_model("resnet10_half_cbam", num_classes=10, stem="cifar")

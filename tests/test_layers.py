@@ -128,4 +128,22 @@ def test_the_import_contracts_are_kept():
         patch.chdir(ROOT)
         code = lint_imports(config_filename=str(ROOT / ".importlinter"))
     assert code == 0, output.getvalue()[-3000:]
-    assert "Contracts: 4 kept, 0 broken." in output.getvalue()
+    contracts = (ROOT / ".importlinter").read_text().count("[importlinter:contract:")
+    assert contracts >= 2 and f"Contracts: {contracts} kept, 0 broken." in output.getvalue()
+
+
+def test_every_format_is_one_package_with_its_modules_on_their_floors():
+    """Each format of the table has its package, its build in the builds table, and every module of
+    the package named as a layer of the floors contract (so a new module cannot sit on no floor)."""
+    from cbam_deploy.build import BUILDERS
+    from cbam_deploy.formats import formats
+
+    config = (ROOT / ".importlinter").read_text()
+    assert set(BUILDERS) == set(formats())
+    for fmt in formats():
+        folder = PACKAGE / "backends" / fmt
+        assert (folder / "build.py").is_file() and (folder / "runner.py").is_file(), fmt
+        assert f"cbam_deploy.backends.{fmt}\n" in config.replace(")", "").replace("(", "") + "\n", fmt
+        for module in folder.glob("*.py"):
+            if module.stem != "__init__":
+                assert f"backends.{fmt}.{module.stem}" in config, f"{module} sits on no floor of .importlinter"

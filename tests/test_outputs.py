@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
+from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.models import CodeTrust
 from cbam_deploy.outputs import flatten_outputs, output_kind
-from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.quantize import quantize_bundle
-from cbam_deploy.runners import OnnxRuntimeRunner, TorchRunner
+from cbam_deploy.runners.torch import TorchRunner
 from cbam_deploy.verify import verify_bundle
 
 HEADS = Path(__file__).parent / "data" / "cbam_heads.py"
@@ -117,8 +118,9 @@ def test_eval_refuses_a_model_that_is_not_a_classifier(bundle, tmp_path):
 
 def test_serve_answers_every_output_in_both_encodings(bundle):
     httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
-    from cbam_deploy.serve.app import ServeConfig, create_app
     from serving import running_server
+
+    from cbam_deploy.serve.app import ServeConfig, create_app
 
     name, out, _ = bundle
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32), dtype=np.float32)

@@ -12,15 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cbam_deploy import runtimes
+from cbam_deploy.backends.onnx.runner import CPU_EP, OnnxRuntimeRunner, fallback_note
 from cbam_deploy.bench import bench_bundle
-from cbam_deploy.report import markdown_report
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.parity import TOLERANCES
 from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.loaders import open_artifact
-from cbam_deploy.runners.onnxruntime import CPU_EP, OnnxRuntimeRunner, fallback_note
+from cbam_deploy.parity import TOLERANCES
+from cbam_deploy.report import markdown_report
 from cbam_deploy.runtimes import RuntimeUnavailable, available_runtimes, default_runtime, select_runtime
 from cbam_deploy.verify import verify_bundle
 

@@ -9,15 +9,31 @@ import json
 
 import numpy as np
 import pytest
-
-from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.exporters.tensorrt import (QDQ_FLOAT_WEIGHT_PAIRS, QDQ_INT8_WEIGHTS, BuildPlan, Profile,
-                                            check_batch_against_profile, check_dla, check_engine_compatible,
-                                            check_timing_cache_location, dla_profile, engine_metadata,
-                                            fit_batch_to_profile, image_stack, parse_version, plan_build,
-                                            profile_batch_limit, profile_chunks, qdq_form_for_tensorrt,
-                                            qdq_form_for_version, require_tensorrt, timing_cache_name)
 from helpers import qdq_weight_forms
+
+from cbam_deploy.backends.tensorrt.exporter import (
+    QDQ_FLOAT_WEIGHT_PAIRS,
+    QDQ_INT8_WEIGHTS,
+    BuildPlan,
+    Profile,
+    check_batch_against_profile,
+    check_dla,
+    check_engine_compatible,
+    check_timing_cache_location,
+    dla_profile,
+    engine_metadata,
+    fit_batch_to_profile,
+    image_stack,
+    parse_version,
+    plan_build,
+    profile_batch_limit,
+    profile_chunks,
+    qdq_form_for_tensorrt,
+    qdq_form_for_version,
+    require_tensorrt,
+    timing_cache_name,
+)
+from cbam_deploy.errors import CbamDeployError
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = ("TensorRT cannot be installed on these machines (its wheels fetch libraries from outside the package "

@@ -1,42 +1,14 @@
-"""The builds, one module per format: each row of the formats table (``cbam_deploy.formats``) with
-the function that builds that format's artifacts from the bundle's FP32 ONNX.
+"""One package per artifact format (``backends/<format>/``), each with the same modules on the same
+floors (``.importlinter``):
 
-``build(bundle_dir, precision, options) -> BuildOutcome`` commits what it built as one transaction,
-or returns the outcome as skipped, with the reason, where this machine cannot build it.
+- ``exporter``: makes the format's files from what it is given (a model, an ONNX file);
+- ``recipe``: its INT8 recipe, where the format has one of its own;
+- ``runner``: its ``Runner`` (``cbam_deploy.runners.base``), opened through ``cbam_deploy.runtimes``;
+- ``build``: ``build(bundle_dir, precision, options) -> BuildOutcome``, the write job that commits
+  the format's artifacts to a bundle (``base``: what every build shares).
+
+The formats table (``cbam_deploy.formats``) holds each format's facts as data; ``cbam_deploy.build``
+maps each format to its build. Format packages never import each other. Adding a format means adding
+a folder here, a row in the formats table, a line in ``cbam_deploy.build.BUILDERS`` and the runtime
+that opens it in ``cbam_deploy.runtimes``.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from pathlib import Path
-
-from ..formats import Format
-from ..formats import formats as formats
-from ..formats import get as get_format
-from . import onnxruntime, openvino, tensorrt
-from .executorch import build as executorch_build
-from .base import BuildOptions, BuildOutcome
-
-BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
-    "onnx": onnxruntime.build,
-    "openvino": openvino.build,
-    "tensorrt": tensorrt.build,
-    "executorch": executorch_build.build,
-}
-
-
-@dataclass(frozen=True)
-class Backend(Format):
-    """A format's row and its build."""
-
-    build: Callable[[Path, str, BuildOptions], BuildOutcome] | None = None
-
-
-def get(fmt: str) -> Backend:
-    row = get_format(fmt)
-    return Backend(**{f.name: getattr(row, f.name) for f in fields(Format)}, build=BUILDERS[fmt])
-
-
-def all_backends() -> list[Backend]:
-    return [get(fmt) for fmt in formats()]

@@ -3,6 +3,7 @@ ONNX replaced meanwhile."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..transaction import BundleUpdate, commit_from_source
@@ -21,12 +22,13 @@ class TensorRTOptions:
 @dataclass(frozen=True)
 class BuildOptions:
     """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options (whose
-    batch range bounds an ExecuTorch program's dynamic batch too), and the code the user trusts to
-    rebuild a factory model (``models.CodeTrust``: builds from the PyTorch model need it)."""
+    batch range bounds an ExecuTorch program's dynamic batch too), and, for a format made from the
+    PyTorch model rather than the ONNX, ``pytorch_model()``: (the bundle's model rebuilt under the
+    user's trust, None) or (None, why it cannot be rebuilt here) (``loaders.rebuild_model``)."""
 
     gates: str | None = None
     trt: TensorRTOptions | None = None
-    trust: object = None
+    pytorch_model: Callable[[], tuple] | None = None
 
 
 @dataclass

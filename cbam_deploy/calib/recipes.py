@@ -6,7 +6,9 @@
 * ``tensorrt``  Q/DQ ONNX, symmetric int8 activations and weights (zero points 0), weights per
                output channel, bias left in float: the explicit-quantization form that TensorRT 8.5,
                10 and 11 parse (11 has no implicit calibration and no INT8 builder flag).
-* ``openvino``  NNCF post-training quantization of the OpenVINO model: an INT8 IR.
+* ``openvino``  NNCF post-training quantization of the OpenVINO model: an INT8 IR (the recipe lives
+               in its format's package, ``backends/openvino/recipe.py``, and uses the cache and
+               gate helpers here).
 
 All three run onnxruntime's pre-processing (symbolic shape inference, graph optimisation) on the
 FP32 ONNX first. The gate policy covers every attention gate the finder (``cbam_deploy.gates``) finds
@@ -34,11 +36,10 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import BackendUnavailable, CbamDeployError
-from ..exporters.openvino import save_ir
-from ..fsutil import atomic_path, cache_root, sha256_file
 from ..data import CalibrationSet
-from ..gates import check_onnx_policy, check_openvino_policy, nodes_of, onnx_gates, openvino_gates
+from ..errors import CbamDeployError
+from ..fsutil import atomic_path, cache_root, sha256_file
+from ..gates import check_onnx_policy, nodes_of, onnx_gates
 
 CACHE_VERSION = 3  # 2: OpenVINO entries carry a digest file; 3: int8 gates quantize sigmoid and multiply too
 
@@ -103,7 +104,12 @@ def quantize_onnx(
     cache_dir: Path | None = None,
 ) -> QuantizeResult:
     """The ort-cpu or tensorrt Q/DQ recipe; writes ``out_path`` atomically."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+    from onnxruntime.quantization import (  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[method]
@@ -118,7 +124,7 @@ def quantize_onnx(
         pre = Path(tmp) / "pre.onnx"
         preprocess_onnx(fp32_onnx, pre)
         proto = onnx.load(str(pre))
-        found = _graph_gates_or_fail(onnx_gates(proto, expected), expected, "the ONNX graph")
+        found = graph_gates_or_fail(onnx_gates(proto, expected), expected, "the ONNX graph")
         excluded, extra_types = _onnx_policy(proto, found, gates)
         if gates == "fp" and _unshare_initializers(proto, set(nodes_of(found))):
             onnx.save(proto, str(pre))
@@ -132,7 +138,7 @@ def quantize_onnx(
             if cache_hit:
                 problem = _ort_cache_problem(cache_path, calibrate_method)
                 if problem:
-                    cache_hit, cache_warning = False, _cache_rebuilt(data, cache_path, problem)
+                    cache_hit, cache_warning = False, cache_rebuilt(data, cache_path, problem)
 
         def run(calibration_cache: Path | None) -> None:
             kwargs = {"calibration_cache_path": str(calibration_cache)} if calibration_cache is not None else {}
@@ -158,7 +164,7 @@ def quantize_onnx(
                         raise
                     # the entry parsed but did not fit this graph: a miss after all, rebuilt below
                     cache_hit = False
-                    cache_warning = _cache_rebuilt(data, cache_path, f"{type(exc).__name__}: {_first_line(exc)}")
+                    cache_warning = cache_rebuilt(data, cache_path, f"{type(exc).__name__}: {first_line(exc)}")
             if cache_path is not None and not cache_hit:
                 _rebuild_cache_entry(cache_path, run)
         except CbamDeployError:
@@ -170,7 +176,7 @@ def quantize_onnx(
     quantized = onnx.load(str(out_path), load_external_data=False)
     check = check_onnx_policy(quantized, expected if expected is not None else [g.record for g in found], gates,
                               f"the {target} Q/DQ graph")
-    _fail_unless_held(check, out_path)
+    fail_unless_held(check, out_path)
     ops = [n.op_type for n in quantized.graph.node]
     info = {
         "recipe": target,
@@ -192,7 +198,7 @@ def quantize_onnx(
     return QuantizeResult(out_path, "onnx", info)
 
 
-def _graph_gates_or_fail(found: list, expected: list[dict] | None, where: str) -> list:
+def graph_gates_or_fail(found: list, expected: list[dict] | None, where: str) -> list:
     """The gates found in a graph to be quantized; every gate of the model must be among them, or
     the policy could not be applied to it."""
     if expected:
@@ -251,7 +257,7 @@ def _ort_op_types(extra: list[str]) -> list[str] | None:
     return sorted(set(QDQRegistry) | set(extra))
 
 
-def _fail_unless_held(check: dict, artifact_path: Path) -> None:
+def fail_unless_held(check: dict, artifact_path: Path) -> None:
     """A built graph that does not follow the gate policy is no artifact: remove it, name the gates."""
     if check["held"]:
         return
@@ -262,12 +268,12 @@ def _fail_unless_held(check: dict, artifact_path: Path) -> None:
                           + "; ".join(check["broken"]))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _cache_rebuilt(data: CalibrationSet, entry: Path, problem: str) -> str:
+def cache_rebuilt(data: CalibrationSet, entry: Path, problem: str) -> str:
     """Record (in the calibration warnings the result reports) that a cache entry was unusable."""
     message = f"calibration cache entry {entry} was unusable ({problem}); calibrated again and replaced it"
     data.warnings.append(message)
@@ -283,7 +289,7 @@ def _ort_cache_problem(entry: Path, calibrate_method) -> str | None:
 
         ranges = load_tensors_data(entry)
     except Exception as exc:  # truncated or garbled JSON, wrong structure: a miss, never a failure
-        return f"{type(exc).__name__}: {_first_line(exc)}"
+        return f"{type(exc).__name__}: {first_line(exc)}"
     if getattr(ranges, "calibration_method", calibrate_method) != calibrate_method:
         return f"made with {ranges.calibration_method}, not {calibrate_method}"
     if not len(getattr(ranges, "data", {}) or {}):
@@ -307,130 +313,3 @@ def _rebuild_cache_entry(entry: Path, run) -> None:
     finally:
         if fresh_path.exists():
             fresh_path.unlink()
-
-
-def quantize_openvino(
-    fp32_onnx: Path,
-    out_xml: Path,
-    data: CalibrationSet,
-    method: str,
-    gates: str,
-    expected: list[dict] | None,
-    cache_dir: Path | None = None,
-) -> QuantizeResult:
-    """NNCF post-training quantization of the OpenVINO model; writes an INT8 IR (.xml + .bin).
-
-    NNCF keeps no reusable statistics file, so the cache holds the quantized IR itself, keyed like
-    the onnxruntime ranges (model, data fingerprint, recipe, method, gates): a hit skips calibration.
-    """
-    try:
-        import nncf  # lazy: the optional openvino extra
-        import openvino as ov  # lazy: the optional openvino extra
-    except ImportError:
-        raise BackendUnavailable("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters  # lazy: as nncf above
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet  # lazy: as nncf above
-
-    with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        preprocess_onnx(fp32_onnx, pre)
-        key = cache_key(sha256_file(pre), data, "openvino", method, gates)
-        cached = (cache_dir / f"{key}.xml") if cache_dir else None
-        info = {"recipe": "openvino", "method": method, "gates": gates,
-                "activations": "int8 (NNCF performance preset: symmetric)", "weights": "int8 symmetric, per channel",
-}
-        cache_warning = None
-        if cached:
-            problem = _ov_cache_problem(cached)
-            if problem is None:
-                _copy_ir(cached, out_xml)
-                info["calibration_cache"] = {"path": str(cached), "hit": True}
-                info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
-                return QuantizeResult(out_xml, "openvino", info)
-            if problem != "absent":
-                cache_warning = _cache_rebuilt(data, cached, problem)
-        model = ov.convert_model(str(pre))
-        found = _graph_gates_or_fail(openvino_gates(model, expected), expected, "the OpenVINO model")
-        if expected is None:
-            expected = [g.record for g in found]
-        ignored = nodes_of(found) if gates == "fp" else []
-        info["excluded_nodes"] = len(ignored)
-        estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
-        batches = [b for b in data.batches(1)]
-        nncf.set_log_level(logging.ERROR)
-        try:
-            # NNCF draws progress bars and logs on stdout, which belongs to --json output
-            with contextlib.redirect_stdout(sys.stderr):
-                quantized = nncf.quantize(
-                    model,
-                    nncf.Dataset(batches),
-                    preset=nncf.QuantizationPreset.PERFORMANCE,
-                    subset_size=len(batches),
-                    ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
-                    advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=estimator),
-                )
-        except Exception as exc:
-            raise CbamDeployError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from None
-        save_ir(quantized, out_xml)
-        info["ignored_ov_nodes"] = len(ignored)
-        info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
-        if cached:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            _store_ir(out_xml, cached)
-            info["calibration_cache"] = {"path": str(cached), "hit": False}
-            if cache_warning:
-                info["calibration_cache"]["rebuilt"] = cache_warning
-        else:
-            info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
-    return QuantizeResult(out_xml, "openvino", info)
-
-
-def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> dict:
-    """The gate policy checked on the IR as written (FakeQuantize placement); fails it when broken."""
-    check = check_openvino_policy(ov.Core().read_model(str(xml)), expected, gates, "the OpenVINO INT8 IR")
-    _fail_unless_held(check, xml)
-    return check
-
-
-def _ov_digest_file(cached_xml: Path) -> Path:
-    return cached_xml.with_suffix(".sha256.json")
-
-
-def _ov_cache_problem(cached_xml: Path) -> str | None:
-    """None when the cached IR pair is whole (both files match the digests written after them);
-    'absent' when there is no entry; else what is wrong with it."""
-    xml, binary, digests = cached_xml, cached_xml.with_suffix(".bin"), _ov_digest_file(cached_xml)
-    if not xml.exists() and not binary.exists() and not digests.exists():
-        return "absent"
-    try:
-        recorded = json.loads(digests.read_text())
-    except (OSError, ValueError) as exc:
-        return f"its digest file is unreadable: {_first_line(exc)}"
-    if not isinstance(recorded, dict):
-        return "its digest file is not a JSON object"
-    for label, path in (("xml", xml), ("bin", binary)):
-        try:
-            if not path.is_file() or sha256_file(path) != recorded.get(label):
-                return f"the .{label} file is missing or does not match its sha256"
-        except OSError as exc:
-            return f"the .{label} file is unreadable: {exc.strerror or exc}"
-    return None
-
-
-def _store_ir(src_xml: Path, cached_xml: Path) -> None:
-    """Put a fresh IR pair in the cache: the old digest goes first (so a crash leaves no entry that
-    looks whole), the files are replaced atomically, the new digest file lands last."""
-    digests = _ov_digest_file(cached_xml)
-    with contextlib.suppress(FileNotFoundError):
-        digests.unlink()
-    _copy_ir(src_xml, cached_xml)
-    payload = {"xml": sha256_file(cached_xml), "bin": sha256_file(cached_xml.with_suffix(".bin"))}
-    with atomic_path(digests) as tmp:
-        tmp.write_text(json.dumps(payload))
-
-
-def _copy_ir(src_xml: Path, dst_xml: Path) -> None:
-    """Copy an IR pair; the .bin lands first and the .xml last, each atomically."""
-    for suffix in (".bin", ".xml"):
-        with atomic_path(dst_xml.with_suffix(suffix)) as tmp:
-            shutil.copyfile(src_xml.with_suffix(suffix), tmp)

@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from .. import interrupts
 from ..backends.base import TensorRTOptions
+from ..backends.tensorrt.exporter import image_stack
 from ..bench import bench_bundle
 from ..bundle import Bundle
 from ..checks import parse_batch, parse_list
@@ -25,7 +26,6 @@ from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain import explain_bundle
 from ..export import ExportRequest
-from ..exporters.tensorrt import image_stack
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
 from ..loaders import untrusted_code

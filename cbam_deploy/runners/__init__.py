@@ -1,15 +1,6 @@
-"""One Runner interface over the inference backends: ``infer(batch) -> outputs``.
+"""The Runner interface (``base``) and the PyTorch original's runner (``torch``).
 
-``TorchRunner`` (the eager original), ``OnnxRuntimeRunner``, ``OpenVINORunner`` and
-``TensorRTRunner`` (``runners.openvino``, ``runners.tensorrt``: their libraries are optional).
-Which runner opens which artifact is ``cbam_deploy.runtimes``; opening a bundle's artifact, and
-rebuilding the PyTorch original a bundle was made from, is ``cbam_deploy.loaders``.
+Each artifact format's runner lives in its package (``backends/<format>/runner.py``); which runner
+opens which artifact is ``cbam_deploy.runtimes``; opening a bundle's artifact, and rebuilding the
+PyTorch original a bundle was made from, is ``cbam_deploy.loaders``.
 """
-
-from __future__ import annotations
-
-from .base import Runner
-from .onnxruntime import OnnxRuntimeRunner
-from .torch import TorchRunner
-
-__all__ = ["OnnxRuntimeRunner", "Runner", "TorchRunner"]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.tensorrt.exporter import fit_batch_to_profile
 from ..bundle import Bundle
 from ..checks import check_name, safe_name, shorten
 from ..errors import CbamDeployError
-from ..exporters.tensorrt import fit_batch_to_profile
 from ..loaders import open_artifact
 from ..manifest import MANIFEST_NAME
 from .batcher import BatcherError, DynamicBatcher
@@ -35,8 +35,6 @@ from .config import ServeConfig
 from .images import decode_image
 from .protocol import MAX_DIMS, MAX_ELEMENTS, ProtocolError, decode_input, parse_infer_request
 from .threads import DaemonThreads
-
-
 
 
 class Metrics:

@@ -1,9 +1,10 @@
 """The ExecuTorch build: an fp32 ``.pte`` (XNNPACK delegate) from the bundle's PyTorch model.
 
-ExecuTorch programs come from ``torch.export``, not from the ONNX, so the model is rebuilt with the
-same trust rules as ``verify`` (``loaders``): a zoo model by its recorded weights or seeded init, a
-factory only with ``--model file.py:factory`` / ``--trust-code``. Where it cannot be rebuilt the
-build is skipped with the reason. The artifact is still tied to the bundle's FP32 ONNX (its
+ExecuTorch programs come from ``torch.export``, not from the ONNX, so the build takes the PyTorch
+model from ``options.pytorch_model()``: the builds table (``cbam_deploy.build``) rebuilds it with the
+same trust rules as ``verify`` (``loaders.rebuild_model``): a zoo model by its recorded weights or
+seeded init, a factory only with ``--model file.py:factory`` / ``--trust-code``. Where it cannot be
+rebuilt the build is skipped with the reason. The artifact is still tied to the bundle's FP32 ONNX (its
 ``source_sha256``): a re-export that changes the ONNX drops it, as it drops every derived artifact.
 
 Input bounds: a fixed dim of the bundle stays fixed; a dynamic batch spans ``--min-batch``..``--max-batch``
@@ -19,20 +20,11 @@ from pathlib import Path
 
 from ...bundle import Bundle
 from ...errors import BackendUnavailable
-from ...loaders import is_stand_in, reference_runner
 from ...transaction import BundleUpdate
 from ..base import BuildOptions, BuildOutcome, commit_artifact
 from .exporter import default_bounds, export_pte
 
 MLP_BATCHED_NOTE = "mlp-batched is not applied: its sum over the batch axis and scaled bias do not lower to XNNPACK"
-
-
-def pytorch_model(bundle: Bundle, trust=None):
-    """(the bundle's PyTorch model, None), or (None, why it cannot be rebuilt here)."""
-    reference, label = reference_runner(bundle, trust=trust)
-    if is_stand_in(reference):
-        return None, f"ExecuTorch programs are made from the PyTorch model, which is {label.partition('stand-in: ')[2].rstrip(')')}"
-    return reference.model, None
 
 
 def bounds_for(bundle: Bundle, options: BuildOptions):
@@ -54,9 +46,13 @@ def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutco
         return BuildOutcome("executorch", precision, skipped="ExecuTorch INT8 comes from the executorch quantize recipe")
     bundle = Bundle.open(bundle_dir)
     bundle.path_of("onnx-fp32")
-    module, why = pytorch_model(bundle, options.trust)
+    if options.pytorch_model is None:
+        return BuildOutcome("executorch", precision, skipped="ExecuTorch programs are made from the PyTorch model, "
+                            "and none was given to this build")
+    module, why = options.pytorch_model()
     if module is None:
-        return BuildOutcome("executorch", precision, skipped=why)
+        return BuildOutcome("executorch", precision, skipped=f"ExecuTorch programs are made from the PyTorch model, "
+                            f"which is {why}")
     bounds = bounds_for(bundle, options)
     rewrite = bundle.cbam_opt.get("mode", "on") == "on"
     with BundleUpdate(bundle_dir) as update:
@@ -71,4 +67,4 @@ def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutco
     return BuildOutcome("executorch", precision, artifact["name"])
 
 
-__all__ = ["bounds_for", "build", "cbam_opt_record", "pytorch_model"]
+__all__ = ["bounds_for", "build", "cbam_opt_record"]

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from ..errors import CbamDeployError
-from .base import Runner
+from ...errors import CbamDeployError
+from ...runners.base import Runner
 
 CPU_EP = "CPUExecutionProvider"
 _GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CbamDeployError
-from ..exporters.tensorrt import check_engine_compatible, current_gpu, profile_chunks, require_tensorrt, sidecar
-from .base import Runner
+from ...errors import CbamDeployError
+from ...runners.base import Runner
+from .exporter import check_engine_compatible, current_gpu, profile_chunks, require_tensorrt, sidecar
 
 
 class TensorRTRunner(Runner):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CbamDeployError
-from ..exporters.openvino import require_openvino
-from .base import Runner
+from ...errors import CbamDeployError
+from ...runners.base import Runner
+from .exporter import require_openvino
 
 _HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": None}  # None: the device's default
 

@@ -20,11 +20,11 @@ import onnxslim
 import torch
 from torch import nn
 
-from ..checks import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_choice, is_int
-from ..errors import CbamDeployError
-from ..fsutil import atomic_path
-from ..outputs import describe_outputs, dynamic_output_axes, flatten_outputs
-from ..scopes import metadata_scopes
+from ...checks import MAX_BATCH, MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_choice, is_int
+from ...errors import CbamDeployError
+from ...fsutil import atomic_path
+from ...outputs import describe_outputs, dynamic_output_axes, flatten_outputs
+from ...scopes import metadata_scopes
 
 INPUT_NAME = "input"
 DEFAULT_OPSET = 17

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bundle import Bundle
-from ..errors import BackendUnavailable
-from ..exporters.openvino import export_ir
-from ..transaction import BundleUpdate
-from .base import BuildOptions, BuildOutcome, commit_artifact
+from ...bundle import Bundle
+from ...errors import BackendUnavailable
+from ...transaction import BundleUpdate
+from ..base import BuildOptions, BuildOutcome, commit_artifact
+from .exporter import export_ir
 
 
 def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutcome:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..errors import BackendUnavailable, CbamDeployError
-from ..fsutil import atomic_path
+from ...errors import BackendUnavailable, CbamDeployError
+from ...fsutil import atomic_path
 
 
 def require_openvino():

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bundle import Bundle
-from ..errors import BackendUnavailable
-from ..exporters.tensorrt import (Profile, build_engine, current_gpu, default_timing_cache, fp16_onnx, parse_version,
-                                  plan_build, require_tensorrt)
-from ..manifest import artifact_name
-from ..transaction import BundleUpdate
-from .base import BuildOptions, BuildOutcome, TensorRTOptions, commit_artifact
+from ...bundle import Bundle
+from ...errors import BackendUnavailable
+from ...manifest import artifact_name
+from ...transaction import BundleUpdate
+from ..base import BuildOptions, BuildOutcome, TensorRTOptions, commit_artifact
+from .exporter import (
+    Profile,
+    build_engine,
+    current_gpu,
+    default_timing_cache,
+    fp16_onnx,
+    parse_version,
+    plan_build,
+    require_tensorrt,
+)
 
 
 def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutcome:

@@ -47,9 +47,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ..errors import BackendUnavailable, CbamDeployError
-from ..fsutil import atomic_path, cache_root, write_bytes_atomic
-from ..manifest import fixed_batch
+from ...errors import BackendUnavailable, CbamDeployError
+from ...fsutil import atomic_path, cache_root, write_bytes_atomic
+from ...manifest import fixed_batch
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_VERSION = (8, 5)

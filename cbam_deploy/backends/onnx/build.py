@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import BuildOptions, BuildOutcome
+from ..base import BuildOptions, BuildOutcome
 
 
 def build(bundle_dir: Path, precision: str, options: BuildOptions) -> BuildOutcome:
