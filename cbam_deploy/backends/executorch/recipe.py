@@ -73,11 +73,17 @@ def _config(get_config, minmax):
     return replace(config, input_activation=act, output_activation=out)
 
 
-def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str):
+def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str, rewritten: bool = True):
     """The XNNPACK quantizer with the gate policy: under ``fp`` the filter keeps every gate node out of
     the patterns it annotates, and what ``propagate_annotation`` then spreads into the gate through
-    its reshapes and concatenations (observers on the gate layers' inputs) is taken back off."""
+    its reshapes and concatenations (observers on the gate layers' inputs) is taken back off.
+    After ``xnnpack-pools`` no 1x1 adaptive average pool is left (each is a mean over H, W, whose
+    node still carries the pool module's source, which the adaptive-pool annotator would take for
+    its own op and reject), so that pattern is not annotated."""
     class GatePolicyQuantizer(quantizer_cls):
+        SUPPORTED_PATTERNS = [p for p in quantizer_cls.SUPPORTED_PATTERNS
+                              if not (rewritten and p.name == "adaptive_avg_pool2d")]
+
         def annotate(self, model):
             model = super().annotate(model)
             if gates == "fp":
@@ -116,7 +122,7 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
             raise CbamDeployError(f"the gate policy cannot be applied: gate(s) {', '.join(missing)} not found in the "
                                   "exported program")
     gate_nodes = set(nodes_of(found))
-    quantizer = _policy_quantizer(quantizer_cls, gate_nodes, gates)().set_global(_config(get_config, minmax))
+    quantizer = _policy_quantizer(quantizer_cls, gate_nodes, gates, rewrite)().set_global(_config(get_config, minmax))
     if gates == "fp":
         quantizer.set_filter_function(lambda node: node.name not in gate_nodes)
     graph_module = program.module()
