@@ -167,6 +167,39 @@ def test_gate_policy_int8_holds_and_a_broken_policy_fails(tmp_path, monkeypatch)
     assert not (tmp_path / "fp.pte").exists()  # nothing written for a build that broke the policy
 
 
+def _tiny_cbam():
+    from cbam_deploy.models.layers import CBAM
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), CBAM(16, 4),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+
+
+@needs_executorch
+def test_executorch_default_peer_leaves_cbam_pools_outside(tmp_path):
+    """ExecuTorch's documented path (no rewrite): the pools stay outside the delegate, in several calls;
+    on third-party code such as torch.max(x, 1, keepdim=True)[0] it does not lower at all (said why)."""
+    from cbam_deploy.peers import build_peers
+
+    model = _tiny_cbam()
+    example = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    runners, skipped = build_peers(model, example, None, tmp_path, which=["peer-executorch-fp32",
+                                                                         "peer-executorch-pt2e-int8"])
+    assert [s["peer"] for s in skipped] == ["peer-executorch-pt2e-int8"]  # no calibration data given
+    info = runners["peer-executorch-fp32"].describe()
+    assert info["partitions"] > 1 and info["outside_delegate"].get("aten.amax.default") == 2, info
+    assert "to_edge_transform_and_lower" in info["made_by"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    assert np.abs(runners["peer-executorch-fp32"].run(x) - reference).max() < 1e-5
+    with pytest.raises(CbamDeployError, match="exported for inputs of shape"):
+        runners["peer-executorch-fp32"].run(x[:, :, :16])
+    _, skipped = build_peers(_styles().yolo_detector(), np.zeros((1, 3, 64, 64), np.float32), None, tmp_path,
+                             which=["peer-executorch-fp32"])
+    assert "amax" in skipped[0]["reason"]
+
+
 def test_missing_extra_reported_in_one_line(tmp_path):
     """With executorch removed from the interpreter (sys.modules entry None: import fails), the
     format's probe and the runtime give the one install line."""
