@@ -166,6 +166,9 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     verified = verify_bundle(bundle_dir, artifacts=built, trust=trust)
     timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters, trust=trust)
     sizes = {a.name: a.size_bytes for a in Bundle.open(bundle_dir).artifacts}
+    # delegate-lowered programs (ExecuTorch): partitions and the ops left outside them
+    delegation = {a.name: {"partitions": a.export["partitions"], "outside_delegate": a.export.get("outside_delegate")}
+                  for a in Bundle.open(bundle_dir).artifacts if (a.export or {}).get("partitions") is not None}
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
@@ -179,7 +182,8 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
         rows.append({"artifact": outcome.name, "format": outcome.format, "precision": outcome.precision,
                      "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
                      "latency_ms": measured["p50_ms"] if measured else None,
-                     "speedup": measured.get("speedup_vs_pytorch") if measured else None})
+                     "speedup": measured.get("speedup_vs_pytorch") if measured else None,
+                     **delegation.get(outcome.name, {})})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
             "passed": all(verdicts) if verdicts else None}

@@ -98,6 +98,29 @@ def test_runner_refuses_shapes_outside_the_bounds_in_one_line(et_bundle):
 
 
 @needs_executorch
+def test_serve_runs_the_pte_over_http(et_bundle):
+    """cbam-deploy serve with the .pte (the same Runner interface): infer over HTTP matches the runner;
+    a batch past the export bound is never formed (the batcher is capped at it)."""
+    pytest.importorskip("starlette", reason="serving is the 'serve' extra")
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serving import running_server
+
+    from cbam_deploy.serve.app import ServeConfig, create_app
+
+    out, _ = et_bundle
+    app = create_app(ServeConfig(str(out), artifact="executorch-fp32", max_batch=32, batch_timeout_ms=5))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    with running_server(app) as url:
+        client = httpclient.InferenceServerClient(url=url)
+        request = httpclient.InferInput("input", list(x.shape), "FP32")
+        request.set_data_from_numpy(x)
+        got = client.infer(app.state.model_name, [request]).as_numpy("logits")
+    assert app.state.runner.describe()["backend"] == "executorch"
+    assert np.abs(got - app.state.runner.infer(x)["logits"]).max() < 1e-6
+
+
+@needs_executorch
 def test_damaged_pte_refused_in_one_line(et_bundle, tmp_path):
     out, _ = et_bundle
     from cbam_deploy.backends.executorch.runner import ExecuTorchRunner
