@@ -86,7 +86,7 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
     out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
     if target == "executorch":  # from the PyTorch model itself (checked above: not a stand-in)
-        bounds = default_bounds(list(bundle.input.shape))
+        bounds = default_bounds(list(bundle.input.shape), bundle.input.side)
         calib_batch = min(calib_batch, bounds.batch[1])
         result = quantize_pte(reference.model, out_path, data, bounds, chosen_gates, expected, chosen_method,
                               calib_batch, cache_dir / "executorch" if cache_dir else None, source_sha,

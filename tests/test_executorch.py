@@ -199,6 +199,25 @@ def _tiny_cbam():
 
 
 @needs_executorch
+def test_dynamic_height_and_width_within_bounds_exact_beyond_refused(tmp_path):
+    """Dynamic batch, H and W: one partition; any shape inside the bounds exact (the max pools take the
+    bound as their window, clamped to the input); a side past the bound refused before it runs."""
+    from cbam_deploy.backends.executorch.runner import ExecuTorchRunner
+
+    model = _tiny_cbam()
+    info = export_pte(model, tmp_path / "dyn.pte", Bounds((1, 4), (16, 64), (16, 64)))
+    assert (info["partitions"], info["outside_delegate"]) == (1, {}), info
+    runner = ExecuTorchRunner(tmp_path / "dyn.pte")
+    for shape in ((1, 3, 64, 64), (3, 3, 40, 24), (4, 3, 16, 63)):
+        x = np.random.default_rng(sum(shape)).standard_normal(shape, dtype=np.float32)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(x)).numpy()
+        assert np.abs(runner.run(x) - reference).max() < 1e-5, shape
+    with pytest.raises(CbamDeployError, match="height 16..64; got 65"):
+        runner.run(np.zeros((1, 3, 65, 32), np.float32))
+
+
+@needs_executorch
 def test_executorch_default_peer_leaves_cbam_pools_outside(tmp_path):
     """ExecuTorch's documented path (no rewrite): the pools stay outside the delegate, in several calls;
     on third-party code such as torch.max(x, 1, keepdim=True)[0] it does not lower at all (said why)."""

@@ -29,7 +29,8 @@ MLP_BATCHED_NOTE = "mlp-batched is not applied: its sum over the batch axis and 
 
 def bounds_for(bundle: Bundle, options: BuildOptions):
     trt = options.trt
-    return default_bounds(list(bundle.input.shape), trt.min_batch if trt else 1, trt.max_batch if trt else 8)
+    return default_bounds(list(bundle.input.shape), bundle.input.side, trt.min_batch if trt else 1,
+                          trt.max_batch if trt else 8)
 
 
 def cbam_opt_record(bundle: Bundle, rewrite: dict | None) -> dict:

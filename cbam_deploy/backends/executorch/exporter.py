@@ -137,16 +137,15 @@ class Bounds:
                                       "refused; export again with other bounds")
 
 
-def default_bounds(shape: list, min_batch: int = 1, max_batch: int = 8) -> Bounds:
-    """Bounds from the bundle's input shape (N, C, H, W; a name for a dynamic dim): a dynamic batch
-    spans ``min_batch..max_batch``; a dynamic H/W spans half to twice the export size (ExecuTorch
-    plans memory for the upper bounds, so they must be finite)."""
-    side = next((d for d in shape[2:] if isinstance(d, int)), None)
-
+def default_bounds(shape: list, side: int, min_batch: int = 1, max_batch: int = 8) -> Bounds:
+    """Bounds from the bundle's input shape (N, C, H, W; a name for a dynamic dim) and its export side:
+    a dynamic batch spans ``min_batch..max_batch``; a dynamic H/W spans half to twice ``side``
+    (ExecuTorch plans memory for the upper bounds, so they must be finite)."""
     def span(dim, lo, hi) -> tuple[int, int]:
         return (dim, dim) if isinstance(dim, int) else (lo, hi)
-    return Bounds(span(shape[0], min_batch, max_batch), span(shape[2], max(8, (side or 224) // 2), 2 * (side or 224)),
-                  span(shape[3], max(8, (side or 224) // 2), 2 * (side or 224)), int(shape[1]))
+    low, high = max(8, side // 2), 2 * side
+    return Bounds(span(shape[0], min_batch, max_batch), span(shape[2], low, high), span(shape[3], low, high),
+                  int(shape[1]))
 
 
 # ------------------------------------------------------------------------------ the rewrite
