@@ -84,6 +84,19 @@ def test_verify_checks_parity_and_the_recorded_gate_policy(et_bundle):
 
 
 @needs_executorch
+def test_bench_reports_partitions_and_profile_says_why_not(et_bundle):
+    out, _ = et_bundle
+    result = CliRunner().invoke(app, ["bench", str(out), "--artifact", "executorch-fp32", "--iters", "3", "--warmup",
+                                      "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["runner"]: r for r in json.loads(result.stdout)["results"]}
+    assert rows["executorch-fp32"]["partitions"] == 1 and rows["executorch-fp32"]["outside_delegate"] == {}
+    assert rows["executorch-fp32"]["p50_ms"] > 0
+    result = CliRunner().invoke(app, ["profile", str(out), "--artifact", "executorch-fp32"])
+    assert result.exit_code == 2 and "ETDump" in result.output
+
+
+@needs_executorch
 def test_runner_refuses_shapes_outside_the_bounds_in_one_line(et_bundle):
     out, _ = et_bundle
     from cbam_deploy.loaders import open_artifact
@@ -174,10 +187,10 @@ def test_gate_policy_int8_holds_and_a_broken_policy_fails(tmp_path, monkeypatch)
     from cbam_deploy.data import load_calibration
     from cbam_deploy.export import make_input_spec
 
-    model = _styles().yolo_detector()
-    expected = find_gates(model, torch.zeros(1, 3, 64, 64)).describe()["gates"]
-    bounds = Bounds((1, 4), (64, 64), (64, 64))
-    data = load_calibration("synthetic", make_input_spec(64, shape=[1, 3, 64, 64]), 8)
+    model = _tiny_cbam()
+    expected = find_gates(model, torch.zeros(1, 3, 32, 32)).describe()["gates"]
+    bounds = Bounds((1, 4), (32, 32), (32, 32))
+    data = load_calibration("synthetic", make_input_spec(32, shape=[1, 3, 32, 32]), 8)
     result = recipe.quantize_pte(model, tmp_path / "int8.pte", data, bounds, "int8", expected)
     check = result.info["gate_check"]
     assert check["held"] and check["gates"] == len(expected) >= 2
