@@ -5,6 +5,7 @@ outside the export bounds, a damaged .pte) and the missing extra, each in one li
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from cbam_deploy.gates import find_gates
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = probe()
 needs_executorch = pytest.mark.skipif(MISSING is not None, reason=f"ExecuTorch extra not installed: {MISSING}")
+# lowering every zoo CBAM model takes tens of minutes on 2 cores: run with CBAM_DEPLOY_SWEEP=1
+sweep = pytest.mark.skipif(not os.environ.get("CBAM_DEPLOY_SWEEP"),
+                           reason="sweeps full-size networks (tens of minutes on 2 cores): set CBAM_DEPLOY_SWEEP=1")
 
 
 def _styles():
@@ -280,6 +284,7 @@ def test_missing_extra_reported_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@sweep
 @needs_executorch
 @pytest.mark.parametrize("outputs", ["logits", "features"])
 def test_every_zoo_cbam_model_lowers_into_one_partition(outputs, tmp_path):
@@ -295,6 +300,7 @@ def test_every_zoo_cbam_model_lowers_into_one_partition(outputs, tmp_path):
 
 
 @pytest.mark.slow
+@sweep
 @needs_executorch
 @pytest.mark.parametrize("style", ["third_party_resnet", "neutral_names", "official_layout"])
 def test_other_third_party_styles_lower_into_one_partition(style, tmp_path):
