@@ -23,12 +23,14 @@ import onnx
 from torch import nn
 
 from .backends.executorch.exporter import NO_GATE_MAPS
+from .backends.ncnn.exporter import NcnnParam
+from .backends.ncnn.runner import NcnnRunner
 from .backends.onnx.runner import OnnxRuntimeRunner
 from .backends.openvino.exporter import require_openvino
 from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
-from .gates import GatesUntraceable, onnx_gates, openvino_gates, shape_map, trace_gate_maps
+from .gates import GatesUntraceable, ncnn_gates, onnx_gates, openvino_gates, shape_map, trace_gate_maps
 
 TOP_FRACTION = 0.10
 TOP_CHANNEL_FRACTION = 0.25
@@ -82,10 +84,16 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
             probe = Path(tmp) / "probe.xml"
             ov.save_model(model, str(probe), compress_to_fp16=False)
             outputs = OpenVINORunner(probe, precision=artifact.precision, threads=threads).infer(x)
+        elif artifact.format == "ncnn":  # a gate's sigmoid output is a named blob ncnn can extract
+            found = ncnn_gates(NcnnParam.read(path).layers, expected)
+            tensors = {g.name: g.sigmoid_tensor for g in found}
+            outputs = NcnnRunner(path, precision=artifact.precision, threads=threads,
+                                 extra_blobs=list(dict.fromkeys(tensors.values()))).infer(x)
         elif artifact.format == "executorch":
             raise BackendUnavailable(f"attention maps cannot be read from {name}: {NO_GATE_MAPS}")
         else:
-            raise BackendUnavailable(f"attention maps are read from onnx and openvino artifacts; {name} is {artifact.format}")
+            raise BackendUnavailable(f"attention maps are read from onnx, openvino and ncnn artifacts; {name} is "
+                                     f"{artifact.format}")
     kinds = {g.name: g.kind for g in found}
     return {gate: shape_map(outputs[tensor], kinds[gate]) for gate, tensor in tensors.items() if tensor in outputs}
 

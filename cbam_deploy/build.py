@@ -11,16 +11,18 @@ from pathlib import Path
 
 from .backends.base import BuildOptions, BuildOutcome, TensorRTOptions
 from .backends.executorch import build as executorch_build
+from .backends.ncnn import build as ncnn_build
 from .backends.onnx import build as onnx_build
 from .backends.openvino import build as openvino_build
 from .backends.tensorrt import build as tensorrt_build
 from .bundle import Bundle
 from .checks import parse_list
+from .bundle import Bundle
 from .errors import BackendUnavailable
 from .formats import Format
 from .formats import formats as backend_formats
 from .formats import get as get_format
-from .loaders import rebuild_model
+from .loaders import is_stand_in, reference_runner
 from .manifest import artifact_name
 from .quantize import quantize_bundle
 
@@ -29,6 +31,7 @@ BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
     "onnx": onnx_build.build,
     "openvino": openvino_build.build,
     "tensorrt": tensorrt_build.build,
+    "ncnn": ncnn_build.build,
     "executorch": executorch_build.build,
 }
 
@@ -49,6 +52,15 @@ def all_backends() -> list[Backend]:
     return [get_backend(fmt) for fmt in backend_formats()]
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _pytorch_model(bundle_dir: Path, trust):
+    """For builds that convert the PyTorch model (``BuildOptions.pytorch_model``): the bundle's model,
+    rebuilt as ``verify`` rebuilds it (factory code only under ``trust``), or (None, why not)."""
+    def rebuild() -> tuple[object, str]:
+        reference, label = reference_runner(Bundle.open(bundle_dir), trust=trust)
+        return (None, label) if is_stand_in(reference) else (reference.model, "")
+    return rebuild
 
 
 def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions: str | list[str],
@@ -85,6 +97,6 @@ def build_artifacts(bundle_dir: str | Path, formats: str | list[str], precisions
             if missing:
                 outcomes.append(BuildOutcome(fmt, precision, skipped=missing))
                 continue
-            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(
-                gates=gates, trt=trt, pytorch_model=lambda: rebuild_model(Bundle.open(bundle_dir), trust))))
+            outcomes.append(backend.build(bundle_dir, precision, BuildOptions(gates=gates, trt=trt,
+                                                                              pytorch_model=_pytorch_model(bundle_dir, trust))))
     return outcomes

@@ -9,7 +9,7 @@ says, and shows for it:
   attention-bearing stage, upsampled with ``LayerAttribution.interpolate``; classifiers only);
 - every gate the gate finder (``cbam_deploy.gates``) finds, whatever its module or class names:
   each spatial gate (the sigmoid map; a BAM joint gate shown as its mean over channels) of PyTorch and
-  of each ONNX / OpenVINO artifact under its own runtime (``attention.artifact_maps``), side by side,
+  of each ONNX / OpenVINO / ncnn artifact under its own runtime (``attention.artifact_maps``), side by side,
   with the per-gate correlation and top-10% IoU of ``attention.compare_maps`` under each artifact's
   map; each channel gate (SE, ECA, CBAM's channel attention) as a profile, one value per channel,
   of PyTorch and of each artifact, with the profiles' cosine and top-k channel overlap.
@@ -55,7 +55,7 @@ MIN_DISPLAY = 160  # small inputs (digits: 32 px) are upscaled, nearest, to at l
 OVERLAY_ALPHA = 0.55
 COLORMAP = "turbo"
 TOP_K = 5
-EXPLAINABLE_FORMATS = ("onnx", "openvino")
+EXPLAINABLE_FORMATS = ("onnx", "openvino", "ncnn")
 
 
 def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: list[str] | None = None,
@@ -261,11 +261,11 @@ def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str
         if wrong:
             shown = ", ".join(f"{n} is {bundle.artifact(n).format}" for n in wrong)
             why = f" ({NO_GATE_MAPS})" if any(bundle.artifact(n).format == "executorch" for n in wrong) else ""
-            raise CbamDeployError(f"--artifact: explain reads the gates of onnx and openvino artifacts; {shown}{why}")
+            raise CbamDeployError(f"--artifact: explain reads the gates of onnx, openvino and ncnn artifacts; {shown}{why}")
         return list(dict.fromkeys(names)), {}
     chosen = [a.name for a in bundle.artifacts if a.format in EXPLAINABLE_FORMATS]
     skipped = {a.name: NO_GATE_MAPS if a.format == "executorch" else
-               f"{a.format} artifact: explain reads the gates of onnx and openvino artifacts"
+               f"{a.format} artifact: explain reads the gates of onnx, openvino and ncnn artifacts"
                for a in bundle.artifacts if a.format not in EXPLAINABLE_FORMATS}
     return chosen, skipped
 

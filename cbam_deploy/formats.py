@@ -45,7 +45,7 @@ class Format:
     probe: Callable[[], str | None] = lambda: None  # None when usable here, else why not
     # the files beside the artifact's file (given its path), named relative to its folder; each is in the manifest
     companions: Callable[[Path], tuple[str, ...]] = lambda path: ()
-    no_triton: str | None = None  # with triton=None: why the format is not servable in Triton/KServe, in one line
+    no_triton: str | None = None  # with triton None: the one line saying why it is not served there
 
 
 def external_data_files(path) -> tuple[str, ...]:
@@ -109,6 +109,14 @@ FORMATS: dict[str, Format] = {f.format: f for f in (
         triton=TritonFragment('platform: "tensorrt_plan"', ("model.plan",), "KIND_GPU", ("KIND_GPU",)),
         probe=_has("tensorrt", "TensorRT is not installed (and needs an NVIDIA GPU)"),
         companions=lambda engine: (Path(engine).name + ".json",),  # the metadata sidecar
+    ),
+    Format(
+        format="ncnn", title="ncnn (pnnx)", extension="param", precisions=("fp32",), quantize_recipe="ncnn",
+        preferred_runtimes=("ncnn",),
+        triton=None,
+        no_triton="not servable in Triton/KServe (neither has an ncnn backend): serve it with 'cbam-deploy serve'",
+        probe=_has("ncnn", "ncnn is not installed: install the ncnn extra: pip install 'cbam-deploy[ncnn]'"),
+        companions=lambda param: (Path(param).with_suffix(".bin").name,),  # the weights
     ),
     Format(
         # a .pte with the XNNPACK delegate, made from the PyTorch model (torch.export), not from the ONNX;

@@ -757,6 +757,128 @@ def openvino_gates(model, expected: list[dict] | None = None) -> list[GraphGate]
     return _graph_gates(_ov_graph(model), expected)
 
 
+# --------------------------------------------------------------------------------------- ncnn side
+
+_NCNN_VIEW = {"Split", "Reshape", "Flatten", "Permute", "Squeeze", "ExpandDims", "Noop"}
+_NCNN_WEIGHTED = {"Convolution": "conv", "ConvolutionDepthWise": "conv", "Convolution1D": "conv",
+                  "InnerProduct": "linear"}
+_NCNN_SIGMOID_ACTIVATION = 4  # activation_type (param 9) of a conv / inner product with a fused sigmoid
+
+
+def _ncnn_int(layer, key: int, default: int = 0) -> int:
+    value = layer.params.get(str(key))
+    return default if value is None else int(float(value))
+
+
+def _ncnn_graph(layers) -> _Graph:
+    """``layers``: an ncnn .param's layers (type, name, inputs, outputs, params: id -> text). A conv or
+    inner product with a fused sigmoid (pnnx fuses them) is split into the layer and its sigmoid."""
+    ops, constants, inputs = [], set(), set()
+    producers = {b: layer for layer in layers for b in layer.outputs}
+    for layer in layers:
+        t = layer.type
+        if t == "Input":
+            inputs.update(layer.outputs)
+            continue
+        if t == "MemoryData":
+            constants.update(layer.outputs)
+            continue
+        op = _Op(layer.name, "other", list(layer.inputs), list(layer.outputs), op_type=t)
+        if t in ("Sigmoid", "HardSigmoid"):
+            op.kind = "sigmoid" if t == "Sigmoid" else "hardsigmoid"
+        elif t == "BinaryOp":
+            kind = {0: "add", 2: "mul"}.get(_ncnn_int(layer, 0))
+            with_scalar = _ncnn_int(layer, 1) == 1
+            op.kind = kind if kind and (kind == "add" or not with_scalar) else "other"
+        elif t in _NCNN_VIEW:
+            op.kind, op.inputs = "view", op.inputs[:1]
+        elif t in _NCNN_WEIGHTED:
+            op.kind = _NCNN_WEIGHTED[t]
+            op.quantized_op = _ncnn_int(layer, 8) > 0
+            if _ncnn_int(layer, 9) == _NCNN_SIGMOID_ACTIVATION:
+                pre = f"{layer.outputs[0]}#{layer.name}"
+                op.outputs = [pre]
+                ops.append(op)
+                op = _Op(f"{layer.name}:sigmoid", "sigmoid", [pre], list(layer.outputs), op_type="Sigmoid")
+        elif t == "Pooling":
+            pool = {0: "max", 1: "avg"}.get(_ncnn_int(layer, 0), "other")
+            global_pool = _ncnn_int(layer, 4) == 1 or (_ncnn_int(layer, 7) == 1 and _ncnn_int(layer, 8) == 1
+                                                       and _ncnn_int(layer, 18, 1) == 1)
+            if global_pool:
+                op.kind, op.axes, op.pool = "pool", "hw", pool
+            else:  # a (C, 1) pool over a map whose channels were permuted to its H axis: a pool over C
+                source = producers.get(layer.inputs[0])
+                while source is not None and source.type == "Split":
+                    source = producers.get(source.inputs[0])
+                if source is not None and source.type == "Permute" and _ncnn_int(layer, 1) == 1 and \
+                        _ncnn_int(layer, 11, 1) > 1:
+                    op.kind, op.axes, op.pool = "pool", "c", pool
+        elif t == "Reduction":
+            pool = {3: "avg", 4: "max"}.get(_ncnn_int(layer, 0), "other")
+            raw = layer.params.get("-23303")
+            axes = tuple(sorted(int(v) for v in raw.split(",")[1:])) if raw else ()
+            if axes == (1, 2):
+                op.kind, op.axes, op.pool = "pool", "hw", pool
+            elif axes == (0,):
+                op.kind, op.axes, op.pool = "pool", "c", pool
+        ops.append(op)
+    return _Graph(ops, {}, constants, set(), inputs)
+
+
+def ncnn_gates(layers, expected: list[dict] | None = None) -> list[GraphGate]:
+    """The gates of an ncnn .param (its layers), named after ``expected`` (the manifest's): ncnn keeps
+    no module names, so the n-th gate of a kind here is the model's n-th gate of that kind (pnnx
+    keeps the traced order)."""
+    graph = _ncnn_graph(layers)
+    found = _search(graph)
+    records = _describe(graph, found, lambda sigmoid: sigmoid.name)
+    result = []
+    for gate, record in zip(found, records):
+        nodes = [op.name for op in gate["body"]] + [gate["sigmoid"].name] + [op.name for op in gate["chain"]] + \
+            [gate["multiply"].name]
+        result.append(GraphGate(record, gate["sigmoid"].name, gate["multiply"].name, [op.name for op in gate["chain"]],
+                                list(dict.fromkeys(nodes)), gate["sigmoid"].outputs[0], _quantization(graph, gate)))
+        result[-1].record["ncnn_layers"] = [op.name for op in gate["body"] if op.kind in ("conv", "linear")]
+    if expected is not None:
+        names = defaultdict(list)
+        for gate in expected:
+            names[gate["kind"]].append(gate["name"])
+        for gate in result:
+            if names[gate.kind]:
+                gate.record["name"] = names[gate.kind].pop(0)
+    return result
+
+
+def check_ncnn_policy(layers, expected: list[dict] | None, policy: str, artifact: str) -> dict:
+    """The gate policy on an ncnn INT8 model: ncnn runs Sigmoid and BinaryOp in float whatever the
+    policy (it has no int8 kernels for them), so the policy governs the gate's layers: ``fp``: none
+    of them has int8 scales; ``int8``: every one of them has."""
+    if policy not in ("fp", "int8"):
+        raise CbamDeployError(f"gate policy must be fp or int8, got {policy!r}")
+    found = ncnn_gates(layers, expected)
+    by_name = {g.name: g for g in found}
+    names = [g["name"] for g in expected] if expected is not None else list(by_name)
+    rows, broken = [], []
+    for name in names:
+        gate = by_name.get(name)
+        if gate is None:
+            rows.append({"gate": name, "found": False})
+            broken.append(f"{name}: not found in {artifact}")
+            continue
+        layers_all = gate.record["ncnn_layers"]
+        quantized = gate.quantized["layers"]
+        rows.append({"gate": name, "kind": gate.kind, "found": True, "sigmoid_quantized": False,
+                     "multiply_quantized": False, "layers": layers_all, "quantized_layers": quantized})
+        if policy == "fp" and quantized:
+            broken.append(f"{name}: layers {', '.join(quantized)} quantized under --gates fp")
+        if policy == "int8":
+            left = [n for n in layers_all if n not in quantized]
+            if left:
+                broken.append(f"{name}: layers {', '.join(left)} left in float under --gates int8")
+    return {"policy": policy, "gates": len(names), "checked_on": artifact, "held": not broken, "broken": broken,
+            "per_gate": rows, "note": "ncnn has no int8 Sigmoid or BinaryOp: gate sigmoids and multiplies run in fp32"}
+
+
 # ------------------------------------------------------------------------------ the policy check
 
 def _through(graph: _Graph, tensor, backwards: bool) -> bool:
@@ -856,5 +978,6 @@ def nodes_of(found: list[GraphGate]) -> list[str]:
     return list(dict.fromkeys(n for g in found for n in g.nodes))
 
 
-__all__ = ["GateReport", "GatesUntraceable", "GraphGate", "KINDS", "check_onnx_policy", "check_openvino_policy",
-           "check_program_policy", "find_gates", "nodes_of", "onnx_gates", "openvino_gates", "policy_check", "program_gates", "shape_map", "torch_gate_maps", "trace_gate_maps"]
+__all__ = ["GateReport", "GatesUntraceable", "GraphGate", "KINDS", "check_ncnn_policy", "check_onnx_policy",
+           "check_openvino_policy", "check_program_policy", "find_gates", "ncnn_gates", "nodes_of", "onnx_gates",
+           "openvino_gates", "policy_check", "program_gates", "shape_map", "torch_gate_maps", "trace_gate_maps"]

@@ -14,7 +14,7 @@ from .runners.base import Runner
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
 
-__all__ = ["is_stand_in", "model_spec_to_run", "open_artifact", "rebuild_model", "reference_runner", "untrusted_code"]
+__all__ = ["is_stand_in", "model_spec_to_run", "open_artifact", "reference_runner", "untrusted_code"]
 
 
 def open_artifact(bundle_dir: str | Path | None, manifest, name: str, threads: int | None = None,
@@ -87,15 +87,6 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
         raise CbamDeployError(f"cannot rebuild the PyTorch model ({reason})")
     # on onnxruntime's CPU provider whatever else this machine has: a reference must not compute in TF32
     return open_artifact(bundle_dir, bundle, "onnx-fp32", runtime="ort-cpu"), f"onnx-fp32 (stand-in: {reason})"
-
-
-def rebuild_model(manifest, trust=None) -> tuple:
-    """(the bundle's PyTorch model, None), rebuilt as ``reference_runner`` rebuilds it (same trust
-    rules), or (None, why it cannot be rebuilt here): for formats made from the PyTorch model itself."""
-    reference, label = reference_runner(manifest, trust=trust)
-    if is_stand_in(reference):
-        return None, label.partition("stand-in: ")[2].rstrip(")") or label
-    return reference.model, None
 
 
 def is_stand_in(reference: Runner) -> bool:

@@ -9,6 +9,10 @@ project's artifacts are worth.
 * ``peer-openvino-nncf-int8``   ``nncf.quantize(ov_model, nncf.Dataset(...))`` with default settings.
 * ``peer-ort-quantize-static``  ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch),
                                 then ``onnxruntime.quantization.quantize_static`` with its defaults.
+* ``peer-pnnx-ncnn``            ``pnnx.export(model, ..., inputs=x)`` with its defaults (fp16 weights in
+                                the .bin, CBAM pools as generic Reduction layers), run by ncnn with its
+                                default options (fp16 storage/arithmetic where the CPU has them), image
+                                by image like the project's ncnn runner.
 * ``peer-executorch-fp32``      ExecuTorch's documented path: ``torch.export.export(model, (x,))`` ->
                                 ``to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])``
                                 -> .pte, run by ``executorch.runtime`` (no rewrites: CBAM's pools stay
@@ -43,6 +47,9 @@ import torch
 
 from .backends.executorch.exporter import lower as lower_to_xnnpack
 from .backends.executorch.exporter import require_executorch
+from .backends.ncnn.exporter import convert as pnnx_convert
+from .backends.ncnn.exporter import NcnnParam, require_ncnn, require_pnnx
+from .backends.ncnn.runner import NcnnRunner
 from .errors import BackendUnavailable, CbamDeployError
 from .outputs import flatten_outputs
 from .runners.base import Runner
@@ -265,6 +272,21 @@ def _ort_quantize_static(src: _Source) -> PeerRunner:
     )
 
 
+def _pnnx_ncnn(src: _Source) -> PeerRunner:
+    require_ncnn()
+    require_pnnx()
+    folder = src.workdir / "pnnx-ncnn"
+    folder.mkdir(parents=True, exist_ok=True)
+    param = folder / "model.param"
+    _, seconds = _timed(pnnx_convert, src.module, src.example_tensor()[:1], param, folder / "model.bin", True)
+    runner = NcnnRunner(param, precision="fp16", threads=src.threads, pinned=False)
+    described = runner.describe()
+    return PeerRunner(runner.run, "ncnn", "fp16", "pnnx.export(model, path, inputs=x) (fp16=True: its default); "
+                      "ncnn.Net() with its default options", runner.threads,
+                      {"convert_seconds": seconds, "layers": NcnnParam.read(param).counts(),
+                       "compute_precision": described["compute_precision"], "ncnn_options": described["ncnn_options"]})
+
+
 def _ort_default_threads() -> int | None:
     """onnxruntime's default intra-op pool: one thread per physical core."""
     return psutil.cpu_count(logical=False) or os.cpu_count()
@@ -341,6 +363,7 @@ PEERS: dict[str, Callable[[_Source], PeerRunner]] = {
     "peer-openvino-fp32": _openvino_fp32,
     "peer-openvino-nncf-int8": _openvino_nncf_int8,
     "peer-ort-quantize-static": _ort_quantize_static,
+    "peer-pnnx-ncnn": _pnnx_ncnn,
     "peer-executorch-fp32": _executorch_fp32,
     "peer-executorch-pt2e-int8": _executorch_pt2e_int8,
 }

@@ -165,10 +165,12 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     built = [o.name for o in outcomes if o.name]
     verified = verify_bundle(bundle_dir, artifacts=built, trust=trust)
     timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters, trust=trust)
-    sizes = {a.name: a.size_bytes for a in Bundle.open(bundle_dir).artifacts}
+    opened = Bundle.open(bundle_dir)
+    sizes = {a.name: a.size_bytes for a in opened.artifacts}
+    layer_notes = {a.name: _ncnn_layers(opened.manifest, a.name) for a in opened.artifacts if a.format == "ncnn"}
     # delegate-lowered programs (ExecuTorch): partitions and the ops left outside them
     delegation = {a.name: {"partitions": a.export["partitions"], "outside_delegate": a.export.get("outside_delegate")}
-                  for a in Bundle.open(bundle_dir).artifacts if (a.export or {}).get("partitions") is not None}
+                  for a in opened.artifacts if (a.export or {}).get("partitions") is not None}
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
@@ -183,10 +185,21 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
                      "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
                      "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None,
-                     **delegation.get(outcome.name, {})})
+                     **delegation.get(outcome.name, {}),
+                     **({"ncnn": layer_notes[outcome.name]} if outcome.name in layer_notes else {})})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
             "passed": all(verdicts) if verdicts else None}
+
+
+def _ncnn_layers(manifest: dict, name: str) -> dict:
+    """What an ncnn artifact's record says about its layers: the ncnn-pools rewrite and the generic
+    (unoptimised) layers left."""
+    record = next(a for a in manifest["artifacts"] if a["name"] == name)
+    export = record.get("export") or (record.get("quantization") or {}).get("conversion") or {}
+    rewrite = export.get("rewrite") or {}
+    return {"hw_pools_rewritten": rewrite.get("hw_pools"), "channel_pools_rewritten": rewrite.get("channel_pools"),
+            "reductions_left": len(rewrite.get("reductions_left") or []), "generic_layers": export.get("generic_layers")}
 
 
 def bench_model(model: str, artifacts: list[str] | None = None, **options) -> dict:

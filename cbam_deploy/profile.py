@@ -116,6 +116,9 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
             runner.run(x)
             times.extend(runner.node_times())
         tool = f"OpenVINO performance counters ({runner.inference_precision})"
+    elif artifact.format == "ncnn":
+        raise CbamDeployError(f"profile cannot time {name}'s layers: ncnn's Python bindings give no per-layer times "
+                              "(ncnn prints them only when built with NCNN_BENCHMARK); use 'cbam-deploy bench' for its latency")
     elif artifact.format == "executorch":
         raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is executorch: {NO_PROFILE}")
     else:

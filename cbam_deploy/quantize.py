@@ -6,18 +6,23 @@ held-out calibration-source samples and recorded with the recipe, method, gate p
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 from pathlib import Path
 
 from .backends.executorch.exporter import default_bounds
 from .backends.executorch.recipe import quantize_pte
+from .backends.ncnn.exporter import example_input, ncnn_pair
+from .backends.ncnn.recipe import quantize_ncnn
 from .backends.openvino.recipe import quantize_openvino
 from .bundle import Bundle
-from .calib.recipes import default_cache_dir, quantize_onnx
+from .calib.recipes import cache_key, default_cache_dir, quantize_onnx
 from .calib.targets import TARGETS, WRITES, resolve
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
+from .fsutil import sha256_file
 from .loaders import is_stand_in, open_artifact, reference_runner
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .transaction import BundleUpdate, commit_from_source, faultpoint
@@ -97,15 +102,20 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
                                        quantization={**result.info, "seconds": round(seconds, 2)},
                                        calibration=data.describe())
         return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
-    if target == "openvino":
+    if target == "ncnn":
+        result_info = _quantize_ncnn(bundle, reference, reference_label, out_path, data, chosen_method, chosen_gates,
+                                     expected, cache_dir)
+    elif target == "openvino":
         result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, expected,
                                    cache_dir / "openvino" if cache_dir else None)
     else:
         result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, expected,
                                calib_batch, cache_dir)
+    if target != "ncnn":
+        result_info = result.info
     seconds = time.perf_counter() - started
     artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,
-                                   quantization={**result.info, "seconds": round(seconds, 2)},
+                                   quantization={**result_info, "seconds": round(seconds, 2)},
                                    calibration=data.describe())
     return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
 
@@ -124,6 +134,27 @@ def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str
     if data.kind == "synthetic":
         artifact["parity"]["warning"] = "synthetic calibration data: not fit for production"
     return artifact
+
+
+def _quantize_ncnn(bundle: Bundle, reference, reference_label: str, out_path: Path, data, method: str, gates: str,
+                   expected: list | None, cache_dir) -> dict:
+    """The ncnn INT8 pair: the fp32 pair converted from the PyTorch model (pnnx traces the module, so
+    the model must be rebuilt here: trusted), then ncnn's own INT8 scheme on it."""
+    if reference is None or is_stand_in(reference):
+        raise BackendUnavailable(f"target ncnn is converted from the PyTorch model, which is not available here: "
+                                 f"{reference_label}")
+    with tempfile.TemporaryDirectory(prefix="cbam-ncnn-") as tmp:
+        example, second = example_input(bundle)
+        conversion = ncnn_pair(reference.model, example, [o.name for o in bundle.outputs], Path(tmp), "fp32",
+                               second_size=second)
+        param, binary = Path(tmp) / "fp32.param", Path(tmp) / "fp32.bin"
+        cache = None
+        if cache_dir is not None:
+            model_sha = hashlib.sha256((sha256_file(param) + sha256_file(binary)).encode()).hexdigest()
+            cache = cache_dir / "ncnn" / f"{cache_key(model_sha, data, 'ncnn', method, gates)}.json"
+        info = quantize_ncnn(param, binary, out_path, data, method, gates, expected, cache)
+    keep = ("layers", "generic_layers", "rewrite", "input_shape_policy", "pnnx", "ncnn", "converter")
+    return {**info, "conversion": {k: conversion[k] for k in keep if k in conversion}}
 
 
 __all__ = ["TARGETS", "quantize_bundle"]

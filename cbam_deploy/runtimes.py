@@ -30,6 +30,7 @@ from .backends.openvino.runner import OpenVINORunner
 from .backends.tensorrt.runner import TensorRTRunner
 from .checks import split_list
 from .errors import BackendUnavailable, CbamDeployError
+from .backends.ncnn.runner import NcnnRunner
 from .formats import FORMATS
 
 CPU_EP = "CPUExecutionProvider"
@@ -124,6 +125,10 @@ def _probe_tensorrt() -> str | None:
     return None
 
 
+def _probe_ncnn() -> str | None:
+    return None if _has_module("ncnn") else "ncnn is not installed: install the ncnn extra: pip install 'cbam-deploy[ncnn]'"
+
+
 def clear_probe_cache() -> None:
     """Forget what the probes found (after installing a wheel in the same process; tests)."""
     _ort_providers.cache_clear()
@@ -156,6 +161,10 @@ def _tensorrt(path: Path, precision: str, threads: int | None):
     return TensorRTRunner(path, precision=precision)
 
 
+def _ncnn(path: Path, precision: str, threads: int | None):
+    return NcnnRunner(path, precision=precision, threads=threads)
+
+
 def _executorch(path: Path, precision: str, threads: int | None):
     return ExecuTorchRunner(path, precision=precision, threads=threads)
 
@@ -180,6 +189,7 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("openvino", ("onnx", "openvino"), "OpenVINO runtime (reads the ONNX itself, or the IR)", _probe_openvino,
             _openvino),
     Runtime("tensorrt", ("tensorrt",), "TensorRT runtime (engines built by cbam-deploy)", _probe_tensorrt, _tensorrt),
+    Runtime("ncnn", ("ncnn",), "ncnn (Python bindings), fp32 pinned, image by image", _probe_ncnn, _ncnn),
     Runtime("executorch", ("executorch",), "ExecuTorch runtime with the XNNPACK delegate (CPU: x86 and ARM)",
             _probe_executorch, _executorch),
 )}

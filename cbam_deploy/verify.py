@@ -18,13 +18,14 @@ import numpy as np
 import onnx
 
 from .attention import attention_parity
+from .backends.ncnn.exporter import NcnnParam
 from .backends.openvino.exporter import require_openvino
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
 from .checks import check_int
 from .data import check_data_source, load_calibration
 from .diagnose import locate_divergence
 from .errors import BackendUnavailable, CbamDeployError
-from .gates import check_onnx_policy, check_openvino_policy
+from .gates import check_ncnn_policy, check_onnx_policy, check_openvino_policy
 from .loaders import is_stand_in, open_artifact, reference_runner, untrusted_code
 from .models import CodeTrust
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
@@ -104,12 +105,14 @@ def _check_gate_policy(bundle: Bundle, artifact: ArtifactRecord, result: dict) -
             reason = f"gate policy --gates {policy} broken: " + "; ".join(recorded.get("broken") or [])
             result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
         return
-    if artifact.precision != "int8" or policy is None or artifact.format not in ("onnx", "openvino"):
+    if artifact.precision != "int8" or policy is None or artifact.format not in ("onnx", "openvino", "ncnn"):
         return
     path = bundle.path_of(artifact.name)
     expected = bundle.model.gate_list
     if artifact.format == "onnx":
         check = check_onnx_policy(onnx.load(str(path)), expected, policy, artifact.name)
+    elif artifact.format == "ncnn":  # int8_scale_term per layer, read from the .param
+        check = check_ncnn_policy(NcnnParam.read(path).layers, expected, policy, artifact.name)
     else:
         try:
             ov = require_openvino()

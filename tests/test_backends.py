@@ -15,11 +15,10 @@ from cbam_deploy.runtimes import RUNTIMES, default_runtime
 
 
 def test_every_backend_is_complete_and_consistent():
-    assert formats() == ("onnx", "openvino", "tensorrt", "executorch")
+    assert formats() == ("onnx", "openvino", "tensorrt", "ncnn", "executorch")
     for backend in all_backends():
-        # a format Triton cannot serve says why in one line
-        assert backend.build is not None and (backend.triton is not None) != bool(backend.no_triton)
-        assert backend.quantize_recipe
+        assert backend.build is not None and backend.quantize_recipe
+        assert (backend.triton is not None) != bool(backend.no_triton)  # served by Triton, or one line saying why not
         assert backend.preferred_runtimes and all(backend.format in RUNTIMES[r].formats for r in backend.preferred_runtimes)
         assert default_runtime(backend.format) in backend.preferred_runtimes
         assert artifact_file(f"{backend.format}-fp16", backend.format).endswith("." + backend.extension)
@@ -27,6 +26,7 @@ def test_every_backend_is_complete_and_consistent():
     assert get("tensorrt").companions("model.tensorrt-fp16.engine") == ("model.tensorrt-fp16.engine.json",)
     assert get("executorch").companions("model.executorch-fp32.pte") == ("model.executorch-fp32.pte.json",)
     assert "not servable in Triton/KServe" in get("executorch").no_triton
+    assert get("ncnn").companions("model.ncnn-fp32.param") == ("model.ncnn-fp32.bin",)
     with pytest.raises(CbamDeployError, match="unknown artifact format"):
         get("tflite")
 

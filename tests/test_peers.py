@@ -76,7 +76,8 @@ def test_describe_says_how_each_peer_was_made(built):
             assert key in info, (name, key)
         assert isinstance(info["made_by"], str) and len(info["made_by"]) > 20
     calls = {"peer-torch-compile": "torch.compile(model)", "peer-openvino-fp32": "openvino.convert_model",
-             "peer-openvino-nncf-int8": "nncf.quantize", "peer-ort-quantize-static": "quantize_static"}
+             "peer-openvino-nncf-int8": "nncf.quantize", "peer-ort-quantize-static": "quantize_static",
+             "peer-pnnx-ncnn": "pnnx.export"}
     for name, call in calls.items():
         if name in runners:
             assert call in runners[name].describe()["made_by"]

@@ -22,13 +22,14 @@ class TensorRTOptions:
 @dataclass(frozen=True)
 class BuildOptions:
     """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options (whose
-    batch range bounds an ExecuTorch program's dynamic batch too), and, for a format made from the
-    PyTorch model rather than the ONNX, ``pytorch_model()``: (the bundle's model rebuilt under the
-    user's trust, None) or (None, why it cannot be rebuilt here) (``loaders.rebuild_model``)."""
+    batch range bounds an ExecuTorch program's dynamic batch too), and for formats converted from the
+    PyTorch model (ncnn, executorch), ``pytorch_model``: a call giving (the bundle's
+    model rebuilt under the user's trust, "") or (None, why it cannot be), made by ``cbam_deploy.build``
+    (a format package never rebuilds models itself: that is ``loaders``, a floor above it)."""
 
     gates: str | None = None
     trt: TensorRTOptions | None = None
-    pytorch_model: Callable[[], tuple] | None = None
+    pytorch_model: Callable[[], tuple[object, str]] | None = None
 
 
 @dataclass

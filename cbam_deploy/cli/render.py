@@ -86,7 +86,7 @@ def summary(summary: dict) -> None:
     table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
     for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
         table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
-    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3, "executorch": 4}
+    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3, "ncnn": 4, "executorch": 5}
     rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
     for row in rows:
         if row.get("skipped"):
@@ -98,6 +98,12 @@ def summary(summary: dict) -> None:
         size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
         table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
     out.print(table)
+    for row in rows:
+        if row.get("ncnn"):
+            n = row["ncnn"]
+            generic = ", ".join(f"{k} x{v}" for k, v in (n["generic_layers"] or {}).items()) or "none"
+            out.print(f"{row['artifact']}: ncnn-pools rewrote {n['hw_pools_rewritten']} H,W and "
+                      f"{n['channel_pools_rewritten']} channel pools; generic ncnn layers left: {generic}")
     for row in rows:
         if row.get("skipped"):
             out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")

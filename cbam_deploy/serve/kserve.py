@@ -93,10 +93,9 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
     _check(options)
     triton_formats = [f.format for f in FORMATS.values() if f.triton]
     if predictor == "triton" and record.format not in triton_formats:
-        why = FORMATS[record.format].no_triton if record.format in FORMATS else None
-        raise CbamDeployError(f"artifact {chosen} ({record.format}) has no Triton backend"
-                              + (f" ({why})" if why else "") + f"; choose one of the {', '.join(triton_formats)} "
-                              "artifacts, or --predictor cbam-deploy")
+        why = FORMATS[record.format].no_triton or "has no Triton backend"
+        raise CbamDeployError(f"artifact {chosen} ({record.format}) {why}; choose one of the "
+                              f"{', '.join(triton_formats)} artifacts")
     gpus = gpus if gpus is not None else (1 if record.format == "tensorrt" else 0)
     quantities = {"cpu": str(cpu), "memory": str(memory)}
     resources = {"requests": dict(quantities), "limits": {**quantities, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}}

@@ -2,7 +2,7 @@
 
 ExecuTorch programs come from ``torch.export``, not from the ONNX, so the build takes the PyTorch
 model from ``options.pytorch_model()``: the builds table (``cbam_deploy.build``) rebuilds it with the
-same trust rules as ``verify`` (``loaders.rebuild_model``): a zoo model by its recorded weights or
+same trust rules as ``verify`` (through ``loaders``): a zoo model by its recorded weights or
 seeded init, a factory only with ``--model file.py:factory`` / ``--trust-code``. Where it cannot be
 rebuilt the build is skipped with the reason. The artifact is still tied to the bundle's FP32 ONNX (its
 ``source_sha256``): a re-export that changes the ONNX drops it, as it drops every derived artifact.
