@@ -15,7 +15,7 @@ $(BIN)/python:
 # unpinned torch (which would pull a multi-GB CUDA build).
 $(STAMP): $(BIN)/python pyproject.toml requirements/torch-cpu.txt requirements/edge.txt
 	$(BIN)/python -m pip install --quiet -r requirements/torch-cpu.txt
-	$(BIN)/python -m pip install --quiet -e ".[test,openvino,serve,explain]"
+	$(BIN)/python -m pip install --quiet -e ".[test,openvino,serve,explain,peers]"
 	# the edge runtimes, pinned, without their heavy dependency sets (see requirements/edge.txt)
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/edge.txt
 	touch $(STAMP)

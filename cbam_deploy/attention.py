@@ -178,9 +178,11 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
     return len(top_a & top_b) / len(top_a | top_b)
 
 
-def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray) -> dict | None:
+def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray,
+                     precision: str | None = None) -> dict | None:
     """Attention parity of one artifact (``manifest``: a ``Bundle`` or its manifest dict) against the
-    PyTorch model on ``x``, for every gate of the model; None for a model without gates."""
+    PyTorch model on ``x``, for every gate of the model; None for a model without gates. ``precision``:
+    whose thresholds judge it, the precision it ran in (default: the one the artifact claims)."""
     bundle = Bundle.of(manifest)
     gates = bundle.model.gate_list
     try:
@@ -196,4 +198,4 @@ def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Modu
         return {"passed": None, "skipped": str(exc)}
     except CbamDeployError:
         raise
-    return compare_maps(reference, candidate, artifact.precision, kinds=kinds)
+    return compare_maps(reference, candidate, precision or artifact.precision, kinds=kinds)

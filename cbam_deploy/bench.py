@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,13 @@ import torch
 
 from .backends.tensorrt.exporter import profile_batch_limit
 from .benchstats import LoadMonitor, LoadReport, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
-from .build import build_artifacts
-from .bundle import Bundle, ModelInfo, check_artifact_names
+from .bundle import Bundle, check_artifact_names
 from .checks import check_int, check_number, check_output_file, parse_batches
 from .data import SYNTHETIC, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
-from .export import ExportRequest, export_bundle
 from .loaders import model_spec_to_run, open_artifact
 from .models import CodeTrust, build_model
-from .models.registry import get_entry, list_models
 from .peers import build_peers
-from .quantize import quantize_bundle
 from .runners.base import Runner
 from .runners.torch import TorchRunner
 from .runtimes import fitting, parse_runtimes
@@ -121,20 +118,24 @@ def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batch
     intervals) to the runner named 'pytorch' (the eager original, which the caller includes), and a
     stability verdict per row. An unstable batch is measured again up to ``retries`` times; with
     ``strict`` a row still unstable then is an ``UnstableMeasurement``."""
-    validate_bench_options(list(batches), iters, min_seconds, warmup)
-    min_seconds = 5.0 if min_seconds is None else min_seconds
-    max_seconds = max_seconds if max_seconds is not None else 4 * min_seconds
-    rows = []
-    for batch in batches:
-        x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
-        for attempt in range(retries + 1):
-            times, device_times, load = measure(runners, x, iters, min_seconds, max_seconds, warmup)
-            batch_rows = _rows(runners, times, device_times, load, batch, attempt)
-            if all(r["stability"]["stable"] for r in batch_rows):
-                break
-        rows += batch_rows
+    options = check_bench_options(list(batches), iters=iters, min_seconds=min_seconds, warmup=warmup,
+                                  max_seconds=max_seconds, strict=strict, retries=retries)
+    return [row for batch in options.batches for row in _bench_batch(runners, shape, batch, options, seed)]
+
+
+def _bench_batch(runners: dict[str, Runner], shape: tuple[int, int, int], batch: int, options: BenchOptions,
+                 seed: int = 0) -> list[dict]:
+    """``bench_runners`` at one batch size, with checked options."""
+    min_seconds = 5.0 if options.min_seconds is None else options.min_seconds
+    max_seconds = options.max_seconds if options.max_seconds is not None else 4 * min_seconds
+    x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
+    for attempt in range(options.retries + 1):
+        times, device_times, load = measure(runners, x, options.iters, min_seconds, max_seconds, options.warmup)
+        rows = _rows(runners, times, device_times, load, batch, attempt)
+        if all(r["stability"]["stable"] for r in rows):
+            break
     unstable = [r for r in rows if not r["stability"]["stable"]]
-    if strict and unstable:
+    if options.strict and unstable:
         raise UnstableMeasurement("unstable measurement (--strict): " + "; ".join(
             f"{r['runner']} batch {r['batch']}: {', '.join(r['stability']['reasons'])}" for r in unstable))
     return rows
@@ -164,89 +165,115 @@ def _rows(runners: dict[str, Runner], times: dict[str, list[float]], device_time
     return rows
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """``bench``'s options once checked (``check_bench_options`` makes them; nothing checks them again)."""
+
+    batches: list[int]
+    runtimes: list[str] | None = None
+    artifacts: list[str] | None = None
+    iters: int | None = None
+    min_seconds: float | None = None
+    max_seconds: float | None = None
+    warmup: int = 5
+    threads: int | None = None
+    strict: bool = False
+    retries: int = 0
+    wait_quiet: float = 0.0
+    peers: bool = False
+    calib_data: str | None = None
+    markdown: str | None = None
+    plot: str | None = None
+
+
+@dataclass
+class Twin:
+    """A second bundle timed in the same rounds as the bench's own: its runners are named ``prefix`` +
+    artifact (``artifacts``: those of its artifacts, None: all), with its PyTorch model as ``prefix`` +
+    'pytorch' when ``pytorch``; each of the bench's rows is paired with its namesake here
+    (``overhead_rows``)."""
+
+    prefix: str
+    bundle_dir: Path
+    artifacts: list[str] | None = None
+    pytorch: bool = False
+
+
 def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: list[str] | None = None,
                  iters: int | None = None, min_seconds: float | None = None, warmup: int = 5,
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
-                 retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, overhead: bool = False,
-                 calib_data: str | None = None, runtime: str | list[str] | None = None,
-                 cbam_opt_compare: bool = False, markdown: str | None = None, plot: str | None = None,
+                 retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, calib_data: str | None = None,
+                 runtime: str | list[str] | None = None, markdown: str | None = None, plot: str | None = None,
                  trust: CodeTrust | None = None) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
-    also what a user gets from the engines' own documented paths; with ``overhead`` the same engines
-    on the model's plain twin (resnet50 for resnet50_cbam), for a cbam/plain ratio per engine; with
-    ``cbam_opt_compare`` the same model exported with the other ``--cbam-opt`` mode and built with the
-    same recipes, for an on/off ratio per engine (rows ``cbam-opt-off:ARTIFACT``, or ``-on:``).
+    also what a user gets from the engines' own documented paths (``calib_data``: the images for the
+    INT8 peers). The plain twin (``--overhead``) and the other ``--cbam-opt`` mode are built by
+    ``pipeline.bench_with_twins``, which hands them to ``bench_checked``.
 
     ``runtime``: a comma list (or list) of runtimes (see ``cbam_deploy.runtimes``); each artifact runs
     under every listed runtime that runs its format, interleaved in the same rounds, its rows named
     ``artifact@runtime`` when it runs under more than one. Default: the best runtime for each format.
     ``markdown``, ``plot``: where the caller will write the reports (checked here, before any measuring)."""
-    batches, runtimes = check_bench_options(batches, iters, min_seconds, warmup, threads, markdown, plot, retries,
-                                            max_seconds, wait_quiet, runtime)  # every option before any work
-    bundle_dir = Path(bundle_dir)
+    bundle, options = open_for_bench(bundle_dir, batches=batches, artifacts=artifacts, iters=iters,
+                                     min_seconds=min_seconds, warmup=warmup, threads=threads, max_seconds=max_seconds,
+                                     strict=strict, retries=retries, wait_quiet=wait_quiet, peers=peers,
+                                     calib_data=calib_data, runtime=runtime, markdown=markdown, plot=plot)
+    return bench_checked(bundle, options, trust)
+
+
+def open_for_bench(bundle_dir, **options) -> tuple[Bundle, BenchOptions]:
+    """The bundle and its bench options, every option and artifact name checked (once, before any work)."""
+    checked = check_bench_options(**options)
     bundle = Bundle.open(bundle_dir)
-    check_artifact_names(bundle, artifacts, bundle_dir)
-    model = bundle.model
-    twin = plain_twin(model) if overhead else None
+    check_artifact_names(bundle, checked.artifacts, bundle_dir)
+    return bundle, checked
+
+
+def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None = None, twins: list[Twin] = (),
+                  calib=None) -> dict:
+    """``bench_bundle`` with its options checked (``open_for_bench``); ``twins`` are timed in the same
+    rounds and paired with the bundle's rows (``result["paired"][prefix]``, see ``overhead_rows``);
+    ``calib``: calibration images already loaded (``bench_calibration``), for the INT8 peers."""
+    threads = options.threads
     if threads is not None:
         torch.set_num_threads(threads)
     module = _pytorch_model(bundle, trust)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
     skipped: list[dict] = []
     limits: dict[str, tuple[int, int] | None] = {}
-    _open_artifacts(bundle, artifacts, threads, "", runners, skipped, limits, runtimes)
+    _open_artifacts(bundle, options.artifacts, threads, "", runners, skipped, limits, options.runtimes)
     side = bundle.input.side
     chw = (bundle.input.channels, side, side)
-    batches = [bundle.fixed_batch] if bundle.fixed_batch else batches
+    batches = [bundle.fixed_batch] if bundle.fixed_batch else options.batches
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
-        calib = _calibration(bundle, calib_data) if (peers or overhead or cbam_opt_compare) else None
-        if peers:
+        if options.peers:
+            calib = calib if calib is not None else bench_calibration(bundle, options.calib_data)
             example = np.random.default_rng(0).standard_normal((1, *chw), dtype=np.float32)
             built, peer_skips = build_peers(module, example, None if calib is None else calib.inputs, Path(tmp) / "peers",
                                             threads)
             runners.update(built)
             skipped += [{"artifact": s["peer"], "reason": s["reason"]} for s in peer_skips]
-        if twin:
-            opened = list(dict.fromkeys(r.partition("@")[0] for r in runners))  # each artifact once, whatever its runtimes
-            twin_bundle = Bundle.open(_build_twin(bundle, twin, calib, Path(tmp) / "plain",
-                                                  [r for r in opened if bundle.has_artifact(r)], skipped, trust=trust))
-            runners["plain:pytorch"] = TorchRunner(_pytorch_model(twin_bundle))
-            _open_artifacts(twin_bundle, None, threads, "plain:", runners, skipped, limits, runtimes)
-        other_mode = None
-        if cbam_opt_compare:
-            other_mode = "off" if bundle.cbam_opt.get("mode") == "on" else "on"
-            mine = [name for name in dict.fromkeys(r.partition("@")[0] for r in runners) if bundle.has_artifact(name)]
-            other = Bundle.open(_build_twin(bundle, None, calib, Path(tmp) / f"cbam-opt-{other_mode}", mine, skipped,
-                                            cbam_opt=other_mode, trust=trust))
-            _open_artifacts(other, mine, threads, f"cbam-opt-{other_mode}:", runners, skipped, limits, runtimes)
-        quiet = wait_until_quiet(wait_quiet) if wait_quiet > 0 else None
+        for twin in twins:
+            twin_bundle = Bundle.open(twin.bundle_dir)
+            if twin.pytorch:
+                runners[twin.prefix + "pytorch"] = TorchRunner(_pytorch_model(twin_bundle))
+            _open_artifacts(twin_bundle, twin.artifacts, threads, twin.prefix, runners, skipped, limits, options.runtimes)
+        quiet = wait_until_quiet(options.wait_quiet) if options.wait_quiet > 0 else None
         rows = []
         for batch in batches:
             # an engine is timed only at batches its profile runs in one call (never split or padded)
             usable = {n: r for n, r in runners.items() if limits.get(n) is None or limits[n][0] <= batch <= limits[n][1]}
             skipped += [{"artifact": n, "reason": f"batch {batch} is outside its TensorRT profile {list(limits[n])}"}
                         for n in runners if n not in usable]
-            rows += bench_runners(usable, chw, [batch], iters, min_seconds, warmup, max_seconds=max_seconds,
-                                  strict=strict, retries=retries)
-    result = {"bundle": str(bundle_dir), "model": model.name, "machine": machine_info(), "threads": threads,
-              "results": [r for r in rows if not r["runner"].startswith(("plain:", "cbam-opt-"))], "skipped": skipped,
-              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet, "runtimes": runtimes}
-    result["cbam_opt"] = bundle.cbam_opt
-    if twin:
-        result["overhead"] = {"plain": twin, "rows": overhead_rows(rows)}
-    if other_mode:
-        result["cbam_opt_compare"] = {"other": other_mode, "rows": overhead_rows(rows, f"cbam-opt-{other_mode}:")}
+            rows += _bench_batch(usable, chw, batch, options)
+    prefixes = tuple(t.prefix for t in twins)
+    result = {"bundle": str(bundle.directory), "model": bundle.model.name, "machine": machine_info(), "threads": threads,
+              "results": [r for r in rows if not (prefixes and r["runner"].startswith(prefixes))], "skipped": skipped,
+              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet,
+              "runtimes": options.runtimes, "cbam_opt": bundle.cbam_opt}
+    if twins:
+        result["paired"] = {t.prefix: overhead_rows(rows, t.prefix) for t in twins}
     return result
-
-
-def plain_twin(model: ModelInfo) -> str:
-    """The zoo model without attention (resnet50 for resnet50_cbam)."""
-    if model.source != "zoo":
-        raise CbamDeployError("--overhead compares a zoo model with its plain twin; this bundle is a factory model")
-    entry = get_entry(model.name)
-    if entry.attention is None or entry.family not in list_models():
-        raise CbamDeployError(f"--overhead: {model.name} has no attention, so no plain twin to compare with")
-    return entry.family
 
 
 def overhead_rows(rows: list[dict], prefix: str = "plain:") -> list[dict]:
@@ -274,7 +301,7 @@ def _pytorch_model(bundle: Bundle, trust: CodeTrust | None = None):
     time, so a lost checkpoint falls back to the architecture's seeded init). A factory model only with
     ``trust`` (``models.CodeTrust``): the PyTorch row is what every ratio is measured against."""
     model = bundle.model
-    spec = _spec_to_run(bundle, trust)
+    spec = pytorch_spec(bundle, trust)
     if model.source == "factory" and not Path(spec.rpartition(":")[0]).is_file():
         raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
     usable = model.weights is not None and Path(model.weights.path).is_file()
@@ -282,7 +309,7 @@ def _pytorch_model(bundle: Bundle, trust: CodeTrust | None = None):
                        model.outputs_mode).module
 
 
-def _spec_to_run(bundle: Bundle, trust: CodeTrust | None = None) -> str:
+def pytorch_spec(bundle: Bundle, trust: CodeTrust | None = None) -> str:
     spec, why_not = model_spec_to_run(bundle.model, trust)
     if spec is None:
         raise CbamDeployError(f"bench times every artifact against the PyTorch original, which is not rebuilt here: "
@@ -312,46 +339,25 @@ def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None
                 limits[name] = profile_batch_limit(bundle, artifact.raw)
 
 
-def _calibration(bundle: Bundle, calib_data: str | None, size: int = 128):
-    """Calibration images for peers and the plain twin: --calib-data, else the source the bundle's
-    INT8 artifacts were calibrated on (when it is still there); None when there is neither."""
+def bench_calibration(bundle: Bundle, calib_data: str | None, size: int = 128):
+    """Calibration images for peers and twins: --calib-data, else the source the bundle's INT8
+    artifacts were calibrated on (when it is still there); None when there is neither."""
     source = calib_data or next((a.calibration["source"] for a in bundle.artifacts
                                  if a.calibration and (a.calibration["source"] == SYNTHETIC
                                                        or Path(a.calibration["source"]).exists())), None)
     return load_calibration(source, bundle.input.raw, size) if source else None
 
 
-def _build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: list[str], skipped: list,
-                cbam_opt: str = "on", trust: CodeTrust | None = None) -> Path:
-    """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
-    weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
-    exporter; the same INT8 recipes on the same calibration data."""
-    export = bundle.artifact().export or {}
-    model = bundle.model
-    weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
-    export_bundle(ExportRequest(model=twin or _spec_to_run(bundle, trust), weights=weights, num_classes=model.num_classes, stem=model.stem,
-                                cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out),
-                                input_size=bundle.input.side, batch=bundle.fixed_batch,
-                                dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
-    for name in artifacts:
-        artifact = bundle.artifact(name)
-        if artifact.format == "openvino" and artifact.precision in ("fp32", "fp16"):
-            build_artifacts(out, "openvino", artifact.precision)
-        elif artifact.precision == "int8" and artifact.quantization:
-            if calib is None:
-                skipped.append({"artifact": f"{out.name}:{name}", "reason": "no calibration data for the "
-                                f"{out.name} build's INT8 (give --calib-data)"})
-                continue
-            q = artifact.quantization
-            quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
-                            gates=q["gates"], check_samples=8, trust=trust)
-    return out
-
-
-def validate_bench_options(batch: str | list[int] = "1", iters: int | None = None, min_seconds: float | None = 5.0,
-                           warmup: int = 5, threads: int | None = None, markdown: str | None = None,
-                           plot: str | None = None) -> list[int]:
-    batches = parse_batches(batch) if isinstance(batch, str) else parse_batches(",".join(map(str, batch)))
+def check_bench_options(batches: str | list[int] | None = None, artifacts: list[str] | None = None,
+                        iters: int | None = None, min_seconds: float | None = 5.0, warmup: int = 5,
+                        threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
+                        retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, calib_data: str | None = None,
+                        runtime: str | list[str] | None = None, markdown: str | None = None,
+                        plot: str | None = None) -> BenchOptions:
+    """Every option of ``bench_bundle``, and the report paths, before any export or measuring (a typo
+    must not cost the whole run). The one place bench's options are checked."""
+    batch = batches if batches is not None else [1]
+    parsed = parse_batches(batch) if isinstance(batch, str) else parse_batches(",".join(map(str, batch)))
     check_int("--iters", iters, 1, allow_none=True)
     if min_seconds is not None:
         check_number("--min-seconds", min_seconds)
@@ -361,21 +367,11 @@ def validate_bench_options(batch: str | list[int] = "1", iters: int | None = Non
     check_output_file("--plot", plot)
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise CbamDeployError("--plot needs matplotlib: pip install matplotlib")
-    return batches
-
-
-def check_bench_options(batches: str | list[int] | None = None, iters: int | None = None, min_seconds: float | None = 5.0,
-                        warmup: int = 5, threads: int | None = None, markdown: str | None = None, plot: str | None = None,
-                        retries: int = 0, max_seconds: float | None = None, wait_quiet: float = 0.0,
-                        runtime: str | list[str] | None = None, **_others) -> tuple[list[int], list[str] | None]:
-    """Every option of ``bench_bundle``, and the report paths, before any export or measuring (a typo
-    must not cost the whole run); (batch sizes, runtimes or None). Options that need no check pass."""
-    batches = validate_bench_options(batches if batches is not None else [1], iters, min_seconds, warmup, threads,
-                                     markdown, plot)
     check_int("--retries", retries, 0, 10)
     runtimes = parse_runtimes(runtime)  # an unknown or missing runtime
     if max_seconds is not None:
         check_number("--max-seconds", max_seconds)
     if wait_quiet < 0:
         raise CbamDeployError(f"--wait-quiet must be >= 0 seconds, got {wait_quiet}")
-    return batches, runtimes
+    return BenchOptions(parsed, runtimes, artifacts, iters, min_seconds, max_seconds, warmup, threads, strict, retries,
+                        wait_quiet, peers, calib_data, markdown, plot)

@@ -3,7 +3,7 @@ to read, a file or folder to write. Each raises ``CbamDeployError`` naming the o
 (``--calib-size``) and what it accepts; the CLI turns that into one ``error:`` line and exit code 2.
 
 The checks of a command's options live with the command (``verify.validate_verify_options``,
-``bench.validate_bench_options``, ...) and are built from these, so a typo costs a second, not an
+``bench.check_bench_options``, ...) and are built from these, so a typo costs a second, not an
 export, and nothing is written when an option is wrong.
 """
 

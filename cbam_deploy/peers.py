@@ -3,6 +3,13 @@ PyTorch model through each library's own documented, default path, so the bench 
 project's artifacts are worth.
 
 * ``peer-torch-compile``        ``torch.compile(model)``: inductor, default mode, FP32.
+* ``peer-torchao-pt2e-int8``    PyTorch's own INT8 path for x86 CPUs (torchao PT2E): ``torch.export``
+                                (strict, as the PT2E guides have it; the non-strict default fails
+                                on a ResNet block's ReLU module called twice),
+                                ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default config
+                                (static, per-channel weights), calibration, ``convert_pt2e``, then
+                                ``torch.compile`` with inductor's freezing on (int8 weights prepacked
+                                for oneDNN, Q/DQ fused into qconv/qlinear).
 * ``peer-openvino-fp32``        ``ov.convert_model(model, example_input=...)`` compiled for "CPU" with no
                                 config (OpenVINO's default hint and inference precision, bf16 on CPUs
                                 that have it; ``describe()["inference_precision"]`` says which).
@@ -155,6 +162,70 @@ def _torch_compile(src: _Source) -> PeerRunner:
     )
     peer.settle_seconds = TorchRunner.settle_seconds  # the same OpenMP threads as eager PyTorch
     return peer
+
+
+def _torchao_pt2e_int8(src: _Source) -> PeerRunner:
+    calib = src.calibration()
+    torchao = _require("torchao", "torchao is not installed: pip install 'cbam-deploy[peers]'")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # lazy: the optional peers extra
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # lazy: as above; also registers
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)  # its inductor passes (int8 fusions)
+
+    # traced at batch 2 with the batch dynamic (export specialises a dimension of size 1)
+    example = (torch.from_numpy(np.concatenate([src.example[:1]] * 2)),)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    # strict=True (TorchDynamo tracing, what torch.export did by default when the PT2E guides were written):
+    # the non-strict default records no source_fn_stack, and X86InductorQuantizer then takes the two calls
+    # of a ReLU module that a ResNet block makes for one partition and stops with "Input partition has
+    # more than one output node" (torch 2.13, torchao 0.18)
+    exported, export_seconds = _timed(lambda: torch.export.export(
+        src.module, example, dynamic_shapes=({0: batch},), strict=True).module())
+    prepared = prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+
+    def calibrate() -> None:
+        with torch.no_grad():
+            for start in range(0, len(calib), 16):
+                prepared(torch.from_numpy(calib[start:start + 16].copy()))
+
+    _, calibrate_seconds = _timed(calibrate)
+    converted = convert_pt2e(prepared)
+    # freezing is inductor's config, scoped to this peer's compiles (each batch size compiles on its first call)
+    compiled = torch.compile(converted)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+            return flatten_outputs(compiled(torch.from_numpy(x)))[0][1].float().numpy()
+
+    before = _inductor_int8_matches({})
+    _, compile_seconds = _timed(run, src.example)
+    kernels = _inductor_int8_matches(before)
+    _, warmup_seconds = _timed(lambda: [run(src.example) for _ in range(2)])
+    peer = PeerRunner(
+        run, "torch-pt2e-inductor", "int8",
+        "torch.export.export(model, (a batch of 2,), dynamic batch, strict=True).module(); torchao "
+        "prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())) "
+        f"(static, per-channel symmetric int8 weights, per-tensor uint8 activations), calibrated on {len(calib)} "
+        "images in batches of 16; convert_pt2e; torch.compile(converted) with torch._inductor.config freezing=True "
+        "(int8 weights prepacked for oneDNN, Q/DQ fused into qconv/qlinear, constants folded), called under "
+        "torch.no_grad()",
+        torch.get_num_threads,
+        {"torch": torch.__version__, "torchao": torchao.__version__, "export_seconds": export_seconds,
+         "calibrate_seconds": calibrate_seconds, "compile_seconds": compile_seconds, "int8_kernels": kernels,
+         "warmup_calls": 3, "warmup_seconds": warmup_seconds, "calibration_samples": len(calib),
+         "note": "compiled for the example's batch size; another batch size recompiles on its first call, inside "
+                 "the bench's warm-up"},
+    )
+    peer.settle_seconds = TorchRunner.settle_seconds  # the same OpenMP threads as eager PyTorch
+    return peer
+
+
+def _inductor_int8_matches(before: dict[str, int]) -> dict[str, int]:
+    """{pattern: count} of inductor's x86 int8 passes (weight prepacking for oneDNN qconv/qlinear, Q/DQ
+    fusions) that fired since ``before`` was taken: what the compile turned into int8 kernels."""
+    from torch._dynamo.utils import counters  # lazy: torch's compile counters, read only by this peer
+
+    now = {k: v for k, v in counters["inductor"].items() if k.startswith("q") and k.endswith("_count")}
+    return {k: v - before.get(k, 0) for k, v in sorted(now.items()) if v - before.get(k, 0)}
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------
@@ -360,6 +431,7 @@ def _executorch_pt2e_int8(src: _Source) -> PeerRunner:
 
 PEERS: dict[str, Callable[[_Source], PeerRunner]] = {
     "peer-torch-compile": _torch_compile,
+    "peer-torchao-pt2e-int8": _torchao_pt2e_int8,
     "peer-openvino-fp32": _openvino_fp32,
     "peer-openvino-nncf-int8": _openvino_nncf_int8,
     "peer-ort-quantize-static": _ort_quantize_static,

@@ -3,7 +3,10 @@ recipes, or a format x precision matrix that is built, verified and timed next t
 every option checked before anything is built or written.
 
 ``run_export`` is what ``cbam-deploy export`` calls; ``build_verify_bench`` is the one-command job
-after an export. The jobs themselves are ``export``, ``quantize``, ``build``, ``verify`` and ``bench``.
+after an export; ``bench_with_twins`` and ``bench_model`` are what ``cbam-deploy bench`` calls (the
+plain twin for ``--overhead`` and the other ``--cbam-opt`` mode are built here, then timed in the
+same rounds by ``bench``). The jobs themselves are ``export``, ``quantize``, ``build``, ``verify``
+and ``bench``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import bench_bundle, check_bench_options
+from .bench import (BenchOptions, Twin, bench_bundle, bench_calibration, bench_checked, check_bench_options,
+                    open_for_bench, pytorch_spec)
 from .build import PRECISIONS, build_artifacts
-from .bundle import Bundle, check_artifact_names
+from .bundle import Bundle, ModelInfo, check_artifact_names
 from .calib.targets import GATES, TARGETS
 from .checks import (
     MAX_BATCH,
@@ -31,9 +35,11 @@ from .errors import CbamDeployError
 from .export import ExportRequest, check_model_options, export_bundle
 from .formats import formats as backend_formats
 from .models import CodeTrust, is_factory_spec
+from .models.registry import get_entry, list_models
 from .models.spec import check_model_spec
 from .outputs import parse_output_kinds
 from .quantize import quantize_bundle
+from .runtimes import available_runtimes, fitting
 from .verify import verify_bundle
 
 
@@ -202,14 +208,93 @@ def _ncnn_layers(manifest: dict, name: str) -> dict:
             "reductions_left": len(rewrite.get("reductions_left") or []), "generic_layers": export.get("generic_layers")}
 
 
-def bench_model(model: str, artifacts: list[str] | None = None, **options) -> dict:
+def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, overhead: bool = False,
+                     cbam_opt_compare: bool = False, trust: CodeTrust | None = None, **options) -> dict:
+    """``cbam-deploy bench BUNDLE``: ``bench.bench_bundle`` with ``options``, and in the same rounds, with
+    ``overhead``, the model's plain twin (resnet50 for resnet50_cbam) exported and built like the bundle,
+    for a cbam/plain ratio per engine (``result["overhead"]``); with ``cbam_opt_compare``, the same model
+    exported with the other ``--cbam-opt`` mode and built with the same recipes, for an on/off ratio per
+    engine (``result["cbam_opt_compare"]``, rows ``cbam-opt-off:ARTIFACT``, or ``-on:``). Every option is
+    checked once, before any export or measuring."""
+    bundle, checked = open_for_bench(bundle_dir, batches=batches, **options)
+    return _bench_with_twins(bundle, checked, overhead, cbam_opt_compare, trust)
+
+
+def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = False, **options) -> dict:
     """``bench --model``: export ``model`` (a zoo name or file.py:factory) to a temporary bundle and bench it
-    (``bench.bench_bundle`` with ``options``). The model, the artifact names and every bench option are
+    (as ``bench_with_twins`` with ``options``). The model, the artifact names and every bench option are
     checked before the export."""
-    check_bench_options(**options)
+    checked = check_bench_options(**options)
     check_model_spec(model)
-    check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, artifacts, f"(exported from --model {model})")
+    check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, checked.artifacts, f"(exported from --model {model})")
     trust = CodeTrust(factory=model) if is_factory_spec(model) else None  # the user's own code
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
         bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
-        return bench_bundle(bundle, artifacts=artifacts, trust=trust, **options)
+        return _bench_with_twins(Bundle.open(bundle), checked, overhead, cbam_opt_compare, trust)
+
+
+def _bench_with_twins(bundle: Bundle, options: BenchOptions, overhead: bool, cbam_opt_compare: bool,
+                      trust: CodeTrust | None) -> dict:
+    plain = plain_twin(bundle.model) if overhead else None
+    if not (overhead or cbam_opt_compare):
+        return bench_checked(bundle, options, trust)
+    # the twins are built for the artifacts the bench opens: those a runtime here (of --runtime) runs
+    names = [a.name for a in bundle.artifacts if (not options.artifacts or a.name in options.artifacts)
+             and (available_runtimes(a.format) if options.runtimes is None else fitting(a.format, options.runtimes))]
+    with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
+        calib = bench_calibration(bundle, options.calib_data)
+        twins, skipped = [], []
+        if plain:
+            built = build_twin(bundle, plain, calib, Path(tmp) / "plain", names, skipped, trust=trust)
+            twins.append(Twin("plain:", built, pytorch=True))
+        other = None
+        if cbam_opt_compare:
+            other = "off" if bundle.cbam_opt.get("mode") == "on" else "on"
+            built = build_twin(bundle, None, calib, Path(tmp) / f"cbam-opt-{other}", names, skipped, cbam_opt=other,
+                               trust=trust)
+            twins.append(Twin(f"cbam-opt-{other}:", built, artifacts=names))
+        result = bench_checked(bundle, options, trust, twins=twins, calib=calib)
+    result["skipped"] += skipped
+    paired = result.pop("paired")
+    if plain:
+        result["overhead"] = {"plain": plain, "rows": paired["plain:"]}
+    if other:
+        result["cbam_opt_compare"] = {"other": other, "rows": paired[f"cbam-opt-{other}:"]}
+    return result
+
+
+def plain_twin(model: ModelInfo) -> str:
+    """The zoo model without attention (resnet50 for resnet50_cbam)."""
+    if model.source != "zoo":
+        raise CbamDeployError("--overhead compares a zoo model with its plain twin; this bundle is a factory model")
+    entry = get_entry(model.name)
+    if entry.attention is None or entry.family not in list_models():
+        raise CbamDeployError(f"--overhead: {model.name} has no attention, so no plain twin to compare with")
+    return entry.family
+
+
+def build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: list[str], skipped: list,
+               cbam_opt: str = "on", trust: CodeTrust | None = None) -> Path:
+    """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
+    weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
+    exporter; the same INT8 recipes on the same calibration data."""
+    export = bundle.artifact().export or {}
+    model = bundle.model
+    weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
+    export_bundle(ExportRequest(model=twin or pytorch_spec(bundle, trust), weights=weights, num_classes=model.num_classes,
+                                stem=model.stem, cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out),
+                                input_size=bundle.input.side, batch=bundle.fixed_batch,
+                                dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
+    for name in artifacts:
+        artifact = bundle.artifact(name)
+        if artifact.format == "openvino" and artifact.precision in ("fp32", "fp16"):
+            build_artifacts(out, "openvino", artifact.precision)
+        elif artifact.precision == "int8" and artifact.quantization:
+            if calib is None:
+                skipped.append({"artifact": f"{out.name}:{name}", "reason": "no calibration data for the "
+                                f"{out.name} build's INT8 (give --calib-data)"})
+                continue
+            q = artifact.quantization
+            quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
+                            gates=q["gates"], check_samples=8, trust=trust)
+    return out

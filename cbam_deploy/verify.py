@@ -1,9 +1,11 @@
 """``verify``: every artifact of a bundle against PyTorch FP32, with tolerances by precision.
 
 fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs at the bundle's
-shapes; int8 uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data``
-when given, else the artifact's own calibration source when it still exists, else seeded noise
-(marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
+shapes, the bounds of the precision the runtime reports it computed in (``computed_in``: an OpenVINO
+fp16 IR runs in bf16 on a CPU with bf16 but no fp16 arithmetic), not the one the artifact claims;
+the attention parity thresholds too. int8 uses top-1 agreement and cosine (``parity.compare_int8``) on
+images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
+seeded noise (marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
 module whose output departs. Every gate the model has is compared too (attention parity: spatial
 maps and channel profiles), and an INT8 artifact's gate policy is checked again on its graph (Q/DQ or
 FakeQuantize placement, ``gates.policy_check``): a gate quantized under ``--gates fp``, or left in
@@ -57,9 +59,11 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
                                judge_top1=bundle.model.trained, kinds=kinds),
                 "precision": "int8", "inputs": label, "candidate": runner.describe(), **ran}
-    tolerance = artifact.precision if artifact.precision in TOLERANCES else "fp32"
+    tolerance = bounds_for(artifact, runner)
     cases = plan_cases(bundle.input.side, bundle.fixed_batch, bundle.input.dynamic_hw, 8)
     result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=kinds)
+    result["precision"] = artifact.precision  # what the artifact claims; ``computed_in``: what ran
+    result["computed_in"] = tolerance
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     result.update(ran)
     if data:
@@ -71,6 +75,16 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     return result
 
 
+def bounds_for(artifact: ArtifactRecord, runner) -> str:
+    """The precision whose bounds (``parity.TOLERANCES``) judge a float artifact: the one the runtime
+    reports it computes in (an OpenVINO fp16 IR runs in bf16 on a CPU with bf16 but no fp16
+    arithmetic), else the artifact's own."""
+    computed = runner.computed_precision()
+    if computed in TOLERANCES:
+        return computed
+    return artifact.precision if artifact.precision in TOLERANCES else "fp32"
+
+
 def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
                      samples: int, seed: int) -> None:
     """Attention parity (``attention``): every gate of the artifact (spatial maps, channel profiles)
@@ -79,7 +93,7 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
     x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
     x, _ = bundle.fit_to_batch(x)
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
-    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x)
+    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("computed_in"))
     if parity is None:
         return
     result["attention"] = {**parity, "inputs": label}

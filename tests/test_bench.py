@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cbam_deploy.bench import UnstableMeasurement, bench_bundle, bench_runners
 from cbam_deploy.cli import app
 from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.pipeline import bench_with_twins
 from cbam_deploy.profile import CATEGORIES, categorize, gate_index, profile_bundle
 from cbam_deploy.quantize import quantize_bundle
 
@@ -60,7 +61,7 @@ def test_strict_fails_a_run_disturbed_on_purpose(bundle):
 
 
 def test_overhead_pairs_each_engine_with_the_plain_twin(bundle):
-    result = bench_bundle(bundle, [1], iters=8, warmup=1, overhead=True)
+    result = bench_with_twins(bundle, [1], iters=8, warmup=1, overhead=True)
     assert result["overhead"]["plain"] == "resnet10_half"
     rows = {o["engine"]: o for o in result["overhead"]["rows"]}
     assert set(rows) == {"pytorch", "onnx-fp32", "int8-ort-cpu", "int8-openvino"}
@@ -73,7 +74,7 @@ def test_overhead_pairs_each_engine_with_the_plain_twin(bundle):
 def test_cbam_opt_compare_pairs_each_engine_with_the_other_mode(bundle, tmp_path):
     """The bundle (exported with the default --cbam-opt on) against the same model exported with
     --cbam-opt off and built with the same recipes, in the same rounds; CLI table and markdown too."""
-    result = bench_bundle(bundle, [1], iters=6, warmup=1, cbam_opt_compare=True)
+    result = bench_with_twins(bundle, [1], iters=6, warmup=1, cbam_opt_compare=True)
     assert result["cbam_opt"]["mode"] == "on" and [r["name"] for r in result["cbam_opt"]["rewrites"]] == ["mlp-batched"]
     assert result["cbam_opt_compare"]["other"] == "off"
     rows = {o["engine"]: o for o in result["cbam_opt_compare"]["rows"]}
@@ -95,7 +96,7 @@ def test_overhead_refuses_a_model_without_attention(tmp_path):
     plain = tmp_path / "plain"
     export_bundle(ExportRequest(model="resnet10_half", stem="cifar", output=str(plain), parity=False))
     with pytest.raises(CbamDeployError, match="no attention"):
-        bench_bundle(plain, [1], iters=2, warmup=0, overhead=True)
+        bench_with_twins(plain, [1], iters=2, warmup=0, overhead=True)
 
 
 def test_cli_bench_json_and_markdown(bundle, tmp_path):
@@ -162,3 +163,22 @@ def test_rounds_shuffle_who_follows_whom_and_wait_out_settle_time():
     assert behind == {(x, y) for x in "abcd" for y in "abcd" if x != y}  # every order of neighbours occurred
     gaps = [calls[i + 1][1] - calls[i][1] for i in range(len(calls) - 1) if calls[i][0] == "a" and (i + 1) % 4]
     assert gaps and min(gaps) >= 0.02 and max(times["a"]) < 20  # the wait is not in a's time
+
+
+def test_bench_model_checks_its_options_once(monkeypatch):
+    """One place validates bench's options: bench --model checks them before its export, and the bench
+    after the export does not check them again."""
+    import cbam_deploy.bench as bench
+    import cbam_deploy.pipeline as pipeline
+
+    calls, real = [], bench.check_bench_options
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_bench_options", counted)
+    monkeypatch.setattr(bench, "check_bench_options", counted)
+    result = pipeline.bench_model("resnet10_half_cbam", batches="1", iters=2, warmup=0, artifacts=["onnx-fp32"])
+    assert [r["runner"] for r in result["results"]] == ["pytorch", "onnx-fp32"]
+    assert len(calls) == 1

@@ -44,6 +44,32 @@ def test_openvino_ir_artifacts_record_their_real_precision(bundle):
     assert "verify" in next(a for a in read_manifest(bundle)["artifacts"] if a["name"] == "openvino-fp32")
 
 
+def test_verify_judges_an_fp16_ir_by_the_precision_openvino_compiled_it_to(bundle):
+    """An fp16 IR compiled with the f16 hint runs in what the CPU has: bf16 where there is bf16 but no
+    fp16 arithmetic (AVX-512 BF16 without AVX-512 FP16), f32 where there is neither. verify's bounds
+    must be those of the precision the compiled model reports, asked of OpenVINO here independently."""
+    import openvino as ov
+
+    from cbam_deploy.attention import THRESHOLDS
+    from cbam_deploy.parity import TOLERANCES
+
+    build_artifacts(bundle, "openvino", "fp16")
+    xml = bundle / next(a["path"] for a in read_manifest(bundle)["artifacts"] if a["name"] == "openvino-fp16")
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f16"})
+    reported = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    ran = next(p for name, p in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"), ("f16", "fp16"),
+                                 ("bf16", "bf16"), ("f32", "fp32")) if name in reported)
+    result = verify_bundle(bundle, artifacts=["openvino-fp16"])
+    row = result["results"][0]
+    assert row["precision"] == "fp16" and row["computed_in"] == ran
+    assert row["tolerance"] == {k: getattr(TOLERANCES[ran], k) for k in row["tolerance"]}
+    thresholds = row["attention"]["thresholds"]  # the attention parity is judged by what ran too
+    assert (thresholds["min_correlation"], thresholds["min_top_iou"]) == THRESHOLDS[ran]
+    cli = CliRunner().invoke(app, ["verify", str(bundle), "--artifact", "openvino-fp16"])
+    assert cli.exit_code == 0, cli.output
+    assert (f"a fp16 artifact that ran in {ran}" in " ".join(cli.output.split())) == (ran != "fp16")
+
+
 def test_verify_locates_the_first_layer_that_departs(bundle):
     path = bundle / "model.onnx"
     proto = onnx.load(str(path))

@@ -233,7 +233,7 @@ def test_explain_renders_every_gate(built, tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from cbam_deploy.explain import explain_bundle
+    from cbam_deploy.explain_report import explain_bundle
 
     style, bundle, _ = built
     image = tmp_path / "in.png"

@@ -284,3 +284,17 @@ def test_a_size_baked_into_a_reshape_fixes_the_input(tmp_path):
         assert value.shape == reference.shape and float(np.abs(value - reference).max()) < 1e-5
     with pytest.raises(CbamDeployError, match="built for 3x32x32"):
         runner.infer(np.zeros((1, 3, 64, 48), np.float32))
+
+
+def test_the_runner_reports_the_precision_ncnn_computes_in(bundle):
+    """verify judges by what ran: the pinned runner says fp32, ncnn's own defaults say what the loaded
+    net's options hold (fp16 where this CPU has it), read back from the net, not from the claim."""
+    param = bundle / "model.ncnn-fp32.param"
+    pinned = NcnnRunner(param, precision="fp32")
+    assert pinned.computed_precision() == "fp32"
+    defaults = NcnnRunner(param, precision="fp32", pinned=False)
+    opt = defaults.net.opt
+    expected = "fp16" if opt.use_fp16_arithmetic or opt.use_fp16_storage else "bf16" if opt.use_bf16_storage else "fp32"
+    assert defaults.computed_precision() == expected
+    int8 = bundle / _artifact(bundle, "int8-ncnn")["path"]
+    assert NcnnRunner(int8, precision="int8").computed_precision() is None

@@ -90,6 +90,20 @@ def test_describe_says_how_each_peer_was_made(built):
             assert "no config" in info["made_by"]
 
 
+def test_the_torchao_pt2e_peer_runs_int8_kernels_from_the_x86_inductor_quantizer(model, built, tmp_path):
+    """PyTorch's own INT8 path: PT2E with X86InductorQuantizer, then torch.compile with freezing; the
+    compile must have turned the convolutions into oneDNN int8 ones (inductor's qconv weight-prepack
+    pattern fired for each), not float ones with Q/DQ around them."""
+    runners, _ = built
+    info = runners["peer-torchao-pt2e-int8"].describe()
+    assert info["precision"] == "int8" and info["calibration_samples"] == 16 and info["torchao"]
+    assert "X86InductorQuantizer" in info["made_by"] and "freezing=True" in info["made_by"]
+    assert info["int8_kernels"].get("qconv_weight_prepack_matcher_count", 0) >= 10, info["int8_kernels"]
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    assert build_peers(model, example, None, tmp_path, which=["peer-torchao-pt2e-int8"]) == (
+        {}, [{"peer": "peer-torchao-pt2e-int8", "reason": NEEDS_CALIBRATION}])
+
+
 def test_without_calibration_the_int8_peers_are_skipped(model, tmp_path):
     example = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
     runners, skipped = build_peers(model, example, None, tmp_path, which=["peer-openvino-fp32", *INT8_PEERS])

@@ -19,19 +19,18 @@ from typer.core import TyperGroup
 from .. import interrupts
 from ..backends.base import TensorRTOptions
 from ..backends.tensorrt.exporter import image_stack
-from ..bench import bench_bundle
 from ..bundle import Bundle
 from ..checks import parse_batch, parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
-from ..explain import explain_bundle
+from ..explain_report import explain_bundle
 from ..export import ExportRequest
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
 from ..loaders import untrusted_code
 from ..models import CodeTrust, zoo_table
 from ..models.spec import check_input_size
-from ..pipeline import bench_model, plan_export, run_export, validate_export_options
+from ..pipeline import bench_model, bench_with_twins, plan_export, run_export, validate_export_options
 from ..profile import plot_profile, profile_bundle
 from ..quantize import quantize_bundle
 from ..report import markdown_report, plot_latency
@@ -319,7 +318,7 @@ def bench_command(
     if bundle is None:
         result = bench_model(model, **options)
     else:  # --model with a BUNDLE names its factory again, so that its code may run
-        result = bench_bundle(bundle, **options, trust=_trust(model, trust_code))
+        result = bench_with_twins(bundle, **options, trust=_trust(model, trust_code))
     title = f"{result['model']}: latency vs PyTorch eager"
     try:  # the paths were checked before measuring; a disk that fills up meanwhile is still one line
         if markdown:

@@ -129,6 +129,10 @@ def verify(result: dict, runtime: str | None = None) -> None:
                       "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
     out.print(table)
     for row in result["results"]:
+        ran = row.get("computed_in")
+        if ran and ran != row["precision"]:
+            out.print(f"{row['artifact']}: a {row['precision']} artifact that ran in {ran} (the runtime's own "
+                      f"report), judged with the {ran} bounds")
         divergence = row.get("first_divergence")
         if divergence:
             out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "

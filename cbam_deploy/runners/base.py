@@ -48,5 +48,10 @@ class Runner(ABC):
         """Compute threads the backend uses (None when it does not say)."""
         return None
 
+    def computed_precision(self) -> str | None:
+        """The precision the runtime really computes in (fp32, fp16, bf16), as the runtime itself reports
+        it once the model is compiled; None when the runtime does not say (then it is ``precision``)."""
+        return None
+
     def describe(self) -> dict:
         return {"backend": self.backend, "device": self.device, "precision": self.precision, "threads": self.threads()}

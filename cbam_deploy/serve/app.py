@@ -1,8 +1,8 @@
 """The inference server: Starlette on uvicorn, Open Inference Protocol (KServe v2) over HTTP/JSON with
 Triton's binary tensor extension, the same protocol over gRPC (``grpc_server.py``), ``/v1/classify``
 for images, ``/v2/repository/index``, Prometheus ``/metrics``. One or several models (``serve B1
-B2 ...`` or a folder of bundles), each with its own batcher; the routes here are thin: they read
-and write HTTP, ``service.ModelService`` does the rest.
+B2 ...`` or a folder of bundles), each with its own batcher; the endpoints here (``HttpServer``, one
+method each) are thin: they read and write HTTP, ``service.ModelService`` does the rest.
 
 Client errors (wrong shape, datatype or element count, malformed or type-confused JSON, undecodable
 image, unknown model) are 4xx with a JSON message; a body over ``max_body_mb`` is 413. No request
@@ -33,12 +33,17 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import BackendUnavailable, CbamDeployError
 from .batcher import BatcherError
 from .config import ServeConfig, ServeError, format_address, server_info
 from .protocol import HEADER_LENGTH, ProtocolError, encode_response, wants_binary
 from .service import Metrics, ModelRepository, load_repository
+
+if TYPE_CHECKING:  # the serve extra's types, for the annotations only
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
 
 logger = logging.getLogger("cbam_deploy.serve")
 
@@ -67,49 +72,104 @@ def create_app(config: ServeConfig):
     ``app.state.grpc_address`` is 'host:port'."""
     _require_serving(grpc=config.grpc_port is not None)
     config.check()
-    from starlette.applications import Starlette  # lazy: the optional serve extra
-    from starlette.requests import Request  # lazy: as above
-    from starlette.responses import JSONResponse, Response  # lazy: as above
-    from starlette.routing import Route  # lazy: as above
-
     metrics = Metrics()
-    repository = load_repository(config, metrics)
-    max_body = int(config.max_body_mb * 1024 * 1024)
+    return HttpServer(config, load_repository(config, metrics), metrics).app
 
-    def error(endpoint: str, status: int, message: str) -> JSONResponse:
-        metrics.errors.labels(endpoint).inc()
+
+class HttpServer:
+    """The HTTP side of the server: one method per endpoint, over the state they share (the config,
+    the model repository, the metrics); ``app`` is the Starlette app that routes to them."""
+
+    def __init__(self, config: ServeConfig, repository: ModelRepository, metrics: Metrics) -> None:
+        from starlette.applications import Starlette  # lazy: the optional serve extra
+        from starlette.responses import JSONResponse, Response  # lazy: as above
+
+        self._json, self._response = JSONResponse, Response
+        self.config = config
+        self.repository = repository
+        self.metrics = metrics
+        self.max_body = int(config.max_body_mb * 1024 * 1024)
+        self.grpc_stop: asyncio.Task | None = None
+        self.app = Starlette(routes=self.routes(), lifespan=self.lifespan,
+                             exception_handlers={404: self.not_found, 405: self.not_found, Exception: self.server_error})
+        first = repository.first
+        state = self.app.state
+        state.config = config
+        state.repository = repository
+        state.metrics = metrics
+        state.model_name = first.name  # the first (or only) model
+        state.runner = first.runner
+        state.artifact = first.artifact
+        state.batcher = first.batcher
+        state.begin_shutdown = self.begin_shutdown
+        state.grpc_host = "127.0.0.1"
+        state.grpc_address = None
+        state.startup_error = None
+
+    def routes(self) -> list:
+        from starlette.routing import Route  # lazy: the optional serve extra
+
+        def route(path: str, name: str, handler: Callable, methods: list[str] | None = None) -> Route:
+            return Route(path, self._counted(name, handler), methods=methods)
+
+        return [
+            route("/v2", "server_metadata", self.server_metadata), route("/v2/health/live", "live", self.live),
+            route("/v2/health/ready", "server_ready", self.ready),
+            route("/v2/repository/index", "repository_index", self.repository_index, ["GET", "POST"]),
+            route("/v2/models/{model}", "metadata", self.model_metadata),
+            route("/v2/models/{model}/versions/{version}", "metadata", self.model_metadata),
+            route("/v2/models/{model}/ready", "ready", self.model_ready),
+            route("/v2/models/{model}/versions/{version}/ready", "ready", self.model_ready),
+            route("/v2/models/{model}/infer", "infer", self.infer, ["POST"]),
+            route("/v2/models/{model}/versions/{version}/infer", "infer", self.infer, ["POST"]),
+            route("/v1/classify", "classify", self.classify, ["POST"]),
+            route("/metrics", "metrics", self.metrics_text),
+        ]
+
+    # --- answers ------------------------------------------------------------------------------------
+
+    def error(self, endpoint: str, status: int, message: str) -> JSONResponse:
+        self.metrics.errors.labels(endpoint).inc()
         headers = {"retry-after": "1"} if status == 503 else None
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return self._json({"error": message}, status_code=status, headers=headers)
 
-    def unexpected(endpoint: str, exc: BaseException) -> JSONResponse:
-        metrics.unhandled.labels(endpoint).inc()
+    def unexpected(self, endpoint: str, exc: BaseException) -> JSONResponse:
+        self.metrics.unhandled.labels(endpoint).inc()
         logger.error("unhandled error in %s", endpoint, exc_info=exc)
-        return error(endpoint, 500, f"internal error ({type(exc).__name__}); the server log has the details")
+        return self.error(endpoint, 500, f"internal error ({type(exc).__name__}); the server log has the details")
 
-    def endpoint(name: str):
-        """Time and count the handler; every exception becomes a JSON answer (never a dead connection)."""
-        def wrap(handler: Callable) -> Callable:
-            async def route(request: Request) -> Response:
-                started = time.perf_counter()
-                try:
-                    response = await handler(request)
-                except (ProtocolError, BatcherError) as exc:
-                    response = error(name, exc.status, str(exc))
-                except CbamDeployError as exc:
-                    response = error(name, 400, str(exc))
-                except Exception as exc:
-                    response = unexpected(name, exc)
-                metrics.latency.labels(name).observe(time.perf_counter() - started)
-                metrics.requests.labels(name, str(response.status_code)).inc()
-                return response
-            return route
-        return wrap
+    def _counted(self, name: str, handler: Callable) -> Callable:
+        """``handler`` timed and counted as endpoint ``name``; every exception becomes a JSON answer
+        (never a dead connection)."""
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except (ProtocolError, BatcherError) as exc:
+                response = self.error(name, exc.status, str(exc))
+            except CbamDeployError as exc:
+                response = self.error(name, 400, str(exc))
+            except Exception as exc:
+                response = self.unexpected(name, exc)
+            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            return response
+        return endpoint
 
-    async def receive(awaitable):
+    async def not_found(self, request: Request, exc) -> Response:
+        return self._json({"error": f"no route {request.url.path}"}, status_code=getattr(exc, "status_code", 404))
+
+    async def server_error(self, request: Request, exc: Exception) -> Response:  # outside any route (middleware, routing)
+        return self.unexpected("-", exc)
+
+    # --- reading requests ---------------------------------------------------------------------------
+
+    async def receive(self, awaitable):
         """The body (or form) unless it takes over request_timeout_s (408) or the server begins to stop (503)."""
-        body, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(repository.stopping.wait())
+        body, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(self.repository.stopping.wait())
         try:
-            done, _ = await asyncio.wait({body, stop}, timeout=config.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({body, stop}, timeout=self.config.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
         finally:
             body.cancel()
             stop.cancel()
@@ -117,33 +177,33 @@ def create_app(config: ServeConfig):
             return body.result()
         if stop in done:
             raise ProtocolError("the server is shutting down", 503)
-        raise ProtocolError(f"the request body did not arrive within {config.request_timeout_s:g} s", 408)
+        raise ProtocolError(f"the request body did not arrive within {self.config.request_timeout_s:g} s", 408)
 
-    def check_declared_length(request: Request) -> None:
+    def check_declared_length(self, request: Request) -> None:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body:
-            raise ProtocolError(f"request body over the {config.max_body_mb:g} MB limit", 413)
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise ProtocolError(f"request body over the {self.config.max_body_mb:g} MB limit", 413)
 
-    async def read_body(request: Request) -> bytes:
-        check_declared_length(request)
+    async def read_body(self, request: Request) -> bytes:
+        self.check_declared_length(request)
+        return await self.receive(self._read_stream(request))
 
-        async def read() -> bytes:
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body:
-                    raise ProtocolError(f"request body over the {config.max_body_mb:g} MB limit", 413)
-                chunks.append(chunk)
-            return b"".join(chunks)
-        return await receive(read())
+    async def _read_stream(self, request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ProtocolError(f"request body over the {self.config.max_body_mb:g} MB limit", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    async def read_upload(request: Request) -> bytes:
+    async def read_upload(self, request: Request) -> bytes:
         """The image of /v1/classify: the raw body, or the file part of a multipart form."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await read_body(request)
-        check_declared_length(request)
+            return await self.read_body(request)
+        self.check_declared_length(request)
         try:
-            form = await receive(request.form(max_files=1, max_fields=4, max_part_size=max_body))
+            form = await self.receive(request.form(max_files=1, max_fields=4, max_part_size=self.max_body))
         except ProtocolError:
             raise
         except Exception as exc:
@@ -153,37 +213,33 @@ def create_app(config: ServeConfig):
             raise ProtocolError("multipart body has no file part")
         return await upload.read()
 
-    def model_of(request: Request):
-        return repository.get(request.path_params["model"], request.path_params.get("version"))
+    def model_of(self, request: Request):
+        return self.repository.get(request.path_params["model"], request.path_params.get("version"))
 
-    @endpoint("live")
-    async def live(request: Request) -> Response:
-        return JSONResponse({"live": True})
+    # --- the endpoints ------------------------------------------------------------------------------
 
-    @endpoint("server_ready")
-    async def ready(request: Request) -> Response:
-        repository.check_ready()
-        return JSONResponse({"ready": True})
+    async def live(self, request: Request) -> Response:
+        return self._json({"live": True})
 
-    @endpoint("server_metadata")
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse(server_info())
+    async def ready(self, request: Request) -> Response:
+        self.repository.check_ready()
+        return self._json({"ready": True})
 
-    @endpoint("metadata")
-    async def model_metadata(request: Request) -> Response:
-        return JSONResponse(model_of(request).metadata())
+    async def server_metadata(self, request: Request) -> Response:
+        return self._json(server_info())
 
-    @endpoint("ready")
-    async def model_ready(request: Request) -> Response:
-        service = model_of(request)
-        repository.check_ready(service)
-        return JSONResponse({"name": service.name, "ready": True})
+    async def model_metadata(self, request: Request) -> Response:
+        return self._json(self.model_of(request).metadata())
 
-    @endpoint("repository_index")
-    async def repository_index(request: Request) -> Response:
+    async def model_ready(self, request: Request) -> Response:
+        service = self.model_of(request)
+        self.repository.check_ready(service)
+        return self._json({"name": service.name, "ready": True})
+
+    async def repository_index(self, request: Request) -> Response:
         ready_only = False
         if request.method == "POST":
-            body = await read_body(request)
+            body = await self.read_body(request)
             if body.strip():
                 try:
                     options = json.loads(body)
@@ -192,15 +248,15 @@ def create_app(config: ServeConfig):
                 if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
                     raise ProtocolError('the repository index request is {"ready": true|false}')
                 ready_only = options.get("ready", False)
-        return JSONResponse(repository.index(ready_only))
+        return self._json(self.repository.index(ready_only))
 
-    @endpoint("infer")
-    async def infer(request: Request) -> Response:
-        service = model_of(request)
+    async def infer(self, request: Request) -> Response:
+        service = self.model_of(request)
         code = "500"
         try:
-            body = await read_body(request)
-            parsed, batch, wanted = await repository.workers.run(service.parse_rest, body, request.headers.get(HEADER_LENGTH))
+            body = await self.read_body(request)
+            parsed, batch, wanted = await self.repository.workers.run(service.parse_rest, body,
+                                                                      request.headers.get(HEADER_LENGTH))
             outputs = await service.infer(batch)
             payload, headers = encode_response(service.name, parsed.id,
                                                [(name, outputs[name], wants_binary(parsed, name)) for name in wanted])
@@ -214,15 +270,15 @@ def create_app(config: ServeConfig):
         finally:
             service.count("http", code)
         media = headers.pop("content-type")
-        return Response(payload, media_type=media, headers=headers)
+        return self._response(payload, media_type=media, headers=headers)
 
-    @endpoint("classify")
-    async def classify(request: Request) -> Response:
+    async def classify(self, request: Request) -> Response:
         try:
-            top_k = int(request.query_params.get("top_k", config.top_k))
+            top_k = int(request.query_params.get("top_k", self.config.top_k))
         except ValueError:
             raise ProtocolError("top_k must be an integer") from None
         name = request.query_params.get("model")
+        repository = self.repository
         if name is None and len(repository.models) > 1:
             raise ProtocolError(f"several models are served ({', '.join(repository.models)}); name one: "
                                 "/v1/classify?model=NAME")
@@ -230,47 +286,27 @@ def create_app(config: ServeConfig):
         if service.classifier is None:  # before reading the body
             raise ProtocolError(f"/v1/classify serves classifiers; {service.name} has the outputs "
                                 f"{', '.join(service.output_names)} (use /v2/models/{service.name}/infer)", 404)
-        data = await read_upload(request)
+        data = await self.read_upload(request)
         result = await service.classify(data, top_k, repository.workers)
         service.count("http", "200")
-        return JSONResponse(result)
+        return self._json(result)
 
-    @endpoint("metrics")
-    async def metrics_route(request: Request) -> Response:
-        payload, media = metrics.text()
-        return Response(payload, media_type=media)
+    async def metrics_text(self, request: Request) -> Response:
+        payload, media = self.metrics.text()
+        return self._response(payload, media_type=media)
 
-    async def not_found(request: Request, exc) -> Response:
-        return JSONResponse({"error": f"no route {request.url.path}"}, status_code=getattr(exc, "status_code", 404))
-
-    async def server_error(request: Request, exc: Exception) -> Response:  # outside any route (middleware, routing)
-        return unexpected("-", exc)
-
-    routes = [
-        Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
-        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
-        Route("/v2/models/{model}", model_metadata), Route("/v2/models/{model}/versions/{version}", model_metadata),
-        Route("/v2/models/{model}/ready", model_ready),
-        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-        Route("/v1/classify", classify, methods=["POST"]),
-        Route("/metrics", metrics_route),
-    ]
-
-    grpc_stop: asyncio.Task | None = None
+    # --- start and stop -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        nonlocal grpc_stop
-        await repository.start()
+    async def lifespan(self, app):
+        await self.repository.start()
         grpc_server = None
         try:
-            if config.grpc_port is not None:
+            if self.config.grpc_port is not None:
                 from .grpc_server import start_grpc  # lazy: the gRPC endpoint imports grpc, an optional extra
 
                 try:
-                    grpc_server, port = await start_grpc(repository, app.state.grpc_host, config.grpc_port)
+                    grpc_server, port = await start_grpc(self.repository, app.state.grpc_host, self.config.grpc_port)
                 except ServeError as exc:
                     app.state.startup_error = exc
                     raise
@@ -278,34 +314,17 @@ def create_app(config: ServeConfig):
                 app.state.grpc_address = format_address(app.state.grpc_host, port)
             yield
         finally:
-            repository.begin_shutdown()
+            self.repository.begin_shutdown()
             if grpc_server is not None:
-                await (grpc_stop or grpc_server.stop(config.shutdown_timeout_s))
-                app.state.grpc_server, grpc_stop = None, None
-            await repository.stop()
+                await (self.grpc_stop or grpc_server.stop(self.config.shutdown_timeout_s))
+                app.state.grpc_server, self.grpc_stop = None, None
+            await self.repository.stop()
 
-    def begin_shutdown() -> None:  # make_server calls it, on the event loop
-        nonlocal grpc_stop
-        repository.begin_shutdown()
-        server = getattr(app.state, "grpc_server", None)
-        if server is not None and grpc_stop is None:  # the gRPC endpoint drains alongside HTTP
-            grpc_stop = asyncio.ensure_future(server.stop(config.shutdown_timeout_s))
-
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={404: not_found, 405: not_found, Exception: server_error})
-    first = repository.first
-    app.state.config = config
-    app.state.repository = repository
-    app.state.metrics = metrics
-    app.state.model_name = first.name  # the first (or only) model
-    app.state.runner = first.runner
-    app.state.artifact = first.artifact
-    app.state.batcher = first.batcher
-    app.state.begin_shutdown = begin_shutdown
-    app.state.grpc_host = "127.0.0.1"
-    app.state.grpc_address = None
-    app.state.startup_error = None
-    return app
+    def begin_shutdown(self) -> None:  # make_server calls it, on the event loop
+        self.repository.begin_shutdown()
+        server = getattr(self.app.state, "grpc_server", None)
+        if server is not None and self.grpc_stop is None:  # the gRPC endpoint drains alongside HTTP
+            self.grpc_stop = asyncio.ensure_future(server.stop(self.config.shutdown_timeout_s))
 
 
 def bind_socket(host: str, port: int, option: str = "--port") -> socket.socket:
@@ -387,5 +406,5 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
 
 
-__all__ = ["ModelRepository", "ServeConfig", "ServeError", "bind_socket", "create_app", "format_address", "make_server",
+__all__ = ["HttpServer", "ModelRepository", "ServeConfig", "ServeError", "bind_socket", "create_app", "format_address", "make_server",
            "serve", "socket_address"]

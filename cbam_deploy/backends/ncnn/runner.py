@@ -103,12 +103,19 @@ class NcnnRunner(Runner):
     def threads(self) -> int | None:
         return int(self.net.opt.num_threads)
 
+    def _float_precision(self) -> str:
+        """What ncnn's options, as the loaded net holds them, make it compute float layers in."""
+        opts = self.options["options"]
+        return "fp16" if opts["use_fp16_arithmetic"] or opts["use_fp16_storage"] else \
+            "bf16" if opts["use_bf16_storage"] else "fp32"
+
+    def computed_precision(self) -> str | None:
+        return None if self.precision == "int8" else self._float_precision()
+
     def describe(self) -> dict:
         opts = self.options["options"]
-        ran = "fp16" if opts["use_fp16_arithmetic"] or opts["use_fp16_storage"] else \
-            "bf16" if opts["use_bf16_storage"] else "fp32"
         return {**super().describe(), "runtime": getattr(self, "runtime", None) or "ncnn",
-                "compute_precision": ran + (" (int8 layers in int8)" if self.precision == "int8" else ""),
+                "compute_precision": self._float_precision() + (" (int8 layers in int8)" if self.precision == "int8" else ""),
                 "pinned": self.pinned, "ncnn_options": opts, "cpu_support": self.options["cpu_support"],
                 "batch_loop": "ncnn has no batch axis: a batch runs image by image",
                 "ncnn_layers": self.layers, "generic_layers": self.generic_layers,

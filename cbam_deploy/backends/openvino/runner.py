@@ -16,6 +16,7 @@ from ...runners.base import Runner
 from .exporter import require_openvino
 
 _HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": None}  # None: the device's default
+_COMPUTED = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "bfloat16": "bf16", "bf16": "bf16"}
 
 
 def _output_name(port) -> str:
@@ -72,6 +73,11 @@ class OpenVINORunner(Runner):
         """(node name, node type, microseconds) of the last inference; needs ``perf_counters``."""
         return [(info.node_name, info.node_type, info.real_time.total_seconds() * 1e6)
                 for info in self.request.profiling_info if info.real_time.total_seconds() > 0]
+
+    def computed_precision(self) -> str | None:
+        """What the compiled model reports as its INFERENCE_PRECISION_HINT: an f16 hint on a CPU with
+        bf16 but no fp16 arithmetic (AVX-512 BF16 without AVX-512 FP16 or AMX-FP16) compiles to bf16."""
+        return _COMPUTED.get(self.inference_precision)
 
     def describe(self) -> dict:
         return {**super().describe(), "runtime": getattr(self, "runtime", None) or "openvino", "model_source": self.source,
