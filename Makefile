@@ -16,6 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements/torch-cpu.txt requirements/edge.txt
 	$(BIN)/python -m pip install --quiet -r requirements/torch-cpu.txt
 	$(BIN)/python -m pip install --quiet -e ".[test,openvino,serve,explain,peers]"
+	# the edge runtimes, pinned, without their heavy dependency sets (see requirements/edge.txt)
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/edge.txt
 	touch $(STAMP)
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from .backends.executorch.exporter import NO_GATE_MAPS
 from .backends.ncnn.exporter import NcnnParam
 from .backends.ncnn.runner import NcnnRunner
 from .backends.onnx.runner import OnnxRuntimeRunner
@@ -88,6 +89,8 @@ def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
             tensors = {g.name: g.sigmoid_tensor for g in found}
             outputs = NcnnRunner(path, precision=artifact.precision, threads=threads,
                                  extra_blobs=list(dict.fromkeys(tensors.values()))).infer(x)
+        elif artifact.format == "executorch":
+            raise BackendUnavailable(f"attention maps cannot be read from {name}: {NO_GATE_MAPS}")
         else:
             raise BackendUnavailable(f"attention maps are read from onnx, openvino and ncnn artifacts; {name} is "
                                      f"{artifact.format}")

@@ -10,10 +10,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .backends.base import BuildOptions, BuildOutcome, TensorRTOptions
+from .backends.executorch import build as executorch_build
 from .backends.ncnn import build as ncnn_build
 from .backends.onnx import build as onnx_build
 from .backends.openvino import build as openvino_build
 from .backends.tensorrt import build as tensorrt_build
+from .bundle import Bundle
 from .checks import parse_list
 from .bundle import Bundle
 from .errors import BackendUnavailable
@@ -30,6 +32,7 @@ BUILDERS: dict[str, Callable[[Path, str, BuildOptions], BuildOutcome]] = {
     "openvino": openvino_build.build,
     "tensorrt": tensorrt_build.build,
     "ncnn": ncnn_build.build,
+    "executorch": executorch_build.build,
 }
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .attention import artifact_maps, compare_maps, torch_maps
+from .backends.executorch.exporter import NO_GATE_MAPS
 from .bundle import Bundle, check_artifact_names
 from .data import _Unreadable, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
@@ -186,10 +187,12 @@ def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str
         wrong = [n for n in names if bundle.artifact(n).format not in EXPLAINABLE_FORMATS]
         if wrong:
             shown = ", ".join(f"{n} is {bundle.artifact(n).format}" for n in wrong)
-            raise CbamDeployError(f"--artifact: explain reads the gates of onnx, openvino and ncnn artifacts; {shown}")
+            why = f" ({NO_GATE_MAPS})" if any(bundle.artifact(n).format == "executorch" for n in wrong) else ""
+            raise CbamDeployError(f"--artifact: explain reads the gates of onnx, openvino and ncnn artifacts; {shown}{why}")
         return list(dict.fromkeys(names)), {}
     chosen = [a.name for a in bundle.artifacts if a.format in EXPLAINABLE_FORMATS]
-    skipped = {a.name: f"{a.format} artifact: explain reads the gates of onnx, openvino and ncnn artifacts"
+    skipped = {a.name: NO_GATE_MAPS if a.format == "executorch" else
+               f"{a.format} artifact: explain reads the gates of onnx, openvino and ncnn artifacts"
                for a in bundle.artifacts if a.format not in EXPLAINABLE_FORMATS}
     return chosen, skipped
 

@@ -76,6 +76,18 @@ def _has(module: str, missing: str) -> Callable[[], str | None]:
     return lambda: None if importlib.util.find_spec(module) else missing
 
 
+def _has_all(modules: tuple[str, ...], missing: str) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        for module in modules:
+            try:
+                if importlib.util.find_spec(module) is None:
+                    return missing
+            except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
+                return missing
+        return None
+    return probe
+
+
 FORMATS: dict[str, Format] = {f.format: f for f in (
     Format(
         format="onnx", title="ONNX (onnxruntime)", extension="onnx", precisions=("fp32", "fp16"),
@@ -105,6 +117,17 @@ FORMATS: dict[str, Format] = {f.format: f for f in (
         no_triton="not servable in Triton/KServe (neither has an ncnn backend): serve it with 'cbam-deploy serve'",
         probe=_has("ncnn", "ncnn is not installed: install the ncnn extra: pip install 'cbam-deploy[ncnn]'"),
         companions=lambda param: (Path(param).with_suffix(".bin").name,),  # the weights
+    ),
+    Format(
+        # a .pte with the XNNPACK delegate, made from the PyTorch model (torch.export), not from the ONNX;
+        # no Triton or KServe backend runs .pte files: not servable there (serve it with cbam-deploy serve)
+        format="executorch", title="ExecuTorch program (XNNPACK)", extension="pte", precisions=("fp32", "int8"),
+        quantize_recipe="executorch", preferred_runtimes=("executorch",), triton=None,
+        probe=_has_all(("executorch", "torchao"), "ExecuTorch is not installed: install the executorch extra: "
+                                                  "pip install 'cbam-deploy[executorch]'"),
+        companions=lambda pte: (Path(pte).name + ".json",),  # the sidecar: input bounds, output names, partitions
+        no_triton="ExecuTorch programs (.pte) are not servable in Triton/KServe (no backend there runs them); serve "
+                  "them with 'cbam-deploy serve'",
     ),
 )}
 

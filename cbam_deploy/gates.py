@@ -366,7 +366,11 @@ def _classify_aten(op: _Op, node, shapes: dict) -> None:
         return
     name = getattr(target, "__name__", str(target)).split(".")[0]
     base = name.rstrip("_")
-    if base in ("sigmoid",):
+    if base.startswith("quantize_per"):  # PT2E's Q/DQ pairs (quantized_decomposed.*)
+        op.kind, op.inputs = "quant", op.inputs[:1]
+    elif base.startswith("dequantize_per"):
+        op.kind, op.inputs = "dequant", op.inputs[:1]
+    elif base in ("sigmoid",):
         op.kind = "sigmoid"
     elif base in ("hardsigmoid",):
         op.kind = "hardsigmoid"
@@ -951,6 +955,16 @@ def policy_check(found: list[GraphGate], expected: list[dict] | None, policy: st
             "broken": broken, "per_gate": rows}
 
 
+def program_gates(program, expected: list[dict] | None = None) -> list[GraphGate]:
+    """The gates of a ``torch.export`` program (FP32, or PT2E-quantized with its Q/DQ pairs), their
+    nodes named by the program's fx node names, named after ``expected`` where they match."""
+    return _graph_gates(_torch_graph(program)[0], expected)
+
+
+def check_program_policy(program, expected: list[dict] | None, policy: str, artifact: str) -> dict:
+    return policy_check(program_gates(program, expected), expected, policy, artifact)
+
+
 def check_onnx_policy(proto, expected: list[dict] | None, policy: str, artifact: str) -> dict:
     return policy_check(onnx_gates(proto, expected), expected, policy, artifact)
 
@@ -965,5 +979,5 @@ def nodes_of(found: list[GraphGate]) -> list[str]:
 
 
 __all__ = ["GateReport", "GatesUntraceable", "GraphGate", "KINDS", "check_ncnn_policy", "check_onnx_policy",
-           "check_openvino_policy", "find_gates", "ncnn_gates",
-           "nodes_of", "onnx_gates", "openvino_gates", "policy_check", "shape_map", "torch_gate_maps", "trace_gate_maps"]
+           "check_openvino_policy", "check_program_policy", "find_gates", "ncnn_gates", "nodes_of", "onnx_gates",
+           "openvino_gates", "policy_check", "program_gates", "shape_map", "torch_gate_maps", "trace_gate_maps"]

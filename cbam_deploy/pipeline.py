@@ -174,6 +174,9 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     opened = Bundle.open(bundle_dir)
     sizes = {a.name: a.size_bytes for a in opened.artifacts}
     layer_notes = {a.name: _ncnn_layers(opened.manifest, a.name) for a in opened.artifacts if a.format == "ncnn"}
+    # delegate-lowered programs (ExecuTorch): partitions and the ops left outside them
+    delegation = {a.name: {"partitions": a.export["partitions"], "outside_delegate": a.export.get("outside_delegate")}
+                  for a in opened.artifacts if (a.export or {}).get("partitions") is not None}
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
@@ -188,6 +191,7 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
                      "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
                      "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None,
+                     **delegation.get(outcome.name, {}),
                      **({"ncnn": layer_notes[outcome.name]} if outcome.name in layer_notes else {})})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],

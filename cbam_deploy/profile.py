@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .backends.executorch.exporter import NO_PROFILE
 from .backends.onnx.runner import OnnxRuntimeRunner
 from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
@@ -118,6 +119,8 @@ def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: in
     elif artifact.format == "ncnn":
         raise CbamDeployError(f"profile cannot time {name}'s layers: ncnn's Python bindings give no per-layer times "
                               "(ncnn prints them only when built with NCNN_BENCHMARK); use 'cbam-deploy bench' for its latency")
+    elif artifact.format == "executorch":
+        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is executorch: {NO_PROFILE}")
     else:
         raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact.format}")
     return {"artifact": name, "format": artifact.format, "precision": artifact.precision, "tool": tool,

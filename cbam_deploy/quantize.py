@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .backends.executorch.exporter import default_bounds
+from .backends.executorch.recipe import quantize_pte
 from .backends.ncnn.exporter import example_input, ncnn_pair
 from .backends.ncnn.recipe import quantize_ncnn
 from .backends.openvino.recipe import quantize_openvino
@@ -62,6 +64,9 @@ def quantize_bundle(
         check, _ = bundle.fit_to_batch(check, calib_batch)
         expected = bundle.model.gate_list  # the gates found in the PyTorch model (None: an older bundle)
         reference, reference_label = reference_runner(bundle, trust=trust)
+        if "executorch" in targets and is_stand_in(reference):  # before any calibration work
+            raise BackendUnavailable("the executorch recipe quantizes the PyTorch model, which is "
+                                     f"{reference_label.partition('stand-in: ')[2].rstrip(')') or reference_label}")
         ref_out = reference.infer_batched(check, calib_batch)
         cache_dir = default_cache_dir() if use_cache else None
         source_sha = fp32.sha256
@@ -85,6 +90,18 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
     fmt = WRITES[target]
     out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
     started = time.perf_counter()
+    if target == "executorch":  # from the PyTorch model itself (checked above: not a stand-in)
+        bounds = default_bounds(list(bundle.input.shape), bundle.input.side)
+        calib_batch = min(calib_batch, bounds.batch[1])
+        result = quantize_pte(reference.model, out_path, data, bounds, chosen_gates, expected, chosen_method,
+                              calib_batch, cache_dir / "executorch" if cache_dir else None, source_sha,
+                              rewrite=bundle.cbam_opt.get("mode", "on") == "on")
+        export = result.info.pop("export")
+        seconds = time.perf_counter() - started
+        artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha, export=export,
+                                       quantization={**result.info, "seconds": round(seconds, 2)},
+                                       calibration=data.describe())
+        return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
     if target == "ncnn":
         result_info = _quantize_ncnn(bundle, reference, reference_label, out_path, data, chosen_method, chosen_gates,
                                      expected, cache_dir)
@@ -100,6 +117,12 @@ def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates
     artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,
                                    quantization={**result_info, "seconds": round(seconds, 2)},
                                    calibration=data.describe())
+    return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
+
+
+def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str, calib_batch: int, ref_out,
+                reference_label: str, data) -> dict:
+    """The staged INT8 artifact run on the check set against the reference outputs; its parity record."""
     staged = Bundle({**bundle.manifest, "artifacts": [artifact]}, update.staging)
     runner = open_artifact(update.staging, staged, artifact["name"])
     measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch), judge_top1=bundle.model.trained,

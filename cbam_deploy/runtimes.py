@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .backends.executorch.exporter import probe as _probe_executorch
+from .backends.executorch.runner import ExecuTorchRunner
 from .backends.onnx.runner import OnnxRuntimeRunner
 from .backends.openvino.runner import OpenVINORunner
 from .backends.tensorrt.runner import TensorRTRunner
@@ -163,6 +165,10 @@ def _ncnn(path: Path, precision: str, threads: int | None):
     return NcnnRunner(path, precision=precision, threads=threads)
 
 
+def _executorch(path: Path, precision: str, threads: int | None):
+    return ExecuTorchRunner(path, precision=precision, threads=threads)
+
+
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort-cpu", ("onnx",), "onnxruntime, CPU execution provider", _probe_ort(CPU_EP),
             _ort(lambda precision, threads: [CPU_EP]), CPU_EP),
@@ -184,6 +190,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
             _openvino),
     Runtime("tensorrt", ("tensorrt",), "TensorRT runtime (engines built by cbam-deploy)", _probe_tensorrt, _tensorrt),
     Runtime("ncnn", ("ncnn",), "ncnn (Python bindings), fp32 pinned, image by image", _probe_ncnn, _ncnn),
+    Runtime("executorch", ("executorch",), "ExecuTorch runtime with the XNNPACK delegate (CPU: x86 and ARM)",
+            _probe_executorch, _executorch),
 )}
 
 

@@ -105,6 +105,20 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
 def _check_gate_policy(bundle: Bundle, artifact: ArtifactRecord, result: dict) -> None:
     """The INT8 gate policy the manifest states for ``artifact``, checked on the artifact's graph."""
     policy = (artifact.quantization or {}).get("gates")
+    if artifact.precision == "int8" and policy is not None and artifact.format == "executorch":
+        recorded = (artifact.quantization or {}).get("gate_check")
+        if not isinstance(recorded, dict) or recorded.get("policy") != policy:
+            result["gate_policy"] = {"policy": policy, "held": None,
+                                     "skipped": "no gate check recorded with the artifact: build it again"}
+            return
+        # the .pte's delegate payload is opaque: the check is the one made on the PT2E program it was lowered from
+        result["gate_policy"] = {**recorded, "note": "checked at build on the PT2E-converted program; the .pte's "
+                                 "XNNPACK payload is opaque to the runtime"}
+        if not recorded.get("held"):
+            result["passed"] = False
+            reason = f"gate policy --gates {policy} broken: " + "; ".join(recorded.get("broken") or [])
+            result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
+        return
     if artifact.precision != "int8" or policy is None or artifact.format not in ("onnx", "openvino", "ncnn"):
         return
     path = bundle.path_of(artifact.name)

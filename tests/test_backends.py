@@ -15,7 +15,7 @@ from cbam_deploy.runtimes import RUNTIMES, default_runtime
 
 
 def test_every_backend_is_complete_and_consistent():
-    assert formats() == ("onnx", "openvino", "tensorrt", "ncnn")
+    assert formats() == ("onnx", "openvino", "tensorrt", "ncnn", "executorch")
     for backend in all_backends():
         assert backend.build is not None and backend.quantize_recipe
         assert (backend.triton is not None) != bool(backend.no_triton)  # served by Triton, or one line saying why not
@@ -24,6 +24,8 @@ def test_every_backend_is_complete_and_consistent():
         assert artifact_file(f"{backend.format}-fp16", backend.format).endswith("." + backend.extension)
     assert get("openvino").companions("model.openvino-fp32.xml") == ("model.openvino-fp32.bin",)
     assert get("tensorrt").companions("model.tensorrt-fp16.engine") == ("model.tensorrt-fp16.engine.json",)
+    assert get("executorch").companions("model.executorch-fp32.pte") == ("model.executorch-fp32.pte.json",)
+    assert "not servable in Triton/KServe" in get("executorch").no_triton
     assert get("ncnn").companions("model.ncnn-fp32.param") == ("model.ncnn-fp32.bin",)
     with pytest.raises(CbamDeployError, match="unknown artifact format"):
         get("tflite")

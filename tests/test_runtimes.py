@@ -54,7 +54,7 @@ def _x(batch: int = 4) -> np.ndarray:
 def test_runtime_table():
     table = {name: r.formats for name, r in runtimes.RUNTIMES.items()}
     assert table == {"ort-cpu": ("onnx",), "ort-cuda": ("onnx",), "ort-tensorrt": ("onnx",), "ort-openvino": ("onnx",),
-                     "openvino": ("onnx", "openvino"), "tensorrt": ("tensorrt",), "ncnn": ("ncnn",)}
+                     "openvino": ("onnx", "openvino"), "tensorrt": ("tensorrt",), "ncnn": ("ncnn",), "executorch": ("executorch",)}
     assert "ort-cpu" in HAS  # onnxruntime is a dependency
     assert default_runtime("openvino") == "openvino" and default_runtime("tensorrt") == "tensorrt"
     assert all(f"{n} (" in runtimes.runtime_help() for n in table)

@@ -21,8 +21,9 @@ class TensorRTOptions:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options, and
-    for formats converted from the PyTorch model (ncnn), ``pytorch_model``: a call giving (the bundle's
+    """What a build may need beyond the bundle: the INT8 gate policy, TensorRT's profile options (whose
+    batch range bounds an ExecuTorch program's dynamic batch too), and for formats converted from the
+    PyTorch model (ncnn, executorch), ``pytorch_model``: a call giving (the bundle's
     model rebuilt under the user's trust, "") or (None, why it cannot be), made by ``cbam_deploy.build``
     (a format package never rebuilds models itself: that is ``loaders``, a floor above it)."""
 

@@ -183,9 +183,9 @@ def export_command(
                                                           "(the formats table).")] = "onnx",
     precisions: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16, int8.")] = "fp32",
     gates: Annotated[Optional[str], typer.Option(help="INT8 gate policy: int8 or fp (default per target).")] = None,
-    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile and ExecuTorch bounds: smallest batch.")] = 1,
     opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to tune for.")] = 1,
-    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile and ExecuTorch bounds: largest batch.")] = 8,
     workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace limit (MiB).")] = 2048,
     timing_cache: Annotated[Optional[str], typer.Option(help="TensorRT timing cache file, reused across builds.")] = None,
     dla_core: Annotated[Optional[int], typer.Option(help="Jetson: build for this DLA core, GPU fallback on.")] = None,
@@ -197,7 +197,7 @@ def export_command(
                               "2-D (N, C) output, dense for 3-D and up.")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
-    target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino, ncnn.")] = "ort-cpu",
+    target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino, ncnn, executorch.")] = "ort-cpu",
     cbam_opt: Annotated[str, typer.Option(help="on: CBAM rewrites for speed (exact ones checked by the parity run; "
                                                "recorded in the manifest); off: export the model as written.")] = "on",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
@@ -361,7 +361,7 @@ def profile_command(
 @_handle_errors
 def quantize_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder (from 'cbam-deploy export').")],
-    target: Annotated[str, typer.Option(help="Comma list of ort-cpu, tensorrt, openvino, ncnn.")] = "ort-cpu",
+    target: Annotated[str, typer.Option(help="Comma list of ort-cpu, tensorrt, openvino, ncnn, executorch.")] = "ort-cpu",
     calib_data: Annotated[str, typer.Option(help="Image folder (recursive), .npy/.npz, or 'synthetic' (not for production).")] = ...,
     calib_size: Annotated[int, typer.Option(help="Calibration samples (seeded choice).")] = 128,
     calib_batch: Annotated[int, typer.Option(help="Calibration batch size.")] = 8,

@@ -86,7 +86,7 @@ def summary(summary: dict) -> None:
     table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
     for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
         table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
-    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3, "ncnn": 4}
+    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3, "ncnn": 4, "executorch": 5}
     rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
     for row in rows:
         if row.get("skipped"):
@@ -107,6 +107,10 @@ def summary(summary: dict) -> None:
     for row in rows:
         if row.get("skipped"):
             out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
+        elif row.get("partitions") is not None:  # a delegate-lowered program (ExecuTorch)
+            outside = ", ".join(f"{op} x{n}" for op, n in (row.get("outside_delegate") or {}).items())
+            out.print(f"{row['artifact']}: {row['partitions']} delegate partition(s); outside the delegate: "
+                      f"{escape(outside) or 'nothing'}")
 
 
 def verify(result: dict, runtime: str | None = None) -> None:

@@ -109,6 +109,9 @@ class ModelService:
         record = bundle.artifact(artifact)
         if record.format == "tensorrt":  # never batch past the engine's optimisation profile
             self.max_batch = fit_batch_to_profile(bundle, record.raw, self.max_batch)
+        bounds = (record.export or {}).get("bounds") if record.format == "executorch" else None
+        if bounds and not self.batch_size:  # never batch past the batch bound the .pte was exported for
+            self.max_batch = max(1, min(self.max_batch, int(bounds["batch"][1])))
         self.batcher = DynamicBatcher(runner.infer, self.max_batch, config.batch_timeout_ms,
                                       on_batch=metrics.batch_sizes.labels(name).observe, max_queue=config.max_queue,
                                       wait_s=config.request_timeout_s)
