@@ -838,7 +838,7 @@ def ncnn_gates(layers, expected: list[dict] | None = None) -> list[GraphGate]:
             [gate["multiply"].name]
         result.append(GraphGate(record, gate["sigmoid"].name, gate["multiply"].name, [op.name for op in gate["chain"]],
                                 list(dict.fromkeys(nodes)), gate["sigmoid"].outputs[0], _quantization(graph, gate)))
-        result[-1].record["ncnn_layers"] = [op.name for op in gate["body"] if op.kind in ("conv", "linear")]
+        result[-1].record["ncnn_layers"] = result[-1].quantized["all_layers"]
     if expected is not None:
         names = defaultdict(list)
         for gate in expected:
@@ -853,30 +853,8 @@ def check_ncnn_policy(layers, expected: list[dict] | None, policy: str, artifact
     """The gate policy on an ncnn INT8 model: ncnn runs Sigmoid and BinaryOp in float whatever the
     policy (it has no int8 kernels for them), so the policy governs the gate's layers: ``fp``: none
     of them has int8 scales; ``int8``: every one of them has."""
-    if policy not in ("fp", "int8"):
-        raise CbamDeployError(f"gate policy must be fp or int8, got {policy!r}")
-    found = ncnn_gates(layers, expected)
-    by_name = {g.name: g for g in found}
-    names = [g["name"] for g in expected] if expected is not None else list(by_name)
-    rows, broken = [], []
-    for name in names:
-        gate = by_name.get(name)
-        if gate is None:
-            rows.append({"gate": name, "found": False})
-            broken.append(f"{name}: not found in {artifact}")
-            continue
-        layers_all = gate.record["ncnn_layers"]
-        quantized = gate.quantized["layers"]
-        rows.append({"gate": name, "kind": gate.kind, "found": True, "sigmoid_quantized": False,
-                     "multiply_quantized": False, "layers": layers_all, "quantized_layers": quantized})
-        if policy == "fp" and quantized:
-            broken.append(f"{name}: layers {', '.join(quantized)} quantized under --gates fp")
-        if policy == "int8":
-            left = [n for n in layers_all if n not in quantized]
-            if left:
-                broken.append(f"{name}: layers {', '.join(left)} left in float under --gates int8")
-    return {"policy": policy, "gates": len(names), "checked_on": artifact, "held": not broken, "broken": broken,
-            "per_gate": rows, "note": "ncnn has no int8 Sigmoid or BinaryOp: gate sigmoids and multiplies run in fp32"}
+    check = policy_check(ncnn_gates(layers, expected), expected, policy, artifact, float_gate_ops=True)
+    return {**check, "note": "ncnn has no int8 Sigmoid or BinaryOp: gate sigmoids and multiplies run in fp32"}
 
 
 # ------------------------------------------------------------------------------ the policy check
@@ -914,18 +892,21 @@ def _quantization(graph: _Graph, gate: dict) -> dict:
     sigmoid_q = sigmoid.quantized_op or _through(graph, sigmoid.inputs[0], True) or \
         _through(graph, sigmoid.outputs[0], False) or any(op.kind in ("quant", "dequant") for op in gate["chain"])
     multiply_q = multiply.quantized_op or _through(graph, gate["operand"], True)
-    layers_q = []
+    layers_q, layers_all = [], []
     for op in gate["body"]:
         if op.kind not in ("conv", "linear"):
             continue
+        layers_all.append(op.name)
         if op.quantized_op or any(t in graph.int8_constants or _through(graph, t, True) for t in op.inputs):
             layers_q.append(op.name)
-    return {"sigmoid": bool(sigmoid_q), "multiply": bool(multiply_q), "layers": layers_q}
+    return {"sigmoid": bool(sigmoid_q), "multiply": bool(multiply_q), "layers": layers_q, "all_layers": layers_all}
 
 
-def policy_check(found: list[GraphGate], expected: list[dict] | None, policy: str, artifact: str) -> dict:
+def policy_check(found: list[GraphGate], expected: list[dict] | None, policy: str, artifact: str,
+                 float_gate_ops: bool = False) -> dict:
     """Whether a built INT8 graph follows the gate policy: ``fp``: no gate sigmoid, multiply or layer
-    quantized; ``int8``: every gate sigmoid and multiply quantized. Every gate of ``expected`` (the
+    quantized; ``int8``: every gate sigmoid and multiply quantized, or, on a runtime that has no int8
+    sigmoid or multiply (``float_gate_ops``), every gate layer. Every gate of ``expected`` (the
     manifest's) must be found in the graph. The result names each gate that breaks the policy."""
     if policy not in ("fp", "int8"):
         raise CbamDeployError(f"gate policy must be fp or int8, got {policy!r}")
@@ -947,6 +928,10 @@ def policy_check(found: list[GraphGate], expected: list[dict] | None, policy: st
                                       ("layers " + ", ".join(q["layers"]), bool(q["layers"]))) if bad]
             if parts:
                 broken.append(f"{name}: {' and '.join(parts)} quantized under --gates fp")
+        elif float_gate_ops:
+            left = [n for n in q["all_layers"] if n not in q["layers"]]
+            if left:
+                broken.append(f"{name}: layers {', '.join(left)} left in float under --gates int8")
         else:
             parts = [p for p, ok in (("sigmoid", q["sigmoid"]), ("multiply", q["multiply"])) if not ok]
             if parts:

@@ -75,17 +75,23 @@ def probe() -> str | None:
     return None
 
 
-def require_executorch():
-    """ExecuTorch's ``exir`` module and XNNPACK partitioner class, or BackendUnavailable in one line."""
+def import_extra(what: str, *modules: str) -> list:
+    """The named modules of the executorch extra (ExecuTorch, torchao), or BackendUnavailable in one
+    line naming ``what`` could not be imported: not installed, or a broken or partial install."""
     missing = probe()
     if missing:
         raise BackendUnavailable(missing)
     try:
-        # lazy: ExecuTorch is an optional heavy dependency (the executorch extra)
-        exir = importlib.import_module("executorch.exir")
-        partitioner = importlib.import_module("executorch.backends.xnnpack.partition.xnnpack_partitioner")
+        # lazy: ExecuTorch and torchao are optional heavy dependencies (the executorch extra)
+        return [importlib.import_module(module) for module in modules]
     except Exception as exc:  # a broken or partial install
-        raise BackendUnavailable(f"executorch cannot be imported ({type(exc).__name__}: {exc}): {INSTALL_HINT}") from None
+        raise BackendUnavailable(f"{what} cannot be imported ({type(exc).__name__}: {exc}): {INSTALL_HINT}") from None
+
+
+def require_executorch():
+    """ExecuTorch's ``exir`` module and XNNPACK partitioner class, or BackendUnavailable in one line."""
+    exir, partitioner = import_extra("executorch", "executorch.exir",
+                                     "executorch.backends.xnnpack.partition.xnnpack_partitioner")
     return exir, partitioner.XnnpackPartitioner
 
 

@@ -20,46 +20,31 @@ calibration passes.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ...calib.recipes import QuantizeResult
 from ...data import CalibrationSet
-from ...errors import BackendUnavailable, CbamDeployError
+from ...errors import CbamDeployError
 from ...fsutil import atomic_path
 from ...gates import check_program_policy, nodes_of, program_gates
-from .exporter import INSTALL_HINT, Bounds, export_program, export_pte, output_names, probe
+from .exporter import Bounds, export_program, export_pte, import_extra, output_names
 
 CACHE_VERSION = 1
 METHODS = ("minmax",)
 CHECKED_ON = "the PT2E-converted program (what is lowered into the .pte; the delegate payload is opaque)"
 
 
-@dataclass
-class PteQuantizeResult:
-    path: Path
-    format: str
-    info: dict
-
-
 def _pt2e():
     """(prepare_pt2e, convert_pt2e, XNNPACKQuantizer, get_symmetric_quantization_config, MinMaxObserver)."""
-    missing = probe()
-    if missing:
-        raise BackendUnavailable(missing)
-    try:
-        # lazy: torchao and ExecuTorch are optional heavy dependencies (the executorch extra)
-        pt2e = importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
-        observers = importlib.import_module("torchao.quantization.pt2e.observer")
-        xnn = importlib.import_module("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
-    except Exception as exc:  # a broken or partial install
-        raise BackendUnavailable(f"PT2E quantization cannot be imported ({type(exc).__name__}: {exc}): "
-                                 f"{INSTALL_HINT}") from None
+    pt2e, observers, xnn = import_extra("PT2E quantization", "torchao.quantization.pt2e.quantize_pt2e",
+                                        "torchao.quantization.pt2e.observer",
+                                        "executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
     return pt2e.prepare_pt2e, pt2e.convert_pt2e, xnn.XNNPACKQuantizer, xnn.get_symmetric_quantization_config, \
         observers.MinMaxObserver
 
@@ -107,7 +92,7 @@ def _observer_state(prepared: nn.Module) -> dict:
 
 def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds: Bounds, gates: str,
                  expected: list[dict] | None, method: str = "minmax", batch: int = 8, cache_dir: Path | None = None,
-                 model_sha: str = "", rewrite: bool = True) -> PteQuantizeResult:
+                 model_sha: str = "", rewrite: bool = True) -> QuantizeResult:
     """Write the INT8 .pte (and its sidecar) at ``out_path``; raise when the gate policy does not hold."""
     if method not in METHODS:
         raise CbamDeployError(f"the executorch recipe calibrates with {', '.join(METHODS)} only, not {method}")
@@ -179,7 +164,7 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
                              {"path": None, "hit": False, "reason": "disabled"},
         "export": export, "calibration_seconds": round(time.perf_counter() - started, 2),
     }
-    return PteQuantizeResult(out_path, "executorch", info)
+    return QuantizeResult(out_path, "executorch", info)
 
 
-__all__ = ["CHECKED_ON", "METHODS", "PteQuantizeResult", "cache_key", "quantize_pte"]
+__all__ = ["CHECKED_ON", "METHODS", "QuantizeResult", "cache_key", "quantize_pte"]

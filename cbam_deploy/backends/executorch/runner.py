@@ -13,31 +13,20 @@ offers no per-program setting), and ``threads()`` reads it back.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...errors import BackendUnavailable, CbamDeployError
+from ...errors import CbamDeployError
 from ...runners.base import Runner
-from .exporter import INSTALL_HINT, Bounds, probe, sidecar_path
+from .exporter import Bounds, import_extra, sidecar_path
 
 
 def _runtime():
     """ExecuTorch's runtime module and its pybindings (for the thread pool), or one line saying why not."""
-    missing = probe()
-    if missing:
-        raise BackendUnavailable(missing)
-    try:
-        # lazy: ExecuTorch is an optional heavy dependency (the executorch extra)
-        runtime = importlib.import_module("executorch.runtime")
-        bindings = importlib.import_module("executorch.extension.pybindings.portable_lib")
-    except Exception as exc:  # a broken or partial install
-        raise BackendUnavailable(f"the ExecuTorch runtime cannot be imported ({type(exc).__name__}: {exc}): "
-                                 f"{INSTALL_HINT}") from None
-    return runtime, bindings
+    return import_extra("the ExecuTorch runtime", "executorch.runtime", "executorch.extension.pybindings.portable_lib")
 
 
 def read_sidecar(path: str | Path) -> dict:
