@@ -34,7 +34,7 @@ from cbam_deploy.backends.ncnn.runner import NcnnRunner
 from cbam_deploy.bench import interleaved_latency
 from cbam_deploy.benchstats import LoadMonitor, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
 from cbam_deploy.data import CalibrationSet
-from cbam_deploy.gates import ncnn_gates
+from cbam_deploy.backends.ncnn.gates import ncnn_gates
 from cbam_deploy.models import create_model
 
 SIZES = {"resnet10_half_cbam": (64, "cifar", 10)}  # model -> (side, stem, classes); the rest 224, imagenet, 1000

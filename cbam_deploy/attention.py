@@ -2,10 +2,10 @@
 
 Logit agreement can hide a gate that has collapsed. Every attention gate the gate finder
 (``cbam_deploy.gates``) finds is read out of the PyTorch model (its traced graph, so a functional
-``torch.sigmoid`` is seen as well as a module) and out of each artifact under its own runtime: a
-probe copy of the artifact exposes each gate's sigmoid tensor as an extra output (ONNX: graph
-outputs; OpenVINO IR: ``Model.add_outputs``), the gate found by the same finder in the artifact's
-graph. Per gate:
+``torch.sigmoid`` is seen as well as a module) and out of each artifact under its own runtime,
+through the artifact's row (``formats.Format.gate_maps``: a probe of the artifact that exposes each
+gate's sigmoid as an extra output), the gate found by the same finder in the artifact's graph. A
+format without a gate reader says why in one line, and its artifacts are skipped. Per gate:
 
 - spatial (N, 1, H, W) and joint (N, C, H, W) maps: Pearson correlation and the IoU of the top-10%
   regions;
@@ -15,22 +15,16 @@ graph. Per gate:
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 from torch import nn
 
-from .backends.executorch.exporter import NO_GATE_MAPS
-from .backends.ncnn.exporter import NcnnParam
-from .backends.ncnn.runner import NcnnRunner
-from .backends.onnx.runner import OnnxRuntimeRunner
-from .backends.openvino.exporter import require_openvino
-from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .errors import BackendUnavailable, CbamDeployError
-from .gates import GatesUntraceable, ncnn_gates, onnx_gates, openvino_gates, shape_map, trace_gate_maps
+from .formats import get as get_format
+from .gates import GatesUntraceable, shape_map
+from .torch_gates import trace_gate_maps
 
 TOP_FRACTION = 0.10
 TOP_CHANNEL_FRACTION = 0.25
@@ -50,52 +44,27 @@ def torch_maps(model: nn.Module, x: np.ndarray, kind: str | None = "spatial",
     return {g: m for g, m in maps.items() if kind is None or kinds.get(g) == kind}
 
 
-def artifact_maps(bundle_dir: str | Path, manifest, name: str, x: np.ndarray,
+def artifact_maps(bundle_dir: str | Path | None, manifest, name: str, x: np.ndarray,
                   threads: int | None = None) -> dict[str, np.ndarray]:
-    """The gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict)
-    computes for ``x``, under its own runtime, by gate name (named as the manifest names them)."""
-    bundle = Bundle(Bundle.of(manifest).manifest, bundle_dir)
-    expected = bundle.model.gate_list
-    path = bundle.path_of(name)
+    """The gates an artifact of the bundle (``manifest``: a ``Bundle`` or its manifest dict) computes for
+    ``x``, under its own runtime, by gate name (named as the manifest names them)."""
+    return artifact_probe(bundle_dir, manifest, name, x, threads)[0]
+
+
+def artifact_probe(bundle_dir: str | Path | None, manifest, name: str, x: np.ndarray,
+                   threads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the gate maps of ``artifact_maps``, the model's outputs) from one run of the artifact's probe. Its
+    graph is parsed and its gates found once per command (``Bundle.graph``, ``Bundle.found_gates``); a
+    format that cannot give its gate maps raises ``BackendUnavailable`` with the one line why."""
+    bundle = Bundle.of(manifest)
+    if bundle_dir is not None and bundle.directory != Path(bundle_dir):
+        bundle = Bundle(bundle.manifest, bundle_dir)
     artifact = bundle.artifact(name)
-    with tempfile.TemporaryDirectory(prefix="cbam-attention-") as tmp:
-        if artifact.format == "onnx":
-            proto = onnx.load(str(path))
-            found = onnx_gates(proto, expected)
-            tensors = {g.name: g.sigmoid_tensor for g in found}
-            existing = {o.name for o in proto.graph.output}
-            for tensor in tensors.values():
-                if tensor not in existing:
-                    proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-            probe = Path(tmp) / "probe.onnx"
-            onnx.save(proto, str(probe))
-            outputs = OnnxRuntimeRunner(probe, threads=threads, precision=artifact.precision).infer(x)
-        elif artifact.format == "openvino":
-            ov = require_openvino()
-            model = ov.Core().read_model(str(path))
-            found = openvino_gates(model, expected)
-            by_name = {op.get_friendly_name(): op for op in model.get_ops()}
-            tensors = {}
-            for gate in found:
-                op = by_name.get(gate.sigmoid)
-                if op is not None:
-                    model.add_outputs([op.output(0)])
-                    tensors[gate.name] = op.output(0).get_any_name()
-            probe = Path(tmp) / "probe.xml"
-            ov.save_model(model, str(probe), compress_to_fp16=False)
-            outputs = OpenVINORunner(probe, precision=artifact.precision, threads=threads).infer(x)
-        elif artifact.format == "ncnn":  # a gate's sigmoid output is a named blob ncnn can extract
-            found = ncnn_gates(NcnnParam.read(path).layers, expected)
-            tensors = {g.name: g.sigmoid_tensor for g in found}
-            outputs = NcnnRunner(path, precision=artifact.precision, threads=threads,
-                                 extra_blobs=list(dict.fromkeys(tensors.values()))).infer(x)
-        elif artifact.format == "executorch":
-            raise BackendUnavailable(f"attention maps cannot be read from {name}: {NO_GATE_MAPS}")
-        else:
-            raise BackendUnavailable(f"attention maps are read from onnx, openvino and ncnn artifacts; {name} is "
-                                     f"{artifact.format}")
+    row = get_format(artifact.format)
+    found = bundle.found_gates(name)
+    raw, outputs = row.gate_maps(bundle.path_of(name), bundle.graph(name), found, artifact.precision, x, threads)
     kinds = {g.name: g.kind for g in found}
-    return {gate: shape_map(outputs[tensor], kinds[gate]) for gate, tensor in tensors.items() if tensor in outputs}
+    return {gate: shape_map(values, kinds[gate]) for gate, values in raw.items()}, outputs
 
 
 def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str = "fp32",

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.tensorrt.exporter import profile_batch_limit
+from .batching import batch_limit
 from .benchstats import LoadMonitor, LoadReport, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
 from .bundle import Bundle, check_artifact_names
 from .checks import check_int, check_number, check_output_file, parse_batches
 from .data import SYNTHETIC, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
+from .formats import get as get_format
 from .loaders import model_spec_to_run, open_artifact
 from .models import CodeTrust, build_model
 from .peers import build_peers
@@ -204,7 +205,7 @@ def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: 
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, calib_data: str | None = None,
                  runtime: str | list[str] | None = None, markdown: str | None = None, plot: str | None = None,
-                 trust: CodeTrust | None = None) -> dict:
+                 trust: CodeTrust | None = None, reference=None) -> dict:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths (``calib_data``: the images for the
     INT8 peers). The plain twin (``--overhead``) and the other ``--cbam-opt`` mode are built by
@@ -218,29 +219,30 @@ def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: 
                                      min_seconds=min_seconds, warmup=warmup, threads=threads, max_seconds=max_seconds,
                                      strict=strict, retries=retries, wait_quiet=wait_quiet, peers=peers,
                                      calib_data=calib_data, runtime=runtime, markdown=markdown, plot=plot)
-    return bench_checked(bundle, options, trust)
+    return bench_checked(bundle, options, trust, module=reference.module_or_reason()[0] if reference else None)
 
 
 def open_for_bench(bundle_dir, **options) -> tuple[Bundle, BenchOptions]:
     """The bundle and its bench options, every option and artifact name checked (once, before any work)."""
     checked = check_bench_options(**options)
-    bundle = Bundle.open(bundle_dir)
-    check_artifact_names(bundle, checked.artifacts, bundle_dir)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
+    check_artifact_names(bundle, checked.artifacts, bundle.directory)
     return bundle, checked
 
 
 def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None = None, twins: list[Twin] = (),
-                  calib=None) -> dict:
+                  calib=None, module=None) -> dict:
     """``bench_bundle`` with its options checked (``open_for_bench``); ``twins`` are timed in the same
     rounds and paired with the bundle's rows (``result["paired"][prefix]``, see ``overhead_rows``);
-    ``calib``: calibration images already loaded (``bench_calibration``), for the INT8 peers."""
+    ``calib``: calibration images already loaded (``bench_calibration``), for the INT8 peers; ``module``:
+    the PyTorch model when the command has it already (an export)."""
     threads = options.threads
     if threads is not None:
         torch.set_num_threads(threads)
-    module = _pytorch_model(bundle, trust)
+    module = module if module is not None else _pytorch_model(bundle, trust)
     runners: dict[str, Runner] = {"pytorch": TorchRunner(module)}
     skipped: list[dict] = []
-    limits: dict[str, tuple[int, int] | None] = {}
+    limits: dict[str, tuple[int, int, str]] = {}  # runner -> (smallest, largest batch of one call, what bounds it)
     _open_artifacts(bundle, options.artifacts, threads, "", runners, skipped, limits, options.runtimes)
     side = bundle.input.side
     chw = (bundle.input.channels, side, side)
@@ -262,8 +264,8 @@ def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None
         rows = []
         for batch in batches:
             # an engine is timed only at batches its profile runs in one call (never split or padded)
-            usable = {n: r for n, r in runners.items() if limits.get(n) is None or limits[n][0] <= batch <= limits[n][1]}
-            skipped += [{"artifact": n, "reason": f"batch {batch} is outside its TensorRT profile {list(limits[n])}"}
+            usable = {n: r for n, r in runners.items() if n not in limits or limits[n][0] <= batch <= limits[n][1]}
+            skipped += [{"artifact": n, "reason": f"batch {batch} is outside {limits[n][2]} {list(limits[n][:2])}"}
                         for n in runners if n not in usable]
             rows += _bench_batch(usable, chw, batch, options)
     prefixes = tuple(t.prefix for t in twins)
@@ -335,8 +337,9 @@ def _open_artifacts(bundle: Bundle, names: list[str] | None, threads: int | None
             except BackendUnavailable as exc:
                 skipped.append({"artifact": name, "reason": str(exc)})
                 continue
-            if artifact.format == "tensorrt":
-                limits[name] = profile_batch_limit(bundle, artifact.raw)
+            limit = batch_limit(bundle, artifact)
+            if limit is not None:
+                limits[name] = (*limit, get_format(artifact.format).bounds_name)
 
 
 def bench_calibration(bundle: Bundle, calib_data: str | None, size: int = 128):

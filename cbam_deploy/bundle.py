@@ -21,7 +21,7 @@ from .checks import shorten
 from .errors import CbamDeployError
 from .formats import get as get_format
 from .fsutil import UnsafePath, copy_checked, resolve_inside, sha256_no_follow
-from .manifest import MANIFEST_NAME, fixed_batch, read_manifest_file
+from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, fixed_batch, read_manifest_file
 from .transaction import bundle_lock, recover_if_needed
 
 
@@ -207,6 +207,11 @@ class Bundle:
         self.manifest = manifest
         self.directory = Path(directory) if directory is not None else None
         self._companions_checked: dict[tuple[str, str], list[str]] = {}
+        # what one command has checked or opened already, so that nothing is done twice: a file's
+        # (relative path, sha256) -> the stat of the file that matched; and whatever the floors above
+        # keep per artifact version (its graph, its gates, its runners: ``memo``)
+        self._verified: dict[tuple[str, str], tuple] = {}
+        self._memo: dict[tuple, object] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Bundle:
@@ -215,6 +220,36 @@ class Bundle:
         path = Path(path)
         manifest = read_manifest(path)
         return cls(manifest, path if path.is_dir() else path.parent)
+
+    def refresh(self) -> Bundle:
+        """The bundle as committed now (after this command's own commits), keeping what this object has
+        checked and opened of the artifact versions that are still there."""
+        fresh = Bundle.open(self._folder())
+        current = {(a.name, a.sha256) for a in fresh.artifacts}
+        fresh._verified = dict(self._verified)
+        fresh._companions_checked = {k: v for k, v in self._companions_checked.items() if k in current}
+        fresh._memo = {k: v for k, v in self._memo.items() if (k[1], k[2]) in current}
+        return fresh
+
+    def memo(self, kind: str, name: str, make, *extra):
+        """What the floors above made once per artifact version (``kind``: "graph", "gates", "runner",
+        ...; ``extra``: what else the thing depends on, e.g. the runtime): ``make()`` the first time,
+        the same object after that, for as long as the artifact's sha256 is the one in the manifest."""
+        key = (kind, name, self.artifact(name).sha256, *extra)
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def graph(self, name: str):
+        """The artifact's graph as its format reads it (``formats.Format.read_graph``), parsed once."""
+        artifact = self.artifact(name)
+        return self.memo("graph", name, lambda: get_format(artifact.format).read_graph(self.path_of(name)))
+
+    def found_gates(self, name: str) -> list:
+        """The gates the finder finds in the artifact's graph, named after the model's, found once."""
+        artifact = self.artifact(name)
+        return self.memo("gates", name, lambda: get_format(artifact.format).gates(self.graph(name),
+                                                                                 self.model.gate_list))
 
     @classmethod
     def of(cls, source: Bundle | dict | str | Path, directory: str | Path | None = None) -> Bundle:
@@ -271,11 +306,11 @@ class Bundle:
 
     @property
     def cbam_opt(self) -> dict:
-        """What ``--cbam-opt`` rewrote at export (``cbam_opt.optimize_for_export``'s record); bundles
-        exported before the option existed were exported as written."""
-        source = next((a for a in self.artifacts if a.name == "onnx-fp32"), None)
+        """What ``--cbam-opt`` rewrote at export (``cbam_opt.optimize_for_export``'s record, kept with the
+        bundle's first artifact)."""
+        source = next((a for a in self.artifacts if a.name == ROOT_ARTIFACT), None)
         record = (source.export or {}).get("cbam_opt") if source else None
-        return record or {"mode": "off", "rewrites": [], "note": "exported before --cbam-opt existed"}
+        return record or {"mode": "off", "rewrites": []}
 
     # ------------------------------------------------------------ lookups
 
@@ -319,7 +354,7 @@ class Bundle:
         for relative, digest in artifact.files.items():
             try:
                 file = self.resolve(relative)
-                intact = not verify_hash or sha256_no_follow(file) == digest
+                intact = not verify_hash or self._intact(file, relative, digest)
             except (FileNotFoundError, UnsafePath):
                 intact = False
             if not intact:
@@ -330,6 +365,19 @@ class Bundle:
         if verify_hash:  # an intact file: what it makes its runtime open must be recorded too
             self._check_companions(artifact, path)
         return path
+
+    def _intact(self, file: Path, relative: str, digest: str) -> bool:
+        """Whether ``file`` holds the bytes of sha256 ``digest``: hashed once per command, then trusted
+        while the file is the same one (device, inode, size and modification time unchanged: a bundle's
+        files are only ever replaced by a rename, never written in place)."""
+        stat = os.lstat(file)
+        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._verified.get((relative, digest)) == signature:
+            return True
+        if sha256_no_follow(file) != digest:
+            return False
+        self._verified[(relative, digest)] = signature
+        return True
 
     def _check_companions(self, artifact: ArtifactRecord, path: Path) -> None:
         undeclared = self._undeclared_companions(artifact, path)
@@ -364,7 +412,7 @@ class Bundle:
             state = "ok"
             for relative, digest in artifact.files.items():
                 try:
-                    if sha256_no_follow(self.resolve(relative)) != digest:
+                    if not self._intact(self.resolve(relative), relative, digest):
                         state = "changed" if state == "ok" else state
                 except FileNotFoundError:
                     state = "missing" if state in ("ok", "changed") else state
@@ -429,7 +477,7 @@ class Bundle:
             try:
                 source = self.resolve(relative)  # a regular file inside the bundle, no link on the way
                 os.link(source, copy, follow_symlinks=False)
-                intact = sha256_no_follow(copy) == digest
+                intact = self._intact(copy, relative, digest)  # the same inode: checked once per command
             except FileNotFoundError:
                 raise CbamDeployError(f"artifact {name}: {self._folder() / relative} is missing; run the command that "
                                       "built it again") from None

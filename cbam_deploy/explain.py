@@ -9,7 +9,7 @@ says, and computes for it:
   attention-bearing stage, upsampled with ``LayerAttribution.interpolate``; classifiers only);
 - every gate the gate finder (``cbam_deploy.gates``) finds, whatever its module or class names:
   each spatial gate (the sigmoid map; a BAM joint gate as its mean over channels) of PyTorch and
-  of each ONNX / OpenVINO / ncnn artifact under its own runtime (``attention.artifact_maps``), with
+  of each artifact whose format reads its gates, under its own runtime (``attention.artifact_maps``), with
   the per-gate correlation and top-10% IoU of ``attention.compare_maps``; each channel gate (SE, ECA,
   CBAM's channel attention) as a profile, one value per channel, of PyTorch and of each artifact,
   with the profiles' cosine and top-k channel overlap.
@@ -28,18 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import artifact_maps, compare_maps, torch_maps
-from .backends.executorch.exporter import NO_GATE_MAPS
+from .attention import artifact_maps, artifact_probe, compare_maps, torch_maps
 from .bundle import Bundle, check_artifact_names
 from .data import _Unreadable, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
+from .formats import get as get_format
 from .gates import GatesUntraceable, shape_map
-from .loaders import is_stand_in, open_artifact, reference_runner
+from .loaders import ReferenceModel
+from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
 from .transaction import faultpoint
 
 TOP_K = 5
-EXPLAINABLE_FORMATS = ("onnx", "openvino", "ncnn")
 
 
 @dataclass
@@ -78,10 +78,10 @@ class Explanation:
 def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] | None = None,
                   trust: CodeTrust | None = None) -> Explanation:
     """Explain one image with an open bundle: predictions, Grad-CAM and every gate's map of the
-    reference and of each ONNX / OpenVINO / ncnn artifact, compared (see the module doc).
+    reference and of each artifact whose format reads its gates, compared (see the module doc).
 
-    ``artifacts``: names of ONNX / OpenVINO / ncnn artifacts (default: all of them in the bundle; others are
-    listed under ``skipped``)."""
+    ``artifacts``: names of such artifacts (default: all of them in the bundle; others are listed under
+    ``skipped``, with their format's reason)."""
     bundle_dir = bundle.directory
     image_path = Path(image_path)
     try:
@@ -94,14 +94,15 @@ def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] |
     classifier = bundle.classification_output is not None
     notes: list[str] = []
 
-    runner, label = reference_runner(bundle, trust=trust)  # a factory's code runs only when trusted
+    reference = ReferenceModel(bundle, trust)  # a factory's code runs only when trusted
+    runner, label = reference.runner()
     key = label.split(" ")[0]  # 'pytorch-fp32', or 'onnx-fp32' standing in
-    stand_in = is_stand_in(runner)
+    stand_in = reference.stand_in
     model = None if stand_in else runner.model
     if stand_in:
         notes.append(f"The PyTorch model could not be rebuilt; the reference is {label}. Grad-CAM needs the PyTorch model "
                      "and is not shown; the artifacts' maps and channel profiles are compared with the FP32 ONNX's.")
-        chosen = [name for name in chosen if name != "onnx-fp32"]
+        chosen = [name for name in chosen if name != ROOT_ARTIFACT]
 
     # --- the reference: gates, channel profiles, predictions, Grad-CAM -----------------------------
     gate_list = bundle.model.gate_list
@@ -114,7 +115,7 @@ def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] |
             reference_all = {}
     else:
         try:
-            reference_all = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, "onnx-fp32", x).items()}
+            reference_all = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, ROOT_ARTIFACT, x).items()}
         except BackendUnavailable:
             reference_all = {}
     kinds.update({g: "channel" if m.ndim == 2 else "spatial" for g, m in reference_all.items() if g not in kinds})
@@ -152,8 +153,9 @@ def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] |
     for name in chosen:
         artifact = bundle.artifact(name)
         try:
-            every = {g: m[:1] for g, m in artifact_maps(bundle_dir, bundle, name, x).items()} if reference_all else {}
-            logits = open_artifact(bundle_dir, bundle, name).run(x)[0] if classifier else None
+            maps, outputs = artifact_probe(bundle_dir, bundle, name, x)  # one run gives the maps and the logits
+            every = {g: m[:1] for g, m in maps.items()} if reference_all else {}
+            logits = outputs[bundle.outputs[0].name][0] if classifier else None
         except BackendUnavailable as exc:
             if artifacts:  # asked for by name: say why it cannot be done
                 raise
@@ -181,19 +183,18 @@ def _as_spatial(values: np.ndarray) -> np.ndarray:
 # --- choosing --------------------------------------------------------------------------------------
 
 def _choose_artifacts(bundle: Bundle, names: list[str] | None) -> tuple[list[str], dict[str, str]]:
-    """The artifacts to explain, and {name: why not} for those of the bundle left out by default."""
+    """The artifacts to explain (those whose format reads its gates), and {name: why not} for those of
+    the bundle left out by default."""
     if names:
         check_artifact_names(bundle, names, bundle.directory)
-        wrong = [n for n in names if bundle.artifact(n).format not in EXPLAINABLE_FORMATS]
+        wrong = [n for n in names if not get_format(bundle.artifact(n).format).reads_gates]
         if wrong:
-            shown = ", ".join(f"{n} is {bundle.artifact(n).format}" for n in wrong)
-            why = f" ({NO_GATE_MAPS})" if any(bundle.artifact(n).format == "executorch" for n in wrong) else ""
-            raise CbamDeployError(f"--artifact: explain reads the gates of onnx, openvino and ncnn artifacts; {shown}{why}")
+            shown = "; ".join(f"{n}: {get_format(bundle.artifact(n).format).why_no_gates()}" for n in wrong)
+            raise CbamDeployError(f"--artifact: explain reads the gates of an artifact under its own runtime; {shown}")
         return list(dict.fromkeys(names)), {}
-    chosen = [a.name for a in bundle.artifacts if a.format in EXPLAINABLE_FORMATS]
-    skipped = {a.name: NO_GATE_MAPS if a.format == "executorch" else
-               f"{a.format} artifact: explain reads the gates of onnx, openvino and ncnn artifacts"
-               for a in bundle.artifacts if a.format not in EXPLAINABLE_FORMATS}
+    chosen = [a.name for a in bundle.artifacts if get_format(a.format).reads_gates]
+    skipped = {a.name: get_format(a.format).why_no_gates() for a in bundle.artifacts
+               if not get_format(a.format).reads_gates}
     return chosen, skipped
 
 

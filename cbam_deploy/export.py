@@ -17,23 +17,22 @@ from pathlib import Path
 
 import torch
 
-from .backends.onnx.exporter import OnnxExportOptions, check_opset, export_onnx
-from .backends.onnx.runner import OnnxRuntimeRunner
 from .bundle import read_manifest
 from .cbam_opt import MODES as CBAM_OPT_MODES
 from .cbam_opt import optimize_for_export
 from .checks import check_choice, check_int, parse_batch
 from .errors import CbamDeployError
-from .gates import example_input, find_gates
-from .manifest import MANIFEST_NAME, artifact_file, new_manifest
+from .torch_gates import example_input, find_gates
+from .formats import root_row
+from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
 from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
 from .models.spec import STEMS, check_input_size, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
 from .runners.torch import TorchRunner
+from .runtimes import select_runtime
 from .transaction import BundleUpdate, faultpoint
 
-ONNX_FILE = artifact_file("onnx-fp32", "onnx")
 CROP_PCT = 0.875
 
 
@@ -89,7 +88,7 @@ def check_model_options(model: str, stem: str = "imagenet", num_classes: int | N
     check_choice("--cbam-opt", cbam_opt, CBAM_OPT_MODES)
     check_num_classes(num_classes)
     check_input_size(input_size, model, stem)
-    check_opset(exporter, opset)
+    root_row().check_export_choices(exporter, opset)
 
 
 def default_output_dir(model_spec: str) -> Path:
@@ -97,7 +96,7 @@ def default_output_dir(model_spec: str) -> Path:
     return Path("bundles") / stem
 
 
-def input_spec(loaded: LoadedModel, options: OnnxExportOptions) -> dict:
+def input_spec(loaded: LoadedModel, options) -> dict:
     return make_input_spec(options.input_size, loaded.mean, loaded.std, options.symbolic_input_shape())
 
 
@@ -137,8 +136,9 @@ def _existing_manifest(out_dir: Path) -> dict | None:
         return {}  # unreadable: replaced only with --force
 
 
-def export_bundle(request: ExportRequest) -> dict:
-    """Run the whole export; returns the summary that ``--json`` prints.
+def export_bundle(request: ExportRequest, keep_model: bool = False):
+    """Run the whole export; returns the summary that ``--json`` prints (with ``keep_model``: and the
+    PyTorch module it exported, which later steps of the same command use as their reference).
 
     The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
     committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
@@ -146,7 +146,7 @@ def export_bundle(request: ExportRequest) -> dict:
     out_dir = Path(request.output) if request.output else default_output_dir(request.model)
     _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
     loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
-    options = OnnxExportOptions(
+    options = root_row().export_options(
         input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
         batch=request.batch,
         dynamic_hw=request.dynamic_hw,
@@ -154,13 +154,13 @@ def export_bundle(request: ExportRequest) -> dict:
         exporter=request.exporter,
         simplify=request.simplify,
     )
-    options.validate()
     options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
     with BundleUpdate(out_dir, create=True) as update:
-        return _export_into(request, loaded, options, update, started)
+        result = _export_into(request, loaded, options, update, started)
+    return (result, loaded.module) if keep_model else result
 
 
-def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options: OnnxExportOptions) -> dict[str, str]:
+def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options) -> dict[str, str]:
     """The output kinds set by hand: those the model declares (an ``output_kinds`` attribute, {name:
     kind}, on a factory's module), overridden by ``--output-kind`` (which also sets right a wrong
     declaration). Each name is checked against the model's outputs (one forward pass) before anything
@@ -181,22 +181,24 @@ def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options
     return {**declared, **requested}
 
 
-def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExportOptions, update: BundleUpdate,
+def _export_into(request: ExportRequest, loaded: LoadedModel, options, update: BundleUpdate,
                  started: float) -> dict:
     out_dir = update.bundle_dir
-    staged = update.stage_artifact("onnx", "fp32")
+    root = root_row()
+    staged = update.stage_artifact(root.name, "fp32")
     # every attention gate, found by its structure in the traced model (the manifest lists them; the
     # INT8 policy, attention parity, explain, profile and the rewrites read this one record)
     gates = find_gates(loaded.module, example_input(options.in_channels, options.input_size)).describe()
     exported, rewrites = optimize_for_export(loaded.module, request.cbam_opt, gates)
-    info = export_onnx(exported, staged, options)
+    info = root.export_root(exported, staged, options)
     info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
     faultpoint("exported")
 
     parity = None
     if request.parity:
         cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
-        parity = run_parity(TorchRunner(loaded.module), OnnxRuntimeRunner(staged), cases, "fp32", seed=request.seed,
+        candidate = select_runtime(root.name, root.reference_runtime).open(staged)
+        parity = run_parity(TorchRunner(loaded.module), candidate, cases, "fp32", seed=request.seed,
                             kinds=output_kinds(info["outputs"]))
     faultpoint("parity-done")
 
@@ -210,7 +212,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
     model_info["notes"] = model_info["notes"] + request.extra_notes
     manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    artifact = update.add_artifact("onnx", "fp32", export=info,
+    artifact = update.add_artifact(root.name, "fp32", export=info,
                                    parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
     manifest["artifacts"] = [artifact]  # first: the artifact commands take when none is named
     dropped: list[str] = []
@@ -219,7 +221,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
         _guard_existing(current, out_dir, loaded.name, request.force)  # another export may have landed meanwhile
         kept = derived_artifacts_to_keep(current, artifact["sha256"]) if current and not request.force else []
         dropped.extend(a["name"] for a in (current or {}).get("artifacts", [])
-                       if a["name"] != "onnx-fp32" and a not in kept)
+                       if a["name"] != ROOT_ARTIFACT and a not in kept)
         manifest["artifacts"] += kept
         return manifest
 
@@ -231,7 +233,7 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
         "bundle": str(out_dir),
         "manifest": str(out_dir / MANIFEST_NAME),
         "model": model_info,
-        "artifacts": [{"name": artifact["name"], "path": str(out_dir / ONNX_FILE), "format": "onnx", "precision": "fp32",
+        "artifacts": [{"name": artifact["name"], "path": str(out_dir / ROOT_FILE), "format": root.name, "precision": "fp32",
                        "size_bytes": artifact["size_bytes"], "sha256": artifact["sha256"]}],
         "export": info,
         "parity": artifact["parity"],
@@ -243,7 +245,6 @@ def _export_into(request: ExportRequest, loaded: LoadedModel, options: OnnxExpor
 
 def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:
     """Artifacts built from the bundle's FP32 ONNX stay only when the new ONNX is byte-identical to the
-    one they were built from (``source_sha256``; older bundles: the ONNX they sat beside)."""
+    one they were built from (``source_sha256``)."""
     artifacts = current.get("artifacts", [])
-    previous = next((a["sha256"] for a in artifacts if a["name"] == "onnx-fp32"), None)
-    return [a for a in artifacts if a["name"] != "onnx-fp32" and a.get("source_sha256", previous) == new_onnx_sha]
+    return [a for a in artifacts if a["name"] != ROOT_ARTIFACT and a.get("source_sha256") == new_onnx_sha]

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bundle import Bundle
+from .formats import root_row
+from .manifest import ROOT_ARTIFACT
 from .errors import CbamDeployError
 from .fsutil import UnsafePath, sha256_no_follow
 from .models import build_model, factory_to_run, is_factory_spec, state_fingerprint
@@ -14,21 +16,22 @@ from .runners.base import Runner
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
 
-__all__ = ["is_stand_in", "model_spec_to_run", "open_artifact", "reference_runner", "untrusted_code"]
+__all__ = ["ReferenceModel", "is_stand_in", "model_spec_to_run", "open_artifact", "reference_runner", "untrusted_code"]
 
 
 def open_artifact(bundle_dir: str | Path | None, manifest, name: str, threads: int | None = None,
                   runtime: str | None = None) -> Runner:
     """A runner for one artifact of a bundle (a ``Bundle`` or a manifest dict; its sha256 checked
-    first), under ``runtime`` (a name from ``cbam_deploy.runtimes.RUNTIMES``; default: the best this
-    machine has for the artifact's format). A runtime that is missing here, or does not run that
-    format, is refused in one line."""
+    first), under ``runtime`` (a runtime's name; default: the best this machine has for the artifact's
+    format). A runtime that is missing here, or does not run that format, is refused in one line. Given
+    an open ``Bundle``, the runner is made once per command (``Bundle.memo``) and reused."""
     bundle = Bundle.of(manifest)
     if bundle_dir is not None and bundle.directory != Path(bundle_dir):  # the folder given wins (a staging folder)
         bundle = Bundle(bundle.manifest, bundle_dir)
-    path = bundle.path_of(name)
     artifact = bundle.artifact(name)
-    return select_runtime(artifact.format, runtime).open(path, artifact.precision, threads)
+    chosen = select_runtime(artifact.format, runtime)
+    return bundle.memo("runner", name, lambda: chosen.open(bundle.path_of(name), artifact.precision, threads),
+                       chosen.name, threads)
 
 
 def model_spec_to_run(model, trust=None) -> tuple[str | None, str]:
@@ -85,10 +88,39 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
         reason = "no checkpoint: a random-init model that cannot be rebuilt"
     if bundle_dir is None:
         raise CbamDeployError(f"cannot rebuild the PyTorch model ({reason})")
-    # on onnxruntime's CPU provider whatever else this machine has: a reference must not compute in TF32
-    return open_artifact(bundle_dir, bundle, "onnx-fp32", runtime="ort-cpu"), f"onnx-fp32 (stand-in: {reason})"
+    # on the root format's reference runtime whatever else this machine has: never in TF32 or bf16
+    return (open_artifact(bundle_dir, bundle, ROOT_ARTIFACT, runtime=root_row().reference_runtime),
+            f"{ROOT_ARTIFACT} (stand-in: {reason})")
 
 
 def is_stand_in(reference: Runner) -> bool:
     """Whether the reference is the bundle's ONNX rather than the PyTorch original."""
     return not isinstance(reference, TorchRunner)
+
+
+class ReferenceModel:
+    """The PyTorch original of a bundle for one command, rebuilt at most once (``reference_runner``), and
+    only where its code is trusted; an export hands over the module it has just exported (``module``),
+    so nothing is rebuilt at all. Every build, INT8 recipe and check of the command asks this one."""
+
+    def __init__(self, bundle, trust=None, module=None) -> None:
+        self.bundle = bundle
+        self.trust = trust
+        self._made = (TorchRunner(module), "pytorch-fp32") if module is not None else None
+
+    def runner(self) -> tuple[Runner, str]:
+        """(the reference's runner, its label): PyTorch, or the FP32 ONNX standing in (``is_stand_in``)."""
+        if self._made is None:
+            self._made = reference_runner(self.bundle, trust=self.trust)
+        return self._made
+
+    @property
+    def stand_in(self) -> bool:
+        return is_stand_in(self.runner()[0])
+
+    def module_or_reason(self) -> tuple[object, str]:
+        """(the PyTorch module, "") or (None, why it cannot be had here)."""
+        runner, label = self.runner()
+        if is_stand_in(runner):
+            return None, label.partition("stand-in: ")[2].rstrip(")") or label
+        return runner.model, ""

@@ -16,13 +16,17 @@ import platform
 from pathlib import Path
 
 from . import __version__
-from .calib.targets import DEFAULT_GATES
 from .errors import CbamDeployError
 from .formats import get as get_format
+from .formats import recipe as get_recipe
 from .fsutil import UnsafePath, open_no_follow, sha256_file
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
+# the bundle's first artifact, which the export writes and every other artifact is built from (the
+# root format's fp32 file: the ONNX), and its file
+ROOT_ARTIFACT = "onnx-fp32"
+ROOT_FILE = "model.onnx"
 SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
 MAX_DEPTH = 32  # the schema nests 4 deep; records that commands add (export, parity, verify) a few more
@@ -291,13 +295,15 @@ def artifact_name(fmt: str, precision: str, recipe: str | None = None, gates: st
     when the gate policy is not the recipe's default."""
     if recipe is None:
         return f"{fmt}-{precision}"
-    gates = gates or DEFAULT_GATES[recipe]
-    return f"int8-{recipe}" + ("" if gates == DEFAULT_GATES[recipe] else f"-gates-{gates}")
+    default = get_recipe(recipe).default_gates
+    gates = gates or default
+    return f"int8-{recipe}" + ("" if gates == default else f"-gates-{gates}")
 
 
 def artifact_file(name: str, fmt: str) -> str:
-    """``model.onnx`` for the FP32 ONNX, ``model.<artifact name>.<onnx|xml|engine>`` for the rest."""
-    return "model.onnx" if name == "onnx-fp32" else f"model.{name}.{get_format(fmt).extension}"
+    """``model.onnx`` for the bundle's first artifact, the format's own name for the rest
+    (``model.<artifact name>.<extension>``)."""
+    return ROOT_FILE if name == ROOT_ARTIFACT else get_format(fmt).file_name(name)
 
 
 def artifact_record(root: str | Path, fmt: str, precision: str, recipe: str | None = None, gates: str | None = None,

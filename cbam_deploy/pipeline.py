@@ -17,9 +17,9 @@ from pathlib import Path
 
 from .bench import (BenchOptions, Twin, bench_bundle, bench_calibration, bench_checked, check_bench_options,
                     open_for_bench, pytorch_spec)
+from .backends.base import TensorRTOptions
 from .build import PRECISIONS, build_artifacts
 from .bundle import Bundle, ModelInfo, check_artifact_names
-from .calib.targets import GATES, TARGETS
 from .checks import (
     MAX_BATCH,
     check_choice,
@@ -33,12 +33,16 @@ from .checks import (
 from .data import check_data_source
 from .errors import CbamDeployError
 from .export import ExportRequest, check_model_options, export_bundle
+from .formats import GATE_POLICIES
 from .formats import formats as backend_formats
+from .formats import get as get_format
+from .loaders import ReferenceModel
+from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust, is_factory_spec
 from .models.registry import get_entry, list_models
 from .models.spec import check_model_spec
 from .outputs import parse_output_kinds
-from .quantize import quantize_bundle
+from .quantize import quantize_bundle, targets
 from .runtimes import available_runtimes, fitting
 from .verify import verify_bundle
 
@@ -87,9 +91,9 @@ def validate_export_options(
     parsed_batch = parse_batch(batch)
     format_list = parse_list(formats, "--format", backend_formats())
     precision_list = parse_list(precisions, "--precision", PRECISIONS)
-    target_list = parse_list(target, "--target", TARGETS)
+    target_list = parse_list(target, "--target", targets())
     if gates is not None:
-        check_choice("--gates", gates, GATES)
+        check_choice("--gates", gates, GATE_POLICIES)
     check_int("--min-batch", min_batch, 1, MAX_BATCH)
     check_int("--opt-batch", opt_batch, 1, MAX_BATCH)
     check_int("--max-batch", max_batch, 1, MAX_BATCH)
@@ -150,62 +154,57 @@ def plan_export(formats: str = "onnx", precisions: str = "fp32", int8: bool = Fa
 
 
 def run_export(request: ExportRequest, plan: ExportPlan | None = None) -> dict:
-    """Export, then carry out the plan; the summary that ``export --json`` prints."""
-    result = export_bundle(request)
+    """Export, then carry out the plan; the summary that ``export --json`` prints. The PyTorch model the
+    export built is the reference of every later step (nothing is rebuilt), and the bundle is opened
+    once and passed along."""
+    result, exported = export_bundle(request, keep_model=True)
     plan = plan or ExportPlan()
-    trust = CodeTrust(factory=request.model) if is_factory_spec(request.model) else None  # the user's own code
+    bundle = Bundle.open(result["bundle"])
+    reference = ReferenceModel(bundle, module=exported)
     if plan.quantize_targets:
-        result["int8"] = quantize_bundle(result["bundle"], plan.quantize_targets, plan.calib_data, gates=plan.gates,
-                                         trust=trust)
+        result["int8"] = quantize_bundle(bundle, plan.quantize_targets, plan.calib_data, gates=plan.gates,
+                                         reference=reference)
+        bundle = bundle.refresh()
     if plan.builds:
-        result["summary"] = build_verify_bench(result["bundle"], plan.formats, plan.precisions, plan.calib_data, plan.gates,
-                                               plan.trt, trust=trust)
+        result["summary"] = build_verify_bench(bundle, plan.formats, plan.precisions, plan.calib_data, plan.gates,
+                                               plan.trt, reference=reference)
     return result
 
 
-def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, calib_data: str | None = None,
-                       gates: str | None = None, trt=None, bench_iters: int = 20, trust=None) -> dict:
-    """The one-command job after export: build every requested artifact the machine can build,
+def build_verify_bench(bundle_dir, formats: str, precisions: str, calib_data: str | None = None,
+                       gates: str | None = None, trt=None, bench_iters: int = 20, trust=None,
+                       reference: ReferenceModel | None = None) -> dict:
+    """The one-command job after an export: build every requested artifact the machine can build,
     verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
-    outcomes = build_artifacts(bundle_dir, formats, precisions, calib_data, gates=gates, trt=trt, trust=trust)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
+    reference = reference or ReferenceModel(bundle, trust)
+    outcomes = build_artifacts(bundle, formats, precisions, calib_data, gates=gates, trt=trt, reference=reference)
+    bundle = bundle.refresh()
     built = [o.name for o in outcomes if o.name]
-    verified = verify_bundle(bundle_dir, artifacts=built, trust=trust)
-    timing = bench_bundle(bundle_dir, [1], artifacts=built, iters=bench_iters, trust=trust)
-    opened = Bundle.open(bundle_dir)
-    sizes = {a.name: a.size_bytes for a in opened.artifacts}
-    layer_notes = {a.name: _ncnn_layers(opened.manifest, a.name) for a in opened.artifacts if a.format == "ncnn"}
-    # delegate-lowered programs (ExecuTorch): partitions and the ops left outside them
-    delegation = {a.name: {"partitions": a.export["partitions"], "outside_delegate": a.export.get("outside_delegate")}
-                  for a in opened.artifacts if (a.export or {}).get("partitions") is not None}
+    verified = verify_bundle(bundle, artifacts=built, reference=reference)
+    timing = bench_bundle(bundle, [1], artifacts=built, iters=bench_iters, trust=trust, reference=reference)
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
     rows = [{"artifact": "pytorch (eager)", "format": "pytorch", "precision": "fp32", "passed": None,
              "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0}]
     for outcome in outcomes:
-        if outcome.skipped:
-            rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision, "skipped": outcome.skipped})
+        if outcome.skipped or outcome.failed:
+            rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision,
+                         **({"skipped": outcome.skipped} if outcome.skipped else {"failed": outcome.failed,
+                                                                                    "passed": False})})
             continue
         measured = latency.get(outcome.name)
+        artifact = bundle.artifact(outcome.name)
         rows.append({"artifact": outcome.name, "format": outcome.format, "precision": outcome.precision,
-                     "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
+                     "size_bytes": artifact.size_bytes, "passed": verdict.get(outcome.name),
                      "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None,
-                     **delegation.get(outcome.name, {}),
-                     **({"ncnn": layer_notes[outcome.name]} if outcome.name in layer_notes else {})})
+                     "build_seconds": outcome.seconds,
+                     **{k: v for k, v in get_format(outcome.format).summary(artifact).items() if v is not None}})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
-    return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
+    return {"bundle": str(bundle.directory), "rows": rows, "machine": timing["machine"], "stable": timing.get("stable"),
             "passed": all(verdicts) if verdicts else None}
-
-
-def _ncnn_layers(manifest: dict, name: str) -> dict:
-    """What an ncnn artifact's record says about its layers: the ncnn-pools rewrite and the generic
-    (unoptimised) layers left."""
-    record = next(a for a in manifest["artifacts"] if a["name"] == name)
-    export = record.get("export") or (record.get("quantization") or {}).get("conversion") or {}
-    rewrite = export.get("rewrite") or {}
-    return {"hw_pools_rewritten": rewrite.get("hw_pools"), "channel_pools_rewritten": rewrite.get("channel_pools"),
-            "reductions_left": len(rewrite.get("reductions_left") or []), "generic_layers": export.get("generic_layers")}
 
 
 def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, overhead: bool = False,
@@ -226,7 +225,7 @@ def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = 
     checked before the export."""
     checked = check_bench_options(**options)
     check_model_spec(model)
-    check_artifact_names({"artifacts": [{"name": "onnx-fp32"}]}, checked.artifacts, f"(exported from --model {model})")
+    check_artifact_names({"artifacts": [{"name": ROOT_ARTIFACT}]}, checked.artifacts, f"(exported from --model {model})")
     trust = CodeTrust(factory=model) if is_factory_spec(model) else None  # the user's own code
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
         bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
@@ -277,24 +276,44 @@ def build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: li
                cbam_opt: str = "on", trust: CodeTrust | None = None) -> Path:
     """The plain twin (``twin``: its zoo name), or the bundle's own model again (``twin`` None: with its
     weights, exported with ``cbam_opt``), exported and built like the bundle: same input, batch, opset and
-    exporter; the same INT8 recipes on the same calibration data."""
-    export = bundle.artifact().export or {}
+    exporter; every artifact of ``artifacts`` made again by its format's build (same precision and batch
+    bounds) or INT8 recipe (same method and gate policy, on the same calibration data). What cannot be
+    made again is listed in ``skipped`` with the reason."""
+    export = bundle.artifact(ROOT_ARTIFACT).export or {}
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
-    export_bundle(ExportRequest(model=twin or pytorch_spec(bundle, trust), weights=weights, num_classes=model.num_classes,
-                                stem=model.stem, cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out),
-                                input_size=bundle.input.side, batch=bundle.fixed_batch,
-                                dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False))
+    _, module = export_bundle(ExportRequest(
+        model=twin or pytorch_spec(bundle, trust), weights=weights, num_classes=model.num_classes, stem=model.stem,
+        cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out), input_size=bundle.input.side,
+        batch=bundle.fixed_batch, dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False),
+        keep_model=True)
+    copy = Bundle.open(out)
+    reference = ReferenceModel(copy, module=module)
     for name in artifacts:
         artifact = bundle.artifact(name)
-        if artifact.format == "openvino" and artifact.precision in ("fp32", "fp16"):
-            build_artifacts(out, "openvino", artifact.precision)
-        elif artifact.precision == "int8" and artifact.quantization:
+        row = get_format(artifact.format)
+        if row.root and artifact.precision == "fp32":
+            continue  # the export made it
+        why = None
+        if artifact.precision == "int8":
+            recipe = (artifact.quantization or {}).get("recipe") or row.int8_recipe
             if calib is None:
-                skipped.append({"artifact": f"{out.name}:{name}", "reason": "no calibration data for the "
-                                f"{out.name} build's INT8 (give --calib-data)"})
-                continue
-            q = artifact.quantization
-            quantize_bundle(out, [q["recipe"]], calib.source, calib_size=len(calib.inputs), method=q["method"],
-                            gates=q["gates"], check_samples=8, trust=trust)
+                why = f"no calibration data for the {out.name} build's INT8 (give --calib-data)"
+            elif recipe is None:
+                why = f"{row.title} INT8 has no recipe to make it again"
+            else:
+                q = artifact.quantization or {}
+                made = quantize_bundle(copy, [recipe], calib.source, calib_size=len(calib.inputs), method=q.get("method"),
+                                       gates=q.get("gates"), check_samples=8, reference=reference, skip_unavailable=True)
+                why = made["skipped"].get(recipe)
+                copy = copy.refresh()
+        if why is None and (artifact.precision != "int8" or row.int8_from_recipe_artifact):
+            bounds = row.batch_bounds(artifact.raw)
+            trt = TensorRTOptions(bounds[0], bounds[0], bounds[1]) if bounds else None
+            outcome = build_artifacts(copy, artifact.format, artifact.precision, gates=(artifact.quantization or {})
+                                      .get("gates"), trt=trt, reference=reference)[0]
+            why = outcome.skipped or outcome.failed
+            copy = copy.refresh()
+        if why:
+            skipped.append({"artifact": f"{out.name}:{name}", "reason": why})
     return out

@@ -18,28 +18,26 @@ Times are per inference, averaged over ``runs`` runs after ``warmup`` runs.
 
 from __future__ import annotations
 
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from .backends.executorch.exporter import NO_PROFILE
-from .backends.onnx.runner import OnnxRuntimeRunner
-from .backends.openvino.runner import OpenVINORunner
 from .bundle import Bundle
 from .checks import MAX_BATCH, check_int, check_output_file
-from .errors import CbamDeployError
+from .errors import BackendUnavailable, CbamDeployError
+from .formats import get as get_format
+from .formats import rows
 from .fsutil import atomic_path
-from .gates import onnx_gates, openvino_gates
 from .scopes import name_module_path
 
 CATEGORIES = ("conv", "channel gate", "spatial gate", "attention (other)", "layout", "quantize/dequantize", "other")
 _KIND_CATEGORY = {"channel": "channel gate", "spatial": "spatial gate", "joint": "attention (other)"}
-_LAYOUT = {"Reorder", "ReorderInput", "ReorderOutput", "Transpose"}
-_CONV = {"Conv", "QLinearConv", "FusedConv", "ConvInteger", "Convolution", "GroupConvolution", "ConvolutionBackpropData"}
-_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "FakeQuantize"}
+
+
+def op_categories() -> dict[str, str]:
+    """{op type: "layout" | "conv" | "quantize/dequantize"} of every format (each row's ``op_categories``)."""
+    return {op: category for row in rows() for op, category in row.op_categories.items()}
 
 
 def gate_index(gates: list) -> dict:
@@ -55,10 +53,12 @@ def gate_index(gates: list) -> dict:
     return {"nodes": nodes, "modules": sorted(modules.items(), key=lambda m: -len(m[0]))}
 
 
-def categorize(name: str, op_type: str, index: dict | None) -> tuple[str, str | None]:
-    """(category, module path) of one profiled node; ``index``: ``gate_index`` of the artifact's gates."""
+def categorize(name: str, op_type: str, index: dict | None, ops: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """(category, module path) of one profiled node; ``index``: ``gate_index`` of the artifact's gates;
+    ``ops``: the format's op categories (default: every format's)."""
     path = name_module_path(name)
-    if op_type in _LAYOUT:
+    category = (ops if ops is not None else op_categories()).get(op_type)
+    if category == "layout":
         return "layout", path
     index = index or {"nodes": {}, "modules": []}
     kind = index["nodes"].get(name)
@@ -66,20 +66,17 @@ def categorize(name: str, op_type: str, index: dict | None) -> tuple[str, str | 
         kind = next((k for module, k in index["modules"] if path == module or path.startswith(module + ".")), None)
     if kind is not None:
         return _KIND_CATEGORY[kind], path
-    if op_type in _CONV:
-        return "conv", path
-    if op_type in _QDQ:
-        return "quantize/dequantize", path
-    return "other", path
+    return category or "other", path
 
 
-def roll_up(node_times: list[tuple[str, str, float]], runs: int, index: dict | None) -> dict:
+def roll_up(node_times: list[tuple[str, str, float]], runs: int, index: dict | None,
+            ops: dict[str, str] | None = None) -> dict:
     """Per-inference milliseconds by category, by top-level module (stage) and the slowest ops."""
     by_category: dict[str, float] = defaultdict(float)
     by_module: dict[str, float] = defaultdict(float)
     by_op: dict[tuple[str, str], float] = defaultdict(float)
     for name, op_type, microseconds in node_times:
-        category, path = categorize(name, op_type, index)
+        category, path = categorize(name, op_type, index, ops)
         ms = microseconds / 1000.0 / runs
         by_category[category] += ms
         by_module[".".join(path.split(".")[:2]) if path else "(unscoped)"] += ms
@@ -95,41 +92,25 @@ def roll_up(node_times: list[tuple[str, str, float]], runs: int, index: dict | N
 
 
 def _profile_one(bundle: Bundle, name: str, x: np.ndarray, runs: int, warmup: int, threads: int | None) -> dict:
-    path = bundle.path_of(name)
     artifact = bundle.artifact(name)
-    expected = bundle.model.gate_list
-    if artifact.format == "onnx":
-        index = gate_index(onnx_gates(onnx.load(str(path)), expected))
-        with tempfile.TemporaryDirectory(prefix="cbam-profile-") as tmp:
-            runner = OnnxRuntimeRunner(path, threads=threads, precision=artifact.precision, profile_dir=tmp)
-            for _ in range(warmup + runs):
-                runner.run(x)
-            times = runner.node_times(skip_runs=warmup)
-        tool = "onnxruntime profiler (CPU execution provider)"
-    elif artifact.format == "openvino":
-        runner = OpenVINORunner(path, precision=artifact.precision, threads=threads, perf_counters=True)
-        index = gate_index(openvino_gates(runner.core.read_model(str(path)), expected))
-        for _ in range(warmup):
-            runner.run(x)
-        times = []
-        for _ in range(runs):
-            runner.run(x)
-            times.extend(runner.node_times())
-        tool = f"OpenVINO performance counters ({runner.inference_precision})"
-    elif artifact.format == "ncnn":
-        raise CbamDeployError(f"profile cannot time {name}'s layers: ncnn's Python bindings give no per-layer times "
-                              "(ncnn prints them only when built with NCNN_BENCHMARK); use 'cbam-deploy bench' for its latency")
-    elif artifact.format == "executorch":
-        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is executorch: {NO_PROFILE}")
-    else:
-        raise CbamDeployError(f"profile covers onnx and openvino artifacts; {name} is {artifact.format}")
+    row = get_format(artifact.format)
+    if not row.profiles:
+        why = row.no_profile or "its format has no per-operator profile"
+        raise CbamDeployError(f"profile cannot time {name} ({artifact.format}): {why}")
+    try:
+        found = bundle.found_gates(name)
+        index = gate_index(found)
+    except BackendUnavailable:  # times without the gates' categories
+        found, index = [], None
+    times, tool = row.profile(bundle.path_of(name), bundle.graph(name) if found else None, found,
+                              artifact.precision, x, runs, warmup, threads)
     return {"artifact": name, "format": artifact.format, "precision": artifact.precision, "tool": tool,
-            "runs": runs, "gates": len(index["modules"]), **roll_up(times, runs, index)}
+            "runs": runs, "gates": len((index or {}).get("modules", [])), **roll_up(times, runs, index, row.op_categories)}
 
 
 def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, batch: int = 1, runs: int = 20,
                    warmup: int = 5, threads: int | None = None, plot: str | Path | None = None) -> dict:
-    """Per-operator time of each artifact (default: every onnx and openvino artifact), rolled up.
+    """Per-operator time of each artifact (default: every artifact whose format gives a profile), rolled up.
     ``plot``: where the caller will draw ``plot_profile`` (checked here, before any profiling)."""
     check_int("--batch", batch, 1, MAX_BATCH)
     check_int("--runs", runs, 1, 100000)
@@ -142,7 +123,7 @@ def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, b
     unknown = [a for a in artifacts or [] if a not in known]
     if unknown:
         raise CbamDeployError(f"bundle {bundle_dir} has no artifact(s) {', '.join(unknown)}; it has {', '.join(known)}")
-    chosen = artifacts or [a.name for a in bundle.artifacts if a.format in ("onnx", "openvino")]
+    chosen = artifacts or [a.name for a in bundle.artifacts if get_format(a.format).profiles]
     batch = bundle.fixed_batch or batch
     side = bundle.input.side
     x = np.random.default_rng(0).standard_normal((batch, bundle.input.channels, side, side), dtype=np.float32)

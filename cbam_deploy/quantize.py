@@ -1,36 +1,35 @@
-"""The INT8 job: a bundle's FP32 ONNX + calibration data -> INT8 artifacts in the same bundle.
+"""The INT8 job: a bundle's FP32 ONNX (or its PyTorch model) + calibration data -> INT8 artifacts in the
+same bundle, one per target, every target in one pass: the calibration images are decoded once, the
+PyTorch reference rebuilt once and its outputs computed once.
 
-Each artifact's agreement with the PyTorch original (top-1 agreement, cosine) is measured on
-held-out calibration-source samples and recorded with the recipe, method, gate policy and data.
+Each target is a recipe of a format's row (``formats.Recipe``). Each artifact's agreement with the
+PyTorch original (top-1 agreement, cosine) is measured on held-out calibration-source samples and
+recorded with the recipe, method, gate policy and data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 import time
 from pathlib import Path
 
-from .backends.executorch.exporter import default_bounds
-from .backends.executorch.recipe import quantize_pte
-from .backends.ncnn.exporter import example_input, ncnn_pair
-from .backends.ncnn.recipe import quantize_ncnn
-from .backends.openvino.recipe import quantize_openvino
+from .backends.base import RecipeJob
+from .batching import fit_batch
 from .bundle import Bundle
-from .calib.recipes import cache_key, default_cache_dir, quantize_onnx
-from .calib.targets import TARGETS, WRITES, resolve
+from .calib.recipes import default_cache_dir
 from .checks import MAX_BATCH, check_int, parse_list
 from .data import check_data_source, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
-from .fsutil import sha256_file
-from .loaders import is_stand_in, open_artifact, reference_runner
+from .formats import recipe as get_recipe
+from .formats import recipes
+from .loaders import ReferenceModel, open_artifact
+from .manifest import ROOT_ARTIFACT
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
 from .transaction import BundleUpdate, commit_from_source, faultpoint
 
 
 def quantize_bundle(
-    bundle_dir: str | Path,
-    targets: list[str],
+    bundle_dir,
+    targets: str | list[str],
     calib_data: str,
     calib_size: int = 128,
     calib_batch: int = 8,
@@ -40,84 +39,99 @@ def quantize_bundle(
     seed: int = 0,
     check_samples: int = 64,
     trust=None,
+    reference: ReferenceModel | None = None,
+    skip_unavailable: bool = False,
+    progress=None,
 ) -> dict:
     """INT8 artifacts for ``targets``, each checked against the PyTorch original (rebuilt only with
-    ``trust`` for a factory model, else the FP32 ONNX stands in: ``loaders.reference_runner``)."""
+    ``trust`` for a factory model, else the FP32 ONNX stands in: ``loaders.reference_runner``).
+    ``bundle_dir``: a folder or an open ``Bundle``; ``reference``: the command's reference, when it has
+    one already. A target that cannot be made here (its library missing, the PyTorch model it needs
+    not available) is refused in one line before any calibration work, or with ``skip_unavailable``
+    listed in the result's ``skipped`` while the others are made."""
     targets = validate_quantize_options(targets, calib_data, calib_size, calib_batch, method, gates)  # before any work
-    bundle_dir = Path(bundle_dir)
-    bundle = Bundle.open(bundle_dir)  # a missing or damaged bundle is reported before the calibration data is read
-    bundle.path_of("onnx-fp32")
-    with BundleUpdate(bundle_dir) as update:
-        # quantize a snapshot: a re-export that lands meanwhile cannot change the file under our feet
-        fp32, fp32_path = bundle.snapshot("onnx-fp32", update)
-        data = load_calibration(calib_data, bundle.input.raw, calib_size + check_samples, seed)
-        data.inputs, calib_batch = bundle.fit_to_batch(data.inputs, calib_batch)
-        if bundle.fixed_batch:  # calibration and check sets both whole batches
-            calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
-        if len(data.inputs) > calib_size:
-            check = data.inputs[calib_size:]
-            data.inputs = data.inputs[:calib_size]
-            check_source = "held-out samples of the calibration source"
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)  # reported before data is read
+    bundle.path_of(ROOT_ARTIFACT)
+    reference = reference or ReferenceModel(bundle, trust)
+    skipped: dict[str, str] = {}
+    chosen = []
+    for target in targets:
+        why = _unavailable(target, reference)
+        if why and not skip_unavailable:
+            raise BackendUnavailable(why)
+        if why:
+            skipped[target] = why
         else:
-            check = data.inputs[: min(len(data.inputs), check_samples)]
-            check_source = "calibration samples (source too small to hold any out)"
-        check, _ = bundle.fit_to_batch(check, calib_batch)
-        expected = bundle.model.gate_list  # the gates found in the PyTorch model (None: an older bundle)
-        reference, reference_label = reference_runner(bundle, trust=trust)
-        if "executorch" in targets and is_stand_in(reference):  # before any calibration work
-            raise BackendUnavailable("the executorch recipe quantizes the PyTorch model, which is "
-                                     f"{reference_label.partition('stand-in: ')[2].rstrip(')') or reference_label}")
-        ref_out = reference.infer_batched(check, calib_batch)
-        cache_dir = default_cache_dir() if use_cache else None
-        source_sha = fp32.sha256
-        results = []
-        for target in targets:
-            results.append(_quantize_one(update, bundle, target, method, gates, fp32_path, source_sha, data,
-                                         expected, calib_batch, cache_dir, check, check_source, ref_out, reference_label,
-                                         reference))
-        faultpoint("quantized")
+            chosen.append(target)
+    results = []
+    data = None
+    if chosen:
+        with BundleUpdate(bundle.directory) as update:
+            # quantize a snapshot: a re-export that lands meanwhile cannot change the file under our feet
+            fp32, fp32_path = bundle.snapshot(ROOT_ARTIFACT, update)
+            data = load_calibration(calib_data, bundle.input.raw, calib_size + check_samples, seed)
+            data.inputs, calib_batch = bundle.fit_to_batch(data.inputs, calib_batch)
+            if bundle.fixed_batch:  # calibration and check sets both whole batches
+                calib_size = max(calib_batch, min(calib_size, len(data.inputs)) // calib_batch * calib_batch)
+            if len(data.inputs) > calib_size:
+                check = data.inputs[calib_size:]
+                data.inputs = data.inputs[:calib_size]
+                check_source = "held-out samples of the calibration source"
+            else:
+                check = data.inputs[: min(len(data.inputs), check_samples)]
+                check_source = "calibration samples (source too small to hold any out)"
+            check, _ = bundle.fit_to_batch(check, calib_batch)
+            runner, reference_label = reference.runner()
+            ref_out = runner.infer_batched(check, calib_batch)
+            cache_dir = default_cache_dir() if use_cache else None
+            for target in chosen:
+                job = _job(bundle, update, target, method, gates, fp32_path, fp32.sha256, data, calib_batch, cache_dir,
+                           reference)
+                results.append(_quantize_one(update, bundle, job, check, check_source, ref_out, reference_label))
+                if progress is not None:
+                    progress.line(f"quantized {target}: {results[-1]['name']} "
+                                  f"({results[-1]['quantization'].get('seconds')} s)")
+            faultpoint("quantized")
+            commit_from_source(update, fp32.sha256, "quantizing", "run quantize again")
+    return {"bundle": str(bundle.directory), "artifacts": results,
+            "calibration": data.describe() if data is not None else None, "skipped": skipped,
+            "passed": all(a["parity"]["passed"] for a in results) if results else None}
 
-        commit_from_source(update, source_sha, "quantizing", "run quantize again")
-    return {"bundle": str(bundle_dir), "artifacts": results, "calibration": data.describe(),
-            "passed": all(a["parity"]["passed"] for a in results)}
+
+def _unavailable(target: str, reference: ReferenceModel) -> str | None:
+    """Why ``target`` cannot be made here (checked before any calibration work), or None."""
+    recipe = get_recipe(target)
+    missing = recipe.probe()
+    if missing:
+        return f"target {target}: {missing}"
+    if recipe.from_pytorch:
+        module, why = reference.module_or_reason()
+        if module is None:
+            return f"target {target} quantizes the PyTorch model, which is not available here: {why}"
+    return None
 
 
-def _quantize_one(update, bundle: Bundle, target: str, method: str | None, gates: str | None, fp32_path: Path,
-                  source_sha: str, data, expected: list | None, calib_batch: int, cache_dir, check, check_source: str,
-                  ref_out, reference_label: str, reference=None) -> dict:
-    """One INT8 artifact, staged in ``update`` and checked against the reference outputs."""
-    chosen_method, chosen_gates = resolve(target, method, gates)
-    fmt = WRITES[target]
-    out_path = update.stage_artifact(fmt, "int8", target, chosen_gates)
+def _job(bundle: Bundle, update: BundleUpdate, target: str, method: str | None, gates: str | None, fp32_path: Path,
+         source_sha: str, data, calib_batch: int, cache_dir, reference: ReferenceModel) -> RecipeJob:
+    recipe = get_recipe(target)
+    chosen_method, chosen_gates = recipe.resolve(method, gates)
+    module = reference.module_or_reason()[0] if recipe.from_pytorch else None
+    return RecipeJob(bundle, recipe, chosen_method, chosen_gates, fp32_path, source_sha, data, bundle.model.gate_list,
+                     calib_batch, cache_dir, update.stage_artifact(recipe.writes, "int8", target, chosen_gates), module,
+                     bundle.cbam_opt.get("mode", "on") == "on", update)
+
+
+def _quantize_one(update: BundleUpdate, bundle: Bundle, job: RecipeJob, check, check_source: str, ref_out,
+                  reference_label: str) -> dict:
+    """One INT8 artifact, made by its recipe, staged in ``update`` and checked against the reference outputs."""
     started = time.perf_counter()
-    if target == "executorch":  # from the PyTorch model itself (checked above: not a stand-in)
-        bounds = default_bounds(list(bundle.input.shape), bundle.input.side)
-        calib_batch = min(calib_batch, bounds.batch[1])
-        result = quantize_pte(reference.model, out_path, data, bounds, chosen_gates, expected, chosen_method,
-                              calib_batch, cache_dir / "executorch" if cache_dir else None, source_sha,
-                              rewrite=bundle.cbam_opt.get("mode", "on") == "on")
-        export = result.info.pop("export")
-        seconds = time.perf_counter() - started
-        artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha, export=export,
-                                       quantization={**result.info, "seconds": round(seconds, 2)},
-                                       calibration=data.describe())
-        return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
-    if target == "ncnn":
-        result_info = _quantize_ncnn(bundle, reference, reference_label, out_path, data, chosen_method, chosen_gates,
-                                     expected, cache_dir)
-    elif target == "openvino":
-        result = quantize_openvino(fp32_path, out_path, data, chosen_method, chosen_gates, expected,
-                                   cache_dir / "openvino" if cache_dir else None)
-    else:
-        result = quantize_onnx(fp32_path, out_path, data, target, chosen_method, chosen_gates, expected,
-                               calib_batch, cache_dir)
-    if target != "ncnn":
-        result_info = result.info
+    result = job.recipe.run(job)
     seconds = time.perf_counter() - started
-    artifact = update.add_artifact(fmt, "int8", target, chosen_gates, source_sha256=source_sha,
-                                   quantization={**result_info, "seconds": round(seconds, 2)},
-                                   calibration=data.describe())
-    return _check_int8(update, bundle, artifact, check, check_source, calib_batch, ref_out, reference_label, data)
+    fields = {"export": result.export} if result.export is not None else {}
+    artifact = update.add_artifact(job.recipe.writes, "int8", job.recipe.target, job.gates, source_sha256=job.source_sha,
+                                   quantization={**result.info, "seconds": round(seconds, 2)},
+                                   calibration=job.data.describe(), **fields)
+    return _check_int8(update, bundle, artifact, check, check_source, job.calib_batch, ref_out, reference_label, job.data)
 
 
 def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str, calib_batch: int, ref_out,
@@ -125,7 +139,8 @@ def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str
     """The staged INT8 artifact run on the check set against the reference outputs; its parity record."""
     staged = Bundle({**bundle.manifest, "artifacts": [artifact]}, update.staging)
     runner = open_artifact(update.staging, staged, artifact["name"])
-    measured = compare_int8(ref_out, runner.infer_batched(check, calib_batch), judge_top1=bundle.model.trained,
+    batch = fit_batch(staged, artifact, calib_batch)
+    measured = compare_int8(ref_out, runner.infer_batched(check, batch), judge_top1=bundle.model.trained,
                             kinds=bundle.output_kinds)
     artifact["parity"] = {
         "precision": "int8", "reference": reference_label, "inputs": check_source,
@@ -136,38 +151,19 @@ def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str
     return artifact
 
 
-def _quantize_ncnn(bundle: Bundle, reference, reference_label: str, out_path: Path, data, method: str, gates: str,
-                   expected: list | None, cache_dir) -> dict:
-    """The ncnn INT8 pair: the fp32 pair converted from the PyTorch model (pnnx traces the module, so
-    the model must be rebuilt here: trusted), then ncnn's own INT8 scheme on it."""
-    if reference is None or is_stand_in(reference):
-        raise BackendUnavailable(f"target ncnn is converted from the PyTorch model, which is not available here: "
-                                 f"{reference_label}")
-    with tempfile.TemporaryDirectory(prefix="cbam-ncnn-") as tmp:
-        example, second = example_input(bundle)
-        conversion = ncnn_pair(reference.model, example, [o.name for o in bundle.outputs], Path(tmp), "fp32",
-                               second_size=second)
-        param, binary = Path(tmp) / "fp32.param", Path(tmp) / "fp32.bin"
-        cache = None
-        if cache_dir is not None:
-            model_sha = hashlib.sha256((sha256_file(param) + sha256_file(binary)).encode()).hexdigest()
-            cache = cache_dir / "ncnn" / f"{cache_key(model_sha, data, 'ncnn', method, gates)}.json"
-        info = quantize_ncnn(param, binary, out_path, data, method, gates, expected, cache)
-    keep = ("layers", "generic_layers", "rewrite", "input_shape_policy", "pnnx", "ncnn", "converter")
-    return {**info, "conversion": {k: conversion[k] for k in keep if k in conversion}}
-
-
-__all__ = ["TARGETS", "quantize_bundle"]
-
-
 def validate_quantize_options(targets: str | list[str], calib_data: str, calib_size: int = 128, calib_batch: int = 8,
                               method: str | None = None, gates: str | None = None) -> list[str]:
     target_list = parse_list(targets, "--target")
     for target in target_list:
-        resolve(target, method, gates)  # "unknown target ...", "unknown calibration method ...", "--gates ..."
+        get_recipe(target).resolve(method, gates)  # "unknown target ...", "... calibrates with ...", "--gates ..."
     check_int("--calib-size", calib_size, 1)
     check_int("--calib-batch", calib_batch, 1, MAX_BATCH)
     if not calib_data:
         raise CbamDeployError("--calib-data needs a folder of images, a .npy/.npz file, or 'synthetic'")
     check_data_source("--calib-data", calib_data)
     return target_list
+
+
+def targets() -> tuple[str, ...]:
+    """Every quantize target (the recipes of every format)."""
+    return tuple(recipes())

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .errors import CbamDeployError
 from .fsutil import OWNER_NAME, fsync_dir, owner_alive, write_bytes_atomic
-from .manifest import (MANIFEST_NAME, artifact_file, artifact_name, artifact_record, read_manifest_file, upsert_artifact,
+from .manifest import (MANIFEST_NAME, ROOT_ARTIFACT, artifact_file, artifact_name, artifact_record, read_manifest_file, upsert_artifact,
                        validate_manifest)
 from .interrupts import raise_if_interrupted
 
@@ -355,7 +355,7 @@ def commit_from_source(update: BundleUpdate, source_sha: str, doing: str, again:
     wins, and the error says so (``doing``: 'quantizing', ``again``: what to run again)."""
 
     def check(current: dict) -> dict:
-        onnx_now = next((a for a in current["artifacts"] if a["name"] == "onnx-fp32"), None)
+        onnx_now = next((a for a in current["artifacts"] if a["name"] == ROOT_ARTIFACT), None)
         if onnx_now is None or onnx_now["sha256"] != source_sha:
             raise CbamDeployError(f"bundle {update.bundle_dir} was re-exported while {doing}: its ONNX is not the one "
                                   f"these artifacts were made from; {again}")

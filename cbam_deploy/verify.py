@@ -17,36 +17,50 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .attention import attention_parity
-from .backends.ncnn.exporter import NcnnParam
-from .backends.openvino.exporter import require_openvino
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
 from .checks import check_int
 from .data import check_data_source, load_calibration
-from .diagnose import locate_divergence
 from .errors import BackendUnavailable, CbamDeployError
-from .gates import check_ncnn_policy, check_onnx_policy, check_openvino_policy
-from .loaders import is_stand_in, open_artifact, reference_runner, untrusted_code
+from .formats import get as get_format
+from .loaders import ReferenceModel, is_stand_in, open_artifact, untrusted_code
+from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
-from .runtimes import RUNTIMES, parse_runtimes
+from .runtimes import parse_runtimes, runs
 from .transaction import faultpoint, update_manifest
 
 
+class ImageCache:
+    """Images decoded once per command: {(source, samples, seed): (inputs, label)}."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self._loaded: dict[tuple, tuple[np.ndarray, str]] = {}
+
+    def load(self, source: str, samples: int, seed: int) -> tuple[np.ndarray, str]:
+        key = (source, samples, seed)
+        if key not in self._loaded:
+            loaded = load_calibration(source, self.bundle.input.raw, samples, seed)
+            self._loaded[key] = (loaded.inputs, f"{loaded.kind}: {loaded.source}")
+        return self._loaded[key]
+
+
 def _int8_inputs(bundle: Bundle, artifact: ArtifactRecord, data: str | None, samples: int,
-                 seed: int) -> tuple[np.ndarray, str]:
+                 seed: int, images: ImageCache | None = None) -> tuple[np.ndarray, str]:
+    """Images for an INT8 or attention comparison: ``data``, else the artifact's calibration source
+    while it exists, else seeded noise (said so)."""
     source = data or (artifact.calibration or {}).get("source")
     if source and (source == "synthetic" or Path(source).exists()):
-        loaded = load_calibration(source, bundle.input.raw, samples, seed + 1)
-        return loaded.inputs, f"{loaded.kind}: {loaded.source}"
+        return (images or ImageCache(bundle)).load(source, samples, seed + 1)
     case = plan_cases(bundle.input.side, None, False, samples)[0]
     return make_inputs(case, seed=seed), "seeded N(0,1) noise (no image data found): weak evidence for int8"
 
 
 def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: str | None = None,
-                    samples: int = 16, seed: int = 0, runtime: str | None = None) -> dict:
+                    samples: int = 16, seed: int = 0, runtime: str | None = None,
+                    images: ImageCache | None = None) -> dict:
     try:
         runner = open_artifact(bundle.directory, bundle, artifact.name, runtime=runtime)
     except BackendUnavailable as exc:
@@ -54,7 +68,7 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     ran = _ran(runner)
     kinds = bundle.output_kinds
     if artifact.precision == "int8":
-        inputs, label = _int8_inputs(bundle, artifact, data, samples, seed)
+        inputs, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
         inputs, batch = bundle.fit_to_batch(inputs)
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
                                judge_top1=bundle.model.trained, kinds=kinds),
@@ -67,8 +81,9 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     result.update(ran)
     if data:
-        images, batch = bundle.fit_to_batch(load_calibration(data, bundle.input.raw, samples, seed).inputs)
-        on_images = compare_all(reference.infer_batched(images, batch), runner.infer_batched(images, batch),
+        decoded = (images or ImageCache(bundle)).load(data, samples, seed + 1)[0]
+        batch_images, batch = bundle.fit_to_batch(decoded)
+        on_images = compare_all(reference.infer_batched(batch_images, batch), runner.infer_batched(batch_images, batch),
                                 TOLERANCES[tolerance], kinds)
         result["images"] = {"source": data, **on_images}
         result["passed"] = result["passed"] and on_images["passed"]
@@ -86,12 +101,12 @@ def bounds_for(artifact: ArtifactRecord, runner) -> str:
 
 
 def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
-                     samples: int, seed: int) -> None:
+                     samples: int, seed: int, images: ImageCache | None = None) -> None:
     """Attention parity (``attention``): every gate of the artifact (spatial maps, channel profiles)
-    against PyTorch's, on images where there are any. A gate that drifted fails the artifact even when
-    its logits agree."""
-    x, label = _int8_inputs(bundle, artifact, data, min(samples, 16), seed + 7)
-    x, _ = bundle.fit_to_batch(x)
+    against PyTorch's, on images where there are any (the ones the artifact's other checks decoded).
+    A gate that drifted fails the artifact even when its logits agree."""
+    x, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
+    x, _ = bundle.fit_to_batch(x[:16])
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
     parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("computed_in"))
     if parity is None:
@@ -103,41 +118,24 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
 
 
 def _check_gate_policy(bundle: Bundle, artifact: ArtifactRecord, result: dict) -> None:
-    """The INT8 gate policy the manifest states for ``artifact``, checked on the artifact's graph."""
+    """The INT8 gate policy the manifest states for ``artifact``, checked on the artifact itself through
+    its row (its graph and gates as read once per command); the row's one line where it cannot be."""
     policy = (artifact.quantization or {}).get("gates")
-    if artifact.precision == "int8" and policy is not None and artifact.format == "executorch":
-        recorded = (artifact.quantization or {}).get("gate_check")
-        if not isinstance(recorded, dict) or recorded.get("policy") != policy:
-            result["gate_policy"] = {"policy": policy, "held": None,
-                                     "skipped": "no gate check recorded with the artifact: build it again"}
-            return
-        # the .pte's delegate payload is opaque: the check is the one made on the PT2E program it was lowered from
-        result["gate_policy"] = {**recorded, "note": "checked at build on the PT2E-converted program; the .pte's "
-                                 "XNNPACK payload is opaque to the runtime"}
-        if not recorded.get("held"):
-            result["passed"] = False
-            reason = f"gate policy --gates {policy} broken: " + "; ".join(recorded.get("broken") or [])
-            result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
+    if artifact.precision != "int8" or policy is None:
         return
-    if artifact.precision != "int8" or policy is None or artifact.format not in ("onnx", "openvino", "ncnn"):
-        return
-    path = bundle.path_of(artifact.name)
-    expected = bundle.model.gate_list
-    if artifact.format == "onnx":
-        check = check_onnx_policy(onnx.load(str(path)), expected, policy, artifact.name)
-    elif artifact.format == "ncnn":  # int8_scale_term per layer, read from the .param
-        check = check_ncnn_policy(NcnnParam.read(path).layers, expected, policy, artifact.name)
-    else:
+    row = get_format(artifact.format)
+    try:
         try:
-            ov = require_openvino()
-        except BackendUnavailable as exc:
-            result["gate_policy"] = {"policy": policy, "held": None, "skipped": str(exc)}
-            return
-        check = check_openvino_policy(ov.Core().read_model(str(path)), expected, policy, artifact.name)
+            graph, found = bundle.graph(artifact.name), bundle.found_gates(artifact.name)
+        except BackendUnavailable:  # no gate reader: the row may still hold a check made at build
+            graph, found = None, None
+        check = row.check_policy(artifact, graph, found, bundle.model.gate_list, policy)
+    except BackendUnavailable as exc:
+        check = {"policy": policy, "held": None, "skipped": str(exc)}
     result["gate_policy"] = check
-    if not check["held"]:
+    if check.get("held") is False:
         result["passed"] = False
-        reason = f"gate policy --gates {policy} broken: " + "; ".join(check["broken"])
+        reason = f"gate policy --gates {policy} broken: " + "; ".join(check.get("broken") or [])
         result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
 
 
@@ -148,47 +146,49 @@ def _ran(runner) -> dict:
         {"runtime": getattr(runner, "runtime", None)}
 
 
-def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: list[str] | None = None,
-                  samples: int = 16, seed: int = 0, runtime: str | None = None, trust: CodeTrust | None = None) -> dict:
-    """``runtime``: run every artifact whose format it runs under that runtime (see
-    ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format.
-    ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model; without it such a
-    bundle's artifacts are all skipped ("no trusted reference"), never passed."""
+def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | None = None,
+                  samples: int = 16, seed: int = 0, runtime: str | None = None, trust: CodeTrust | None = None,
+                  reference: ReferenceModel | None = None, progress=None) -> dict:
+    """``bundle_dir``: a folder or an open ``Bundle``. ``runtime``: run every artifact whose format it runs
+    under that runtime (see ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime
+    for each format. ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model;
+    without it such a bundle's artifacts are all skipped ("no trusted reference"), never passed.
+    ``reference``: the command's PyTorch reference when it has one already (an export)."""
     validate_verify_options(data, samples)
     if runtime is not None and len(parse_runtimes(runtime)) != 1:
         raise CbamDeployError(f"--runtime: verify takes one runtime, got {runtime}")
-    bundle_dir = Path(bundle_dir)
-    bundle = Bundle.open(bundle_dir)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
+    bundle_dir = bundle.directory
     check_artifact_names(bundle, artifacts, bundle_dir)
-    untrusted = untrusted_code(bundle, trust)
+    untrusted = untrusted_code(bundle, trust) if reference is None else None
     if untrusted is not None:
         rows = [{"artifact": a.name, "format": a.format, "precision": a.precision, "passed": None,
                  "skipped": "no trusted reference", "reference": None}
                 for a in bundle.artifacts if not artifacts or a.name in artifacts]
         return {"bundle": str(bundle_dir), "reference": "none", "results": rows, "passed": None,
                 "warnings": [f"nothing verified: no trusted reference: {untrusted}"]}
-    reference, label = reference_runner(bundle, trust=trust)
+    reference_runner_, label = (reference or ReferenceModel(bundle, trust)).runner()
+    stand_in = is_stand_in(reference_runner_)
+    images = ImageCache(bundle)
+    chosen = [a for a in bundle.artifacts if not artifacts or a.name in artifacts]
     rows, recorded = [], {}
-    for artifact in bundle.artifacts:
-        if artifacts and artifact.name not in artifacts:
-            continue
-        if is_stand_in(reference) and artifact.name == "onnx-fp32":
+    for index, artifact in enumerate(chosen):
+        if progress is not None:
+            progress.step("verify", index, len(chosen), artifact.name)
+        if stand_in and artifact.name == ROOT_ARTIFACT:
             result = {"passed": None, "skipped": f"no independent reference ({label}); it was checked against "
                                                  "PyTorch at export (see its parity)"}
-        elif runtime is not None and artifact.format not in RUNTIMES[runtime].formats:
+        elif runtime is not None and not runs(runtime, artifact.format):
             result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact.format} artifacts"}
         else:
-            result = verify_artifact(bundle, artifact, reference, data, samples, seed, runtime)
+            result = verify_artifact(bundle, artifact, reference_runner_, data, samples, seed, runtime, images)
         result["reference"] = label
         if result.get("passed") is not None:
             _check_gate_policy(bundle, artifact, result)
-        if result.get("passed") is not None and not is_stand_in(reference):
-            _check_attention(bundle, artifact, reference.model, result, data, samples, seed)
-        if result.get("passed") is False and artifact.format == "onnx" and artifact.precision != "int8" \
-                and not is_stand_in(reference):
-            x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed)
-            x = np.repeat(x, bundle.fixed_batch or 1, axis=0)
-            result["first_divergence"] = locate_divergence(reference.model, bundle.path_of(artifact.name, False), x)
+        if result.get("passed") is not None and not stand_in:
+            _check_attention(bundle, artifact, reference_runner_.model, result, data, samples, seed, images)
+        if result.get("passed") is False and artifact.precision != "int8" and not stand_in:
+            _first_divergence(bundle, artifact, reference_runner_.model, result, seed)
         if result.get("passed") is not None:
             recorded[artifact.name] = (artifact.sha256, result)
         rows.append({"artifact": artifact.name, "format": artifact.format, "precision": artifact.precision, **result})
@@ -197,6 +197,21 @@ def verify_bundle(bundle_dir: str | Path, data: str | None = None, artifacts: li
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return {"bundle": str(bundle_dir), "reference": label, "results": rows, "warnings": warnings,
             "passed": all(verdicts) if verdicts else None}
+
+
+def _first_divergence(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, seed: int) -> None:
+    """Where a failing float artifact first departs from PyTorch, where its format can say."""
+    x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed)
+    x = np.repeat(x, bundle.fixed_batch or 1, axis=0)
+    try:
+        graph = bundle.graph(artifact.name)
+    except BackendUnavailable:
+        graph = None
+    try:
+        result["first_divergence"] = get_format(artifact.format).first_divergence(
+            model, bundle.path_of(artifact.name), x, graph)
+    except BackendUnavailable:
+        return
 
 
 def _record(bundle_dir: Path, recorded: dict) -> list[str]:

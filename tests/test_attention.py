@@ -18,7 +18,7 @@ from cbam_deploy.bundle import read_manifest  # noqa: E402
 from helpers import write_manifest  # noqa: E402
 from cbam_deploy.data import load_calibration  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
-from cbam_deploy.gates import onnx_gates  # noqa: E402
+from cbam_deploy.backends.onnx.gates import onnx_gates  # noqa: E402
 from cbam_deploy.loaders import reference_runner  # noqa: E402
 from cbam_deploy.scopes import node_module_path  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402

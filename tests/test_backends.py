@@ -1,27 +1,25 @@
-"""The backend table: one entry per format, read by naming, build, Triton and the CLI."""
+"""The formats registry: one row per format, read by naming, build, Triton and the CLI."""
 
 from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
 
-from cbam_deploy.build import all_backends
-from cbam_deploy.build import get_backend as get
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.formats import formats
+from cbam_deploy.formats import Format, formats, get, rows
 from cbam_deploy.manifest import artifact_file
-from cbam_deploy.runtimes import RUNTIMES, default_runtime
+from cbam_deploy.runtimes import default_runtime, runtimes
 
 
 def test_every_backend_is_complete_and_consistent():
     assert formats() == ("onnx", "openvino", "tensorrt", "ncnn", "executorch")
-    for backend in all_backends():
-        assert backend.build is not None and backend.quantize_recipe
+    for backend in rows():
+        assert (backend.root or type(backend).make is not Format.make) and backend.int8_recipe
         assert (backend.triton is not None) != bool(backend.no_triton)  # served by Triton, or one line saying why not
-        assert backend.preferred_runtimes and all(backend.format in RUNTIMES[r].formats for r in backend.preferred_runtimes)
-        assert default_runtime(backend.format) in backend.preferred_runtimes
-        assert artifact_file(f"{backend.format}-fp16", backend.format).endswith("." + backend.extension)
+        assert backend.preferred_runtimes and all(backend.name in runtimes()[r].formats for r in backend.preferred_runtimes)
+        assert default_runtime(backend.name) in backend.preferred_runtimes
+        assert artifact_file(f"{backend.name}-fp16", backend.name).endswith("." + backend.extension)
     assert get("openvino").companions("model.openvino-fp32.xml") == ("model.openvino-fp32.bin",)
     assert get("tensorrt").companions("model.tensorrt-fp16.engine") == ("model.tensorrt-fp16.engine.json",)
     assert get("executorch").companions("model.executorch-fp32.pte") == ("model.executorch-fp32.pte.json",)

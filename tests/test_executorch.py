@@ -20,7 +20,7 @@ from cbam_deploy.backends.executorch.exporter import Bounds, export_pte, probe
 from cbam_deploy.bundle import Bundle
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.gates import find_gates
+from cbam_deploy.torch_gates import find_gates
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = probe()
@@ -265,12 +265,12 @@ def test_missing_extra_reported_in_one_line(tmp_path):
     code = (
         "import sys; sys.modules['executorch'] = None\n"
         "from cbam_deploy.formats import get\n"
-        "from cbam_deploy.runtimes import RUNTIMES, available_runtimes\n"
+        "from cbam_deploy.runtimes import available_runtimes, runtimes\n"
         "from cbam_deploy.errors import CbamDeployError\n"
         "print(get('executorch').probe())\n"
         "print('executorch' in available_runtimes())\n"
         "try:\n"
-        "    RUNTIMES['executorch'].open(sys.argv[1])\n"
+        "    runtimes()['executorch'].open(sys.argv[1])\n"
         "except CbamDeployError as exc:\n"
         "    print('refused:', exc)\n"
     )

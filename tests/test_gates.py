@@ -24,7 +24,8 @@ from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.gates import find_gates, onnx_gates
+from cbam_deploy.backends.onnx.gates import onnx_gates
+from cbam_deploy.torch_gates import find_gates
 from cbam_deploy.models import CodeTrust
 from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.quantize import quantize_bundle

@@ -16,7 +16,9 @@ from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
 from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
-from cbam_deploy.gates import find_gates, nodes_of, onnx_gates  # noqa: E402
+from cbam_deploy.backends.onnx.gates import onnx_gates  # noqa: E402
+from cbam_deploy.gates import nodes_of  # noqa: E402
+from cbam_deploy.torch_gates import find_gates  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder  # noqa: E402
 

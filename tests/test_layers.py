@@ -134,16 +134,17 @@ def test_the_import_contracts_are_kept():
 
 
 def test_every_format_is_one_package_with_its_modules_on_their_floors():
-    """Each format of the table has its package, its build in the builds table, and every module of
-    the package named as a layer of the floors contract (so a new module cannot sit on no floor)."""
-    from cbam_deploy.build import BUILDERS
-    from cbam_deploy.formats import formats
+    """Each built-in format has its package, its row (``plugin``) with its build step (or is the root the
+    export writes), and every module of the package named as a layer of the floors contract (so a new
+    module cannot sit on no floor)."""
+    from cbam_deploy.formats import BUILTIN, Format, formats, get
 
     config = (ROOT / ".importlinter").read_text()
-    assert set(BUILDERS) == set(formats())
+    assert {module.split(".")[2] for module in BUILTIN} == set(formats())
     for fmt in formats():
         folder = PACKAGE / "backends" / fmt
-        assert (folder / "build.py").is_file() and (folder / "runner.py").is_file(), fmt
+        assert (folder / "plugin.py").is_file() and (folder / "runner.py").is_file(), fmt
+        assert get(fmt).root or type(get(fmt)).make is not Format.make, fmt
         assert f"cbam_deploy.backends.{fmt}\n" in config.replace(")", "").replace("(", "") + "\n", fmt
         for module in folder.glob("*.py"):
             if module.stem != "__init__":

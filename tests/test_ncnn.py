@@ -24,7 +24,8 @@ from cbam_deploy.backends.ncnn.runner import NcnnRunner  # noqa: E402
 from cbam_deploy.bundle import Bundle  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.gates import check_ncnn_policy, find_gates  # noqa: E402
+from cbam_deploy.backends.ncnn.gates import check_ncnn_policy  # noqa: E402
+from cbam_deploy.torch_gates import find_gates  # noqa: E402
 from cbam_deploy.loaders import reference_runner  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 
@@ -203,10 +204,10 @@ import sys
 sys.modules['ncnn'] = None
 from cbam_deploy.build import build_artifacts
 from cbam_deploy.formats import get
-from cbam_deploy.runtimes import RUNTIMES
+from cbam_deploy.runtimes import runtimes
 from cbam_deploy.errors import BackendUnavailable
 print('PROBE', get('ncnn').probe())
-print('RUNTIME', RUNTIMES['ncnn'].probe())
+print('RUNTIME', runtimes()['ncnn'].probe())
 print('BUILD', build_artifacts({str(copy)!r}, 'ncnn', 'fp32')[0].skipped)
 from cbam_deploy.backends.ncnn.runner import NcnnRunner
 try:

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.peers import NEEDS_CALIBRATION, PEERS, build_peers
+from cbam_deploy.peers import NEEDS_CALIBRATION, all_peers, build_peers
 from cbam_deploy.runners.base import Runner
 
 INT8_PEERS = ("peer-openvino-nncf-int8", "peer-ort-quantize-static")
-NOT_EXECUTORCH = tuple(name for name in PEERS if not name.startswith("peer-executorch"))
+NOT_EXECUTORCH = tuple(name for name in all_peers() if not name.startswith("peer-executorch"))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

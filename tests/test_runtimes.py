@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbam_deploy import runtimes
+from cbam_deploy.backends.onnx import plugin as onnx_plugin
 from cbam_deploy.backends.onnx.runner import CPU_EP, OnnxRuntimeRunner, fallback_note
 from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
@@ -40,10 +41,11 @@ def bundle(tmp_path_factory) -> Path:
 def probes(monkeypatch):
     """Pretend this machine has the given onnxruntime providers and CUDA devices."""
     def pretend(providers: tuple[str, ...], gpus: int = 0, tensorrt: bool = False):
-        monkeypatch.setattr(runtimes, "_ort_providers", lambda: providers)
-        monkeypatch.setattr(runtimes, "_cuda_devices", lambda: gpus)
-        real = runtimes._has_module
-        monkeypatch.setattr(runtimes, "_has_module", lambda name: tensorrt if name.startswith("tensorrt") else real(name))
+        monkeypatch.setattr(onnx_plugin, "ort_providers", lambda: providers)
+        monkeypatch.setattr(onnx_plugin, "cuda_devices", lambda: gpus)
+        real = onnx_plugin.has_module
+        monkeypatch.setattr(onnx_plugin, "has_module", lambda name: tensorrt if name.startswith("tensorrt") else real(name))
+        monkeypatch.setattr(onnx_plugin, "has_library", lambda name: tensorrt)
     return pretend
 
 
@@ -52,7 +54,7 @@ def _x(batch: int = 4) -> np.ndarray:
 
 
 def test_runtime_table():
-    table = {name: r.formats for name, r in runtimes.RUNTIMES.items()}
+    table = {name: r.formats for name, r in runtimes.runtimes().items()}
     assert table == {"ort-cpu": ("onnx",), "ort-cuda": ("onnx",), "ort-tensorrt": ("onnx",), "ort-openvino": ("onnx",),
                      "openvino": ("onnx", "openvino"), "tensorrt": ("tensorrt",), "ncnn": ("ncnn",), "executorch": ("executorch",)}
     assert "ort-cpu" in HAS  # onnxruntime is a dependency
@@ -121,7 +123,7 @@ def test_describe_reports_the_providers_that_ran(bundle):
         assert set(described["node_placement"]) == {CPU_EP} and described["node_placement"][CPU_EP] > 50
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in runtimes._ort_providers(), reason="this onnxruntime has the CUDA EP")
+@pytest.mark.skipif("CUDAExecutionProvider" in onnx_plugin.ort_providers(), reason="this onnxruntime has the CUDA EP")
 def test_silent_fallback_of_a_missing_provider_is_detected(bundle):
     with pytest.warns(UserWarning, match="not in available provider names"):  # onnxruntime's only sign: a warning
         runner = OnnxRuntimeRunner(bundle / "model.onnx", providers=["CUDAExecutionProvider", CPU_EP])
@@ -226,7 +228,7 @@ def test_ort_openvino_ep_partial_fallback_is_detected(tmp_path):
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
                                                                   helper.make_opsetid("com.microsoft", 1)])
     onnx.save(model, tmp_path / "m.onnx")
-    runner = runtimes.RUNTIMES["ort-openvino"].open(tmp_path / "m.onnx")
+    runner = runtimes.runtimes()["ort-openvino"].open(tmp_path / "m.onnx")
     described = runner.describe()
     assert described["providers_active"][0] == "OpenVINOExecutionProvider"  # listed as active...
     assert described["node_placement"].get(CPU_EP, 0) >= 1  # ...but com.microsoft Inverse ran on the CPU EP

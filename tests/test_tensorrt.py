@@ -11,22 +11,22 @@ import numpy as np
 import pytest
 from helpers import qdq_weight_forms
 
+from cbam_deploy.batching import batch_limit as profile_batch_limit
+from cbam_deploy.batching import check_batch_fits as check_batch_against_profile
+from cbam_deploy.batching import fit_batch as fit_batch_to_profile
+from cbam_deploy.devices import image_stack
 from cbam_deploy.backends.tensorrt.exporter import (
     QDQ_FLOAT_WEIGHT_PAIRS,
     QDQ_INT8_WEIGHTS,
     BuildPlan,
     Profile,
-    check_batch_against_profile,
     check_dla,
     check_engine_compatible,
     check_timing_cache_location,
     dla_profile,
     engine_metadata,
-    fit_batch_to_profile,
-    image_stack,
     parse_version,
     plan_build,
-    profile_batch_limit,
     profile_chunks,
     qdq_form_for_tensorrt,
     qdq_form_for_version,

@@ -1,2 +1,2 @@
-"""Calibration and INT8: the targets table (``targets``), the recipes that quantize (``recipes``) and
-the attention-gate finder they read (``gates``)."""
+"""What every INT8 recipe shares (``recipes``: the result, the calibration cache, the gate checks around a
+recipe). The recipes themselves are their formats' (``formats.Recipe``, in ``backends/<format>/``)."""

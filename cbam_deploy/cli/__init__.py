@@ -18,8 +18,8 @@ from typer.core import TyperGroup
 
 from .. import interrupts
 from ..backends.base import TensorRTOptions
-from ..backends.tensorrt.exporter import image_stack
 from ..bundle import Bundle
+from ..devices import image_stack
 from ..checks import parse_batch, parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
@@ -32,7 +32,7 @@ from ..models import CodeTrust, zoo_table
 from ..models.spec import check_input_size
 from ..pipeline import bench_model, bench_with_twins, plan_export, run_export, validate_export_options
 from ..profile import plot_profile, profile_bundle
-from ..quantize import quantize_bundle
+from ..quantize import quantize_bundle, targets
 from ..report import markdown_report, plot_latency
 from ..runtimes import runtime_help
 from ..serve.app import ServeConfig, serve
@@ -197,7 +197,7 @@ def export_command(
                               "2-D (N, C) output, dense for 3-D and up.")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
-    target: Annotated[str, typer.Option(help="With --int8: comma list of ort-cpu, tensorrt, openvino, ncnn, executorch.")] = "ort-cpu",
+    target: Annotated[str, typer.Option(help=f"With --int8: comma list of {', '.join(targets())}.")] = "ort-cpu",
     cbam_opt: Annotated[str, typer.Option(help="on: CBAM rewrites for speed (exact ones checked by the parity run; "
                                                "recorded in the manifest); off: export the model as written.")] = "on",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
@@ -337,7 +337,8 @@ def bench_command(
 @_handle_errors
 def profile_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
-    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: every onnx and openvino one).")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts (default: every one whose format gives "
+                                                         "per-operator times).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size (a fixed-batch model uses its own).")] = 1,
     runs: Annotated[int, typer.Option(help="Profiled runs (after the warm-up).")] = 20,
     warmup: Annotated[int, typer.Option(help="Warm-up runs, not profiled.")] = 5,
@@ -345,8 +346,8 @@ def profile_command(
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG (stacked bar per artifact) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
-    """Per-operator time (onnxruntime profiler, OpenVINO performance counters), rolled up into conv,
-    CBAM channel gate, CBAM spatial gate, layout, quantize/dequantize and other."""
+    """Per-operator time (each format's own profiler: onnxruntime's, OpenVINO's performance counters), rolled
+    up into conv, CBAM channel gate, CBAM spatial gate, layout, quantize/dequantize and other."""
     result = profile_bundle(bundle, parse_list(artifact, "--artifact") if artifact else None, batch, runs, warmup, threads,
                             plot)
     if plot:
@@ -361,7 +362,7 @@ def profile_command(
 @_handle_errors
 def quantize_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder (from 'cbam-deploy export').")],
-    target: Annotated[str, typer.Option(help="Comma list of ort-cpu, tensorrt, openvino, ncnn, executorch.")] = "ort-cpu",
+    target: Annotated[str, typer.Option(help=f"Comma list of {', '.join(targets())}.")] = "ort-cpu",
     calib_data: Annotated[str, typer.Option(help="Image folder (recursive), .npy/.npz, or 'synthetic' (not for production).")] = ...,
     calib_size: Annotated[int, typer.Option(help="Calibration samples (seeded choice).")] = 128,
     calib_batch: Annotated[int, typer.Option(help="Calibration batch size.")] = 8,
@@ -534,7 +535,8 @@ def triton_command(
 def explain_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
     image: Annotated[str, typer.Option(help="The image to explain (preprocessed as the manifest says).")] = ...,
-    artifact: Annotated[Optional[str], typer.Option(help="Comma list of onnx/openvino artifacts (default: all of them).")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Comma list of artifacts whose format reads its gates (default: "
+                                                         "all of them).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for the PNGs and the page "
                                                                          "(default explain/<bundle name>/).")] = None,
     model: _TrustModel = None,

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..bundle import Bundle
+from ..formats import formats
 from ..report import (COLUMNS, OVERHEAD_COLUMNS, compare_heading, fallback_notes, overhead_cells, row_cells,
                       unstable_notes)
 
@@ -86,11 +87,12 @@ def summary(summary: dict) -> None:
     table = Table(title=f"bundle {summary['bundle']}: every artifact vs PyTorch eager (batch 1, this machine)")
     for column in ("format", "precision", "artifact", "size", "parity", "latency ms", "speed-up"):
         table.add_column(column, justify="right" if column in ("size", "latency ms", "speed-up") else "left")
-    order = {"pytorch": 0, "onnx": 1, "openvino": 2, "tensorrt": 3, "ncnn": 4, "executorch": 5}
-    rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 9), ("fp32", "fp16", "int8").index(r["precision"])))
+    order = {"pytorch": -1, **{name: index for index, name in enumerate(formats())}}
+    rows = sorted(summary["rows"], key=lambda r: (order.get(r["format"], 99), ("fp32", "fp16", "int8").index(r["precision"])))
     for row in rows:
-        if row.get("skipped"):
-            table.add_row(row["format"], row["precision"], "-", "-", "[yellow]skipped[/]", "-", "-")
+        if row.get("skipped") or row.get("failed"):
+            table.add_row(row["format"], row["precision"], "-", "-",
+                          "[yellow]skipped[/]" if row.get("skipped") else "[red]FAIL[/]", "-", "-")
             continue
         verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
         latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
@@ -99,18 +101,12 @@ def summary(summary: dict) -> None:
         table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
     out.print(table)
     for row in rows:
-        if row.get("ncnn"):
-            n = row["ncnn"]
-            generic = ", ".join(f"{k} x{v}" for k, v in (n["generic_layers"] or {}).items()) or "none"
-            out.print(f"{row['artifact']}: ncnn-pools rewrote {n['hw_pools_rewritten']} H,W and "
-                      f"{n['channel_pools_rewritten']} channel pools; generic ncnn layers left: {generic}")
-    for row in rows:
         if row.get("skipped"):
             out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
-        elif row.get("partitions") is not None:  # a delegate-lowered program (ExecuTorch)
-            outside = ", ".join(f"{op} x{n}" for op, n in (row.get("outside_delegate") or {}).items())
-            out.print(f"{row['artifact']}: {row['partitions']} delegate partition(s); outside the delegate: "
-                      f"{escape(outside) or 'nothing'}")
+        elif row.get("failed"):
+            out.print(f"[red]failed[/] {row['format']} {row['precision']}: {escape(row['failed'])}")
+        elif row.get("note"):  # what the format says of the artifact (layers left generic, delegate partitions)
+            out.print(f"{row['artifact']}: {escape(row['note'])}")
 
 
 def verify(result: dict, runtime: str | None = None) -> None:

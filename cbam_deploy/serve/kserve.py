@@ -25,7 +25,9 @@ from pathlib import Path
 from ..bundle import Bundle
 from ..errors import CbamDeployError
 from ..checks import check_plain_text
-from ..formats import FORMATS
+from ..formats import get as get_format
+from ..formats import rows
+from ..manifest import ROOT_ARTIFACT
 from ..fsutil import write_bytes_atomic
 from .triton import triton_model_name
 
@@ -83,7 +85,7 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
                       min_replicas: int = 1, max_replicas: int = 4, scale_target: int = 8, max_batch: int = 8) -> dict:
     """The InferenceService (as a dict) serving ``bundle``'s ``artifact`` with ``predictor``."""
     opened = Bundle.open(bundle)
-    chosen = artifact or (opened.artifact().name if predictor == "cbam-deploy" else "onnx-fp32")
+    chosen = artifact or (opened.artifact().name if predictor == "cbam-deploy" else ROOT_ARTIFACT)
     opened.path_of(chosen)  # present and intact
     record = opened.artifact(chosen)
     model = triton_model_name(opened, model_name, option="--model-name")
@@ -91,12 +93,12 @@ def inference_service(bundle: str | Path, storage_uri: str, predictor: str = "tr
                "namespace": namespace, "cpu": str(cpu), "memory": str(memory), "gpus": gpus, "min_replicas": min_replicas,
                "max_replicas": max_replicas, "scale_target": scale_target, "max_batch": max_batch, "image": image}
     _check(options)
-    triton_formats = [f.format for f in FORMATS.values() if f.triton]
-    if predictor == "triton" and record.format not in triton_formats:
-        why = FORMATS[record.format].no_triton or "has no Triton backend"
-        raise CbamDeployError(f"artifact {chosen} ({record.format}) {why}; choose one of the "
-                              f"{', '.join(triton_formats)} artifacts")
-    gpus = gpus if gpus is not None else (1 if record.format == "tensorrt" else 0)
+    row = get_format(record.format)
+    if predictor == "triton" and row.triton is None:
+        triton_formats = [r.name for r in rows() if r.triton]
+        raise CbamDeployError(f"artifact {chosen} ({record.format}) {row.no_triton or 'has no Triton backend'}; choose "
+                              f"one of the {', '.join(triton_formats)} artifacts")
+    gpus = gpus if gpus is not None else (1 if row.needs_gpu else 0)
     quantities = {"cpu": str(cpu), "memory": str(memory)}
     resources = {"requests": dict(quantities), "limits": {**quantities, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}}
     readiness = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "initialDelaySeconds": 5,

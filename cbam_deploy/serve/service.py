@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.tensorrt.exporter import fit_batch_to_profile
 from ..bundle import Bundle
 from ..checks import check_name, safe_name, shorten
 from ..errors import CbamDeployError
+from ..batching import fit_batch
 from ..loaders import open_artifact
 from ..manifest import MANIFEST_NAME
 from .batcher import BatcherError, DynamicBatcher
@@ -106,12 +106,8 @@ class ModelService:
         self.side = self.input_spec.side
         self.max_side = 8 * self.side  # for a dynamic height/width: bounds the activations one request can cost
         self.max_batch = 1 if self.batch_size else config.max_batch
-        record = bundle.artifact(artifact)
-        if record.format == "tensorrt":  # never batch past the engine's optimisation profile
-            self.max_batch = fit_batch_to_profile(bundle, record.raw, self.max_batch)
-        bounds = (record.export or {}).get("bounds") if record.format == "executorch" else None
-        if bounds and not self.batch_size:  # never batch past the batch bound the .pte was exported for
-            self.max_batch = max(1, min(self.max_batch, int(bounds["batch"][1])))
+        if not self.batch_size:  # never batch past what the artifact runs in one call (an engine's profile, ...)
+            self.max_batch = fit_batch(bundle, bundle.artifact(artifact), self.max_batch)
         self.batcher = DynamicBatcher(runner.infer, self.max_batch, config.batch_timeout_ms,
                                       on_batch=metrics.batch_sizes.labels(name).observe, max_queue=config.max_queue,
                                       wait_s=config.request_timeout_s)

@@ -35,22 +35,18 @@ from ..bundle import Bundle, check_artifact_names
 from ..checks import MAX_BATCH, check_choice, check_int, check_name, check_output_dir, safe_name
 from ..errors import CbamDeployError
 from ..formats import get as get_format
+from ..manifest import ROOT_ARTIFACT
 from ..fsutil import StagedFolder
 from ..transaction import faultpoint
 
 def _fragment(artifact: dict):
-    """The formats table's Triton fragment for the artifact's format."""
+    """The Triton fragment of the artifact's format (its row)."""
     row = get_format(artifact["format"])
     if row.triton is None:
         raise CbamDeployError(f"artifact {artifact['name']} ({artifact['format']}) has no Triton backend"
                               + (f": {row.no_triton}" if row.no_triton else ""))
     fragment = row.triton
     return fragment
-
-
-OPENVINO_BF16_NOTE = ("Triton's OpenVINO backend has no f32 pin (INFERENCE_PRECISION_HINT is not one of its parameters): "
-                      "on a CPU with bf16 (AMX/AVX512-BF16) this IR runs in bf16; for strict fp32 there, serve the ONNX "
-                      "with the onnxruntime backend")
 
 
 def _dims(shape: list) -> str:
@@ -75,33 +71,6 @@ def check_triton_release(text: str | None) -> str | None:
     return text
 
 
-def tensorrt_triton_check(artifact: dict, batched: bool, max_batch: int, triton_release: str | None) -> list[str]:
-    """Refuse what Triton's TensorRT backend would refuse at load or at the first small request;
-    return warnings for what cannot be checked here."""
-    export = artifact.get("export") or {}
-    profile = export.get("profile") or {}
-    warnings = []
-    if batched and profile:
-        if profile.get("max_batch") and max_batch > profile["max_batch"]:
-            raise CbamDeployError(f"--max-batch {max_batch} exceeds the engine's profile (max {profile['max_batch']}); "
-                                  "rebuild the engine with a larger --max-batch")
-        if profile.get("min_batch", 1) > 1:
-            raise CbamDeployError(f"{artifact['name']} was built with --min-batch {profile['min_batch']}, but Triton sends "
-                                  "batches from 1 up; rebuild it with --min-batch 1 for Triton")
-    built_for, trt_version = export.get("triton_release"), export.get("tensorrt")
-    if triton_release and built_for and triton_release != built_for:
-        raise CbamDeployError(f"{artifact['name']} was built with TensorRT {trt_version} in the image for Triton {built_for}; "
-                              f"tritonserver {triton_release} cannot load it. Rebuild it in the cuda image built with "
-                              f"--build-arg TRITON_RELEASE={triton_release}")
-    if not built_for:
-        warnings.append(f"{artifact['name']}: built with TensorRT {trt_version} outside a cbam-deploy image, so the Triton "
-                        "release cannot be checked: use a tritonserver whose TensorRT is exactly that version")
-    elif not triton_release:
-        warnings.append(f"{artifact['name']}: built for Triton {built_for} (TensorRT {trt_version}); use "
-                        f"nvcr.io/nvidia/tritonserver:{built_for}-py3")
-    return warnings
-
-
 def model_config(manifest, artifact: dict, name: str, max_batch: int, instances: int, delay_us: int,
                  kind: str | None = None, triton_release: str | None = None, warnings: list[str] | None = None) -> str:
     """config.pbtxt text for one artifact (its manifest record) of a bundle (``manifest``: a ``Bundle``
@@ -113,8 +82,8 @@ def model_config(manifest, artifact: dict, name: str, max_batch: int, instances:
     shape = bundle.input.shape
     batched = bundle.fixed_batch is None
     notes = warnings if warnings is not None else []
-    if artifact["format"] == "tensorrt":
-        notes += tensorrt_triton_check(artifact, batched, max_batch, check_triton_release(triton_release))
+    row = get_format(artifact["format"])
+    notes += row.triton_check(bundle, artifact, batched, max_batch, check_triton_release(triton_release))
     lines = [f"name: {_quoted(name)}", platform, f"max_batch_size: {max_batch if batched else 0}"]
     in_dims = shape[1:] if batched else shape
     lines += [
@@ -133,15 +102,9 @@ def model_config(manifest, artifact: dict, name: str, max_batch: int, instances:
             lines.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
         lines += [f"  max_queue_delay_microseconds: {delay_us}", "}"]
     lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {instance_kind}", "  }", "]"]
-    if artifact["format"] == "openvino":
-        parameters = {"PERFORMANCE_HINT": "LATENCY"}
-        if batched and max_batch > 1:  # the backend fixes the batch at max_batch_size; smaller ones are padded
-            parameters["ENABLE_BATCH_PADDING"] = "YES"
-        lines += _parameters(parameters)
-        notes.append(f"{artifact['name']}: {OPENVINO_BF16_NOTE}")
-        if batched and max_batch > 1:
-            notes.append(f"{artifact['name']}: OpenVINO runs every batch padded to {max_batch}; --max-batch 1 for "
-                         "lowest single-request latency")
+    parameters, parameter_notes = row.triton_parameters(batched, max_batch)
+    lines += _parameters(parameters)
+    notes += [f"{artifact['name']}: {note}" for note in parameter_notes]
     lines.append(f"# made by cbam-deploy from artifact {_quoted(artifact['name'])} ({_quoted(artifact['format'])}, "
                  f"{_quoted(artifact['precision'])}, sha256 {_quoted(artifact['sha256'][:16])}...)")
     return "\n".join(lines) + "\n"
@@ -169,7 +132,7 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
     bundle_dir, repo = Path(bundle_dir), Path(repo)
     bundle = Bundle.open(bundle_dir)
     check_artifact_names(bundle, artifacts, bundle_dir)
-    chosen = artifacts or ["onnx-fp32"]
+    chosen = artifacts or [ROOT_ARTIFACT]
     base = triton_model_name(bundle, name)
     plans = []  # every config made (and so checked) before anything is written
     for artifact_name in chosen:
@@ -186,21 +149,17 @@ def write_repository(bundle_dir: str | Path, repo: str | Path, artifacts: list[s
         raise CbamDeployError(f"cannot create the repository folder {repo}: {exc.strerror or exc}") from None
     written = []
     for artifact, model_name, config, warnings in plans:
-        files = _fragment(artifact).files
         final = repo / model_name
         try:
             stage = StagedFolder(final, "triton", around=repo)
             with stage as staged:
                 (staged / "1").mkdir()
                 record = bundle.artifact(artifact["name"])
-                # the checked bytes themselves (read once, hashed as they are written), never a link
-                sources = [record.path] if len(files) == 1 else [record.path, str(Path(record.path).with_suffix(".bin"))]
-                for source, target in zip(sources, files):
+                # the checked bytes themselves (read once, hashed as they are written), never a link; each
+                # file under the name the format's Triton backend reads
+                for source, target in get_format(record.format).triton_sources(record):
+                    (staged / "1" / target).parent.mkdir(parents=True, exist_ok=True)
                     bundle.copy_file(source, staged / "1" / target)
-                if artifact["format"] == "onnx":  # external data, beside model.onnx under the name its graph gives
-                    for companion in record.companion_files:
-                        (staged / "1" / companion).parent.mkdir(parents=True, exist_ok=True)
-                        bundle.copy_file(companion, staged / "1" / companion)
                 (staged / "config.pbtxt").write_text(config)
                 faultpoint("triton-staged")
                 # one atomic swap where the system has it (Triton never sees the model folder missing);

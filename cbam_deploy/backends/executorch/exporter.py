@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import BackendUnavailable, CbamDeployError
+from ...errors import CbamDeployError
+from ...formats import Extra
 from ...fsutil import atomic_path, write_bytes_atomic
 from ...outputs import flatten_outputs
 
@@ -64,28 +65,18 @@ _BOOKKEEPING = ("executorch_call_delegate", "getitem")
 aten = torch.ops.aten
 
 
+EXECUTORCH = Extra("ExecuTorch", ("executorch", "torchao"), INSTALL_HINT)
+
+
 def probe() -> str | None:
     """None when ExecuTorch (with torchao, for INT8) can be used here, else the one line saying why not."""
-    for module in ("executorch", "torchao"):
-        try:
-            if importlib.util.find_spec(module) is None:
-                return f"{module} is not installed: {INSTALL_HINT}"
-        except (ImportError, ValueError):
-            return f"{module} is not importable: {INSTALL_HINT}"
-    return None
+    return EXECUTORCH.probe()
 
 
 def import_extra(what: str, *modules: str) -> list:
     """The named modules of the executorch extra (ExecuTorch, torchao), or BackendUnavailable in one
-    line naming ``what`` could not be imported: not installed, or a broken or partial install."""
-    missing = probe()
-    if missing:
-        raise BackendUnavailable(missing)
-    try:
-        # lazy: ExecuTorch and torchao are optional heavy dependencies (the executorch extra)
-        return [importlib.import_module(module) for module in modules]
-    except Exception as exc:  # a broken or partial install
-        raise BackendUnavailable(f"{what} cannot be imported ({type(exc).__name__}: {exc}): {INSTALL_HINT}") from None
+    line: not installed, or a broken or partial install."""
+    return EXECUTORCH.require_all(*modules)
 
 
 def require_executorch():

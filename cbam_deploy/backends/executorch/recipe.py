@@ -32,7 +32,8 @@ from ...calib.recipes import QuantizeResult
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path
-from ...gates import check_program_policy, nodes_of, program_gates
+from ...gates import nodes_of
+from ...torch_gates import check_program_policy, program_gates
 from .exporter import Bounds, export_program, export_pte, import_extra, output_names
 
 CACHE_VERSION = 1

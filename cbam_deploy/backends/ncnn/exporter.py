@@ -38,6 +38,7 @@ from torch import nn
 
 from ...bundle import Bundle
 from ...errors import BackendUnavailable, CbamDeployError
+from ...formats import Extra
 from ...fsutil import atomic_path
 from ...outputs import flatten_outputs
 
@@ -54,22 +55,26 @@ _NO_WEIGHTS = {"Input", "Split", "Pooling", "Permute", "Concat", "Reshape", "Fla
                "Squeeze", "ExpandDims", "Tile", "Pooling1D", "Pooling3D", "Sigmoid", "Exp", "Log", "Power"}
 
 
+NCNN = Extra("ncnn", ("ncnn",), f"install the ncnn extra: {INSTALL}")
+PNNX = Extra("pnnx", ("pnnx",), INSTALL)  # pnnx converts PyTorch to ncnn
+
+
 def require_ncnn():
-    try:
-        import ncnn  # lazy: the optional ncnn extra
-    except ImportError:
-        raise BackendUnavailable(f"ncnn is not installed: {INSTALL}") from None
-    return ncnn
+    """The ``ncnn`` module (the optional ncnn extra), or BackendUnavailable in one line."""
+    return NCNN.require()
 
 
 def require_pnnx():
-    try:
-        import pnnx  # lazy: the optional ncnn extra (pnnx converts PyTorch to ncnn)
-    except ImportError:
-        raise BackendUnavailable(f"pnnx is not installed: {INSTALL}") from None
+    """The ``pnnx`` module with its converter binary, or BackendUnavailable in one line."""
+    pnnx = PNNX.require()
     if not os.access(getattr(pnnx, "EXEC_PATH", ""), os.X_OK):
         raise BackendUnavailable(f"the pnnx converter binary is missing or not executable: {INSTALL}")
     return pnnx
+
+
+def probe() -> str | None:
+    """None when ncnn and pnnx can build here, else the one line why not (nothing imported)."""
+    return NCNN.probe() or PNNX.probe()
 
 
 # ------------------------------------------------------------------------------------- the .param
@@ -441,16 +446,6 @@ def write_pair(param: NcnnParam, data: bytes, param_path: Path, bin_path: Path) 
         Path(target).write_bytes(data)
     with atomic_path(Path(param_path)) as target:
         Path(target).write_text(param.text())
-
-
-def int8_layers(param: NcnnParam) -> dict[str, int]:
-    """name -> int8_scale_term of every layer that runs in int8."""
-    return {layer.name: layer.int(8) for layer in param.layers if layer.type in QUANTIZABLE and layer.int(8)}
-
-
-def companion_bin(param_path) -> str:
-    """The .bin beside a ``model.<name>.param``."""
-    return re.sub(r"\.param$", "", Path(param_path).name) + ".bin"
 
 
 # ------------------------------------------------------------------------------------ running ncnn

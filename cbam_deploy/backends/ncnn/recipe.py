@@ -4,6 +4,8 @@
   ConvolutionDepthWise / InnerProduct, ``127 / max|x|`` over the calibration images run through the
   fp32 pair (``minmax``; ``percentile``: the 99.999th percentile of |x|). Weight scales are per
   output channel (per group for a depthwise conv), ``127 / max|w|``, as ``ncnn2int8`` computes them.
+* The fp32 pair it starts from is converted from the PyTorch model (pnnx traces the module, so the
+  model must be rebuilt: only where the user trusts its code), in a temporary folder.
 * The gate policy: the gate finder runs on the ncnn graph (``gates.ncnn_gates``); under
   ``--gates fp`` the layers that compute a gate (the CBAM MLP's inner products or 1x1 convs, the
   7x7 spatial conv) are left out of the table and stay fp32; under ``--gates int8`` they are in it.
@@ -15,16 +17,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ...calib.recipes import QuantizeResult, cache_key
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
-from ...fsutil import atomic_path
-from ...gates import check_ncnn_policy, ncnn_gates
-from .exporter import QUANTIZABLE, NcnnParam, open_net, quantize_int8, run_blobs, write_pair
+from ...fsutil import atomic_path, sha256_file
+from .exporter import QUANTIZABLE, NcnnParam, example_input, ncnn_pair, open_net, quantize_int8, run_blobs, write_pair
+from .gates import check_ncnn_policy, ncnn_gates
 
 PERCENTILE = 99.999
 
@@ -97,3 +102,20 @@ def quantize_ncnn(param_path: Path, bin_path: Path, out_param: Path, data: Calib
             "int8_layers": len(record["quantized_layers"]), "float_gate_layers": len(gate_layers) if gates == "fp" else 0,
             "gate_layers": gate_layers, "gate_check": check,
             "calibration_cache": {"path": str(cache_path) if cache_path else None, "hit": hit}}
+
+
+def run_recipe(job) -> QuantizeResult:
+    """The ``ncnn`` recipe (``formats.Recipe.run``): the fp32 pair converted from the PyTorch model, then
+    ncnn's own INT8 scheme on it, written at ``job.out_path`` (+ .bin)."""
+    with tempfile.TemporaryDirectory(prefix="cbam-ncnn-") as tmp:
+        example, second = example_input(job.bundle)
+        conversion = ncnn_pair(job.module, example, [o.name for o in job.bundle.outputs], Path(tmp), "fp32",
+                               second_size=second)
+        param, binary = Path(tmp) / "fp32.param", Path(tmp) / "fp32.bin"
+        cache = None
+        if job.cache_dir is not None:
+            model_sha = hashlib.sha256((sha256_file(param) + sha256_file(binary)).encode()).hexdigest()
+            cache = job.cache_dir / "ncnn" / f"{cache_key(model_sha, job.data, 'ncnn', job.method, job.gates)}.json"
+        info = quantize_ncnn(param, binary, job.out_path, job.data, job.method, job.gates, job.expected, cache)
+    keep = ("layers", "generic_layers", "rewrite", "input_shape_policy", "pnnx", "ncnn", "converter")
+    return QuantizeResult(job.out_path, "ncnn", {**info, "conversion": {k: conversion[k] for k in keep if k in conversion}})

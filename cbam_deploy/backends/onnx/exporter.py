@@ -180,3 +180,27 @@ def check_opset(exporter: str, opset) -> None:
             f"opset {opset} is out of range for the {exporter} exporter: choose {low}..{high} "
             f"(default {DEFAULT_OPSET}; TensorRT 8.5 on JetPack 5 parses at most 17)"
         )
+
+
+def external_data_files(path) -> tuple[str, ...]:
+    """The external-data files an ONNX file keeps its tensors in (a model over protobuf's 2 GB limit
+    does), named relative to its folder; () for a self-contained file."""
+    path = Path(path)
+    if not path.is_file():
+        return ()
+    proto = onnx.load(str(path), load_external_data=False)
+    found: dict[str, None] = {}
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                graphs += [attribute.g, *attribute.graphs]
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+                if location:
+                    found[location] = None
+    return tuple(found)

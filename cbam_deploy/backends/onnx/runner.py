@@ -17,7 +17,10 @@ import numpy as np
 import psutil
 
 from ...errors import CbamDeployError
+from ...formats import Extra
 from ...runners.base import Runner
+
+ONNXRUNTIME = Extra("onnxruntime", ("onnxruntime",), "pip install onnxruntime")
 
 CPU_EP = "CPUExecutionProvider"
 _GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -66,10 +69,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
                  precision: str = "fp32", profile_dir: str | Path | None = None) -> None:
-        try:
-            import onnxruntime as ort  # lazy: a machine that runs only engines or IR may lack onnxruntime
-        except ImportError:
-            raise CbamDeployError("onnxruntime is not installed: pip install onnxruntime") from None
+        ort = ONNXRUNTIME.require()  # a machine that runs only engines or IR may lack onnxruntime
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -5,16 +5,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ...errors import BackendUnavailable, CbamDeployError
+from ...errors import CbamDeployError
+from ...formats import Extra
 from ...fsutil import atomic_path
+
+OPENVINO = Extra("OpenVINO", ("openvino",), "pip install 'cbam-deploy[openvino]'")
+NNCF = Extra("NNCF", ("nncf", "openvino"), "pip install 'cbam-deploy[openvino]'")
 
 
 def require_openvino():
-    try:
-        import openvino as ov  # lazy: the optional openvino extra
-    except ImportError:
-        raise BackendUnavailable("OpenVINO is not installed: pip install 'cbam-deploy[openvino]'") from None
-    return ov
+    """The ``openvino`` module, or BackendUnavailable in one line (the optional openvino extra)."""
+    return OPENVINO.require()
 
 
 def save_ir(model, out_xml: Path, compress_to_fp16: bool = False) -> None:

@@ -22,10 +22,11 @@ from ...calib.recipes import (
     preprocess_onnx,
 )
 from ...data import CalibrationSet
-from ...errors import BackendUnavailable, CbamDeployError
+from ...errors import CbamDeployError
 from ...fsutil import atomic_path, sha256_file
-from ...gates import check_openvino_policy, nodes_of, openvino_gates
-from .exporter import save_ir
+from ...gates import nodes_of
+from .exporter import NNCF, save_ir
+from .gates import check_openvino_policy, openvino_gates
 
 
 def quantize_openvino(
@@ -42,11 +43,7 @@ def quantize_openvino(
     NNCF keeps no reusable statistics file, so the cache holds the quantized IR itself, keyed like
     the onnxruntime ranges (model, data fingerprint, recipe, method, gates): a hit skips calibration.
     """
-    try:
-        import nncf  # lazy: the optional openvino extra
-        import openvino as ov  # lazy: the optional openvino extra
-    except ImportError:
-        raise BackendUnavailable("target openvino needs the openvino extra: pip install 'cbam-deploy[openvino]'") from None
+    nncf, ov = NNCF.require_all("nncf", "openvino")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters  # lazy: as nncf above
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet  # lazy: as nncf above
 

@@ -29,14 +29,13 @@ sidecar ``<engine>.json`` (TensorRT version, GPU name, compute capability, profi
 cache is per TensorRT version and GPU and lives outside the bundle (bundles move between
 machines; the cache would not).
 
-Callers that run an engine use ``profile_batch_limit`` / ``check_batch_against_profile``; the
+Callers that run an engine ask its row for its batch bounds (``cbam_deploy.batching``); the
 runner itself splits and pads batches to stay inside the profile (``profile_chunks``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ...devices import cuda_devices, image_stack
 from ...errors import BackendUnavailable, CbamDeployError
+from ...formats import Extra
 from ...fsutil import atomic_path, cache_root, write_bytes_atomic
 from ...manifest import fixed_batch
 
@@ -55,18 +56,25 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MIN_VERSION = (8, 5)
 QDQ_INT8_WEIGHTS = "int8-weights"  # DequantizeLinear on int8 initializers (TensorRT 10, 11)
 QDQ_FLOAT_WEIGHT_PAIRS = "float-weights-qdq-pairs"  # float weights -> Q -> DQ, dedicated pairs (TensorRT 8.x)
-IMAGE_STACK_FILE = Path("/etc/cbam-deploy/stack.json")  # written by the Dockerfile's image targets
+
+
+TENSORRT = Extra("TensorRT", ("tensorrt",), "on x86 with an NVIDIA GPU use the 'cuda' Docker image (or pip install "
+                 "'cbam-deploy[tensorrt]' matching your CUDA); on Jetson it comes with JetPack 6 (python3-libnvinfer)")
+NO_GPU = "no CUDA GPU found: TensorRT engines need an NVIDIA GPU (or a Jetson)"
+
+
+def probe() -> str | None:
+    """None when TensorRT and a GPU for it are here, else the one line why not (nothing imported)."""
+    missing = TENSORRT.probe()
+    if missing:
+        return missing
+    return NO_GPU if cuda_devices() == 0 else None
 
 
 def require_tensorrt():
-    try:
-        import tensorrt as trt  # lazy: the optional tensorrt extra (JetPack brings its own)
-    except ImportError:
-        raise BackendUnavailable(
-            "TensorRT is not installed: on x86 with an NVIDIA GPU use the 'cuda' Docker image (or pip install "
-            "'cbam-deploy[tensorrt]' matching your CUDA); on Jetson it comes with JetPack 6 (python3-libnvinfer)"
-        ) from None
-    return trt
+    """The ``tensorrt`` module (the optional tensorrt extra; JetPack brings its own), or
+    BackendUnavailable in one line."""
+    return TENSORRT.require()
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -301,47 +309,12 @@ def _unique(base: str, taken: set) -> str:
 
 # ------------------------------------------------------------------------------ profile enforcement
 
-def engine_profile(artifact: dict) -> Profile | None:
-    """The batch profile a TensorRT artifact was built with (from its manifest entry); None for other
-    formats."""
-    if artifact.get("format") != "tensorrt":
-        return None
+def engine_profile(artifact: dict) -> Profile:
+    """The batch profile a TensorRT artifact was built with (from its manifest entry)."""
     profile = (artifact.get("export") or {}).get("profile")
     if not profile:
         raise CbamDeployError(f"artifact {artifact.get('name')} records no TensorRT profile; rebuild it with cbam-deploy")
     return Profile(int(profile["min_batch"]), int(profile["opt_batch"]), int(profile["max_batch"]))
-
-
-def profile_batch_limit(manifest, artifact: dict) -> tuple[int, int] | None:
-    """(smallest, largest) batch one call of the artifact's runner may use without being split or
-    padded: the engine's profile for TensorRT, the fixed batch for a fixed-batch model (``manifest``:
-    a ``Bundle`` or a manifest dict), else None (any batch)."""
-    profile = engine_profile(artifact)
-    if profile is not None:
-        return profile.min_batch, profile.max_batch
-    fixed = fixed_batch(getattr(manifest, "manifest", manifest)["input"]["shape"])
-    return (fixed, fixed) if fixed is not None else None
-
-
-def check_batch_against_profile(manifest, artifact: dict, batch: int, option: str = "--batch") -> None:
-    """Refuse a batch size the artifact cannot run in one call (bench must not time a split or padded
-    call as if it were one; serve must not batch past the engine), naming the option to change."""
-    limit = profile_batch_limit(manifest, artifact)
-    if limit is None:
-        return
-    low, high = limit
-    if not low <= batch <= high:
-        what = "its TensorRT profile" if artifact.get("format") == "tensorrt" else "the model's fixed batch"
-        raise CbamDeployError(
-            f"{option} {batch} is outside {what} for {artifact.get('name')} ({low}..{high}); use a batch in that range "
-            "or rebuild the engine with --min-batch/--max-batch")
-
-
-def fit_batch_to_profile(manifest, artifact: dict, batch: int) -> int:
-    """The largest batch <= ``batch`` the artifact runs in one call (serve's --max-batch, eval's
-    chunk): ``batch`` itself when there is no limit."""
-    limit = profile_batch_limit(manifest, artifact)
-    return batch if limit is None else max(limit[0], min(batch, limit[1]))
 
 
 def profile_chunks(total: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
@@ -423,17 +396,6 @@ def current_gpu() -> dict:
     except Exception:
         pass
     raise BackendUnavailable("no CUDA GPU found: TensorRT engines need an NVIDIA GPU (or a Jetson)")
-
-
-def image_stack(path: Path | None = None) -> dict | None:
-    """The software stack a cbam-deploy Docker image was built with (its target, the Triton release its
-    plans are for, and the TensorRT, CUDA, torch and onnxruntime versions read from the installed
-    libraries at build time); None outside those images. ``info`` and ``bench`` print it."""
-    path = Path(os.environ.get("CBAM_DEPLOY_STACK_FILE") or path or IMAGE_STACK_FILE)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ------------------------------------------------------------------------------------- timing cache

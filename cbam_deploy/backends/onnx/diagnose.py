@@ -17,17 +17,20 @@ import onnx
 import torch
 from torch import nn
 
-from .backends.onnx.runner import OnnxRuntimeRunner
-from .scopes import inside, node_module_path
+from ...scopes import inside, node_module_path
+from .runner import OnnxRuntimeRunner
 
 _LEAVES = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Identity, nn.Flatten, nn.MaxPool2d)
 
 
-def locate_divergence(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray, atol: float = 1e-4,
+def locate_divergence(model: nn.Module, proto: onnx.ModelProto, inputs: np.ndarray, atol: float = 1e-4,
                       rtol: float = 1e-3) -> dict | None:
-    """The first module (in graph order) whose ONNX output differs from PyTorch beyond
-    ``atol + rtol * max|reference|``, with its error; None when every compared point agrees."""
-    proto = onnx.load(str(onnx_path))
+    """The first module (in graph order) whose output in the ONNX graph ``proto`` differs from PyTorch
+    beyond ``atol + rtol * max|reference|``, with its error; None when every compared point agrees.
+    ``proto`` is probed on a copy (the caller's graph is left as it was)."""
+    probe_proto = onnx.ModelProto()
+    probe_proto.CopyFrom(proto)
+    proto = probe_proto
     candidates = {name: m for name, m in model.named_modules() if name and not isinstance(m, _LEAVES)}
     calls: dict[str, int] = {name: 0 for name in candidates}
     captured: dict[str, np.ndarray] = {}
