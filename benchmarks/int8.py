@@ -29,7 +29,7 @@ from cbam_deploy.backends.openvino.runner import OpenVINORunner  # noqa: E402
 from cbam_deploy.bench import interleaved_latency  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.loaders import open_artifact  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.runners.torch import TorchRunner  # noqa: E402
@@ -53,7 +53,7 @@ def latency(iters: int, tmp: Path) -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     for model in ("resnet50", "resnet50_cbam"):
         bundle = tmp / model
-        export_bundle(ExportRequest(model=model, output=str(bundle), parity=False))
+        export_bundle(ExportOptions(model=model, output=str(bundle), parity=False))
         for gates in ("int8", "fp"):
             quantize_bundle(bundle, ["ort-cpu", "openvino"], str(calib), calib_size=32, gates=gates, use_cache=False)
         manifest = read_manifest(bundle)
@@ -79,7 +79,7 @@ def accuracy(tmp: Path) -> None:
     test = write_image_folder(tmp / "digits" / "test", "test")
     train = write_image_folder(tmp / "digits" / "train", "train")
     bundle = tmp / "digits" / "bundle"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle)))
+    export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle)))
     for method in ("minmax", "entropy", "percentile"):
         for gates in ("int8", "fp"):
             targets = ["ort-cpu", "tensorrt"] + (["openvino"] if method != "entropy" else [])

@@ -18,7 +18,7 @@ import torch
 
 from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import interleaved_latency
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.models import create_model
 from cbam_deploy.runners.torch import TorchRunner
 
@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             started = time.perf_counter()
-            export_bundle(ExportRequest(model=name, output=str(Path(tmp) / name), parity=False))
+            export_bundle(ExportOptions(model=name, output=str(Path(tmp) / name), parity=False))
             export_seconds[name] = time.perf_counter() - started
             runners[f"{name}/torch"] = TorchRunner(create_model(name))
             runners[f"{name}/onnxruntime"] = OnnxRuntimeRunner(Path(tmp) / name / "model.onnx", threads=args.threads)

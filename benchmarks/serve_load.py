@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 import tritonclient.http as httpclient  # noqa: E402
 
 from cbam_deploy.bundle import read_manifest  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import running_server  # noqa: E402
 
@@ -109,7 +109,7 @@ def protocols(args) -> None:
     batcher), the same model and clients; ``--rounds`` rounds, each running the three in a rotated
     order (so drift and warm-up do not favour one), latencies pooled per protocol."""
     with tempfile.TemporaryDirectory() as tmp:
-        export_bundle(ExportRequest(model=args.model, stem=args.stem, output=tmp, parity=False))
+        export_bundle(ExportOptions(model=args.model, stem=args.stem, output=tmp, parity=False))
         app = create_app(ServeConfig(tmp, max_batch=args.max_batch, batch_timeout_ms=args.timeout_ms, grpc_port=0,
                                      threads=args.threads))
         name, runner = app.state.model_name, app.state.runner
@@ -210,7 +210,7 @@ def chaos(args) -> None:
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_bundle(ExportRequest(model=args.model, stem=args.stem, output=tmp, dynamic_hw=True, parity=False))
+        export_bundle(ExportOptions(model=args.model, stem=args.stem, output=tmp, dynamic_hw=True, parity=False))
         session = ort.InferenceSession(str(Path(tmp) / "model.onnx"), providers=["CPUExecutionProvider"])
         app = create_app(ServeConfig(tmp, max_batch=args.max_batch, batch_timeout_ms=args.timeout_ms, max_body_mb=4,
                                      request_timeout_s=args.request_timeout_s))
@@ -364,7 +364,7 @@ def main() -> None:
         return
     args.model, args.stem, args.clients = args.model or "resnet50_cbam", args.stem or "imagenet", args.clients or 16
     with tempfile.TemporaryDirectory() as tmp:
-        export_bundle(ExportRequest(model=args.model, stem=args.stem, output=tmp, parity=False))
+        export_bundle(ExportOptions(model=args.model, stem=args.stem, output=tmp, parity=False))
         for max_batch in (1, args.max_batch):
             app = create_app(ServeConfig(tmp, max_batch=max_batch, batch_timeout_ms=args.timeout_ms))
             side = int(read_manifest(tmp)["input"]["preprocess"]["center_crop"])

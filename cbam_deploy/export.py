@@ -17,34 +17,43 @@ from pathlib import Path
 
 import torch
 
+from .backends.base import TensorRTOptions
 from .bundle import read_manifest
 from .cbam_opt import MODES as CBAM_OPT_MODES
 from .cbam_opt import optimize_for_export
-from .checks import check_choice, check_int, parse_batch
+from .checks import (MAX_BATCH, check_choice, check_existing_file, check_int, check_output_dir, check_output_file,
+                     parse_batch, parse_list)
+from .data import check_data_source
 from .errors import CbamDeployError
-from .torch_gates import example_input, find_gates
-from .formats import root_row
+from .formats import GATE_POLICIES, PRECISIONS, formats, recipes, root_row
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
-from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs
-from .models.spec import STEMS, check_input_size, check_num_classes
+from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs, is_factory_spec
+from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
+from .torch_gates import example_input, find_gates
 from .transaction import BundleUpdate, faultpoint
 
 CROP_PCT = 0.875
 
 
 @dataclass
-class ExportRequest:
+class ExportOptions:
+    """Everything ``export`` is asked to do, checked once, here, before any model is built or file
+    written: the model (a zoo name or ``file.py:factory``) and its checkpoint, the ONNX export, the
+    parity run, and what to build after it (``formats`` x ``precisions``, INT8 with ``int8`` /
+    ``calib_data`` / ``targets`` / ``gates``, TensorRT's profile and builder knobs). The CLI builds one
+    from its options; a notebook or a test builds one directly. Lists may be given as comma strings."""
+
     model: str
     weights: str | None = None
     num_classes: int | None = None
     stem: str = "imagenet"
     output: str | None = None
     input_size: int | None = None
-    batch: int | None = None
+    batch: int | str | None = None  # None or "dynamic": a dynamic batch
     dynamic_hw: bool = False
     opset: int = 17
     exporter: str = "torchscript"
@@ -58,32 +67,81 @@ class ExportRequest:
     extra_notes: list[str] = field(default_factory=list)
     # {output name: kind} (or ["NAME=KIND", ...]) over the kind guessed from each output's shape
     output_kinds: dict[str, str] | list[str] | None = None
+    # what to build after the ONNX
+    formats: str | list[str] = "onnx"
+    precisions: str | list[str] = "fp32"
+    int8: bool = False
+    calib_data: str | None = None
+    targets: str | list[str] = "ort-cpu"
+    gates: str | None = None
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    workspace_mb: int = 2048
+    timing_cache: str | None = None
+    dla_core: int | None = None
 
     def __post_init__(self) -> None:
-        self.output_kinds = parse_output_kinds(self.output_kinds)
-        self.validate()  # a bad request fails where it is made, before any model is built or file written
-
-    def validate(self) -> None:
-        """Value checks (no file access): ranges, choices, types. ``pipeline.validate_export_options``
-        adds the path checks and the build options for the CLI."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models') or path/to/file.py:factory")
         check_model_options(self.model, self.stem, self.num_classes, self.input_size, self.opset, self.exporter,
                             self.cbam_opt)
-        if self.batch is not None:
-            parse_batch(self.batch if isinstance(self.batch, int) and not isinstance(self.batch, bool) else repr(self.batch))
+        if isinstance(self.batch, (bool, float)):
+            raise CbamDeployError(f"--batch must be 'dynamic' or a positive integer, got {self.batch!r}")
+        self.batch = parse_batch(self.batch)
         check_int("parity_samples", self.parity_samples, 1)
         check_choice("--outputs", self.outputs, ("logits", "features"))
-        if self.outputs == "features" and ":" in self.model:
+        if self.outputs == "features" and is_factory_spec(self.model):
             raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
-        parse_output_kinds(self.output_kinds)
+        self.output_kinds = parse_output_kinds(self.output_kinds)
+        self.format_list = parse_list(self.formats, "--format", formats())
+        self.precision_list = parse_list(self.precisions, "--precision", PRECISIONS)
+        self.target_list = parse_list(self.targets, "--target", tuple(recipes()))
+        if self.gates is not None:
+            check_choice("--gates", self.gates, GATE_POLICIES)
+        for option, value in (("--min-batch", self.min_batch), ("--opt-batch", self.opt_batch),
+                              ("--max-batch", self.max_batch)):
+            check_int(option, value, 1, MAX_BATCH)
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise CbamDeployError(f"the TensorRT batch profile must satisfy 1 <= --min-batch <= --opt-batch <= "
+                                  f"--max-batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        check_int("--workspace-mb", self.workspace_mb, 1)
+        check_int("--dla-core", self.dla_core, 0, allow_none=True)
+        if self.timing_cache is not None:
+            if Path(self.timing_cache).is_dir():
+                raise CbamDeployError(f"--timing-cache {self.timing_cache} is a folder; give a file path")
+            check_output_file("--timing-cache", self.timing_cache)
+        if (self.int8 or "int8" in self.precision_list) and not self.calib_data:
+            flag = "--int8" if self.int8 else "--precision int8"
+            raise CbamDeployError(f"{flag} needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
+        check_data_source("--calib-data", self.calib_data)
+        check_existing_file("--weights", self.weights)
+        check_output_dir("--output", self.output)
+        check_model_spec(self.model, self.stem)
+        if self.int8 and self.builds and "int8" not in self.precision_list:
+            self.precision_list.append("int8")  # --int8 with a format x precision matrix: int8 joins the matrix
+
+    @property
+    def builds(self) -> bool:
+        """Whether artifacts beyond the ONNX are asked for (a format x precision matrix)."""
+        return self.format_list != [root_row().name] or self.precision_list != ["fp32"]
+
+    @property
+    def quantize_targets(self) -> list[str]:
+        """``--int8`` alone: the INT8 targets to quantize for (with a matrix, int8 is one of its precisions)."""
+        return self.target_list if self.int8 and not self.builds else []
+
+    @property
+    def trt(self) -> TensorRTOptions:
+        return TensorRTOptions(self.min_batch, self.opt_batch, self.max_batch, self.workspace_mb, self.timing_cache,
+                               self.dla_core)
 
 
 def check_model_options(model: str, stem: str = "imagenet", num_classes: int | None = None,
                         input_size: int | None = None, opset: int = 17, exporter: str = "torchscript",
                         cbam_opt: str = "on") -> None:
-    """The export's model options (no file access): a model spec, its stem, the classifier size, the
-    input side for that network, the exporter and its opset, the CBAM rewrites."""
-    if not isinstance(model, str) or not model.strip():
-        raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models') or path/to/file.py:factory")
+    """The export's model options (no file access): its stem, the classifier size, the input side for
+    that network, the exporter and its opset, the CBAM rewrites."""
     check_choice("--stem", stem, STEMS)
     check_choice("--cbam-opt", cbam_opt, CBAM_OPT_MODES)
     check_num_classes(num_classes)
@@ -136,7 +194,7 @@ def _existing_manifest(out_dir: Path) -> dict | None:
         return {}  # unreadable: replaced only with --force
 
 
-def export_bundle(request: ExportRequest, keep_model: bool = False):
+def export_bundle(request: ExportOptions, keep_model: bool = False):
     """Run the whole export; returns the summary that ``--json`` prints (with ``keep_model``: and the
     PyTorch module it exported, which later steps of the same command use as their reference).
 
@@ -181,7 +239,7 @@ def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options
     return {**declared, **requested}
 
 
-def _export_into(request: ExportRequest, loaded: LoadedModel, options, update: BundleUpdate,
+def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: BundleUpdate,
                  started: float) -> dict:
     out_dir = update.bundle_dir
     root = root_row()

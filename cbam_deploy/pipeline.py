@@ -12,162 +12,41 @@ and ``bench``.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bench import (BenchOptions, Twin, bench_bundle, bench_calibration, bench_checked, check_bench_options,
                     open_for_bench, pytorch_spec)
 from .backends.base import TensorRTOptions
-from .build import PRECISIONS, build_artifacts
+from .build import build_artifacts
 from .bundle import Bundle, ModelInfo, check_artifact_names
-from .checks import (
-    MAX_BATCH,
-    check_choice,
-    check_existing_file,
-    check_int,
-    check_output_dir,
-    check_output_file,
-    parse_batch,
-    parse_list,
-)
-from .data import check_data_source
 from .errors import CbamDeployError
-from .export import ExportRequest, check_model_options, export_bundle
-from .formats import GATE_POLICIES
-from .formats import formats as backend_formats
+from .export import ExportOptions, export_bundle
 from .formats import get as get_format
 from .loaders import ReferenceModel
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust, is_factory_spec
 from .models.registry import get_entry, list_models
 from .models.spec import check_model_spec
-from .outputs import parse_output_kinds
-from .quantize import quantize_bundle, targets
+from .quantize import quantize_bundle
 from .runtimes import available_runtimes, fitting
 from .verify import verify_bundle
 
 
-@dataclass
-class ExportChoices:
-    """What ``validate_export_options`` understood: the parsed lists the later steps use."""
-
-    batch: int | None
-    formats: list[str]
-    precisions: list[str]
-    targets: list[str]
-    int8: bool
-    notes: list[str] = field(default_factory=list)
-    output_kinds: dict[str, str] = field(default_factory=dict)
-
-
-def validate_export_options(
-    model: str,
-    weights: str | None = None,
-    num_classes: int | None = None,
-    stem: str = "imagenet",
-    output: str | None = None,
-    input_size: int | None = None,
-    batch: str | int | None = "dynamic",
-    opset: int = 17,
-    exporter: str = "torchscript",
-    formats: str = "onnx",
-    precisions: str = "fp32",
-    gates: str | None = None,
-    min_batch: int = 1,
-    opt_batch: int = 1,
-    max_batch: int = 8,
-    workspace_mb: int = 2048,
-    timing_cache: str | None = None,
-    dla_core: int | None = None,
-    int8: bool = False,
-    calib_data: str | None = None,
-    target: str = "ort-cpu",
-    output_kinds: list[str] | None = None,
-    cbam_opt: str = "on",
-) -> ExportChoices:
-    """Every ``export`` option, checked before anything is built or written (the names in
-    ``--output-kind`` are checked against the model's outputs once it has run, before the ONNX export)."""
-    check_model_options(model, stem, num_classes, input_size, opset, exporter, cbam_opt)
-    parsed_batch = parse_batch(batch)
-    format_list = parse_list(formats, "--format", backend_formats())
-    precision_list = parse_list(precisions, "--precision", PRECISIONS)
-    target_list = parse_list(target, "--target", targets())
-    if gates is not None:
-        check_choice("--gates", gates, GATE_POLICIES)
-    check_int("--min-batch", min_batch, 1, MAX_BATCH)
-    check_int("--opt-batch", opt_batch, 1, MAX_BATCH)
-    check_int("--max-batch", max_batch, 1, MAX_BATCH)
-    if not min_batch <= opt_batch <= max_batch:
-        raise CbamDeployError(
-            f"the TensorRT batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch, "
-            f"got {min_batch}/{opt_batch}/{max_batch}"
-        )
-    check_int("--workspace-mb", workspace_mb, 1)
-    check_int("--dla-core", dla_core, 0, allow_none=True)
-    if timing_cache is not None:
-        if Path(timing_cache).is_dir():
-            raise CbamDeployError(f"--timing-cache {timing_cache} is a folder; give a file path")
-        check_output_file("--timing-cache", timing_cache)
-    wants_int8 = int8 or "int8" in precision_list
-    if wants_int8 and not calib_data:
-        flag = "--int8" if int8 else "--precision int8"
-        raise CbamDeployError(f"{flag} needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
-    check_data_source("--calib-data", calib_data)
-    kinds = parse_output_kinds(output_kinds)
-    check_existing_file("--weights", weights)
-    check_output_dir("--output", output)
-    check_model_spec(model, stem)
-    return ExportChoices(parsed_batch, format_list, precision_list, target_list, wants_int8, output_kinds=kinds)
-
-
-@dataclass
-class ExportPlan:
-    """What ``export`` does after the ONNX: nothing; quantize to INT8 for some targets (``--int8``);
-    or build, verify and time a format x precision matrix (``--format/--precision``, INT8 included
-    when asked for). One plan, made here, so the CLI has one route."""
-
-    quantize_targets: list[str] = field(default_factory=list)
-    formats: str = "onnx"
-    precisions: str = "fp32"
-    calib_data: str | None = None
-    gates: str | None = None
-    trt: object = None
-
-    @property
-    def builds(self) -> bool:
-        return self.formats != "onnx" or self.precisions != "fp32"
-
-
-def plan_export(formats: str = "onnx", precisions: str = "fp32", int8: bool = False, targets: str = "ort-cpu",
-                calib_data: str | None = None, gates: str | None = None, trt=None) -> ExportPlan:
-    """The one plan for export's options: ``--int8`` alone quantizes ``--target``s; with a
-    ``--format/--precision`` matrix it adds int8 to the matrix (built, verified and timed like the rest)."""
-    if int8 and not calib_data:
-        raise CbamDeployError("--int8 needs --calib-data DIR (images), a .npy/.npz file, or 'synthetic'")
-    plan = ExportPlan(formats=formats, precisions=precisions, calib_data=calib_data, gates=gates, trt=trt)
-    if int8 and plan.builds:
-        if "int8" not in parse_list(precisions, "--precision"):
-            plan.precisions += ",int8"
-    elif int8:
-        plan.quantize_targets = parse_list(targets, "--target")
-    return plan
-
-
-def run_export(request: ExportRequest, plan: ExportPlan | None = None) -> dict:
-    """Export, then carry out the plan; the summary that ``export --json`` prints. The PyTorch model the
-    export built is the reference of every later step (nothing is rebuilt), and the bundle is opened
-    once and passed along."""
-    result, exported = export_bundle(request, keep_model=True)
-    plan = plan or ExportPlan()
+def run_export(options: ExportOptions) -> dict:
+    """Export, then carry out the rest of what was asked (``--int8`` alone: quantize for its targets; a
+    format x precision matrix: build, verify and time it); the summary that ``export --json`` prints.
+    The PyTorch model the export built is the reference of every later step (nothing is rebuilt), and
+    the bundle is opened once and passed along."""
+    result, exported = export_bundle(options, keep_model=True)
     bundle = Bundle.open(result["bundle"])
     reference = ReferenceModel(bundle, module=exported)
-    if plan.quantize_targets:
-        result["int8"] = quantize_bundle(bundle, plan.quantize_targets, plan.calib_data, gates=plan.gates,
+    if options.quantize_targets:
+        result["int8"] = quantize_bundle(bundle, options.quantize_targets, options.calib_data, gates=options.gates,
                                          reference=reference)
         bundle = bundle.refresh()
-    if plan.builds:
-        result["summary"] = build_verify_bench(bundle, plan.formats, plan.precisions, plan.calib_data, plan.gates,
-                                               plan.trt, reference=reference)
+    if options.builds:
+        result["summary"] = build_verify_bench(bundle, options.format_list, options.precision_list, options.calib_data,
+                                               options.gates, options.trt, reference=reference)
     return result
 
 
@@ -228,7 +107,7 @@ def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = 
     check_artifact_names({"artifacts": [{"name": ROOT_ARTIFACT}]}, checked.artifacts, f"(exported from --model {model})")
     trust = CodeTrust(factory=model) if is_factory_spec(model) else None  # the user's own code
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
-        bundle = export_bundle(ExportRequest(model=model, output=str(tmp), parity=False))["bundle"]
+        bundle = export_bundle(ExportOptions(model=model, output=str(tmp), parity=False))["bundle"]
         return _bench_with_twins(Bundle.open(bundle), checked, overhead, cbam_opt_compare, trust)
 
 
@@ -282,7 +161,7 @@ def build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: li
     export = bundle.artifact(ROOT_ARTIFACT).export or {}
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
-    _, module = export_bundle(ExportRequest(
+    _, module = export_bundle(ExportOptions(
         model=twin or pytorch_spec(bundle, trust), weights=weights, num_classes=model.num_classes, stem=model.stem,
         cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out), input_size=bundle.input.side,
         batch=bundle.fixed_batch, dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False),

@@ -92,7 +92,7 @@ def step_environment(torch) -> dict:
            "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
            "tf32_default": before, "tf32_after_disable": after, "cpu_threads": torch.get_num_threads()}
     try:
-        from cbam_deploy.exporters.tensorrt import image_stack
+        from cbam_deploy.devices import image_stack
 
         env["image_stack"] = image_stack()
     except Exception:
@@ -153,7 +153,7 @@ def step_onnxruntime_gpu(args, onnx_path: Path, inputs: dict, reference: dict) -
     if "CUDAExecutionProvider" not in available:
         return {"skipped": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)",
                 "providers": available}
-    from cbam_deploy.runners.onnxruntime import OnnxRuntimeRunner
+    from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(onnx_path, providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     ran = runner.session.get_providers()
@@ -270,9 +270,9 @@ def main() -> int:
     bundle = workdir / "bundle"
     if not over_budget(args):
         say("export: ONNX bundle (random seeded init)")
-        from cbam_deploy.export import ExportRequest, export_bundle
+        from cbam_deploy.export import ExportOptions, export_bundle
 
-        export_bundle(ExportRequest(model=args.model, output=str(bundle), parity=False))
+        export_bundle(ExportOptions(model=args.model, output=str(bundle), parity=False))
     for label, step in (("4. onnxruntime-gpu", lambda: step_onnxruntime_gpu(args, bundle / "model.onnx", inputs, reference)),
                         ("5. TensorRT", lambda: step_tensorrt(args, bundle, inputs, reference))):
         if over_budget(args) or not bundle.is_dir():

@@ -23,11 +23,11 @@ def tiny_cbam():
 def digits_bundle(tmp_path_factory):
     """The trained reference digits model exported once per test session (no parity run): a small
     classifier with real attention, for tests that need a bundle but not its making."""
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM
 
     out = tmp_path_factory.mktemp("digits-bundle") / "digits"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(out), parity=False))
+    export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(out), parity=False))
     return out
 
 
@@ -36,7 +36,7 @@ def digits_int8(tmp_path_factory):
     """The reference digits model with its image folders and INT8 artifacts (ort-cpu, openvino),
     built once per session: real attention maps for the attention-parity and explain tests.
     Returns (bundle, train folder, test folder)."""
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
     from cbam_deploy.quantize import quantize_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder
 
@@ -44,6 +44,6 @@ def digits_int8(tmp_path_factory):
     train = write_image_folder(root / "train", "train")
     test = write_image_folder(root / "test", "test")
     bundle = root / "bundle"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
+    export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
     quantize_bundle(bundle, ["ort-cpu", "openvino"], str(train), calib_size=64, check_samples=16, use_cache=False)
     return bundle, train, test

@@ -42,11 +42,11 @@ def test_the_cli_and_triton_read_the_table(tmp_path):
 
 def test_a_format_without_its_library_is_skipped_by_its_probe(tmp_path):
     from cbam_deploy.build import build_artifacts
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
 
     if get("tensorrt").probe() is None:
         pytest.skip("TensorRT is installed here")
     bundle = tmp_path / "b"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
     outcomes = build_artifacts(bundle, "tensorrt", "fp32")
     assert outcomes[0].skipped and "TensorRT" in outcomes[0].skipped

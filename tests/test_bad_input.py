@@ -35,11 +35,11 @@ class _Evil:
 def world(tmp_path_factory):
     """A bundle plus every kind of bad file the matrix needs, all under one folder."""
     from cbam_deploy.bundle import read_manifest
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("bad-input")
     bundle = root / "bundle"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=4, output=str(bundle),
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", num_classes=4, output=str(bundle),
                                 parity=False))
     read_manifest(bundle)  # creates the bundle's lock file now, not during a case
     rng = np.random.default_rng(0)
@@ -372,13 +372,13 @@ def test_arrays_are_recognised_by_content_not_name(tmp_path):
 def test_library_refuses_what_the_cli_refuses():
     from cbam_deploy.backends.onnx.exporter import OnnxExportOptions
     from cbam_deploy.bench import bench_runners
-    from cbam_deploy.export import ExportRequest
+    from cbam_deploy.export import ExportOptions
     from cbam_deploy.models import build_model
 
     with pytest.raises(CbamDeployError, match="num-classes"):
-        ExportRequest(model="resnet10_half_cbam", num_classes=0)
+        ExportOptions(model="resnet10_half_cbam", num_classes=0)
     with pytest.raises(CbamDeployError, match="input-size"):
-        ExportRequest(model="resnet10_half_cbam", stem="cifar", input_size=0)
+        ExportOptions(model="resnet10_half_cbam", stem="cifar", input_size=0)
     with pytest.raises(CbamDeployError, match="num_classes must be a positive integer"):
         build_model("resnet10_half_cbam", num_classes=0, stem="cifar")  # never silently 1000
     with pytest.raises(CbamDeployError, match="too large"):

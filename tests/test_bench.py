@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cbam_deploy.bench import UnstableMeasurement, bench_bundle, bench_runners
 from cbam_deploy.cli import app
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.pipeline import bench_with_twins
 from cbam_deploy.profile import CATEGORIES, categorize, gate_index, profile_bundle
 from cbam_deploy.quantize import quantize_bundle
@@ -25,7 +25,7 @@ from cbam_deploy.quantize import quantize_bundle
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench") / "b"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(root), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(root), parity=False))
     quantize_bundle(root, ["ort-cpu", "openvino"], "synthetic", calib_size=16, check_samples=8, use_cache=False)
     return root
 
@@ -94,7 +94,7 @@ def test_overhead_refuses_a_model_without_attention(tmp_path):
     from cbam_deploy.errors import CbamDeployError
 
     plain = tmp_path / "plain"
-    export_bundle(ExportRequest(model="resnet10_half", stem="cifar", output=str(plain), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half", stem="cifar", output=str(plain), parity=False))
     with pytest.raises(CbamDeployError, match="no attention"):
         bench_with_twins(plain, [1], iters=2, warmup=0, overhead=True)
 

@@ -15,7 +15,7 @@ from helpers import artifact_path
 from cbam_deploy.build import build_artifacts
 from cbam_deploy.bundle import ArtifactRecord, Bundle, OutputSpec
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.loaders import open_artifact
 from cbam_deploy.manifest import MANIFEST_NAME
@@ -27,7 +27,7 @@ def built(tmp_path_factory):
     """A small classifier bundle with every artifact this machine builds: the FP32 ONNX, OpenVINO IR in
     fp32 and fp16 (.xml + .bin), and INT8 from the ort-cpu and openvino recipes."""
     out = tmp_path_factory.mktemp("bundle-object") / "b"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out), parity=False))
     outcomes = build_artifacts(out, "onnx,openvino", "fp32,fp16,int8", calib_data="synthetic", calib_size=8)
     return out, outcomes
 
@@ -69,7 +69,7 @@ def test_every_file_in_the_bundle_is_in_the_manifest(built, tmp_path):
     # a re-export with another ONNX drops the artifacts built from the old one: their files go too
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    result = export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=10, input_size=64,
+    result = export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", num_classes=10, input_size=64,
                                          output=str(copy), parity=False))
     assert set(result["removed_artifacts"]) == set(bundle.artifact_names) - {"onnx-fp32"}
     assert _files_on_disk(copy) == _files_named_by_the_manifest(copy) == {"model.onnx"}

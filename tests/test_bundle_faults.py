@@ -27,7 +27,7 @@ import torch
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.transaction import LOCK_NAME, STAGING_PREFIX
 from helpers import artifact_path
 
@@ -86,7 +86,7 @@ def old_bundle(tmp_path_factory) -> Path:
     from cbam_deploy.quantize import quantize_bundle
 
     root = tmp_path_factory.mktemp("old") / "bundle"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(root), parity_samples=2))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(root), parity_samples=2))
     quantize_bundle(root, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False)
     return root
 
@@ -157,10 +157,10 @@ def test_first_export_interrupted_leaves_nothing_or_a_whole_bundle(tmp_path, pha
 
 def test_reexport_keeps_artifacts_of_an_identical_onnx_and_removes_stale_ones(old_bundle, tmp_path):
     bundle, old_sha = copy_of(old_bundle, tmp_path)
-    same = export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
+    same = export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
     assert same["removed_artifacts"] == [] and same["artifacts"][0]["sha256"] == old_sha  # the export is deterministic
     assert [a["name"] for a in check_valid(bundle)["artifacts"]] == ["onnx-fp32", "int8-ort-cpu"]
-    changed = export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False,
+    changed = export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False,
                                           batch=2))
     assert changed["removed_artifacts"] == ["int8-ort-cpu"]
     assert [a["name"] for a in check_valid(bundle)["artifacts"]] == ["onnx-fp32"]
@@ -203,7 +203,7 @@ def test_disk_full_while_committing(old_bundle, tmp_path, monkeypatch, command):
     monkeypatch.setattr(transaction, "write_bytes_atomic", full_disk)
     with pytest.raises(CbamDeployError, match="left as it was: No space left on device"):
         if command == "export":
-            export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False, batch=2))
+            export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False, batch=2))
         else:
             quantize_bundle(bundle, ["ort-cpu"], "synthetic", calib_size=8, check_samples=8, use_cache=False,
                             gates="int8")

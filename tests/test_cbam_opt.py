@@ -116,7 +116,7 @@ def test_int8_accuracy_on_the_reference_model_is_unchanged(digits_int8, tmp_path
     pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
     from cbam_deploy.bundle import read_manifest
     from cbam_deploy.evaluate import evaluate_bundle
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
     from cbam_deploy.quantize import quantize_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM
 
@@ -124,7 +124,7 @@ def test_int8_accuracy_on_the_reference_model_is_unchanged(digits_int8, tmp_path
     on_record = next(a for a in read_manifest(on_bundle)["artifacts"] if a["name"] == "onnx-fp32")["export"]["cbam_opt"]
     assert applied(on_record) == ["mlp-batched"]
     off_bundle = tmp_path / "off"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(off_bundle),
+    export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(off_bundle),
                                 parity=False, cbam_opt="off"))
     quantize_bundle(off_bundle, ["ort-cpu", "openvino"], str(train), calib_size=64, check_samples=16, use_cache=False)
     rows = {}

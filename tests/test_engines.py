@@ -15,7 +15,7 @@ from cbam_deploy.build import build_artifacts  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, write_image_folder  # noqa: E402
 
@@ -25,7 +25,7 @@ pytest.importorskip("openvino", reason="OpenVINO is the 'openvino' extra")
 @pytest.fixture
 def bundle(tmp_path):
     """The trained reference model (real weights, so every check means something)."""
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", weights=str(CHECKPOINT), output=str(tmp_path / "b")))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", weights=str(CHECKPOINT), output=str(tmp_path / "b")))
     return tmp_path / "b"
 
 

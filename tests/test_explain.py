@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.explain_report import explain_bundle  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
 pytest.importorskip("captum", reason="Grad-CAM comes from captum (explain extra)")
@@ -153,7 +153,7 @@ def test_default_folder_and_bad_arguments(digits, tmp_path, monkeypatch):
 
 def test_a_model_without_spatial_gates_gets_a_page_saying_so(digits, tmp_path):
     bundle = tmp_path / "plain"
-    export_bundle(ExportRequest(model="resnet10_half", stem="cifar", output=str(bundle), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half", stem="cifar", output=str(bundle), parity=False))
     result = CliRunner().invoke(app, ["explain", str(bundle), "--image", str(digits["image"]), "-o", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     assert "no attention gates" in " ".join(result.output.split())

@@ -10,7 +10,7 @@ from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
 from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.models import count_parameters, create_model
 from cbam_deploy.parity import TOLERANCES, compare_outputs, plan_cases, run_parity
 from cbam_deploy.runners.torch import TorchRunner
@@ -67,7 +67,7 @@ def test_failed_export_leaves_nothing(tmp_path):
 
 
 def test_bundle_manifest_and_parity(tmp_path):
-    result = export_bundle(ExportRequest(model="resnet18_cbam", stem="cifar", num_classes=10,
+    result = export_bundle(ExportOptions(model="resnet18_cbam", stem="cifar", num_classes=10,
                                          output=str(tmp_path / "b"), dynamic_hw=True))
     assert result["passed"] is True
     manifest = read_manifest(tmp_path / "b")
@@ -86,7 +86,7 @@ def test_bundle_manifest_and_parity(tmp_path):
 
 
 def test_tampered_artifact_is_refused(tmp_path):
-    export_bundle(ExportRequest(model="resnet18", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
+    export_bundle(ExportOptions(model="resnet18", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
     manifest = read_manifest(tmp_path)
     with open(tmp_path / "model.onnx", "ab") as fh:
         fh.write(b"x")
@@ -122,20 +122,26 @@ def test_compare_outputs_rules():
 
 
 def test_existing_bundle_of_another_model_needs_force(tmp_path):
-    export_bundle(ExportRequest(model="resnet18", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
+    export_bundle(ExportOptions(model="resnet18", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
     before = (tmp_path / "manifest.json").read_text()
     with pytest.raises(CbamDeployError, match="--force"):
-        export_bundle(ExportRequest(model="resnet18_se", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
+        export_bundle(ExportOptions(model="resnet18_se", stem="cifar", num_classes=3, output=str(tmp_path), parity=False))
     assert (tmp_path / "manifest.json").read_text() == before
-    export_bundle(ExportRequest(model="resnet18_se", stem="cifar", num_classes=3, output=str(tmp_path), parity=False, force=True))
+    export_bundle(ExportOptions(model="resnet18_se", stem="cifar", num_classes=3, output=str(tmp_path), parity=False, force=True))
     assert json.loads((tmp_path / "manifest.json").read_text())["model"]["name"] == "resnet18_se"
 
 
 def test_unwritable_output_is_one_clear_error(tmp_path):
+    from cbam_deploy.transaction import BundleUpdate
+
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(CbamDeployError, match="cannot write bundle .*Not a directory"):
-        export_bundle(ExportRequest(model="resnet18", stem="cifar", output=str(blocker / "bundle")))
+    with pytest.raises(CbamDeployError, match="cannot write bundle .*Not a directory"):  # the transaction's own check
+        with BundleUpdate(blocker / "bundle", create=True):
+            pass
+    with pytest.raises(CbamDeployError, match="--output .*file is a file, not a folder"):  # the options: before any work
+        export_bundle(ExportOptions(model="resnet18", stem="cifar", output=str(blocker / "bundle")))
+    assert blocker.read_text() == "not a folder"
 
 
 def test_torch_runner_fp16_and_missing_cuda(tiny_cbam):

@@ -5,7 +5,7 @@ import torch
 from official_style import OfficialStyleResNet, randomize
 from test_checkpoint import save_official
 
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ def test_official_resnet50_cbam_checkpoint_exports_with_parity(tmp_path):
     official = randomize(OfficialStyleResNet(50), seed=11)
     weights = tmp_path / "RESNET50_CBAM_new_name_wrap.pth"
     save_official(official, weights)
-    result = export_bundle(ExportRequest(model="resnet50_cbam", weights=str(weights), output=str(tmp_path / "bundle")))
+    result = export_bundle(ExportOptions(model="resnet50_cbam", weights=str(weights), output=str(tmp_path / "bundle")))
     assert result["model"]["num_classes"] == 1000 and result["model"]["parameters"] == 28_089_624
     assert result["model"]["weights"]["stripped_prefixes"] == ["module."]
     assert result["passed"] is True

@@ -27,7 +27,7 @@ from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.backends.onnx.gates import onnx_gates
 from cbam_deploy.torch_gates import find_gates
 from cbam_deploy.models import CodeTrust
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.quantize import quantize_bundle
 from cbam_deploy.scopes import name_module_path, node_module_path
 from cbam_deploy.verify import verify_bundle
@@ -180,7 +180,7 @@ def yolo(tmp_path_factory):
 def _export_and_quantize(style, tmp_path_factory):
     root = tmp_path_factory.mktemp(style)
     bundle = root / "bundle"
-    export_bundle(ExportRequest(model=_spec(style), output=str(bundle), input_size=SIZE, batch=_batch(style),
+    export_bundle(ExportOptions(model=_spec(style), output=str(bundle), input_size=SIZE, batch=_batch(style),
                                 parity_samples=2))
     results = {}
     for policy in ("fp", "int8"):
@@ -365,7 +365,7 @@ def test_foreign_checkpoints_load(tmp_path, wrap):
     payload = state if wrap == "bare" else {wrap: state, "epoch": 3, "best_prec1": 0.5}
     ckpt = tmp_path / "ckpt.pth"
     torch.save(payload, ckpt)
-    result = export_bundle(ExportRequest(model=_spec("third_party_resnet"), weights=str(ckpt), input_size=SIZE,
+    result = export_bundle(ExportOptions(model=_spec("third_party_resnet"), weights=str(ckpt), input_size=SIZE,
                                          output=str(tmp_path / "b"), parity_samples=2))
     assert result["passed"] is True
     assert result["model"]["weights"]["sha256"] == sha256_file(ckpt)
@@ -381,7 +381,7 @@ def test_a_whole_pickled_model_is_refused_with_one_line(tmp_path):
     torch.save(cbam_styles.third_party_resnet(), ckpt)
     out = tmp_path / "b"
     with pytest.raises(CbamDeployError) as caught:
-        export_bundle(ExportRequest(model=_spec("third_party_resnet"), weights=str(ckpt), input_size=SIZE,
+        export_bundle(ExportOptions(model=_spec("third_party_resnet"), weights=str(ckpt), input_size=SIZE,
                                     output=str(out)))
     assert len(str(caught.value).splitlines()) == 1 and "state_dict" in str(caught.value)
     assert not out.exists()
@@ -415,7 +415,7 @@ def test_a_model_torch_export_cannot_trace_still_gets_its_policy(tmp_path):
     """The manifest says why the model's gates could not be listed; the INT8 policy still finds and
     keeps the gate in the ONNX graph, and verify says why it has no PyTorch maps to compare."""
     bundle = tmp_path / "b"
-    exported = export_bundle(ExportRequest(model=_spec("untraceable"), output=str(bundle), input_size=SIZE,
+    exported = export_bundle(ExportOptions(model=_spec("untraceable"), output=str(bundle), input_size=SIZE,
                                            parity_samples=2))
     assert exported["passed"] is True
     gates = exported["model"]["gates"]

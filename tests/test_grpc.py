@@ -37,7 +37,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.cli import app as cli_app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import free_port, running_server  # noqa: E402
 from cbam_deploy.serve.service import Metrics, load_repository, model_names  # noqa: E402
@@ -300,7 +300,7 @@ def models(bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     shutil.copytree(bundle, folder / "digits-a")
     shutil.copytree(bundle, folder / "digits-b")
-    export_bundle(ExportRequest(model=f"{HEADS}:detector", input_size=32, output=str(folder / "detector"), parity=False))
+    export_bundle(ExportOptions(model=f"{HEADS}:detector", input_size=32, output=str(folder / "detector"), parity=False))
     return folder
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.backends.onnx.gates import onnx_gates  # noqa: E402
 from cbam_deploy.gates import nodes_of  # noqa: E402
 from cbam_deploy.torch_gates import find_gates  # noqa: E402
@@ -31,7 +31,7 @@ def digits(tmp_path_factory):
     test = write_image_folder(root / "test", "test")
     train = write_image_folder(root / "train", "train")
     bundle = root / "bundle"
-    result = export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle)))
+    result = export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle)))
     assert result["passed"]
     return {"test": test, "train": train, "bundle": bundle, "root": root}
 
@@ -251,7 +251,7 @@ def test_imagenet_sized_model_calibrates_on_real_photos(tmp_path):
     photos = Path(skimage.__file__).parent / "data"
     from cbam_deploy.data import load_calibration
 
-    export_bundle(ExportRequest(model="resnet18_cbam", output=str(tmp_path / "b"), parity=False))
+    export_bundle(ExportOptions(model="resnet18_cbam", output=str(tmp_path / "b"), parity=False))
     manifest = read_manifest(tmp_path / "b")
     data = load_calibration(str(photos), manifest["input"], size=6)
     assert data.inputs.shape == (6, 3, 224, 224) and data.kind == "images" and np.isfinite(data.inputs).all()

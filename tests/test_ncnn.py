@@ -253,12 +253,12 @@ def test_factory_model_built_only_when_trusted(tmp_path):
     """A bundle made from a factory (Python code): the ncnn build needs that code run again, so without
     the factory named (or --trust-code) it is skipped with the reason; named, it is built."""
     from cbam_deploy.build import build_artifacts
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export import ExportOptions, export_bundle
     from cbam_deploy.models import CodeTrust
 
     spec = f"{ROOT / 'tests' / 'data' / 'cbam_styles.py'}:third_party_resnet"
     out = tmp_path / "b"
-    export_bundle(ExportRequest(model=spec, output=str(out), input_size=32, parity=False))
+    export_bundle(ExportOptions(model=spec, output=str(out), input_size=32, parity=False))
     skipped = build_artifacts(out, "ncnn", "fp32")[0]
     assert skipped.name is None and "ncnn is converted from the PyTorch model" in skipped.skipped
     assert "--trust-code" in skipped.skipped and "\n" not in skipped.skipped

@@ -14,7 +14,7 @@ from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.models import CodeTrust
 from cbam_deploy.outputs import flatten_outputs, output_kind
 from cbam_deploy.quantize import quantize_bundle
@@ -32,7 +32,7 @@ EXPECTED = {
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
 def bundle(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "b"
-    result = export_bundle(ExportRequest(model=f"{HEADS}:{request.param}", input_size=32, output=str(out)))
+    result = export_bundle(ExportOptions(model=f"{HEADS}:{request.param}", input_size=32, output=str(out)))
     return request.param, out, result
 
 
@@ -195,7 +195,7 @@ def test_output_kind_option_makes_verify_judge_an_embedding_by_cosine_and_bounds
     from cbam_deploy.cli import app
 
     guessed = tmp_path / "guessed"
-    export_bundle(ExportRequest(model=f"{HEADS}:embedder", input_size=32, output=str(guessed), parity=False))
+    export_bundle(ExportOptions(model=f"{HEADS}:embedder", input_size=32, output=str(guessed), parity=False))
     assert Bundle.open(guessed).output_kinds == {"embedding": "logits", "heatmap": "dense"}
     trust = CodeTrust(factory=f"{HEADS}:embedder")
     row = {r["artifact"]: r for r in verify_bundle(guessed, trust=trust)["results"]}["onnx-fp32"]
@@ -230,10 +230,10 @@ def test_output_kind_option_makes_verify_judge_an_embedding_by_cosine_and_bounds
 def test_a_factory_model_declares_its_output_kinds_and_the_option_overrides_them(tmp_path):
     from cbam_deploy.bundle import Bundle
 
-    export_bundle(ExportRequest(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "a"),
+    export_bundle(ExportOptions(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "a"),
                                 parity=False))
     assert Bundle.open(tmp_path / "a").output_kinds == {"embedding": "dense", "heatmap": "dense"}
-    export_bundle(ExportRequest(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "b"),
+    export_bundle(ExportOptions(model=f"{HEADS}:embedder_declared", input_size=32, output=str(tmp_path / "b"),
                                 parity=False, output_kinds=["embedding=other", "heatmap=other"]))
     assert Bundle.open(tmp_path / "b").output_kinds == {"embedding": "other", "heatmap": "other"}
 
@@ -243,10 +243,10 @@ def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
 
     with pytest.raises(CbamDeployError, match=r"--output-kind takes NAME=KIND \(KIND one of logits, dense, other\), "
                                               r"got 'embedding'"):
-        ExportRequest(model=f"{HEADS}:embedder", output_kinds=["embedding"])
+        ExportOptions(model=f"{HEADS}:embedder", output_kinds=["embedding"])
     with pytest.raises(CbamDeployError, match=r"--output-kind 'embedding=boxes': unknown kind 'boxes'; the kinds are "
                                               r"logits, dense, other"):
-        ExportRequest(model=f"{HEADS}:embedder", output_kinds={"embedding": "boxes"})
+        ExportOptions(model=f"{HEADS}:embedder", output_kinds={"embedding": "boxes"})
     with pytest.raises(CbamDeployError, match=r"output 'a' is given two kinds \(dense, logits\)"):
         parse_output_kinds(["a=dense", "a=logits"])
     assert parse_output_kinds([" a = dense ", "b=other", "a=dense"]) == {"a": "dense", "b": "other"}
@@ -254,7 +254,7 @@ def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(CbamDeployError, match=r"^--output-kind: no output 'embeding'; the model's outputs are "
                                               r"embedding, heatmap$"):
-        export_bundle(ExportRequest(model=f"{HEADS}:embedder", input_size=32, output=str(out),
+        export_bundle(ExportOptions(model=f"{HEADS}:embedder", input_size=32, output=str(out),
                                     output_kinds=["embeding=dense"]))
     assert not out.exists()  # refused before anything was written
 
@@ -275,10 +275,10 @@ def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
                        "    return model\n")
     with pytest.raises(CbamDeployError, match=r"output_kinds of .*declares.py:make: no output 'emb'; the model's "
                                               r"outputs are embedding$"):
-        export_bundle(ExportRequest(model=f"{factory}:make", input_size=32, output=str(out)))
+        export_bundle(ExportOptions(model=f"{factory}:make", input_size=32, output=str(out)))
     with pytest.raises(CbamDeployError, match=r"output_kinds of .*declares.py:vector 'embedding=vector': unknown kind"):
-        export_bundle(ExportRequest(model=f"{factory}:vector", input_size=32, output=str(out)))
+        export_bundle(ExportOptions(model=f"{factory}:vector", input_size=32, output=str(out)))
     # the option overrides what the model declares, so a wrong declaration can be set right from outside
-    export_bundle(ExportRequest(model=f"{factory}:vector", input_size=32, output=str(out), parity=False,
+    export_bundle(ExportOptions(model=f"{factory}:vector", input_size=32, output=str(out), parity=False,
                                 output_kinds={"embedding": "dense"}))
     assert read_manifest(out)["outputs"][0]["kind"] == "dense"

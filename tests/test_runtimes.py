@@ -18,7 +18,7 @@ from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 from cbam_deploy.loaders import open_artifact
 from cbam_deploy.parity import TOLERANCES
 from cbam_deploy.report import markdown_report
@@ -33,7 +33,7 @@ needs_ovep = pytest.mark.skipif("ort-openvino" not in HAS, reason="onnxruntime-o
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runtimes") / "b"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(root), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(root), parity=False))
     return root
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("starlette", reason="serving is the 'serve' extra")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
 
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import running_server  # noqa: E402
 from reference.digits import CHECKPOINT  # noqa: E402
@@ -26,7 +26,7 @@ from reference.digits import CHECKPOINT  # noqa: E402
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "bundle"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", weights=str(CHECKPOINT), output=str(out)))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", weights=str(CHECKPOINT), output=str(out)))
     return out
 
 

@@ -38,7 +38,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.data import preprocess_image  # noqa: E402
 from cbam_deploy.cli import app as cli_app  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle, make_input_spec  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle, make_input_spec  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from cbam_deploy.serve.batcher import BatcherError, DynamicBatcher  # noqa: E402
 from serving import running_server  # noqa: E402
@@ -54,7 +54,7 @@ INFER = f"/v2/models/{MODEL}/infer"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "bundle"
-    export_bundle(ExportRequest(model=MODEL, stem="cifar", weights=str(CHECKPOINT), output=str(out), dynamic_hw=True,
+    export_bundle(ExportOptions(model=MODEL, stem="cifar", weights=str(CHECKPOINT), output=str(out), dynamic_hw=True,
                                 parity=False))
     return out
 

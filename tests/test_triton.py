@@ -20,7 +20,7 @@ from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.triton import check_kind, model_config, write_repository  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def parse(path: Path):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "b"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out), parity=False))
     build_artifacts(out, "onnx,openvino", "fp32,int8", calib_data="synthetic", calib_size=8)
     return out
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cbam_deploy.cli import app
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.export import ExportRequest, export_bundle
+from cbam_deploy.export import ExportOptions, export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def edit_manifest(bundle: Path, change) -> None:
 @pytest.fixture(scope="module")
 def clean_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("untrusted") / "bundle"
-    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", output=str(out), parity=False))
+    export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(out), parity=False))
     return out
 
 
@@ -276,7 +276,7 @@ def factory_bundle(tmp_path_factory):
                        "def make(num_classes=10):\n"
                        "    return create_model('resnet10_half_cbam', num_classes=10, stem='cifar')\n")
     bundle = root / "bundle"
-    export_bundle(ExportRequest(model=f"{factory}:make", input_size=32, output=str(bundle), parity=False))
+    export_bundle(ExportOptions(model=f"{factory}:make", input_size=32, output=str(bundle), parity=False))
     marker.unlink()  # exporting ran it: the user's own code, named by them
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["factory_sha256"] == sha256_file(factory)
@@ -448,7 +448,7 @@ def explained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("explain-int")
     bundle = root / "bundle"
-    export_bundle(ExportRequest(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
+    export_bundle(ExportOptions(model=MODEL_NAME, stem=STEM, weights=str(CHECKPOINT), output=str(bundle), parity=False))
     image = root / "seven.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
     page = root / "page"

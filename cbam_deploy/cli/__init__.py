@@ -17,20 +17,19 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import interrupts
-from ..backends.base import TensorRTOptions
 from ..bundle import Bundle
 from ..devices import image_stack
-from ..checks import parse_batch, parse_list
+from ..checks import parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain_report import explain_bundle
-from ..export import ExportRequest
+from ..export import ExportOptions
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
 from ..loaders import untrusted_code
 from ..models import CodeTrust, zoo_table
 from ..models.spec import check_input_size
-from ..pipeline import bench_model, bench_with_twins, plan_export, run_export, validate_export_options
+from ..pipeline import bench_model, bench_with_twins, run_export
 from ..profile import plot_profile, profile_bundle
 from ..quantize import quantize_bundle, targets
 from ..report import markdown_report, plot_latency
@@ -203,21 +202,15 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
-    checked = validate_export_options(  # every option, before anything is built or written
-        model, weights, num_classes, stem, output, input_size, batch, opset, exporter, formats, precisions, gates,
-        min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core, int8, calib_data, target, output_kind,
-        cbam_opt=cbam_opt,
-    )
-    request = ExportRequest(
+    options = ExportOptions(  # every option, checked before anything is built or written
         model=model, weights=weights, num_classes=num_classes, stem=stem, output=output, input_size=input_size,
-        batch=parse_batch(batch), dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify,
-        parity=parity, force=force, outputs=outputs, output_kinds=checked.output_kinds, cbam_opt=cbam_opt,
-    )
-    plan = plan_export(formats, precisions, int8, target, calib_data, gates,
-                       TensorRTOptions(min_batch, opt_batch, max_batch, workspace_mb, timing_cache, dla_core))
+        batch=batch, dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify, parity=parity,
+        force=force, outputs=outputs, output_kinds=output_kind, cbam_opt=cbam_opt, formats=formats,
+        precisions=precisions, int8=int8, calib_data=calib_data, targets=target, gates=gates, min_batch=min_batch,
+        opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache, dla_core=dla_core)
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
-    result = run_export(request, plan)
+    result = run_export(options)
     if as_json:
         print_json(result)
     else:
