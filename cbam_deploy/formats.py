@@ -370,17 +370,22 @@ def _load(target: str, origin: str) -> None:
         _FAILED[origin] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
-def discover() -> None:
-    """Find every format once per process: the built-in plug-ins, then the entry points."""
+def discover(refresh: bool = False) -> None:
+    """Find every format once per process: the built-in plug-ins, then the entry points. ``refresh``:
+    look at the entry points again (a plug-in installed since the first lookup); formats already
+    registered stay as they are."""
     with _LOCK:
-        if _STATE["discovered"] or _STATE["discovering"]:
+        if _STATE["discovering"] or (_STATE["discovered"] and not refresh):
             return
         _STATE["discovering"] = True
         try:
             for module in BUILTIN:
-                _load(module, module)
+                if not _STATE["discovered"]:
+                    _load(module, module)
+            loaded = {type(row).__module__ for row in _ROWS.values()}
             for entry in _entry_points():
-                if entry.value.partition(":")[0] not in BUILTIN:
+                module = entry.value.partition(":")[0]
+                if module not in BUILTIN and module not in loaded:
                     _load(entry.value, f"{entry.name} ({entry.value})")
             _STATE["discovered"] = True
         finally:

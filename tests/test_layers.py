@@ -149,3 +149,69 @@ def test_every_format_is_one_package_with_its_modules_on_their_floors():
         for module in folder.glob("*.py"):
             if module.stem != "__init__":
                 assert f"backends.{fmt}.{module.stem}" in config, f"{module} sits on no floor of .importlinter"
+
+
+# --- a format is reached only through its row ---------------------------------------------------------
+
+def _format_names() -> set[str]:
+    from cbam_deploy import formats
+
+    return set(formats.formats()) | set(formats.recipes()) | set(formats.all_runtimes())
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def format_name_comparisons(source: str, names: set[str]) -> list[int]:
+    """Lines comparing something with a format, recipe or runtime name (``== "onnx"``, ``in ("ncnn", ...)``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for operand in operands:
+                values = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                if any(isinstance(v, ast.Constant) and v.value in names for v in values):
+                    found.append(node.lineno)
+        elif isinstance(node, ast.match_case) and isinstance(node.pattern, ast.MatchValue) and \
+                isinstance(node.pattern.value, ast.Constant) and node.pattern.value.value in names:
+            found.append(node.pattern.lineno)
+    return found
+
+
+def format_package_imports(path: Path) -> list[str]:
+    """The format packages (cbam_deploy.backends.<format>) a module imports."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    imported = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            imported += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return sorted({m for m in imported if m.startswith("cbam_deploy.backends.") and m.split(".")[2] != "base"})
+
+
+def test_the_detectors_find_what_they_look_for():
+    assert format_name_comparisons('if artifact.format == "onnx":\n    pass\n', {"onnx"}) == [1]
+    assert format_name_comparisons('x = fmt in ("ncnn", "executorch")\n', {"ncnn"}) == [1]
+    assert format_name_comparisons('match fmt:\n    case "onnx":\n        pass\n', {"onnx"}) == [2]
+    assert format_name_comparisons('x = path.suffix == ".onnx"\n', {"onnx"}) == []
+
+
+def test_no_core_module_names_a_format_or_imports_a_format_package():
+    names = _format_names()
+    assert {"onnx", "openvino", "ncnn", "executorch", "tensorrt", "ort-cpu"} <= names
+    comparisons, imports = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "backends":
+            continue  # the format packages and what they share
+        comparisons += [f"{relative}:{line}" for line in format_name_comparisons(path.read_text(), names)]
+        imports += [f"{relative} imports {m}" for m in format_package_imports(path)]
+    assert comparisons == [], "compare with a format's row (cbam_deploy.formats), not its name"
+    assert imports == [], "reach a format through the registry (cbam_deploy.formats), not its package"
