@@ -29,7 +29,30 @@ from .models import CodeTrust, build_model
 from .peers import build_peers
 from .runners.base import Runner
 from .runners.torch import TorchRunner
+from .results import Result
 from .runtimes import fitting, parse_runtimes
+
+
+class BenchResult(Result):
+    """Latency and throughput of every artifact next to PyTorch eager, measured in the same rounds:
+    ``results`` (one row per runner and batch: medians, intervals, the ratio to PyTorch and its
+    interval, a stability verdict), the machine, whether the whole run was ``stable``, what was skipped;
+    with twins, ``overhead`` and ``cbam_opt_compare``. ``passed`` is None: a bench judges no artifact."""
+
+    command = "bench"
+
+    @property
+    def results(self) -> list[dict]:
+        return self["results"]
+
+    @property
+    def stable(self) -> bool:
+        return self["stable"]
+
+    def speedup(self, runner: str, batch: int = 1) -> float | None:
+        """The runner's speed-up over PyTorch eager at ``batch`` (a ratio of medians)."""
+        row = next((r for r in self.results if r["runner"] == runner and r.get("batch") == batch), None)
+        return row.get("speedup_vs_pytorch") if row else None
 
 TARGET_CI_WIDTH = 0.06
 
@@ -269,12 +292,13 @@ def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None
                         for n in runners if n not in usable]
             rows += _bench_batch(usable, chw, batch, options)
     prefixes = tuple(t.prefix for t in twins)
-    result = {"bundle": str(bundle.directory), "model": bundle.model.name, "machine": machine_info(), "threads": threads,
-              "results": [r for r in rows if not (prefixes and r["runner"].startswith(prefixes))], "skipped": skipped,
-              "stable": all(r["stability"]["stable"] for r in rows), "waited_for_quiet": quiet,
-              "runtimes": options.runtimes, "cbam_opt": bundle.cbam_opt}
+    result = BenchResult({"bundle": str(bundle.directory), "model": bundle.model.name, "machine": machine_info(),
+                          "threads": threads,
+                          "results": [r for r in rows if not (prefixes and r["runner"].startswith(prefixes))],
+                          "skipped": skipped, "stable": all(r["stability"]["stable"] for r in rows),
+                          "waited_for_quiet": quiet, "runtimes": options.runtimes, "cbam_opt": bundle.cbam_opt})
     if twins:
-        result["paired"] = {t.prefix: overhead_rows(rows, t.prefix) for t in twins}
+        result.add("paired", {t.prefix: overhead_rows(rows, t.prefix) for t in twins})
     return result
 
 

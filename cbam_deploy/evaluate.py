@@ -18,6 +18,17 @@ from .errors import BackendUnavailable, CbamDeployError
 from .formats import root_row
 from .loaders import ReferenceModel, open_artifact
 from .models import CodeTrust
+from .results import Result
+
+
+class EvalResult(Result):
+    """Top-1, top-5 and agreement with the reference's top-1, per artifact (``results``), on labelled images."""
+
+    command = "eval"
+
+    @property
+    def results(self) -> list[dict]:
+        return self["results"]
 
 
 def load_labelled(data_dir: str | Path, spec: dict, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -86,8 +97,9 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         logits, seconds = run(runner)
         rows.append({"artifact": name, "format": entry.format, "precision": entry.precision,
                      **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
-    return {"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)), "classes": len(classes),
-            "skipped_unreadable": skipped, "reference": reference_label, "results": rows}
+    return EvalResult({"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)),
+                       "classes": len(classes), "skipped_unreadable": skipped, "reference": reference_label,
+                       "results": rows})
 
 
 def validate_eval_options(data: str, batch: int = 32, limit: int | None = None) -> None:

@@ -27,6 +27,33 @@ from .errors import CbamDeployError
 from .explain import TOP_K, Explanation, explain_image
 from .fsutil import StagedFolder
 from .models import CodeTrust
+from .results import Result
+
+
+class ExplainResult(Result):
+    """The page and every file written (``page``, ``files``), the gates, the predictions, Grad-CAM, and per
+    artifact its attention parity (``artifacts``); what was left out and why (``skipped``)."""
+
+    command = "explain"
+
+    @property
+    def page(self) -> Path:
+        return Path(self["page"])
+
+    @property
+    def artifacts(self) -> dict[str, dict]:
+        return self["artifacts"]
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether every artifact's attention agrees with the reference's (None: none was compared);
+        explain writes the page either way (its exit code is 0)."""
+        verdicts = [row["attention"]["passed"] for row in self.artifacts.values() if row.get("attention")]
+        return all(verdicts) if verdicts else None
+
+    @property
+    def exit_code(self) -> int:
+        return 0
 from .transaction import faultpoint
 
 PAGE_NAME = "index.html"
@@ -38,11 +65,11 @@ COLORMAP = "turbo"
 
 
 def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: list[str] | None = None,
-                   output_dir: str | Path | None = None, trust: CodeTrust | None = None) -> dict:
+                   output_dir: str | Path | None = None, trust: CodeTrust | None = None) -> ExplainResult:
     """Explain one image with a bundle; returns what was found and every file written.
 
-    ``artifacts``: names of ONNX / OpenVINO / ncnn artifacts (default: all of them in the bundle; others are
-    listed under ``skipped``). ``output_dir``: default ``explain/<bundle folder name>/`` under the
+    ``artifacts``: names of artifacts whose format reads its gates (default: all of them in the bundle;
+    others are listed under ``skipped``). ``output_dir``: default ``explain/<bundle folder name>/`` under the
     current folder. Result: ``page`` (the HTML), ``files`` (every file written), ``gates``,
     ``predictions`` {runner: top-5}, ``gradcam``, ``artifacts`` {name: {"attention": compare_maps(...),
     "files": {gate: png}, ...}}, ``skipped`` {name: reason}, ``notes``.
@@ -55,7 +82,7 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     return write_page(bundle, explain_image(bundle, image_path, artifacts, trust), output_dir)
 
 
-def write_page(bundle: Bundle, found: Explanation, output_dir: Path) -> dict:
+def write_page(bundle: Bundle, found: Explanation, output_dir: Path) -> ExplainResult:
     """Draw ``found`` into ``output_dir`` (staged, then swapped in whole); the result ``explain_bundle`` returns."""
     bundle_dir, image_path, chw, key, label = bundle.directory, found.image_path, found.chw, found.key, found.label
     gates, kinds, rows, classifier = found.gates, found.kinds, found.rows, found.classifier
@@ -130,7 +157,7 @@ def write_page(bundle: Bundle, found: Explanation, output_dir: Path) -> dict:
             stage.swap_in()  # the old folder or the new one, never a mix
         except OSError as exc:
             raise CbamDeployError(f"-o {output_dir}: cannot put the page in place ({exc.strerror or exc})") from None
-        return result
+        return ExplainResult(result)
 
 
 def output_folder(output_dir: str | Path | None, bundle_dir: Path) -> Path:

@@ -31,12 +31,51 @@ from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count
 from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
+from .results import EXIT_FAILED_CHECK, EXIT_OK, Result
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
 from .torch_gates import example_input, find_gates
 from .transaction import BundleUpdate, faultpoint
 
 CROP_PCT = 0.875
+
+
+class ExportResult(Result):
+    """What ``export`` did: the bundle, its first artifact and that artifact's parity with PyTorch, and,
+    when asked for, the INT8 artifacts (``int8``: a ``quantize.QuantizeResult``) or the format x
+    precision matrix built, verified and timed (``summary``)."""
+
+    command = "export"
+
+    @property
+    def bundle(self) -> Path:
+        return Path(self["bundle"])
+
+    @property
+    def parity(self) -> dict:
+        return self["parity"]
+
+    @property
+    def int8(self):
+        return self.get("int8")
+
+    @property
+    def summary(self) -> dict | None:
+        return self.get("summary")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED_CHECK if self.failure else EXIT_OK
+
+    @property
+    def failure(self) -> str | None:
+        if self.passed is False:
+            return "parity check failed: the ONNX model does not match PyTorch (recorded in the manifest)"
+        if self.int8 is not None and self.int8.passed is False:
+            return "an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)"
+        if self.summary is not None and self.summary.get("passed") is False:
+            return "an artifact failed verification (recorded in the manifest)"
+        return None
 
 
 @dataclass
@@ -194,7 +233,7 @@ def _existing_manifest(out_dir: Path) -> dict | None:
         return {}  # unreadable: replaced only with --force
 
 
-def export_bundle(request: ExportOptions, keep_model: bool = False):
+def export_bundle(request: ExportOptions, keep_model: bool = False) -> ExportResult:
     """Run the whole export; returns the summary that ``--json`` prints (with ``keep_model``: and the
     PyTorch module it exported, which later steps of the same command use as their reference).
 
@@ -287,7 +326,7 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     if dropped:
         model_info["notes"].append(f"removed {', '.join(dropped)}: built from the previous ONNX, which this export "
                                    "replaced; rebuild them (quantize / export --format)")
-    return {
+    return ExportResult({
         "bundle": str(out_dir),
         "manifest": str(out_dir / MANIFEST_NAME),
         "model": model_info,
@@ -298,7 +337,7 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
         "passed": parity["passed"] if parity is not None else None,
         "removed_artifacts": dropped,
         "seconds": round(time.perf_counter() - started, 3),
-    }
+    })
 
 
 def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:

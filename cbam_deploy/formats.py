@@ -130,7 +130,7 @@ class Recipe:
     methods (the first is the default) and default gate policy, and ``run(job) -> (quantization
     record, export record or None)`` (``job``: ``backends.base.RecipeJob``). ``from_pytorch``: it
     quantizes the PyTorch model (rebuilt, so only where the user trusts its code), not the FP32 ONNX.
-    ``run`` returns a ``calib.recipes.QuantizeResult``."""
+    ``run`` returns a ``calib.recipes.RecipeResult``."""
 
     target: str
     writes: str

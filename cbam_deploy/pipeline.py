@@ -20,7 +20,7 @@ from .backends.base import TensorRTOptions
 from .build import build_artifacts
 from .bundle import Bundle, ModelInfo, check_artifact_names
 from .errors import CbamDeployError
-from .export import ExportOptions, export_bundle
+from .export import ExportOptions, ExportResult, export_bundle
 from .formats import get as get_format
 from .loaders import ReferenceModel
 from .manifest import ROOT_ARTIFACT
@@ -32,7 +32,7 @@ from .runtimes import available_runtimes, fitting
 from .verify import verify_bundle
 
 
-def run_export(options: ExportOptions) -> dict:
+def run_export(options: ExportOptions) -> ExportResult:
     """Export, then carry out the rest of what was asked (``--int8`` alone: quantize for its targets; a
     format x precision matrix: build, verify and time it); the summary that ``export --json`` prints.
     The PyTorch model the export built is the reference of every later step (nothing is rebuilt), and
@@ -41,12 +41,12 @@ def run_export(options: ExportOptions) -> dict:
     bundle = Bundle.open(result["bundle"])
     reference = ReferenceModel(bundle, module=exported)
     if options.quantize_targets:
-        result["int8"] = quantize_bundle(bundle, options.quantize_targets, options.calib_data, gates=options.gates,
-                                         reference=reference)
+        result.add("int8", quantize_bundle(bundle, options.quantize_targets, options.calib_data, gates=options.gates,
+                                           reference=reference))
         bundle = bundle.refresh()
     if options.builds:
-        result["summary"] = build_verify_bench(bundle, options.format_list, options.precision_list, options.calib_data,
-                                               options.gates, options.trt, reference=reference)
+        result.add("summary", build_verify_bench(bundle, options.format_list, options.precision_list,
+                                                 options.calib_data, options.gates, options.trt, reference=reference))
     return result
 
 
@@ -133,11 +133,11 @@ def _bench_with_twins(bundle: Bundle, options: BenchOptions, overhead: bool, cba
             twins.append(Twin(f"cbam-opt-{other}:", built, artifacts=names))
         result = bench_checked(bundle, options, trust, twins=twins, calib=calib)
     result["skipped"] += skipped
-    paired = result.pop("paired")
+    paired = result.remove("paired")
     if plain:
-        result["overhead"] = {"plain": plain, "rows": paired["plain:"]}
+        result.add("overhead", {"plain": plain, "rows": paired["plain:"]})
     if other:
-        result["cbam_opt_compare"] = {"other": other, "rows": paired[f"cbam-opt-{other}:"]}
+        result.add("cbam_opt_compare", {"other": other, "rows": paired[f"cbam-opt-{other}:"]})
     return result
 
 

@@ -29,7 +29,19 @@ from .errors import BackendUnavailable, CbamDeployError
 from .formats import get as get_format
 from .formats import rows
 from .fsutil import atomic_path
+from .results import Result
 from .scopes import name_module_path
+
+
+class ProfileResult(Result):
+    """Per artifact (``results``), where its time goes: milliseconds per category (conv, channel gate,
+    spatial gate, attention (other), layout, quantize/dequantize, other), per stage and per op type."""
+
+    command = "profile"
+
+    @property
+    def results(self) -> list[dict]:
+        return self["results"]
 
 CATEGORIES = ("conv", "channel gate", "spatial gate", "attention (other)", "layout", "quantize/dequantize", "other")
 _KIND_CATEGORY = {"channel": "channel gate", "spatial": "spatial gate", "joint": "attention (other)"}
@@ -130,8 +142,8 @@ def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, b
     results = []
     for name in chosen:
         results.append(_profile_one(bundle, name, x, runs, warmup, threads))
-    return {"bundle": str(bundle_dir), "model": bundle.model.name, "batch": batch, "input": [side, side],
-            "results": results}
+    return ProfileResult({"bundle": str(bundle_dir), "model": bundle.model.name, "batch": batch, "input": [side, side],
+                          "results": results})
 
 
 def plot_profile(result: dict, path: str | Path) -> None:

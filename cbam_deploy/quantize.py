@@ -24,6 +24,29 @@ from .formats import recipes
 from .loaders import ReferenceModel, open_artifact
 from .manifest import ROOT_ARTIFACT
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
+from .results import Result
+
+
+class QuantizeResult(Result):
+    """What ``quantize`` made: one INT8 artifact per target (``artifacts``: their manifest records, each
+    with its parity against PyTorch), the calibration data it used, and the targets it could not make
+    here (``skipped``: {target: why})."""
+
+    command = "quantize"
+
+    @property
+    def artifacts(self) -> list[dict]:
+        return self["artifacts"]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self["skipped"]
+
+    @property
+    def failure(self) -> str | None:
+        if self.passed is False:
+            return "an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)"
+        return None
 from .transaction import BundleUpdate, commit_from_source, faultpoint
 
 
@@ -42,7 +65,7 @@ def quantize_bundle(
     reference: ReferenceModel | None = None,
     skip_unavailable: bool = False,
     progress=None,
-) -> dict:
+) -> QuantizeResult:
     """INT8 artifacts for ``targets``, each checked against the PyTorch original (rebuilt only with
     ``trust`` for a factory model, else the FP32 ONNX stands in: ``loaders.reference_runner``).
     ``bundle_dir``: a folder or an open ``Bundle``; ``reference``: the command's reference, when it has
@@ -93,9 +116,9 @@ def quantize_bundle(
                                   f"({results[-1]['quantization'].get('seconds')} s)")
             faultpoint("quantized")
             commit_from_source(update, fp32.sha256, "quantizing", "run quantize again")
-    return {"bundle": str(bundle.directory), "artifacts": results,
-            "calibration": data.describe() if data is not None else None, "skipped": skipped,
-            "passed": all(a["parity"]["passed"] for a in results) if results else None}
+    return QuantizeResult({"bundle": str(bundle.directory), "artifacts": results,
+                           "calibration": data.describe() if data is not None else None, "skipped": skipped,
+                           "passed": all(a["parity"]["passed"] for a in results) if results else None})
 
 
 def _unavailable(target: str, reference: ReferenceModel) -> str | None:

@@ -28,8 +28,35 @@ from .loaders import ReferenceModel, is_stand_in, open_artifact, untrusted_code
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
 from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
+from .results import Result
 from .runtimes import parse_runtimes, runs
 from .transaction import faultpoint, update_manifest
+
+
+class VerifyResult(Result):
+    """Every artifact checked against the PyTorch reference (``results``: one row per artifact, with its
+    verdict, its figures, its attention parity and gate policy), the reference's label, and warnings
+    (a manifest that could not be updated, a reference that could not be had)."""
+
+    command = "verify"
+
+    @property
+    def results(self) -> list[dict]:
+        return self["results"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.get("warnings", [])
+
+    def row(self, artifact: str) -> dict:
+        return next(r for r in self.results if r["artifact"] == artifact)
+
+    @property
+    def failure(self) -> str | None:
+        if self.passed is not False:
+            return None
+        recorded = "not recorded" if self.warnings else "recorded in the manifest"
+        return f"verification failed ({recorded})"
 
 
 class ImageCache:
@@ -148,7 +175,7 @@ def _ran(runner) -> dict:
 
 def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | None = None,
                   samples: int = 16, seed: int = 0, runtime: str | None = None, trust: CodeTrust | None = None,
-                  reference: ReferenceModel | None = None, progress=None) -> dict:
+                  reference: ReferenceModel | None = None, progress=None) -> VerifyResult:
     """``bundle_dir``: a folder or an open ``Bundle``. ``runtime``: run every artifact whose format it runs
     under that runtime (see ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime
     for each format. ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model;
@@ -165,8 +192,8 @@ def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | No
         rows = [{"artifact": a.name, "format": a.format, "precision": a.precision, "passed": None,
                  "skipped": "no trusted reference", "reference": None}
                 for a in bundle.artifacts if not artifacts or a.name in artifacts]
-        return {"bundle": str(bundle_dir), "reference": "none", "results": rows, "passed": None,
-                "warnings": [f"nothing verified: no trusted reference: {untrusted}"]}
+        return VerifyResult({"bundle": str(bundle_dir), "reference": "none", "results": rows, "passed": None,
+                             "warnings": [f"nothing verified: no trusted reference: {untrusted}"]})
     reference_runner_, label = (reference or ReferenceModel(bundle, trust)).runner()
     stand_in = is_stand_in(reference_runner_)
     images = ImageCache(bundle)
@@ -195,8 +222,8 @@ def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | No
     faultpoint("verified")
     warnings = _record(bundle_dir, recorded)
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
-    return {"bundle": str(bundle_dir), "reference": label, "results": rows, "warnings": warnings,
-            "passed": all(verdicts) if verdicts else None}
+    return VerifyResult({"bundle": str(bundle_dir), "reference": label, "results": rows, "warnings": warnings,
+                         "passed": all(verdicts) if verdicts else None})
 
 
 def _first_divergence(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, seed: int) -> None:

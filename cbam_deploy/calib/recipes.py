@@ -24,7 +24,7 @@ CACHE_VERSION = 3  # 2: OpenVINO entries carry a digest file; 3: int8 gates quan
 
 
 @dataclass
-class QuantizeResult:
+class RecipeResult:
     """What a recipe wrote: the artifact's file, its format, its ``quantization`` record and, for a
     recipe that exports the model itself, its ``export`` record."""
 

@@ -17,12 +17,11 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import interrupts
-from ..bundle import Bundle
-from ..devices import image_stack
 from ..checks import parse_list
 from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain_report import explain_bundle
+from ..info import bundle_info
 from ..export import ExportOptions
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
@@ -124,6 +123,13 @@ def _say_interrupted() -> None:
         err.print(f"[red]interrupted[/]{escape(interrupts.MESSAGE[len('interrupted'):])}", soft_wrap=True)
 
 
+def _exit_with(result) -> None:
+    """A result that failed its check: its one line on stderr and its exit code."""
+    if result.exit_code:
+        err.print(f"[bold red]error:[/] {escape(result.failure or 'failed')}", soft_wrap=True)
+        raise typer.Exit(result.exit_code)
+
+
 def _one_line(message: str) -> str:
     """An error is one line on stderr, whatever text (a user's exception, a library's) it carries."""
     return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
@@ -219,15 +225,7 @@ def export_command(
             render.quantize(result["int8"])
         if result.get("summary"):
             render.summary(result["summary"])
-    if result["passed"] is False:
-        err.print("[bold red]error:[/] parity check failed: the ONNX model does not match PyTorch (recorded in the manifest)")
-        raise typer.Exit(3)
-    if result.get("int8") and not result["int8"]["passed"]:
-        err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
-        raise typer.Exit(3)
-    if result.get("summary") and result["summary"]["passed"] is False:
-        err.print("[bold red]error:[/] an artifact failed verification (recorded in the manifest)")
-        raise typer.Exit(3)
+    _exit_with(result)
 
 
 @app.command("verify")
@@ -258,10 +256,7 @@ def verify_command(
                       soft_wrap=True)
     for warning in result.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-    if result["passed"] is False:
-        recorded = "not recorded" if result.get("warnings") else "recorded in the manifest"
-        err.print(f"[bold red]error:[/] verification failed ({recorded})")
-        raise typer.Exit(3)
+    _exit_with(result)
 
 
 @app.command("bench")
@@ -376,9 +371,7 @@ def quantize_command(
         print_json(result)
     else:
         render.quantize(result)
-    if not result["passed"]:
-        err.print("[bold red]error:[/] an INT8 artifact disagrees with PyTorch beyond tolerance (recorded in the manifest)")
-        raise typer.Exit(3)
+    _exit_with(result)
 
 
 @app.command("eval")
@@ -563,22 +556,12 @@ def info_command(
     "missing" (also in --json). Exit code 0 when all are intact, 3 when any changed or is missing (the
     same code as a failed verification), 2 for an unreadable or damaged manifest.
     """
-    opened = Bundle.open(bundle)
-    integrity = opened.check_integrity()
-    stack = image_stack()  # the pinned stack of a cbam-deploy Docker image; None elsewhere
+    result = bundle_info(bundle)
     if as_json:
-        artifacts = [{**a.raw, "integrity": integrity[a.name]} for a in opened.artifacts]
-        print_json({**opened.manifest, "artifacts": artifacts, **({"image_stack": stack} if stack else {})})
+        print_json(result)
     else:
-        render.info(opened, integrity, stack)
-    broken = [f"{name} ({state})" for name, state in integrity.items() if state != "ok"]
-    if broken:
-        unsafe = "; unsafe: a symbolic link, not a regular file, or a file the manifest does not record, never read" \
-            if "unsafe" in integrity.values() else ""
-        err.print(f"[bold red]error:[/] integrity check failed for {escape(', '.join(broken))}: the files are not the "
-                  f"ones the manifest recorded (sha256){unsafe}; rebuild these artifacts or re-export the bundle",
-                  soft_wrap=True)
-        raise typer.Exit(3)
+        render.info(result.bundle, result.integrity, result.get("image_stack"))
+    _exit_with(result)
 
 
 def main() -> None:  # console-script entry point (``cbam_deploy.__main__`` installs the Ctrl-C handler earlier)

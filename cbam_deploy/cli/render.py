@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..bundle import Bundle
 from ..formats import formats
+from ..results import plain
 from ..report import (COLUMNS, OVERHEAD_COLUMNS, compare_heading, fallback_notes, overhead_cells, row_cells,
                       unstable_notes)
 
@@ -34,7 +35,7 @@ def top1_cell(metrics: dict, decimals: int = 1) -> str:
 
 
 def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(plain(data), indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...calib.recipes import QuantizeResult
+from ...calib.recipes import RecipeResult
 from ...formats import Format, Recipe, Runtime
 from ..base import TensorRTOptions
 from .exporter import EXECUTORCH, NO_GATE_MAPS, NO_PROFILE, default_bounds, export_pte, sidecar_path
@@ -38,7 +38,7 @@ def cbam_opt_record(bundle, rewrite: dict | None) -> dict:
     return record
 
 
-def _pt2e(job) -> QuantizeResult:
+def _pt2e(job) -> RecipeResult:
     bounds = bounds_for(job.bundle)
     result = quantize_pte(job.module, job.out_path, job.data, bounds, job.gates, job.expected, job.method,
                           min(job.calib_batch, bounds.batch[1]),

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...calib.recipes import QuantizeResult
+from ...calib.recipes import RecipeResult
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path
@@ -93,7 +93,7 @@ def _observer_state(prepared: nn.Module) -> dict:
 
 def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds: Bounds, gates: str,
                  expected: list[dict] | None, method: str = "minmax", batch: int = 8, cache_dir: Path | None = None,
-                 model_sha: str = "", rewrite: bool = True) -> QuantizeResult:
+                 model_sha: str = "", rewrite: bool = True) -> RecipeResult:
     """Write the INT8 .pte (and its sidecar) at ``out_path``; raise when the gate policy does not hold."""
     if method not in METHODS:
         raise CbamDeployError(f"the executorch recipe calibrates with {', '.join(METHODS)} only, not {method}")
@@ -165,7 +165,7 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
                              {"path": None, "hit": False, "reason": "disabled"},
         "export": export, "calibration_seconds": round(time.perf_counter() - started, 2),
     }
-    return QuantizeResult(out_path, "executorch", info)
+    return RecipeResult(out_path, "executorch", info)
 
 
-__all__ = ["CHECKED_ON", "METHODS", "QuantizeResult", "cache_key", "quantize_pte"]
+__all__ = ["CHECKED_ON", "METHODS", "RecipeResult", "cache_key", "quantize_pte"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...calib.recipes import QuantizeResult, cache_key
+from ...calib.recipes import RecipeResult, cache_key
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path, sha256_file
@@ -104,7 +104,7 @@ def quantize_ncnn(param_path: Path, bin_path: Path, out_param: Path, data: Calib
             "calibration_cache": {"path": str(cache_path) if cache_path else None, "hit": hit}}
 
 
-def run_recipe(job) -> QuantizeResult:
+def run_recipe(job) -> RecipeResult:
     """The ``ncnn`` recipe (``formats.Recipe.run``): the fp32 pair converted from the PyTorch model, then
     ncnn's own INT8 scheme on it, written at ``job.out_path`` (+ .bin)."""
     with tempfile.TemporaryDirectory(prefix="cbam-ncnn-") as tmp:
@@ -118,4 +118,4 @@ def run_recipe(job) -> QuantizeResult:
             cache = job.cache_dir / "ncnn" / f"{cache_key(model_sha, job.data, 'ncnn', job.method, job.gates)}.json"
         info = quantize_ncnn(param, binary, job.out_path, job.data, job.method, job.gates, job.expected, cache)
     keep = ("layers", "generic_layers", "rewrite", "input_shape_policy", "pnnx", "ncnn", "converter")
-    return QuantizeResult(job.out_path, "ncnn", {**info, "conversion": {k: conversion[k] for k in keep if k in conversion}})
+    return RecipeResult(job.out_path, "ncnn", {**info, "conversion": {k: conversion[k] for k in keep if k in conversion}})

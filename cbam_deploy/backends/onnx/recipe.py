@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from ...calib.recipes import (QuantizeResult, cache_key, cache_rebuilt, fail_unless_held, first_line,
+from ...calib.recipes import (RecipeResult, cache_key, cache_rebuilt, fail_unless_held, first_line,
                               graph_gates_or_fail, preprocess_onnx, rebuild_cache_entry)
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
@@ -68,7 +68,7 @@ def quantize_onnx(
     expected: list[dict] | None,
     batch: int = 8,
     cache_dir: Path | None = None,
-) -> QuantizeResult:
+) -> RecipeResult:
     """The ort-cpu or tensorrt Q/DQ recipe; writes ``out_path`` atomically."""
     from onnxruntime.quantization import (  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
         CalibrationMethod,
@@ -161,7 +161,7 @@ def quantize_onnx(
     }
     if cache_warning:
         info["calibration_cache"]["rebuilt"] = cache_warning
-    return QuantizeResult(out_path, "onnx", info)
+    return RecipeResult(out_path, "onnx", info)
 
 
 def _onnx_policy(proto: onnx.ModelProto, found: list, gates: str) -> tuple[list[str], list[str]]:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ...calib.recipes import (
-    QuantizeResult,
+    RecipeResult,
     cache_key,
     cache_rebuilt,
     fail_unless_held,
@@ -37,7 +37,7 @@ def quantize_openvino(
     gates: str,
     expected: list[dict] | None,
     cache_dir: Path | None = None,
-) -> QuantizeResult:
+) -> RecipeResult:
     """NNCF post-training quantization of the OpenVINO model; writes an INT8 IR (.xml + .bin).
 
     NNCF keeps no reusable statistics file, so the cache holds the quantized IR itself, keyed like
@@ -62,7 +62,7 @@ def quantize_openvino(
                 _copy_ir(cached, out_xml)
                 info["calibration_cache"] = {"path": str(cached), "hit": True}
                 info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
-                return QuantizeResult(out_xml, "openvino", info)
+                return RecipeResult(out_xml, "openvino", info)
             if problem != "absent":
                 cache_warning = cache_rebuilt(data, cached, problem)
         model = ov.convert_model(str(pre))
@@ -98,7 +98,7 @@ def quantize_openvino(
                 info["calibration_cache"]["rebuilt"] = cache_warning
         else:
             info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
-    return QuantizeResult(out_xml, "openvino", info)
+    return RecipeResult(out_xml, "openvino", info)
 
 
 def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> dict:
