@@ -20,7 +20,7 @@ from pathlib import Path
 from .checks import shorten
 from .errors import CbamDeployError
 from .formats import get as get_format
-from .fsutil import UnsafePath, copy_checked, resolve_inside, sha256_no_follow
+from .fsutil import UnsafePath, copy_checked, file_signature, resolve_inside, sha256_no_follow, written_digest
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, fixed_batch, read_manifest_file
 from .transaction import bundle_lock, recover_if_needed
 
@@ -222,23 +222,30 @@ class Bundle:
         return cls(manifest, path if path.is_dir() else path.parent)
 
     def refresh(self) -> Bundle:
-        """The bundle as committed now (after this command's own commits), keeping what this object has
-        checked and opened of the artifact versions that are still there."""
-        fresh = Bundle.open(self._folder())
-        current = {(a.name, a.sha256) for a in fresh.artifacts}
-        fresh._verified = dict(self._verified)
-        fresh._companions_checked = {k: v for k, v in self._companions_checked.items() if k in current}
-        fresh._memo = {k: v for k, v in self._memo.items() if (k[1], k[2]) in current}
-        return fresh
+        """The bundle as committed now (after this command's own commits), sharing what this object has
+        checked and opened (``memo``, keyed by content, so what was opened before a commit is reused after it)."""
+        return self.derived(Bundle.open(self._folder()).manifest, self._folder())
+
+    def derived(self, manifest: dict, directory: str | Path) -> Bundle:
+        """Another view (a newer manifest, a staging folder) sharing this one's checks and ``memo``."""
+        other = Bundle(manifest, directory)
+        other._verified, other._memo = self._verified, self._memo
+        other._companions_checked = self._companions_checked
+        return other
 
     def memo(self, kind: str, name: str, make, *extra):
         """What the floors above made once per artifact version (``kind``: "graph", "gates", "runner",
-        ...; ``extra``: what else the thing depends on, e.g. the runtime): ``make()`` the first time,
-        the same object after that, for as long as the artifact's sha256 is the one in the manifest."""
-        key = (kind, name, self.artifact(name).sha256, *extra)
+        ...; ``extra``: what else the thing depends on, e.g. the runtime): ``make()`` the first time, the
+        same object after that. Keyed by the artifact's sha256: its content, whatever its path or name."""
+        key = (kind, self.artifact(name).sha256, *extra)
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
+
+    def remember(self, kind: str, name: str, value, *extra) -> None:
+        """Keep ``value`` as what ``memo`` would make (a graph or runner the command already has)."""
+        if value is not None:
+            self._memo.setdefault((kind, self.artifact(name).sha256, *extra), value)
 
     def graph(self, name: str):
         """The artifact's graph as its format reads it (``formats.Format.read_graph``), parsed once."""
@@ -370,9 +377,9 @@ class Bundle:
         """Whether ``file`` holds the bytes of sha256 ``digest``: hashed once per command, then trusted
         while the file is the same one (device, inode, size and modification time unchanged: a bundle's
         files are only ever replaced by a rename, never written in place)."""
-        stat = os.lstat(file)
-        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if self._verified.get((relative, digest)) == signature:
+        signature = file_signature(file)
+        if self._verified.get((relative, digest)) == signature or written_digest(signature) == digest:
+            self._verified[(relative, digest)] = signature
             return True
         if sha256_no_follow(file) != digest:
             return False

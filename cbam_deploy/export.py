@@ -43,9 +43,12 @@ CROP_PCT = 0.875
 class ExportResult(Result):
     """What ``export`` did: the bundle, its first artifact and that artifact's parity with PyTorch, and,
     when asked for, the INT8 artifacts (``int8``: a ``quantize.QuantizeResult``) or the format x
-    precision matrix built, verified and timed (``summary``)."""
+    precision matrix built, verified and timed (``summary``). Not in its JSON: ``module``, the PyTorch
+    model exported, and ``parity_runner``, the runner the parity run opened the ONNX with."""
 
     command = "export"
+    module = None
+    parity_runner = None
 
     @property
     def bundle(self) -> Path:
@@ -233,9 +236,10 @@ def _existing_manifest(out_dir: Path) -> dict | None:
         return {}  # unreadable: replaced only with --force
 
 
-def export_bundle(request: ExportOptions, keep_model: bool = False) -> ExportResult:
-    """Run the whole export; returns the summary that ``--json`` prints (with ``keep_model``: and the
-    PyTorch module it exported, which later steps of the same command use as their reference).
+def export_bundle(request: ExportOptions) -> ExportResult:
+    """Run the whole export; returns the summary that ``--json`` prints, holding also (not in its JSON)
+    the PyTorch module it exported (``module``) and the runner its parity ran the ONNX with
+    (``parity_runner``), which later steps of the same command reuse.
 
     The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
     committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
@@ -254,7 +258,8 @@ def export_bundle(request: ExportOptions, keep_model: bool = False) -> ExportRes
     options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
     with BundleUpdate(out_dir, create=True) as update:
         result = _export_into(request, loaded, options, update, started)
-    return (result, loaded.module) if keep_model else result
+    result.module = loaded.module
+    return result
 
 
 def resolve_output_kinds(loaded: LoadedModel, requested: dict[str, str], options) -> dict[str, str]:
@@ -291,7 +296,7 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     info["cbam_opt"] = rewrites  # parity below runs the unmodified module: it checks the rewrites too
     faultpoint("exported")
 
-    parity = None
+    parity, candidate = None, None
     if request.parity:
         cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
         candidate = select_runtime(root.name, root.reference_runtime).open(staged)
@@ -326,7 +331,7 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     if dropped:
         model_info["notes"].append(f"removed {', '.join(dropped)}: built from the previous ONNX, which this export "
                                    "replaced; rebuild them (quantize / export --format)")
-    return ExportResult({
+    result = ExportResult({
         "bundle": str(out_dir),
         "manifest": str(out_dir / MANIFEST_NAME),
         "model": model_info,
@@ -338,6 +343,8 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
         "removed_artifacts": dropped,
         "seconds": round(time.perf_counter() - started, 3),
     })
+    result.parity_runner = candidate  # the ONNX as the parity run opened it (loaded in memory: still valid)
+    return result
 
 
 def derived_artifacts_to_keep(current: dict, new_onnx_sha: str) -> list[dict]:

@@ -36,6 +36,32 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# files this process wrote and hashed itself: their (device, inode, size, mtime) -> sha256. A bundle's files
+# are renamed into place, never rewritten, so a later check of the same file in the same command needs no
+# second hash; a file replaced meanwhile is another inode and is hashed as usual.
+_WRITTEN: dict[tuple, str] = {}
+
+
+def file_signature(path: str | Path) -> tuple:
+    """(device, inode, size, modification time) of ``path`` itself (a link is not followed)."""
+    stat = os.lstat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def sha256_written(path: str | Path) -> str:
+    """``sha256_file`` of a file this process has just written, remembered for ``written_digest``."""
+    before = file_signature(path)
+    digest = sha256_file(path)
+    if file_signature(path) == before:
+        _WRITTEN[before] = digest
+    return digest
+
+
+def written_digest(signature: tuple) -> str | None:
+    """The sha256 this process computed for the file with ``signature`` when it wrote it, else None."""
+    return _WRITTEN.get(signature)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it into place, else delete it.

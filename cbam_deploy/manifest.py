@@ -19,7 +19,7 @@ from . import __version__
 from .errors import CbamDeployError
 from .formats import get as get_format
 from .formats import recipe as get_recipe
-from .fsutil import UnsafePath, open_no_follow, sha256_file
+from .fsutil import UnsafePath, open_no_follow, sha256_written
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
@@ -324,10 +324,10 @@ def artifact_record(root: str | Path, fmt: str, precision: str, recipe: str | No
     missing = [c for c in companions if not (root / c).is_file()]
     if missing:
         raise CbamDeployError(f"artifact {name}: its companion file(s) {', '.join(missing)} were not written")
-    record = {"name": name, "path": path, "format": fmt, "precision": precision, "sha256": sha256_file(root / path),
+    record = {"name": name, "path": path, "format": fmt, "precision": precision, "sha256": sha256_written(root / path),
               "size_bytes": sum((root / f).stat().st_size for f in (path, *companions))}
     if companions:
-        record["companion_files"] = {c: sha256_file(root / c) for c in companions}
+        record["companion_files"] = {c: sha256_written(root / c) for c in companions}
     record.update(fields)
     return record
 

@@ -22,6 +22,7 @@ from .bundle import Bundle, ModelInfo, check_artifact_names
 from .errors import CbamDeployError
 from .export import ExportOptions, ExportResult, export_bundle
 from .formats import get as get_format
+from .formats import root_row
 from .loaders import ReferenceModel
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust, is_factory_spec
@@ -37,9 +38,11 @@ def run_export(options: ExportOptions) -> ExportResult:
     format x precision matrix: build, verify and time it); the summary that ``export --json`` prints.
     The PyTorch model the export built is the reference of every later step (nothing is rebuilt), and
     the bundle is opened once and passed along."""
-    result, exported = export_bundle(options, keep_model=True)
+    result = export_bundle(options)
     bundle = Bundle.open(result["bundle"])
-    reference = ReferenceModel(bundle, module=exported)
+    root = root_row()
+    bundle.remember("runner", ROOT_ARTIFACT, result.parity_runner, root.reference_runtime, None)
+    reference = ReferenceModel(bundle, module=result.module)
     if options.quantize_targets:
         result.add("int8", quantize_bundle(bundle, options.quantize_targets, options.calib_data, gates=options.gates,
                                            reference=reference))
@@ -161,11 +164,10 @@ def build_twin(bundle: Bundle, twin: str | None, calib, out: Path, artifacts: li
     export = bundle.artifact(ROOT_ARTIFACT).export or {}
     model = bundle.model
     weights = model.weights.path if twin is None and model.weights and Path(model.weights.path).is_file() else None
-    _, module = export_bundle(ExportOptions(
+    module = export_bundle(ExportOptions(
         model=twin or pytorch_spec(bundle, trust), weights=weights, num_classes=model.num_classes, stem=model.stem,
         cbam_opt=cbam_opt, outputs=model.outputs_mode or "logits", output=str(out), input_size=bundle.input.side,
-        batch=bundle.fixed_batch, dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False),
-        keep_model=True)
+        batch=bundle.fixed_batch, dynamic_hw=bundle.input.dynamic_hw, opset=export.get("opset", 17), parity=False)).module
     copy = Bundle.open(out)
     reference = ReferenceModel(copy, module=module)
     for name in artifacts:

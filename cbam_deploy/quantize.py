@@ -154,13 +154,17 @@ def _quantize_one(update: BundleUpdate, bundle: Bundle, job: RecipeJob, check, c
     artifact = update.add_artifact(job.recipe.writes, "int8", job.recipe.target, job.gates, source_sha256=job.source_sha,
                                    quantization={**result.info, "seconds": round(seconds, 2)},
                                    calibration=job.data.describe(), **fields)
+    # what the recipe read of the artifact it wrote (its graph and gates, for its policy check) is not read again
+    staged = bundle.derived({**bundle.manifest, "artifacts": [artifact]}, update.staging)
+    staged.remember("graph", artifact["name"], result.graph)
+    staged.remember("gates", artifact["name"], result.gates)
     return _check_int8(update, bundle, artifact, check, check_source, job.calib_batch, ref_out, reference_label, job.data)
 
 
 def _check_int8(update, bundle: Bundle, artifact: dict, check, check_source: str, calib_batch: int, ref_out,
                 reference_label: str, data) -> dict:
     """The staged INT8 artifact run on the check set against the reference outputs; its parity record."""
-    staged = Bundle({**bundle.manifest, "artifacts": [artifact]}, update.staging)
+    staged = bundle.derived({**bundle.manifest, "artifacts": [artifact]}, update.staging)
     runner = open_artifact(update.staging, staged, artifact["name"])
     batch = fit_batch(staged, artifact, calib_batch)
     measured = compare_int8(ref_out, runner.infer_batched(check, batch), judge_top1=bundle.model.trained,

@@ -32,6 +32,8 @@ class RecipeResult:
     format: str
     info: dict
     export: dict | None = None
+    graph: object = None  # the written artifact's graph, as its format reads it, when the recipe read it
+    gates: list | None = None  # the gates found in that graph
 
 
 def default_cache_dir() -> Path:

@@ -139,9 +139,10 @@ def quantize_onnx(
             raise CbamDeployError(f"quantization ({target}, {method}) failed: {type(exc).__name__}: {exc}") from None
         finally:
             logging.getLogger().setLevel(previous)
-    quantized = onnx.load(str(out_path), load_external_data=False)
-    check = check_onnx_policy(quantized, expected if expected is not None else [g.record for g in found], gates,
-                              f"the {target} Q/DQ graph")
+    quantized = onnx.load(str(out_path))
+    model_gates = expected if expected is not None else [g.record for g in found]
+    found_quantized = onnx_gates(quantized, model_gates)
+    check = check_onnx_policy(quantized, model_gates, gates, f"the {target} Q/DQ graph", found_quantized)
     fail_unless_held(check, out_path)
     ops = [n.op_type for n in quantized.graph.node]
     info = {
@@ -161,7 +162,7 @@ def quantize_onnx(
     }
     if cache_warning:
         info["calibration_cache"]["rebuilt"] = cache_warning
-    return RecipeResult(out_path, "onnx", info)
+    return RecipeResult(out_path, "onnx", info, graph=quantized, gates=found_quantized)
 
 
 def _onnx_policy(proto: onnx.ModelProto, found: list, gates: str) -> tuple[list[str], list[str]]:

@@ -61,8 +61,8 @@ def quantize_openvino(
             if problem is None:
                 _copy_ir(cached, out_xml)
                 info["calibration_cache"] = {"path": str(cached), "hit": True}
-                info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
-                return RecipeResult(out_xml, "openvino", info)
+                info["gate_check"], model, found = _check_ir(ov, out_xml, expected, gates)
+                return RecipeResult(out_xml, "openvino", info, graph=model, gates=found)
             if problem != "absent":
                 cache_warning = cache_rebuilt(data, cached, problem)
         model = ov.convert_model(str(pre))
@@ -89,7 +89,7 @@ def quantize_openvino(
             raise CbamDeployError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from None
         save_ir(quantized, out_xml)
         info["ignored_ov_nodes"] = len(ignored)
-        info["gate_check"] = _check_ir(ov, out_xml, expected, gates)
+        info["gate_check"], checked_model, checked_gates = _check_ir(ov, out_xml, expected, gates)
         if cached:
             cache_dir.mkdir(parents=True, exist_ok=True)
             _store_ir(out_xml, cached)
@@ -98,14 +98,17 @@ def quantize_openvino(
                 info["calibration_cache"]["rebuilt"] = cache_warning
         else:
             info["calibration_cache"] = {"path": None, "hit": False, "reason": "disabled"}
-    return RecipeResult(out_xml, "openvino", info)
+    return RecipeResult(out_xml, "openvino", info, graph=checked_model, gates=checked_gates)
 
 
-def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> dict:
-    """The gate policy checked on the IR as written (FakeQuantize placement); fails it when broken."""
-    check = check_openvino_policy(ov.Core().read_model(str(xml)), expected, gates, "the OpenVINO INT8 IR")
+def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> tuple[dict, object, list]:
+    """The gate policy checked on the IR as written (FakeQuantize placement), failing it when broken; the
+    check, and the IR and its gates as read for it."""
+    model = ov.Core().read_model(str(xml))
+    found = openvino_gates(model, expected)
+    check = check_openvino_policy(model, expected, gates, "the OpenVINO INT8 IR", found)
     fail_unless_held(check, xml)
-    return check
+    return check, model, found
 
 
 def _ov_digest_file(cached_xml: Path) -> Path:
