@@ -135,7 +135,7 @@ def _bench_with_twins(bundle: Bundle, options: BenchOptions, overhead: bool, cba
                                trust=trust)
             twins.append(Twin(f"cbam-opt-{other}:", built, artifacts=names))
         result = bench_checked(bundle, options, trust, twins=twins, calib=calib)
-    result["skipped"] += skipped
+    result["skipped"].extend(skipped)
     paired = result.remove("paired")
     if plain:
         result.add("overhead", {"plain": plain, "rows": paired["plain:"]})
