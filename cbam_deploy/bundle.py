@@ -150,7 +150,7 @@ class ModelInfo:
     @property
     def gate_list(self) -> list[dict] | None:
         """The model's gates as the finder recorded them; None when the manifest has no record (an
-        older bundle) or the model could not be traced: the exported graphs are then searched alone."""
+        model was not searched) or could not be traced: the exported graphs are then searched alone."""
         if not self.gates or self.gates.get("error"):
             return None
         return list(self.gates.get("gates") or [])

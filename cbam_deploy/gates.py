@@ -339,7 +339,7 @@ def shape_map(values: np.ndarray, kind: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ gates of a graph
 
 def name_by_expected(expected: list[dict] | None, graph: Graph):
-    """Name ONNX/OpenVINO gates as the model's are named: the sigmoid module's recorded gate name;
+    """Name a graph's gates as the model's are named: the sigmoid module's recorded gate name;
     without a record, a module that holds nothing but the sigmoid (an activation module) is dropped."""
     homes = {}
     for gate in expected or []:

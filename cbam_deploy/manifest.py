@@ -310,7 +310,7 @@ def artifact_record(root: str | Path, fmt: str, precision: str, recipe: str | No
                     **fields) -> dict:
     """The manifest record of the artifact (``fmt``, ``precision``[, INT8 ``recipe``, ``gates``]) whose file
     lies in ``root`` (a staging folder) under the name the naming scheme gives it: name, path, format,
-    precision, sha256, and the size of its file and its companions (the files the formats table says
+    precision, sha256, and the size of its file and its companions (the files the format's row says
     lie beside it: an IR's .bin, an engine's sidecar, an ONNX's external data), each with its sha256.
     ``transaction.BundleUpdate.add_artifact`` is how commands use it."""
     root = Path(root)

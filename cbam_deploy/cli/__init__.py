@@ -185,7 +185,7 @@ def export_command(
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Check onnxruntime against PyTorch after export.")] = True,
     force: Annotated[bool, typer.Option(help="Replace a bundle of another model in the output folder.")] = False,
     formats: Annotated[str, typer.Option("--format", help=f"Comma list of {', '.join(known_formats())} "
-                                                          "(the formats table).")] = "onnx",
+                                                          "(the formats registry).")] = "onnx",
     precisions: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16, int8.")] = "fp32",
     gates: Annotated[Optional[str], typer.Option(help="INT8 gate policy: int8 or fp (default per target).")] = None,
     min_batch: Annotated[int, typer.Option(help="TensorRT profile and ExecuTorch bounds: smallest batch.")] = 1,

@@ -82,7 +82,7 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
 
     ``outputs``: 'logits' (the classifier) or 'features' (a zoo backbone returning C2..C5; it keeps the
     classifier's fc, unused, so a classification checkpoint loads unchanged). None means the default
-    (a manifest written before the choice existed). A factory decides its own outputs: 'features' is refused.
+    (a factory's bundle records none). A factory decides its own outputs: 'features' is refused.
     """
     if outputs is not None:
         check_outputs(outputs)

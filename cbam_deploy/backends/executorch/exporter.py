@@ -57,7 +57,7 @@ INSTALL_HINT = "install the executorch extra: pip install 'cbam-deploy[executorc
 SIDECAR_SUFFIX = ".json"
 # what the Python runtime cannot give for a .pte, in one line each
 NO_GATE_MAPS = ("ExecuTorch runs the network as one XNNPACK delegate call and returns only the model's outputs: "
-                "its gate maps cannot be read (attention parity and explain use the onnx/openvino artifacts)")
+                "its gate maps cannot be read (attention parity and explain use the artifacts of formats that read their gates)")
 NO_PROFILE = ("ExecuTorch's per-operator times need an ETDump and the devtools Inspector (not in the executorch "
               "extra), and inside the one XNNPACK delegate call they would not be per CBAM op anyway")
 _BOOKKEEPING = ("executorch_call_delegate", "getitem")

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,11 +93,6 @@ class NcnnRunner(Runner):
         for blob in self.extra_blobs:
             result[blob] = np.stack([r[blob] for r in per_image])
         return result
-
-    def run_timed(self, batch: np.ndarray) -> tuple[float, float | None]:
-        start = time.perf_counter()
-        self.infer(batch)
-        return (time.perf_counter() - start) * 1e3, None
 
     def threads(self) -> int | None:
         return int(self.net.opt.num_threads)
