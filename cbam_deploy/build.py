@@ -28,9 +28,9 @@ def build_artifacts(bundle_dir, formats_asked: str | list[str], precisions: str 
     ``Bundle``; ``reference``: the PyTorch model already rebuilt (an export passes its own), else it
     is rebuilt once, under ``trust``, for whichever build or recipe needs it. ``progress``: a callable
     taking a line per built artifact (``progress.Progress.artifact``)."""
-    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
-    format_list = parse_list(formats_asked, "--format", formats())
+    format_list = parse_list(formats_asked, "--format", formats())  # the options before the bundle is read
     precision_list = parse_list(precisions, "--precision", PRECISIONS)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
     reference = reference or ReferenceModel(bundle, trust)
     outcomes: list[BuildOutcome] = []
     engines_from_int8: list[str] = []
