@@ -26,6 +26,15 @@ def attention_cell(parity: dict | None) -> str:
     return f"corr {parity['min_correlation']:.4f} IoU {parity['min_top_iou']:.3f}"
 
 
+def ran_cell(row: dict) -> str:
+    """What the runtime says the artifact computed in: 'fp32'; 'int8 + bf16' for an INT8 artifact
+    whose float operations ran in bf16; 'not reported' where the runtime does not say."""
+    ran = row.get("computed_in")
+    if row.get("precision") == "int8":
+        return f"int8 + {ran}" if ran else "int8"
+    return ran or "not reported"
+
+
 def top1_cell(metrics: dict, decimals: int = 1) -> str:
     """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
     value = metrics.get("top1_agreement")
@@ -116,23 +125,27 @@ def summary(summary: dict) -> None:
 def verify(result: dict, runtime: str | None = None) -> None:
     under = f" (runtime {runtime})" if runtime else ""
     table = Table(title=f"verify {result['bundle']}{under} against {result['reference']}")
-    for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
+    for column in ("artifact", "precision", "ran in", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
         table.add_column(column)
     for row in result["results"]:
         if row.get("skipped"):
-            table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-",
+            table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-", "-",
                           f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
             continue
         cosine = row.get("cosine_min", row.get("cosine_mean"))
-        table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
-                      f"{cosine:.5f}", top1_cell(row), attention_cell(row.get("attention")),
+        table.add_row(row["artifact"], row["precision"], ran_cell(row), row.get("inputs", "")[:40],
+                      f"{row.get('max_abs_err', 0):.2e}", f"{cosine:.5f}", top1_cell(row),
+                      attention_cell(row.get("attention")),
                       "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
     out.print(table)
     for row in result["results"]:
-        ran = row.get("computed_in")
-        if ran and ran != row["precision"]:
+        ran, judged = row.get("computed_in"), row.get("judged_by")
+        if ran and row["precision"] != "int8" and ran != row["precision"]:
             out.print(f"{row['artifact']}: a {row['precision']} artifact that ran in {ran} (the runtime's own "
-                      f"report), judged with the {ran} bounds")
+                      f"report), judged with the {judged} bounds (the looser of what it stores and what ran)")
+        for gate, stage in ((row.get("attention") or {}).get("gates") or {}).items():
+            if stage.get("flat"):
+                out.print(f"[dim]{row['artifact']}: {gate}: {escape(stage['flat'])}[/]")
         divergence = row.get("first_divergence")
         if divergence:
             out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
