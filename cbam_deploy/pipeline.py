@@ -181,7 +181,8 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
     rows = [{"artifact": "pytorch (eager)", "format": "pytorch", "precision": "fp32", "passed": None,
-             "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0}]
+             "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0,
+             "stable": pytorch["stability"]["stable"] if pytorch else None}]
     for outcome in outcomes:
         if outcome.skipped:
             rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision, "skipped": outcome.skipped})
@@ -191,11 +192,25 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
                      "size_bytes": sizes.get(outcome.name), "passed": verdict.get(outcome.name),
                      "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None,
+                     "stable": measured["stability"]["stable"] if measured else None,
                      **delegation.get(outcome.name, {}),
                      **({"ncnn": layer_notes[outcome.name]} if outcome.name in layer_notes else {})})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
-    return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"],
+    return {"bundle": str(bundle_dir), "rows": rows, "machine": timing["machine"], "timing": timing_verdict(timing),
             "passed": all(verdicts) if verdicts else None}
+
+
+def timing_verdict(timing: dict) -> dict:
+    """bench's stability verdict over a whole run, for a summary: whether every row was stable, the
+    reasons (each once, the machine's load first), and what the OS saw of other processes' CPU use."""
+    reasons: dict[str, None] = {}
+    for row in timing["results"]:
+        for reason in row["stability"]["reasons"]:
+            reasons[reason] = None
+    load = next((r["load"] for r in timing["results"] if r.get("load")), None)
+    ordered = sorted(reasons, key=lambda r: not r.startswith(("other processes", "the hypervisor", "CPU frequency")))
+    return {"stable": timing["stable"], "reasons": ordered,
+            "other_cpu_fraction": load["other_cpu_fraction"] if load else None}
 
 
 def _ncnn_layers(manifest: dict, name: str) -> dict:

@@ -102,11 +102,18 @@ def summary(summary: dict) -> None:
             table.add_row(row["format"], row["precision"], "-", "-", "[yellow]skipped[/]", "-", "-")
             continue
         verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
-        latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
-        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        unsure = " [yellow]?[/]" if row.get("stable") is False else ""  # a disturbed measurement
+        latency = f"{row['latency_ms']:.2f}{unsure}" if row.get("latency_ms") else "-"
+        speedup = f"{row['speedup']:.2f}x{unsure}" if row.get("speedup") else "-"
         size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
         table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
     out.print(table)
+    timing = summary.get("timing") or {}
+    if timing.get("stable") is False:
+        out.print(f"[yellow]unstable timing:[/] the machine was busy while these were timed "
+                  f"({escape('; '.join(timing['reasons']))}): the latencies and speed-ups marked ? are not to be "
+                  f"quoted; time them again on a quiet machine with 'cbam-deploy bench {escape(summary['bundle'])} "
+                  "--wait-quiet 60 --retries 2'")
     for row in rows:
         if row.get("ncnn"):
             n = row["ncnn"]
