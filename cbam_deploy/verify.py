@@ -4,8 +4,8 @@ fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs 
 shapes: the bounds of the looser of what the artifact stores (``precision``: an fp16 IR keeps fp16
 weights) and what the runtime reports it computed in (``computed_in``: that IR runs in bf16 on a CPU
 with bf16 but no fp16 arithmetic, in f32 on one with neither), ``parity.bound_precision``; the row
-names the one that judged it (``judged_by``), and the attention parity thresholds follow it. int8 uses top-1 agreement and cosine (``parity.compare_int8``) on
-images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
+names the one that judged it (``judged_by``), and the attention parity thresholds follow it. int8
+uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
 seeded noise (marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
 module whose output departs. Every gate the model has is compared too (attention parity: spatial
 maps and channel profiles), and an INT8 artifact's gate policy is checked again on its graph (Q/DQ or
