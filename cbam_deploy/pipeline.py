@@ -202,14 +202,20 @@ def build_verify_bench(bundle_dir: str | Path, formats: str, precisions: str, ca
 
 def timing_verdict(timing: dict) -> dict:
     """bench's stability verdict over a whole run, for a summary: whether every row was stable, the
-    reasons (each once, the machine's load first), and what the OS saw of other processes' CPU use."""
-    reasons: dict[str, None] = {}
+    reasons (what the OS saw of the machine's load, each once; then which row checks failed and how
+    many rows), and other processes' CPU use."""
+    machine: dict[str, None] = {}
+    checks: dict[str, None] = {}
     for row in timing["results"]:
         for reason in row["stability"]["reasons"]:
-            reasons[reason] = None
+            if reason.startswith(("other processes", "the hypervisor", "CPU frequency")):
+                machine[reason] = None
+            else:
+                checks[reason.split(":")[0]] = None
+    unstable = sum(1 for r in timing["results"] if not r["stability"]["stable"])
+    reasons = list(machine) + ([f"{', '.join(checks)} in {unstable} of {len(timing['results'])} rows"] if checks else [])
     load = next((r["load"] for r in timing["results"] if r.get("load")), None)
-    ordered = sorted(reasons, key=lambda r: not r.startswith(("other processes", "the hypervisor", "CPU frequency")))
-    return {"stable": timing["stable"], "reasons": ordered,
+    return {"stable": timing["stable"], "busy": bool(machine), "reasons": reasons,
             "other_cpu_fraction": load["other_cpu_fraction"] if load else None}
 
 

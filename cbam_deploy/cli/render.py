@@ -110,10 +110,10 @@ def summary(summary: dict) -> None:
     out.print(table)
     timing = summary.get("timing") or {}
     if timing.get("stable") is False:
-        out.print(f"[yellow]unstable timing:[/] the machine was busy while these were timed "
-                  f"({escape('; '.join(timing['reasons']))}): the latencies and speed-ups marked ? are not to be "
-                  f"quoted; time them again on a quiet machine with 'cbam-deploy bench {escape(summary['bundle'])} "
-                  "--wait-quiet 60 --retries 2'")
+        busy = "the machine was busy while these were timed: " if timing.get("busy") else ""
+        out.print(f"[yellow]unstable timing:[/] {busy}{escape('; '.join(timing['reasons']))}. The latencies and "
+                  f"speed-ups marked ? are not to be quoted; time them again on a quiet machine with "
+                  f"'cbam-deploy bench {escape(summary['bundle'])} --wait-quiet 60 --retries 2'")
     for row in rows:
         if row.get("ncnn"):
             n = row["ncnn"]
@@ -150,9 +150,10 @@ def verify(result: dict, runtime: str | None = None) -> None:
         if ran and row["precision"] != "int8" and ran != row["precision"]:
             out.print(f"{row['artifact']}: a {row['precision']} artifact that ran in {ran} (the runtime's own "
                       f"report), judged with the {judged} bounds (the looser of what it stores and what ran)")
-        for gate, stage in ((row.get("attention") or {}).get("gates") or {}).items():
-            if stage.get("flat"):
-                out.print(f"[dim]{row['artifact']}: {gate}: {escape(stage['flat'])}[/]")
+        flat = [gate for gate, stage in ((row.get("attention") or {}).get("gates") or {}).items() if stage.get("flat")]
+        if flat:
+            out.print(f"[dim]{row['artifact']}: judged on cosine alone, their maps or profiles varying less than "
+                      f"twice the artifact's error there: {escape(', '.join(flat))}[/]")
         divergence = row.get("first_divergence")
         if divergence:
             out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "
