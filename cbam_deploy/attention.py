@@ -11,6 +11,13 @@ format without a gate reader says why in one line, and its artifacts are skipped
   regions;
 - channel gates (N, C): cosine of the channel profiles and the overlap of their top-k channels
   (k = a quarter of the channels, at least one).
+
+Noise or drift: where a sample's PyTorch map or profile varies less than the artifact's own error at
+that gate, which channels or pixels rank highest is noise, not evidence. Those samples are left out of
+the ranking measures (top-k overlap; correlation and IoU); a gate flat on every sample is judged by the
+cosine alone, and its record says so (``flat``). The error is the part of the artifact's map that
+PyTorch's does not explain (the residual of a least-squares fit ``artifact = a + b * pytorch``), so a
+gate stuck at a constant or collapsed to nearly one has almost none, and its ranking is judged.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ THRESHOLDS = {"fp32": (0.999, 0.90), "fp16": (0.99, 0.80), "bf16": (0.98, 0.70),
 # Per precision: a channel gate passes when its profile's cosine with PyTorch FP32 and the overlap of
 # its top-k channels reach these.
 CHANNEL_THRESHOLDS = {"fp32": (0.9999, 0.90), "fp16": (0.999, 0.75), "bf16": (0.995, 0.70), "int8": (0.98, 0.50)}
+# A sample's ranking is judged when PyTorch's map or profile spreads (standard deviation over channels or
+# pixels) at least this many times the artifact's error at the gate.
+SPREAD_OVER_ERROR = 2.0
 
 
 def torch_maps(model: nn.Module, x: np.ndarray, kind: str | None = "spatial",
@@ -71,7 +81,9 @@ def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
                  top_fraction: float = TOP_FRACTION, kinds: dict[str, str] | None = None) -> dict:
     """Per gate: for maps, correlation, top-k% IoU, max abs error; for channel gates (``kinds``
     says which; by default a 2-D reference is a channel profile), cosine and top-k overlap. The
-    verdict by the precision's thresholds."""
+    verdict by the precision's thresholds, the ranking measures over the samples whose PyTorch map
+    spreads above the artifact's error (``ranked_samples``); a gate flat on every sample by its cosine
+    (``flat`` says why)."""
     min_corr, min_iou = THRESHOLDS.get(precision, THRESHOLDS["fp32"])
     min_cos, min_overlap = CHANNEL_THRESHOLDS.get(precision, CHANNEL_THRESHOLDS["fp32"])
     stages, reasons = {}, []
@@ -84,20 +96,32 @@ def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
         r = ref.reshape(len(ref), -1).astype(np.float64)
         c = cand.reshape(len(cand), -1).astype(np.float64)
         kind = (kinds or {}).get(gate) or ("channel" if ref.ndim == 2 else "spatial")
+        spread, error = _spread_and_error(r, c)
+        ranked = spread > SPREAD_OVER_ERROR * error
+        stage = {"found": True, "kind": kind, "max_abs_err": float(np.abs(r - c).max()),
+                 "spread": float(spread.mean()), "error": float(error.mean()),
+                 "ranked_samples": int(ranked.sum()), "samples": len(r)}
+        cosine = float(np.mean([_cosine(a, b) for a, b in zip(r, c)]))
+        flat = None if ranked.any() else (
+            f"flat {'profile' if kind == 'channel' else 'map'}: its spread ({stage['spread']:.2g}) is under "
+            f"{SPREAD_OVER_ERROR:g}x the artifact's error there ({stage['error']:.2g}) on every sample, so which "
+            f"{'channels' if kind == 'channel' else 'pixels'} rank highest is noise: judged on cosine alone")
+        judged = ranked if ranked.any() else np.ones(len(r), dtype=bool)
         if kind == "channel":
-            cosine = float(np.mean([_cosine(a, b) for a, b in zip(r, c)]))
-            overlap = float(np.mean([_top_overlap(a, b, TOP_CHANNEL_FRACTION) for a, b in zip(r, c)]))
-            stages[gate] = {"found": True, "kind": "channel", "cosine": cosine, "top_overlap": overlap,
-                            "max_abs_err": float(np.abs(r - c).max())}
-            if cosine < min_cos or overlap < min_overlap:
+            overlap = float(np.mean([_top_overlap(a, b, TOP_CHANNEL_FRACTION) for a, b in zip(r[judged], c[judged])]))
+            stages[gate] = {**stage, "cosine": cosine, "top_overlap": overlap, **({"flat": flat} if flat else {})}
+            if cosine < min_cos or (not flat and overlap < min_overlap):
                 reasons.append(f"{gate}: channel profile cosine {cosine:.4f}, top-{TOP_CHANNEL_FRACTION:.0%} overlap "
-                               f"{overlap:.3f} (needs {min_cos} and {min_overlap})")
+                               f"{overlap:.3f} (needs {min_cos}" + (f" and {min_overlap})" if not flat else "; flat)"))
             continue
-        corr = _correlation(r, c)
-        iou = float(np.mean([_top_iou(a, b, top_fraction) for a, b in zip(r, c)]))
-        stages[gate] = {"found": True, "kind": kind, "correlation": corr, "top_iou": iou,
-                        "max_abs_err": float(np.abs(r - c).max())}
-        if corr < min_corr or iou < min_iou:
+        corr = _correlation(r[judged], c[judged])
+        iou = float(np.mean([_top_iou(a, b, top_fraction) for a, b in zip(r[judged], c[judged])]))
+        stages[gate] = {**stage, "correlation": corr, "top_iou": iou}
+        if flat:
+            stages[gate].update(flat=flat, map_cosine=cosine)
+            if cosine < min_cos:
+                reasons.append(f"{gate}: flat map cosine {cosine:.4f} (needs {min_cos})")
+        elif corr < min_corr or iou < min_iou:
             reasons.append(f"{gate}: correlation {corr:.4f}, top-{top_fraction:.0%} IoU {iou:.3f} "
                            f"(needs {min_corr} and {min_iou})")
     maps = [s for s in stages.values() if s.get("found") and "correlation" in s]
@@ -110,10 +134,21 @@ def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
             "min_correlation": min((s["correlation"] for s in maps), default=None),
             "min_top_iou": min((s["top_iou"] for s in maps), default=None),
             "min_channel_cosine": min((s["cosine"] for s in profiles), default=None),
-            "min_channel_overlap": min((s["top_overlap"] for s in profiles), default=None),
+            "min_channel_overlap": min((s["top_overlap"] for s in profiles if not s.get("flat")), default=None),
             "thresholds": {"min_correlation": min_corr, "min_top_iou": min_iou, "top_fraction": top_fraction,
                            "min_channel_cosine": min_cos, "min_channel_overlap": min_overlap,
-                           "top_channel_fraction": TOP_CHANNEL_FRACTION}}
+                           "top_channel_fraction": TOP_CHANNEL_FRACTION, "spread_over_error": SPREAD_OVER_ERROR}}
+
+
+def _spread_and_error(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (rows): the reference's standard deviation, and the artifact's error that the
+    reference does not explain: the RMS residual of the least-squares fit ``candidate = a + b * reference``
+    (a shift or a gain keeps every ranking; a constant or a collapsed gate leaves almost no residual)."""
+    r = reference - reference.mean(axis=1, keepdims=True)
+    c = candidate - candidate.mean(axis=1, keepdims=True)
+    variance = (r * r).sum(axis=1)
+    gain = np.where(variance > 0, (r * c).sum(axis=1) / np.maximum(variance, 1e-300), 0.0)
+    return np.sqrt(variance / r.shape[1]), np.sqrt(((c - gain[:, None] * r) ** 2).mean(axis=1))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:

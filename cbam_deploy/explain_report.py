@@ -465,9 +465,11 @@ def _page(result: dict, writer: _Writer, spatial_files: dict, channel_files: dic
                 thresholds = row["attention"]["thresholds"]
                 ok_cos = stage_parity["cosine"] >= thresholds["min_channel_cosine"]
                 ok_top = stage_parity["top_overlap"] >= thresholds["min_channel_overlap"]
+                top_class = "muted" if stage_parity.get("flat") else "pass" if ok_top else "fail"
                 caption = (f'<b>{e(name)}</b><br><span class="{"pass" if ok_cos else "fail"}">cosine '
-                           f'{stage_parity["cosine"]:.4f}</span> · <span class="{"pass" if ok_top else "fail"}">'
-                           f'top-k {stage_parity["top_overlap"]:.2f}</span>')
+                           f'{stage_parity["cosine"]:.4f}</span> · <span class="{top_class}">'
+                           f'top-k {stage_parity["top_overlap"]:.2f}'
+                           f'{" (flat: not judged)" if stage_parity.get("flat") else ""}</span>')
                 parts.append(_figure_html(writer.uri(artifact_file), caption))
             parts.append("</div>")
     parts.append(f'<p class="muted">made by cbam-deploy explain · every image is embedded in this page · raw maps: '
@@ -480,6 +482,10 @@ def _figure_html(uri: str, caption: str) -> str:
 
 
 def _parity_caption(stage: dict, thresholds: dict) -> str:
+    if stage.get("flat"):  # the map varies less than the artifact's error: judged on its cosine alone
+        ok = stage["map_cosine"] >= thresholds["min_channel_cosine"]
+        return (f'<span class="{"pass" if ok else "fail"}">cosine {stage["map_cosine"]:.4f}</span> · '
+                f'<span class="muted">flat map: corr and IoU not judged</span><br>max |Δ| {stage["max_abs_err"]:.2e}')
     ok_corr = stage["correlation"] >= thresholds["min_correlation"]
     ok_iou = stage["top_iou"] >= thresholds["min_top_iou"]
     corr = f'<span class="{"pass" if ok_corr else "fail"}">corr {stage["correlation"]:.4f}</span>'

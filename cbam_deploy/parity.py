@@ -40,6 +40,17 @@ TOLERANCES = {
 # mean cosine similarity of the logits.
 INT8_MIN_TOP1 = 0.90
 INT8_MIN_COSINE = 0.98
+# Precisions from the tightest bounds to the loosest (TOLERANCES, then INT8's agreement).
+LOOSENESS = ("fp32", "fp16", "bf16", "int8")
+
+
+def bound_precision(stored: str, computed: str | None) -> str:
+    """The precision whose bounds judge an artifact: the looser of what it stores (an fp16 IR's fp16
+    weights, int8) and what the runtime reports it computed in (``computed``; None: it does not say).
+    An fp16 IR that a CPU without fp16 or bf16 arithmetic runs in f32 still carries fp16 weights, so
+    fp16 bounds; one that runs in bf16 gets bf16 bounds. Precisions this table does not know count as fp32."""
+    ranks = [LOOSENESS.index(p) if p in LOOSENESS else 0 for p in (stored, computed) if p is not None]
+    return LOOSENESS[max(ranks, default=0)]
 
 
 def compare_int8(reference, candidate, judge_top1: bool = True, kind: str = "logits",

@@ -69,7 +69,8 @@ def build_verify_bench(bundle_dir, formats: str, precisions: str, calib_data: st
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
     rows = [{"artifact": "pytorch (eager)", "format": "pytorch", "precision": "fp32", "passed": None,
-             "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0}]
+             "latency_ms": pytorch["p50_ms"] if pytorch else None, "speedup": 1.0,
+             "stable": pytorch["stability"]["stable"] if pytorch else None}]
     for outcome in outcomes:
         if outcome.skipped or outcome.failed:
             rows.append({"artifact": None, "format": outcome.format, "precision": outcome.precision,
@@ -83,10 +84,30 @@ def build_verify_bench(bundle_dir, formats: str, precisions: str, calib_data: st
                      "latency_ms": measured["p50_ms"] if measured else None,
                      "speedup": measured.get("speedup_vs_pytorch") if measured else None,
                      "build_seconds": outcome.seconds,
+                     "stable": measured["stability"]["stable"] if measured else None,
                      **{k: v for k, v in get_format(outcome.format).summary(artifact).items() if v is not None}})
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
-    return {"bundle": str(bundle.directory), "rows": rows, "machine": timing["machine"], "stable": timing.get("stable"),
+    return {"bundle": str(bundle.directory), "rows": rows, "machine": timing["machine"], "timing": timing_verdict(timing),
             "passed": all(verdicts) if verdicts else None}
+
+
+def timing_verdict(timing) -> dict:
+    """bench's stability verdict over a whole run, for a summary: whether every row was stable, the
+    reasons (what the OS saw of the machine's load, each once; then which row checks failed and how
+    many rows), and other processes' CPU use."""
+    machine: dict[str, None] = {}
+    checks: dict[str, None] = {}
+    for row in timing["results"]:
+        for reason in row["stability"]["reasons"]:
+            if reason.startswith(("other processes", "the hypervisor", "CPU frequency")):
+                machine[reason] = None
+            else:
+                checks[reason.split(":")[0]] = None
+    unstable = sum(1 for r in timing["results"] if not r["stability"]["stable"])
+    reasons = list(machine) + ([f"{', '.join(checks)} in {unstable} of {len(timing['results'])} rows"] if checks else [])
+    load = next((r["load"] for r in timing["results"] if r.get("load")), None)
+    return {"stable": timing["stable"], "busy": bool(machine), "reasons": reasons,
+            "other_cpu_fraction": load["other_cpu_fraction"] if load else None}
 
 
 def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, overhead: bool = False,

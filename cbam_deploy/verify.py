@@ -1,10 +1,11 @@
 """``verify``: every artifact of a bundle against PyTorch FP32, with tolerances by precision.
 
 fp32/fp16/bf16 use element-wise bounds (``parity.TOLERANCES``) on seeded inputs at the bundle's
-shapes, the bounds of the precision the runtime reports it computed in (``computed_in``: an OpenVINO
-fp16 IR runs in bf16 on a CPU with bf16 but no fp16 arithmetic), not the one the artifact claims;
-the attention parity thresholds too. int8 uses top-1 agreement and cosine (``parity.compare_int8``) on
-images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
+shapes: the bounds of the looser of what the artifact stores (``precision``: an fp16 IR keeps fp16
+weights) and what the runtime reports it computed in (``computed_in``: that IR runs in bf16 on a CPU
+with bf16 but no fp16 arithmetic, in f32 on one with neither), ``parity.bound_precision``; the row
+names the one that judged it (``judged_by``), and the attention parity thresholds follow it. int8
+uses top-1 agreement and cosine (``parity.compare_int8``) on images: ``--data`` when given, else the artifact's own calibration source when it still exists, else
 seeded noise (marked as such). When an ONNX artifact fails, ``diagnose.locate_divergence`` names the first
 module whose output departs. Every gate the model has is compared too (attention parity: spatial
 maps and channel profiles), and an INT8 artifact's gate policy is checked again on its graph (Q/DQ or
@@ -27,7 +28,7 @@ from .formats import get as get_format
 from .loaders import ReferenceModel, is_stand_in, open_artifact, untrusted_code
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
-from .parity import TOLERANCES, compare_all, compare_int8, make_inputs, plan_cases, run_parity
+from .parity import TOLERANCES, bound_precision, compare_all, compare_int8, make_inputs, plan_cases, run_parity
 from .results import Result
 from .runtimes import parse_runtimes, runs
 from .transaction import faultpoint, update_manifest
@@ -93,18 +94,22 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     except BackendUnavailable as exc:
         return {"passed": None, "skipped": str(exc)}
     ran = _ran(runner)
+    # what the artifact stores (``precision``), what the runtime says it computed in, and the looser of
+    # the two, whose bounds judge it
+    computed = runner.computed_precision()
+    precisions = {"precision": artifact.precision, "computed_in": computed,
+                  "judged_by": bound_precision(artifact.precision, computed)}
     kinds = bundle.output_kinds
     if artifact.precision == "int8":
         inputs, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
         inputs, batch = bundle.fit_to_batch(inputs)
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
                                judge_top1=bundle.model.trained, kinds=kinds),
-                "precision": "int8", "inputs": label, "candidate": runner.describe(), **ran}
-    tolerance = bounds_for(artifact, runner)
+                **precisions, "inputs": label, "candidate": runner.describe(), **ran}
+    tolerance = precisions["judged_by"]
     cases = plan_cases(bundle.input.side, bundle.fixed_batch, bundle.input.dynamic_hw, 8)
     result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=kinds)
-    result["precision"] = artifact.precision  # what the artifact claims; ``computed_in``: what ran
-    result["computed_in"] = tolerance
+    result.update(precisions)
     result["inputs"] = "seeded N(0,1) in the normalised input space"
     result.update(ran)
     if data:
@@ -117,16 +122,6 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     return result
 
 
-def bounds_for(artifact: ArtifactRecord, runner) -> str:
-    """The precision whose bounds (``parity.TOLERANCES``) judge a float artifact: the one the runtime
-    reports it computes in (an OpenVINO fp16 IR runs in bf16 on a CPU with bf16 but no fp16
-    arithmetic), else the artifact's own."""
-    computed = runner.computed_precision()
-    if computed in TOLERANCES:
-        return computed
-    return artifact.precision if artifact.precision in TOLERANCES else "fp32"
-
-
 def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
                      samples: int, seed: int, images: ImageCache | None = None) -> None:
     """Attention parity (``attention``): every gate of the artifact (spatial maps, channel profiles)
@@ -135,7 +130,7 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
     x, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
     x, _ = bundle.fit_to_batch(x[:16])
     x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
-    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("computed_in"))
+    parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("judged_by"))
     if parity is None:
         return
     result["attention"] = {**parity, "inputs": label}

@@ -36,3 +36,5 @@ def running_server(app, host: str = "127.0.0.1", port: int | None = None, timeou
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+    if thread.is_alive():  # not raised while the block's own error (if any) propagates
+        raise RuntimeError(f"the server did not stop within {timeout:g} s of being asked to")

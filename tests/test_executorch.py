@@ -178,7 +178,9 @@ def test_third_party_cbam_lowers_into_one_partition(style, tmp_path):
     from cbam_deploy.backends.executorch.runner import ExecuTorchRunner
 
     x = torch.randn(3, 3, 64, 64)
-    got = ExecuTorchRunner(tmp_path / "m.pte").infer(x.numpy())
+    runner = ExecuTorchRunner(tmp_path / "m.pte")
+    got = runner.infer(x.numpy())
+    assert runner.computed_precision() == "fp32"  # an fp32 program: XNNPACK computes in its tensors' dtype
     with torch.no_grad():
         ref = model(x)
     ref = [ref] if torch.is_tensor(ref) else list(ref.values()) if isinstance(ref, dict) else list(ref)

@@ -239,16 +239,15 @@ def test_batcher_bounds_its_queue_and_every_wait():
         await asyncio.sleep(0.05)  # that one runs (for 0.5 s) ...
         tasks += [asyncio.ensure_future(batcher.infer(x)) for _ in range(2)]
         await asyncio.sleep(0)  # ... and two wait: the queue is full
-        started = time.perf_counter()
         with pytest.raises(BatcherError) as full:
             await batcher.infer(x)
-        refused_in = time.perf_counter() - started
+        running_at_refusal = not tasks[0].done()  # refused at once: the first batch is still running
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.stop()
-        return full.value, refused_in, outcomes
+        return full.value, running_at_refusal, outcomes
 
-    full, refused_in, outcomes = _batcher_case(scenario())
-    assert full.status == 503 and "queue is full" in str(full) and refused_in < 0.05
+    full, running_at_refusal, outcomes = _batcher_case(scenario())
+    assert full.status == 503 and "queue is full" in str(full) and running_at_refusal
     assert all(isinstance(o, BatcherError) and o.status == 504 for o in outcomes)
 
 
@@ -278,15 +277,15 @@ def test_batcher_survives_a_failing_batch_and_fails_everyone_if_its_loop_dies():
         batcher.on_batch = die  # something the loop does not catch
         waiting = await asyncio.gather(*(batcher.infer(x) for _ in range(3)), return_exceptions=True)
         dead = batcher.not_ready()
-        started = time.perf_counter()
         with pytest.raises(BatcherError) as refused:
             await batcher.infer(x)
-        return ok, healthy, waiting, dead, refused.value, time.perf_counter() - started
+        return ok, healthy, waiting, dead, refused.value
 
-    ok, healthy, waiting, dead, refused, refused_in = _batcher_case(scenario())
+    ok, healthy, waiting, dead, refused = _batcher_case(scenario())
     assert ok.shape == (1, 2) and healthy is None
     assert all(isinstance(w, BatcherError) and w.status == 503 for w in waiting), waiting
-    assert "batch loop stopped" in dead and refused.status == 503 and refused_in < 0.05
+    # refused at once: a request that waited would end in the 504 of wait_s, not this 503
+    assert "batch loop stopped" in dead and refused.status == 503 and "batch loop stopped" in str(refused)
 
 
 def test_unexpected_errors_are_counted_500s_and_a_dead_loop_makes_the_server_unready(bundle):
@@ -321,16 +320,17 @@ def test_unexpected_errors_are_counted_500s_and_a_dead_loop_makes_the_server_unr
         assert status == 503 and "batch loop stopped" in json.loads(answer)["error"]
         assert get(url, "/v2/health/ready") == 503 and get(url, f"/v2/models/{MODEL}/ready") == 503
         assert get(url, "/v2/health/live") == 200 and metric(url, "cbam_ready") == 0
-        started = time.perf_counter()
-        assert post(url, INFER, body)[0] == 503 and time.perf_counter() - started < 1  # refused at once, not hung
+        status, answer = post(url, INFER, body)  # refused at once: a request left waiting ends in a 504
+        assert status == 503 and "batch loop stopped" in json.loads(answer)["error"]
 
 
 def test_a_hung_model_times_out_turns_unready_and_does_not_hold_up_shutdown(bundle):
     app = create_app(ServeConfig(str(bundle), request_timeout_s=1, shutdown_timeout_s=1))
-    release = threading.Event()
+    release, returned = threading.Event(), threading.Event()
 
     def hung(batch):
         release.wait(60)
+        returned.set()
         return batch
 
     app.state.batcher.run = hung
@@ -339,15 +339,16 @@ def test_a_hung_model_times_out_turns_unready_and_does_not_hold_up_shutdown(bund
         with running_server(app) as url:
             started = time.perf_counter()
             status, answer = post(url, INFER, body)
-            assert status == 504 and 0.9 < time.perf_counter() - started < 3, answer
+            # not before the 1 s timeout, and while the model is still hung (it is never released in here)
+            assert status == 504 and time.perf_counter() - started > 0.9 and not returned.is_set(), answer
             time.sleep(0.1)
             status, answer, _ = request(url, "GET", "/v2/health/ready", timeout=5)
             assert status == 503 and "running for" in json.loads(answer)["error"]
             assert request(url, "GET", "/v2/health/live", timeout=5)[0] == 200
             threading.Thread(target=post, args=(url, INFER, body), daemon=True).start()  # in flight at the stop
             time.sleep(0.2)
-            stopping = time.perf_counter()
-        assert time.perf_counter() - stopping < 4, "a hung inference held up the shutdown"
+        # running_server fails when the server has not stopped; it stopped with the model still hung
+        assert not returned.is_set(), "the shutdown waited for the hung inference"
     finally:
         release.set()
 
@@ -365,12 +366,26 @@ def test_thin_and_huge_images_are_4xx_quickly_without_memory_growth(server):
              (png_declaring(0, 5), 415, "image"),
              (png(Image.new("L", (64, 64)))[:60], 415, "image"),  # truncated
              (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, "image")]  # EPS: never handed to Ghostscript
-    with PeakRSS() as rss:
-        for data, status, needle in cases:
+    yy, xx = np.mgrid[0:1000, 0:1000]
+    photo = png(Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)))  # 1 MP
+
+    def seconds(data: bytes, status: int) -> float:
+        """The quickest of three answers (a moment of other work on the machine hits one, not all)."""
+        times = []
+        for _ in range(3):
             started = time.perf_counter()
             code, body = post(url, "/v1/classify", data, {"Content-Type": "image/png"})
+            times.append(time.perf_counter() - started)
+            assert code == status, (code, body)
+        return min(times)
+
+    with PeakRSS() as rss:
+        for data, status, needle in cases:
+            code, body = post(url, "/v1/classify", data, {"Content-Type": "image/png"})
             assert code == status and needle in json.loads(body)["error"], (code, body)
-            assert time.perf_counter() - started < 2
+            # refused without decoding: quicker than an ordinary photo decoded and run, timed next to it
+            refused_in, photo_in = seconds(data, status), seconds(photo, 200)
+            assert refused_in < photo_in, f"refused in {refused_in:.2f} s; a 1-megapixel photo took {photo_in:.2f} s"
     assert rss.growth_mb < 100, f"RSS grew {rss.growth_mb:.0f} MB"
     # thin, but within the aspect limit: answered, at the cost of a square
     code, body = post(url, "/v1/classify", png(Image.new("L", (20, 900), 128)), {"Content-Type": "image/png"})
@@ -379,27 +394,36 @@ def test_thin_and_huge_images_are_4xx_quickly_without_memory_growth(server):
 
 
 def test_health_answers_while_big_images_are_processed(server):
-    """Decoding and preprocessing run off the event loop: liveness stays fast meanwhile."""
+    """Decoding and preprocessing run off the event loop: liveness answers while the images are being
+    worked on. Judged by order and against the image work itself, measured in the same run (so a busy
+    machine slows both sides alike): health answers keep arriving before the first image is answered,
+    and each takes a small part of what one image takes. Were decoding on the event loop, a health
+    request would wait for the decode in progress: as long as an image's own work."""
     url = server["url"]
     big = png(Image.new("RGB", (4200, 4200), (90, 140, 200)))  # 17.6 MP: ~0.5 s of work each, on 2 cores
-    results, live = [], []
+    results, spans, live = [], [], []
 
     def classify():
+        started = time.perf_counter()
         results.append(post(url, "/v1/classify", big, {"Content-Type": "image/png"})[0])
+        spans.append((started, time.perf_counter()))
 
     threads = [threading.Thread(target=classify) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)
     while any(t.is_alive() for t in threads):
         started = time.perf_counter()
-        assert request(url, "GET", "/v2/health/live", timeout=5)[0] == 200
-        live.append(time.perf_counter() - started)
-        time.sleep(0.05)
+        assert request(url, "GET", "/v2/health/live", timeout=30)[0] == 200
+        live.append((started, time.perf_counter()))
     for thread in threads:
         thread.join()
-    assert results == [200] * 4 and live
-    assert max(live) < 0.5, f"liveness took up to {max(live):.2f} s while images were decoded"
+    assert results == [200] * 4
+    first_answer = min(end for _, end in spans)
+    during = [end - start for start, end in live if end < first_answer]
+    assert len(during) >= 3, f"{len(during)} health answers before the first image was answered"
+    shortest_image = min(end - start for start, end in spans)
+    assert max(during) < shortest_image / 4, \
+        f"liveness took up to {max(during):.2f} s while one image took {shortest_image:.2f} s"
 
 
 def _reference(image: Image.Image, spec: dict) -> np.ndarray:
@@ -427,9 +451,9 @@ def test_preprocess_is_unchanged_for_ordinary_images(size, interpolation):
 
 def test_preprocess_of_a_thin_strip_is_bounded_and_close_to_the_recipe():
     spec = make_input_spec(224)
-    started = time.perf_counter()
-    out = preprocess_image(Image.new("L", (1, 60000), 77), spec)  # the recipe would resize to 256 x 15.4M
-    assert out.shape == (3, 224, 224) and time.perf_counter() - started < 0.5
+    with PeakRSS() as rss:
+        out = preprocess_image(Image.new("L", (1, 60000), 77), spec)  # the recipe would resize to 256 x 15.4M (12 GB)
+    assert out.shape == (3, 224, 224) and rss.growth_mb < 100, f"RSS grew {rss.growth_mb:.0f} MB"
     yy, xx = np.mgrid[0:2000, 0:40]
     strip = Image.fromarray((127 + 100 * np.sin(xx / 7) * np.cos(yy / 31)).astype(np.uint8))  # small enough for the recipe
     np.testing.assert_allclose(preprocess_image(strip, spec), _reference(strip, spec), atol=2 / 255 / 0.224)
@@ -616,11 +640,10 @@ def test_slow_clients_do_not_block_others(impatient, session):
             else:
                 sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{{\"inp".encode())
             sockets.append(sock)
-        started = time.perf_counter()
         for _ in range(5):
-            t = time.perf_counter()
-            assert request(impatient, "GET", "/v2/health/live", timeout=5)[0] == 200
-            assert time.perf_counter() - t < 0.5
+            assert request(impatient, "GET", "/v2/health/live", timeout=30)[0] == 200
+        # answered while the slow clients hold their connections: the trickled body is not yet cut off
+        assert not select.select([sockets[0]], [], [], 0)[0], "health waited for the slow clients"
         assert_serving(impatient, session)
         body_trickler = sockets[0]
         for _ in range(12):  # a byte every 0.25 s, until the answer comes (the body deadline is 1.5 s)
@@ -629,7 +652,6 @@ def test_slow_clients_do_not_block_others(impatient, session):
             body_trickler.sendall(b" ")
         status_line = body_trickler.makefile("rb").readline()
         assert status_line.split()[1] == b"408", status_line
-        assert time.perf_counter() - started < 8
         idle = socket.create_connection((host, int(port)), timeout=10)
         sockets.append(idle)
         idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -677,10 +699,8 @@ def test_sigterm_stops_the_server_under_traffic(bundle):
             thread.start()
         time.sleep(1.0)
         assert statuses and set(statuses) == {200}, statuses
-        started = time.perf_counter()
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
-        assert time.perf_counter() - started < 5, "SIGTERM took too long"
+        process.wait(timeout=60)  # stops with a client that never finishes its body still connected
         slow.close()
     finally:
         if process.poll() is None:

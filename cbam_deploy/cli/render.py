@@ -28,6 +28,15 @@ def attention_cell(parity: dict | None) -> str:
     return f"corr {parity['min_correlation']:.4f} IoU {parity['min_top_iou']:.3f}"
 
 
+def ran_cell(row: dict) -> str:
+    """What the runtime says the artifact computed in: 'fp32'; 'int8 + bf16' for an INT8 artifact
+    whose float operations ran in bf16; 'not reported' where the runtime does not say."""
+    ran = row.get("computed_in")
+    if row.get("precision") == "int8":
+        return f"int8 + {ran}" if ran else "int8"
+    return ran or "not reported"
+
+
 def top1_cell(metrics: dict, decimals: int = 1) -> str:
     """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
     value = metrics.get("top1_agreement")
@@ -96,11 +105,18 @@ def summary(summary: dict) -> None:
                           "[yellow]skipped[/]" if row.get("skipped") else "[red]FAIL[/]", "-", "-")
             continue
         verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "reference"}[row.get("passed")]
-        latency = f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "-"
-        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        unsure = " [yellow]?[/]" if row.get("stable") is False else ""  # a disturbed measurement
+        latency = f"{row['latency_ms']:.2f}{unsure}" if row.get("latency_ms") else "-"
+        speedup = f"{row['speedup']:.2f}x{unsure}" if row.get("speedup") else "-"
         size = f"{row['size_bytes'] / 1e6:.1f} MB" if row.get("size_bytes") else "-"
         table.add_row(row["format"], row["precision"], row["artifact"], size, verdict, latency, speedup)
     out.print(table)
+    timing = summary.get("timing") or {}
+    if timing.get("stable") is False:
+        busy = "the machine was busy while these were timed: " if timing.get("busy") else ""
+        out.print(f"[yellow]unstable timing:[/] {busy}{escape('; '.join(timing['reasons']))}. The latencies and "
+                  f"speed-ups marked ? are not to be quoted; time them again on a quiet machine with "
+                  f"'cbam-deploy bench {escape(summary['bundle'])} --wait-quiet 60 --retries 2'")
     for row in rows:
         if row.get("skipped"):
             out.print(f"[yellow]skipped[/] {row['format']} {row['precision']}: {escape(row['skipped'])}")
@@ -113,23 +129,28 @@ def summary(summary: dict) -> None:
 def verify(result: dict, runtime: str | None = None) -> None:
     under = f" (runtime {runtime})" if runtime else ""
     table = Table(title=f"verify {result['bundle']}{under} against {result['reference']}")
-    for column in ("artifact", "precision", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
+    for column in ("artifact", "precision", "ran in", "inputs", "max abs err", "cosine", "top-1", "attention", "result"):
         table.add_column(column)
     for row in result["results"]:
         if row.get("skipped"):
-            table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-",
+            table.add_row(row["artifact"], row["precision"], "-", "-", "-", "-", "-", "-",
                           f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
             continue
         cosine = row.get("cosine_min", row.get("cosine_mean"))
-        table.add_row(row["artifact"], row["precision"], row.get("inputs", "")[:40], f"{row.get('max_abs_err', 0):.2e}",
-                      f"{cosine:.5f}", top1_cell(row), attention_cell(row.get("attention")),
+        table.add_row(row["artifact"], row["precision"], ran_cell(row), row.get("inputs", "")[:40],
+                      f"{row.get('max_abs_err', 0):.2e}", f"{cosine:.5f}", top1_cell(row),
+                      attention_cell(row.get("attention")),
                       "[green]pass[/]" if row["passed"] else f"[red]FAIL[/] {escape(row.get('reason', ''))}")
     out.print(table)
     for row in result["results"]:
-        ran = row.get("computed_in")
-        if ran and ran != row["precision"]:
+        ran, judged = row.get("computed_in"), row.get("judged_by")
+        if ran and row["precision"] != "int8" and ran != row["precision"]:
             out.print(f"{row['artifact']}: a {row['precision']} artifact that ran in {ran} (the runtime's own "
-                      f"report), judged with the {ran} bounds")
+                      f"report), judged with the {judged} bounds (the looser of what it stores and what ran)")
+        flat = [gate for gate, stage in ((row.get("attention") or {}).get("gates") or {}).items() if stage.get("flat")]
+        if flat:
+            out.print(f"[dim]{row['artifact']}: judged on cosine alone, their maps or profiles varying less than "
+                      f"twice the artifact's error there: {escape(', '.join(flat))}[/]")
         divergence = row.get("first_divergence")
         if divergence:
             out.print(f"[red]{row['artifact']}[/]: first departs at module [bold]{divergence['module']}[/] "

@@ -23,6 +23,9 @@ from ...errors import CbamDeployError
 from ...runners.base import Runner
 from .exporter import Bounds, import_extra, sidecar_path
 
+# c10::ScalarType codes of ExecuTorch's tensor metadata
+_SCALAR_TYPES = {6: "fp32", 5: "fp16", 15: "bf16"}
+
 
 def _runtime():
     """ExecuTorch's runtime module and its pybindings (for the thread pool), or one line saying why not."""
@@ -89,6 +92,15 @@ class ExecuTorchRunner(Runner):
             return int(self._bindings._threadpool_get_thread_count())
         except Exception:  # an ExecuTorch build without the thread-pool bindings
             return None
+
+    def computed_precision(self) -> str | None:
+        """The dtype of the loaded program's outputs: the XNNPACK delegate computes each tensor in the
+        dtype the exported program gives it (an fp32 program runs in fp32 on every CPU). None for an
+        INT8 program."""
+        if self.precision == "int8":
+            return None
+        meta = self.method.metadata
+        return _SCALAR_TYPES.get(int(meta.output_tensor_meta(0).dtype())) if meta.num_outputs() else None
 
     def describe(self) -> dict:
         return {**super().describe(), "runtime": getattr(self, "runtime", None) or "executorch",

@@ -23,6 +23,7 @@ from ...runners.base import Runner
 ONNXRUNTIME = Extra("onnxruntime", ("onnxruntime",), "pip install onnxruntime")
 
 CPU_EP = "CPUExecutionProvider"
+_ONNX_FLOATS = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 _GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -111,6 +112,14 @@ class OnnxRuntimeRunner(Runner):
         if self._threads:
             return self._threads
         return psutil.cpu_count(logical=False) or os.cpu_count()
+
+    def computed_precision(self) -> str | None:
+        """On the CPU provider, the float type of the graph's outputs: onnxruntime's CPU kernels compute
+        in the tensors' own types and convert nothing by themselves. None for INT8 graphs and for the
+        other providers (TensorRT and OpenVINO may pick lower precisions of their own)."""
+        if self.precision == "int8" or self.device != "cpu" or self.providers_active[0] != CPU_EP:
+            return None
+        return _ONNX_FLOATS.get(self.session.get_outputs()[0].type)
 
     def describe(self) -> dict:
         return {**super().describe(), "runtime": getattr(self, "runtime", None) or _runtime_name(self.providers_requested),

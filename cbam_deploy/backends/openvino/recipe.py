@@ -1,6 +1,12 @@
 """The ``openvino`` INT8 recipe: NNCF post-training quantization of the OpenVINO model, an INT8 IR
 (.xml + .bin) with the gate policy applied to the gates the finder finds and checked on the IR as
-written (FakeQuantize placement). The calibration cache holds the quantized IR itself."""
+written (FakeQuantize placement). The calibration cache holds the quantized IR itself.
+
+Weights take 7 bits on every layer (NNCF's ``OverflowFix.ENABLE``; NNCF's default does so for the
+first layer only): x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 pairs
+into saturating 16-bit sums, and with full 8-bit weights an IR then computes other numbers there than
+on a VNNI CPU (a gate-int8 CBAM map drifted from correlation 0.9994 to 0.96, docs/int8.md). With 7-bit
+weights both paths compute the same integers, so one IR is right on every x86 CPU."""
 
 from __future__ import annotations
 
@@ -44,17 +50,18 @@ def quantize_openvino(
     the onnxruntime ranges (model, data fingerprint, recipe, method, gates): a hit skips calibration.
     """
     nncf, ov = NNCF.require_all("nncf", "openvino")
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters  # lazy: as nncf above
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix  # lazy: as nncf above
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet  # lazy: as nncf above
 
     with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_onnx(fp32_onnx, pre)
-        key = cache_key(sha256_file(pre), data, "openvino", method, gates)
+        key = cache_key(sha256_file(pre), data, "openvino+7-bit-weights", method, gates)
         cached = (cache_dir / f"{key}.xml") if cache_dir else None
         info = {"recipe": "openvino", "method": method, "gates": gates,
-                "activations": "int8 (NNCF performance preset: symmetric)", "weights": "int8 symmetric, per channel",
-}
+                "activations": "int8 (NNCF performance preset: symmetric)",
+                "weights": "int8 symmetric, per channel, 7-bit range on every layer (NNCF overflow fix: no "
+                           "saturation on CPUs without VNNI)"}
         cache_warning = None
         if cached:
             problem = _ov_cache_problem(cached)
@@ -83,7 +90,8 @@ def quantize_openvino(
                     preset=nncf.QuantizationPreset.PERFORMANCE,
                     subset_size=len(batches),
                     ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
-                    advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=estimator),
+                    advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=estimator,
+                                                                       overflow_fix=OverflowFix.ENABLE),
                 )
         except Exception as exc:
             raise CbamDeployError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from None
