@@ -29,6 +29,7 @@ from .models import CodeTrust, build_model
 from .peers import build_peers
 from .runners.base import Runner
 from .runners.torch import TorchRunner
+from .progress import NULL
 from .results import Result
 from .runtimes import fitting, parse_runtimes
 
@@ -65,12 +66,13 @@ class UnstableMeasurement(CbamDeployError):
 
 def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: int = 30, warmup: int = 5,
                         device_times: dict[str, list[float]] | None = None,
-                        rng: np.random.Generator | None = None) -> dict[str, list[float]]:
+                        rng: np.random.Generator | None = None, on_round=None) -> dict[str, list[float]]:
     """Milliseconds per run for each runner; the runners take turns, one call each per round, in a new
     random order every round (seeded). Not a rotation: a rotation keeps who-follows-whom fixed, and a
     runner always following PyTorch eager ran 10% slower than the same file following another runner
     (resnet50_cbam, docs/measurements.md). A runner's ``settle_seconds`` (PyTorch's) is waited out, untimed, after its call.
-    Device compute times (CUDA events) go into ``device_times`` where a runner has them."""
+    Device compute times (CUDA events) go into ``device_times`` where a runner has them; ``on_round`` is
+    called after each round (a progress bar)."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.run(batch)
@@ -86,6 +88,8 @@ def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, iters: in
                 device_times.setdefault(name, []).append(compute)
             if runner.settle_seconds:
                 time.sleep(runner.settle_seconds)
+        if on_round is not None:
+            on_round()
     return times
 
 
@@ -113,23 +117,23 @@ def _narrow_enough(times: dict[str, list[float]]) -> bool:
 
 
 def measure(runners: dict[str, Runner], x: np.ndarray, iters: int | None, min_seconds: float, max_seconds: float,
-            warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]], LoadReport | None]:
+            warmup: int, on_round=None) -> tuple[dict[str, list[float]], dict[str, list[float]], LoadReport | None]:
     """Interleaved rounds: ``iters`` exactly, or adaptively (see the module doc), under a LoadMonitor."""
     device_times: dict[str, list[float]] = {}
     rng = np.random.default_rng(0)
     with LoadMonitor() as monitor:
         if iters is not None:
-            times = interleaved_latency(runners, x, iters, warmup, device_times, rng)
+            times = interleaved_latency(runners, x, iters, warmup, device_times, rng, on_round)
         else:
             start = time.perf_counter()
-            times = interleaved_latency(runners, x, 5, warmup, device_times, rng)
+            times = interleaved_latency(runners, x, 5, warmup, device_times, rng, on_round)
             while True:
                 spent = time.perf_counter() - start
                 if spent >= max_seconds or (spent >= min_seconds and _narrow_enough(times)):
                     break
                 per_round = spent / len(next(iter(times.values())))
                 chunk = max(3, int(min(max_seconds - spent, max(min_seconds - spent, 1.0)) / max(per_round, 1e-6)))
-                more = interleaved_latency(runners, x, chunk, 0, device_times, rng)
+                more = interleaved_latency(runners, x, chunk, 0, device_times, rng, on_round)
                 for name in times:
                     times[name] += more[name]
     return times, device_times, monitor.report
@@ -148,13 +152,15 @@ def bench_runners(runners: dict[str, Runner], shape: tuple[int, int, int], batch
 
 
 def _bench_batch(runners: dict[str, Runner], shape: tuple[int, int, int], batch: int, options: BenchOptions,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, progress=None) -> list[dict]:
     """``bench_runners`` at one batch size, with checked options."""
     min_seconds = 5.0 if options.min_seconds is None else options.min_seconds
     max_seconds = options.max_seconds if options.max_seconds is not None else 4 * min_seconds
     x = np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
     for attempt in range(options.retries + 1):
-        times, device_times, load = measure(runners, x, options.iters, min_seconds, max_seconds, options.warmup)
+        with (progress or NULL).task(f"timing {len(runners)} runner(s) at batch {batch}", options.iters) as step:
+            times, device_times, load = measure(runners, x, options.iters, min_seconds, max_seconds, options.warmup,
+                                                step)
         rows = _rows(runners, times, device_times, load, batch, attempt)
         if all(r["stability"]["stable"] for r in rows):
             break
@@ -228,7 +234,7 @@ def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: 
                  threads: int | None = None, max_seconds: float | None = None, strict: bool = False,
                  retries: int = 0, wait_quiet: float = 0.0, peers: bool = False, calib_data: str | None = None,
                  runtime: str | list[str] | None = None, markdown: str | None = None, plot: str | None = None,
-                 trust: CodeTrust | None = None, reference=None) -> dict:
+                 trust: CodeTrust | None = None, reference=None, progress=None) -> BenchResult:
     """Benchmark a bundle's artifacts against its PyTorch eager original, in one run; with ``peers``
     also what a user gets from the engines' own documented paths (``calib_data``: the images for the
     INT8 peers). The plain twin (``--overhead``) and the other ``--cbam-opt`` mode are built by
@@ -242,7 +248,8 @@ def bench_bundle(bundle_dir, batches: str | list[int] | None = None, artifacts: 
                                      min_seconds=min_seconds, warmup=warmup, threads=threads, max_seconds=max_seconds,
                                      strict=strict, retries=retries, wait_quiet=wait_quiet, peers=peers,
                                      calib_data=calib_data, runtime=runtime, markdown=markdown, plot=plot)
-    return bench_checked(bundle, options, trust, module=reference.module_or_reason()[0] if reference else None)
+    return bench_checked(bundle, options, trust, module=reference.module_or_reason()[0] if reference else None,
+                         progress=progress)
 
 
 def open_for_bench(bundle_dir, **options) -> tuple[Bundle, BenchOptions]:
@@ -254,7 +261,7 @@ def open_for_bench(bundle_dir, **options) -> tuple[Bundle, BenchOptions]:
 
 
 def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None = None, twins: list[Twin] = (),
-                  calib=None, module=None) -> dict:
+                  calib=None, module=None, progress=None) -> BenchResult:
     """``bench_bundle`` with its options checked (``open_for_bench``); ``twins`` are timed in the same
     rounds and paired with the bundle's rows (``result["paired"][prefix]``, see ``overhead_rows``);
     ``calib``: calibration images already loaded (``bench_calibration``), for the INT8 peers; ``module``:
@@ -290,7 +297,7 @@ def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None
             usable = {n: r for n, r in runners.items() if n not in limits or limits[n][0] <= batch <= limits[n][1]}
             skipped += [{"artifact": n, "reason": f"batch {batch} is outside {limits[n][2]} {list(limits[n][:2])}"}
                         for n in runners if n not in usable]
-            rows += _bench_batch(usable, chw, batch, options)
+            rows += _bench_batch(usable, chw, batch, options, progress=progress)
     prefixes = tuple(t.prefix for t in twins)
     result = BenchResult({"bundle": str(bundle.directory), "model": bundle.model.name, "machine": machine_info(),
                           "threads": threads,

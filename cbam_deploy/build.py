@@ -46,7 +46,6 @@ def build_artifacts(bundle_dir, formats_asked: str | list[str], precisions: str 
             else:
                 targets[fmt] = row.int8_recipe
         if targets:
-            started = time.perf_counter()
             try:
                 result = quantize_bundle(bundle, list(dict.fromkeys(targets.values())), calib_data, calib_size=calib_size,
                                          gates=gates, reference=reference, skip_unavailable=True, progress=progress)
@@ -54,8 +53,7 @@ def build_artifacts(bundle_dir, formats_asked: str | list[str], precisions: str 
                 if isinstance(exc, BackendUnavailable):
                     raise
                 result = {"artifacts": [], "skipped": {t: f"failed: {exc}" for t in targets.values()}}
-            seconds = round(time.perf_counter() - started, 2)
-            sizes = {a["name"]: a.get("size_bytes") for a in result["artifacts"]}
+            made = {a["name"]: a for a in result["artifacts"]}
             for fmt, target in targets.items():
                 why = result["skipped"].get(target)
                 if why:
@@ -64,7 +62,11 @@ def build_artifacts(bundle_dir, formats_asked: str | list[str], precisions: str 
                     engines_from_int8.append(fmt)  # built below from the recipe's artifact
                 else:
                     name = artifact_name(fmt, "int8", target, gates)
-                    outcomes.append(BuildOutcome(fmt, "int8", name, seconds=seconds, size_bytes=sizes.get(name)))
+                    record = made.get(name, {})
+                    outcomes.append(BuildOutcome(fmt, "int8", name, seconds=(record.get("quantization") or {}).get("seconds"),
+                                                 size_bytes=record.get("size_bytes")))
+                    if progress is not None:
+                        progress.artifact(outcomes[-1])
             bundle = bundle.refresh()
     options = BuildOptions(gates=gates, trt=trt, pytorch_model=reference.module_or_reason)
     for fmt in format_list:
@@ -83,6 +85,6 @@ def build_artifacts(bundle_dir, formats_asked: str | list[str], precisions: str 
             outcomes.append(outcome)
             if outcome.name and not row.root:
                 bundle = bundle.refresh()
-            if progress is not None:
+            if progress is not None and not (row.root and precision == "fp32"):  # the export reported it
                 progress.artifact(outcome)
     return outcomes

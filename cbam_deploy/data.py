@@ -11,6 +11,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,13 @@ class CalibrationSet:
     skipped: int = 0
     total_found: int = 0
     warnings: list[str] = field(default_factory=list)
+    # called with the number of samples each calibration step ran (a progress bar), when set
+    on_samples: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+
+    def advance(self, samples: int) -> None:
+        """Report ``samples`` more calibration samples run (recipes call it as they go)."""
+        if self.on_samples is not None:
+            self.on_samples(samples)
 
     def describe(self) -> dict:
         info = {
@@ -148,8 +156,11 @@ class CalibrationSet:
         return info
 
     def batches(self, batch: int):
+        """The inputs in chunks of ``batch``, each reported (``advance``) as it is taken."""
         for start in range(0, len(self.inputs), batch):
-            yield self.inputs[start:start + batch]
+            chunk = self.inputs[start:start + batch]
+            self.advance(len(chunk))
+            yield chunk
 
 
 def expected_chw(spec: dict) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .bench import (BenchOptions, Twin, bench_bundle, bench_calibration, bench_checked, check_bench_options,
+from .bench import (BenchOptions, BenchResult, Twin, bench_bundle, bench_calibration, bench_checked, check_bench_options,
                     open_for_bench, pytorch_spec)
 from .backends.base import TensorRTOptions
 from .build import build_artifacts
@@ -33,38 +33,44 @@ from .runtimes import available_runtimes, fitting
 from .verify import verify_bundle
 
 
-def run_export(options: ExportOptions) -> ExportResult:
+def run_export(options: ExportOptions, progress=None) -> ExportResult:
     """Export, then carry out the rest of what was asked (``--int8`` alone: quantize for its targets; a
     format x precision matrix: build, verify and time it); the summary that ``export --json`` prints.
     The PyTorch model the export built is the reference of every later step (nothing is rebuilt), and
     the bundle is opened once and passed along."""
     result = export_bundle(options)
+    if progress is not None:
+        progress.line(f"exported {ROOT_ARTIFACT} in {result['seconds']:.1f} s"
+                      f" ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB)")
     bundle = Bundle.open(result["bundle"])
     root = root_row()
     bundle.remember("runner", ROOT_ARTIFACT, result.parity_runner, root.reference_runtime, None)
     reference = ReferenceModel(bundle, module=result.module)
     if options.quantize_targets:
         result.add("int8", quantize_bundle(bundle, options.quantize_targets, options.calib_data, gates=options.gates,
-                                           reference=reference))
+                                           reference=reference, progress=progress))
         bundle = bundle.refresh()
     if options.builds:
         result.add("summary", build_verify_bench(bundle, options.format_list, options.precision_list,
-                                                 options.calib_data, options.gates, options.trt, reference=reference))
+                                                 options.calib_data, options.gates, options.trt, reference=reference,
+                                                 progress=progress))
     return result
 
 
 def build_verify_bench(bundle_dir, formats: str, precisions: str, calib_data: str | None = None,
                        gates: str | None = None, trt=None, bench_iters: int = 20, trust=None,
-                       reference: ReferenceModel | None = None) -> dict:
+                       reference: ReferenceModel | None = None, progress=None) -> dict:
     """The one-command job after an export: build every requested artifact the machine can build,
     verify each against PyTorch, time each next to PyTorch eager (batch 1), one summary."""
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
     reference = reference or ReferenceModel(bundle, trust)
-    outcomes = build_artifacts(bundle, formats, precisions, calib_data, gates=gates, trt=trt, reference=reference)
+    outcomes = build_artifacts(bundle, formats, precisions, calib_data, gates=gates, trt=trt, reference=reference,
+                               progress=progress)
     bundle = bundle.refresh()
     built = [o.name for o in outcomes if o.name]
-    verified = verify_bundle(bundle, artifacts=built, reference=reference)
-    timing = bench_bundle(bundle, [1], artifacts=built, iters=bench_iters, trust=trust, reference=reference)
+    verified = verify_bundle(bundle, artifacts=built, reference=reference, progress=progress)
+    timing = bench_bundle(bundle, [1], artifacts=built, iters=bench_iters, trust=trust, reference=reference,
+                          progress=progress)
     verdict = {r["artifact"]: r.get("passed") for r in verified["results"]}
     latency = {r["runner"]: r for r in timing["results"]}
     pytorch = latency.get("pytorch")
@@ -111,7 +117,8 @@ def timing_verdict(timing) -> dict:
 
 
 def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, overhead: bool = False,
-                     cbam_opt_compare: bool = False, trust: CodeTrust | None = None, **options) -> dict:
+                     cbam_opt_compare: bool = False, trust: CodeTrust | None = None, progress=None,
+                     **options) -> BenchResult:
     """``cbam-deploy bench BUNDLE``: ``bench.bench_bundle`` with ``options``, and in the same rounds, with
     ``overhead``, the model's plain twin (resnet50 for resnet50_cbam) exported and built like the bundle,
     for a cbam/plain ratio per engine (``result["overhead"]``); with ``cbam_opt_compare``, the same model
@@ -119,10 +126,11 @@ def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, over
     engine (``result["cbam_opt_compare"]``, rows ``cbam-opt-off:ARTIFACT``, or ``-on:``). Every option is
     checked once, before any export or measuring."""
     bundle, checked = open_for_bench(bundle_dir, batches=batches, **options)
-    return _bench_with_twins(bundle, checked, overhead, cbam_opt_compare, trust)
+    return _bench_with_twins(bundle, checked, overhead, cbam_opt_compare, trust, progress)
 
 
-def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = False, **options) -> dict:
+def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = False, progress=None,
+                **options) -> BenchResult:
     """``bench --model``: export ``model`` (a zoo name or file.py:factory) to a temporary bundle and bench it
     (as ``bench_with_twins`` with ``options``). The model, the artifact names and every bench option are
     checked before the export."""
@@ -131,15 +139,16 @@ def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = 
     check_artifact_names({"artifacts": [{"name": ROOT_ARTIFACT}]}, checked.artifacts, f"(exported from --model {model})")
     trust = CodeTrust(factory=model) if is_factory_spec(model) else None  # the user's own code
     with tempfile.TemporaryDirectory(prefix="cbam-bench-") as tmp:
-        bundle = export_bundle(ExportOptions(model=model, output=str(tmp), parity=False))["bundle"]
-        return _bench_with_twins(Bundle.open(bundle), checked, overhead, cbam_opt_compare, trust)
+        exported = export_bundle(ExportOptions(model=model, output=str(tmp), parity=False))
+        return _bench_with_twins(Bundle.open(exported["bundle"]), checked, overhead, cbam_opt_compare, trust, progress,
+                                 module=exported.module)
 
 
 def _bench_with_twins(bundle: Bundle, options: BenchOptions, overhead: bool, cbam_opt_compare: bool,
-                      trust: CodeTrust | None) -> dict:
+                      trust: CodeTrust | None, progress=None, module=None) -> BenchResult:
     plain = plain_twin(bundle.model) if overhead else None
     if not (overhead or cbam_opt_compare):
-        return bench_checked(bundle, options, trust)
+        return bench_checked(bundle, options, trust, module=module, progress=progress)
     # the twins are built for the artifacts the bench opens: those a runtime here (of --runtime) runs
     names = [a.name for a in bundle.artifacts if (not options.artifacts or a.name in options.artifacts)
              and (available_runtimes(a.format) if options.runtimes is None else fitting(a.format, options.runtimes))]
@@ -155,7 +164,7 @@ def _bench_with_twins(bundle: Bundle, options: BenchOptions, overhead: bool, cba
             built = build_twin(bundle, None, calib, Path(tmp) / f"cbam-opt-{other}", names, skipped, cbam_opt=other,
                                trust=trust)
             twins.append(Twin(f"cbam-opt-{other}:", built, artifacts=names))
-        result = bench_checked(bundle, options, trust, twins=twins, calib=calib)
+        result = bench_checked(bundle, options, trust, twins=twins, calib=calib, module=module, progress=progress)
     result["skipped"].extend(skipped)
     paired = result.remove("paired")
     if plain:

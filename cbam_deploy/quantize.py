@@ -24,6 +24,7 @@ from .formats import recipes
 from .loaders import ReferenceModel, open_artifact
 from .manifest import ROOT_ARTIFACT
 from .parity import INT8_MIN_COSINE, INT8_MIN_TOP1, compare_int8
+from .progress import NULL
 from .results import Result
 
 
@@ -110,10 +111,14 @@ def quantize_bundle(
             for target in chosen:
                 job = _job(bundle, update, target, method, gates, fp32_path, fp32.sha256, data, calib_batch, cache_dir,
                            reference)
-                results.append(_quantize_one(update, bundle, job, check, check_source, ref_out, reference_label))
-                if progress is not None:
-                    progress.line(f"quantized {target}: {results[-1]['name']} "
-                                  f"({results[-1]['quantization'].get('seconds')} s)")
+                with (progress or NULL).task(f"quantizing for {target} ({len(data.inputs)} calibration samples)",
+                                             len(data.inputs)) as step:
+                    data.on_samples = step
+                    try:
+                        results.append(_quantize_one(update, bundle, job, check, check_source, ref_out,
+                                                     reference_label))
+                    finally:
+                        data.on_samples = None
             faultpoint("quantized")
             commit_from_source(update, fp32.sha256, "quantizing", "run quantize again")
     return QuantizeResult({"bundle": str(bundle.directory), "artifacts": results,

@@ -29,6 +29,7 @@ from .loaders import ReferenceModel, is_stand_in, open_artifact, untrusted_code
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
 from .parity import TOLERANCES, bound_precision, compare_all, compare_int8, make_inputs, plan_cases, run_parity
+from .progress import NULL
 from .results import Result
 from .runtimes import parse_runtimes, runs
 from .transaction import faultpoint, update_manifest
@@ -194,31 +195,39 @@ def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | No
     images = ImageCache(bundle)
     chosen = [a for a in bundle.artifacts if not artifacts or a.name in artifacts]
     rows, recorded = [], {}
-    for index, artifact in enumerate(chosen):
-        if progress is not None:
-            progress.step("verify", index, len(chosen), artifact.name)
-        if stand_in and artifact.name == ROOT_ARTIFACT:
-            result = {"passed": None, "skipped": f"no independent reference ({label}); it was checked against "
-                                                 "PyTorch at export (see its parity)"}
-        elif runtime is not None and not runs(runtime, artifact.format):
-            result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact.format} artifacts"}
-        else:
-            result = verify_artifact(bundle, artifact, reference_runner_, data, samples, seed, runtime, images)
-        result["reference"] = label
-        if result.get("passed") is not None:
-            _check_gate_policy(bundle, artifact, result)
-        if result.get("passed") is not None and not stand_in:
-            _check_attention(bundle, artifact, reference_runner_.model, result, data, samples, seed, images)
-        if result.get("passed") is False and artifact.precision != "int8" and not stand_in:
-            _first_divergence(bundle, artifact, reference_runner_.model, result, seed)
-        if result.get("passed") is not None:
-            recorded[artifact.name] = (artifact.sha256, result)
-        rows.append({"artifact": artifact.name, "format": artifact.format, "precision": artifact.precision, **result})
+    with (progress or NULL).task(f"verifying {len(chosen)} artifact(s)", len(chosen)) as step:
+        for artifact in chosen:
+            rows.append(_verify_one(bundle, artifact, reference_runner_, label, stand_in, data, samples, seed, runtime,
+                                    images, recorded))
+            step()
     faultpoint("verified")
     warnings = _record(bundle_dir, recorded)
     verdicts = [r["passed"] for r in rows if r.get("passed") is not None]
     return VerifyResult({"bundle": str(bundle_dir), "reference": label, "results": rows, "warnings": warnings,
                          "passed": all(verdicts) if verdicts else None})
+
+
+def _verify_one(bundle: Bundle, artifact: ArtifactRecord, reference_runner_, label: str, stand_in: bool,
+                data: str | None, samples: int, seed: int, runtime: str | None, images: ImageCache,
+                recorded: dict) -> dict:
+    """One artifact's row: its parity, gate policy, attention parity and, when it fails, its first divergence."""
+    if stand_in and artifact.name == ROOT_ARTIFACT:
+        result = {"passed": None, "skipped": f"no independent reference ({label}); it was checked against "
+                                             "PyTorch at export (see its parity)"}
+    elif runtime is not None and not runs(runtime, artifact.format):
+        result = {"passed": None, "skipped": f"runtime {runtime} does not run {artifact.format} artifacts"}
+    else:
+        result = verify_artifact(bundle, artifact, reference_runner_, data, samples, seed, runtime, images)
+    result["reference"] = label
+    if result.get("passed") is not None:
+        _check_gate_policy(bundle, artifact, result)
+    if result.get("passed") is not None and not stand_in:
+        _check_attention(bundle, artifact, reference_runner_.model, result, data, samples, seed, images)
+    if result.get("passed") is False and artifact.precision != "int8" and not stand_in:
+        _first_divergence(bundle, artifact, reference_runner_.model, result, seed)
+    if result.get("passed") is not None:
+        recorded[artifact.name] = (artifact.sha256, result)
+    return {"artifact": artifact.name, "format": artifact.format, "precision": artifact.precision, **result}
 
 
 def _first_divergence(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, seed: int) -> None:

@@ -30,6 +30,7 @@ from ..models import CodeTrust, zoo_table
 from ..models.spec import check_input_size
 from ..pipeline import bench_model, bench_with_twins, run_export
 from ..profile import plot_profile, profile_bundle
+from ..progress import Progress
 from ..quantize import quantize_bundle, targets
 from ..report import markdown_report, plot_latency
 from ..runtimes import runtime_help
@@ -205,6 +206,7 @@ def export_command(
     target: Annotated[str, typer.Option(help=f"With --int8: comma list of {', '.join(targets())}.")] = "ort-cpu",
     cbam_opt: Annotated[str, typer.Option(help="on: CBAM rewrites for speed (exact ones checked by the parity run; "
                                                "recorded in the manifest); off: export the model as written.")] = "on",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
@@ -216,7 +218,7 @@ def export_command(
         opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache, dla_core=dla_core)
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
-    result = run_export(options)
+    result = run_export(options, progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)
     else:
@@ -238,6 +240,7 @@ def verify_command(
     runtime: Annotated[Optional[str], typer.Option(help=_RUNTIME_HELP + " Artifacts it does not run are skipped.")] = None,
     model: _TrustModel = None,
     trust_code: _TrustCode = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Check every artifact against PyTorch FP32; on an ONNX failure, name the first layer that departs.
@@ -245,7 +248,8 @@ def verify_command(
     A factory-made bundle's model is rebuilt only with --model FILE.py:FACTORY (sha256 checked) or
     --trust-code; without them every artifact is 'skipped: no trusted reference', never passed."""
     names = parse_list(artifact, "--artifact") if artifact is not None else None
-    result = verify_bundle(bundle, data, names, samples, runtime=runtime, trust=_trust(model, trust_code))
+    result = verify_bundle(bundle, data, names, samples, runtime=runtime, trust=_trust(model, trust_code),
+                           progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)
     else:
@@ -292,6 +296,7 @@ def bench_command(
     wait_quiet: Annotated[float, typer.Option(help="Wait up to this many seconds for other processes to go quiet first.")] = 0.0,
     markdown: Annotated[Optional[str], typer.Option(help="Write a markdown report here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot (latency vs batch) here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Latency and throughput of every artifact next to PyTorch eager, measured in the same run:
@@ -302,7 +307,7 @@ def bench_command(
     options = dict(batches=batch, artifacts=names, iters=iters, min_seconds=min_seconds, warmup=warmup, threads=threads,
                    max_seconds=max_seconds, strict=strict, retries=retries, wait_quiet=wait_quiet, peers=peers,
                    overhead=overhead, calib_data=calib_data, runtime=runtime, cbam_opt_compare=cbam_opt_compare,
-                   markdown=markdown, plot=plot)
+                   markdown=markdown, plot=plot, progress=Progress(quiet=quiet))
     if bundle is None:
         result = bench_model(model, **options)
     else:  # --model with a BUNDLE names its factory again, so that its code may run
@@ -360,13 +365,15 @@ def quantize_command(
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
     model: _TrustModel = None,
     trust_code: _TrustCode = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch
     (for a factory-made bundle without --model/--trust-code: with its FP32 ONNX)."""
     trust = _trust(model, trust_code)
     _note_untrusted(bundle, trust)
-    result = quantize_bundle(bundle, target, calib_data, calib_size, calib_batch, method, gates, cache, seed, trust=trust)
+    result = quantize_bundle(bundle, target, calib_data, calib_size, calib_batch, method, gates, cache, seed, trust=trust,
+                             progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)
     else:

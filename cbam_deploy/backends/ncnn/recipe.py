@@ -44,6 +44,7 @@ def activation_table(param_path: Path, bin_path: Path, data: CalibrationSet, met
     seen: dict[str, list] = {b: [] for b in blobs}
     for image in data.inputs:
         values = run_blobs(net, image, inputs[0], blobs)
+        data.advance(1)
         for blob, value in values.items():
             magnitude = np.abs(value).ravel()
             seen[blob].append(magnitude.max() if method == "minmax" else magnitude)

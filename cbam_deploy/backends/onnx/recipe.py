@@ -41,7 +41,8 @@ class _Reader:
     """onnxruntime CalibrationDataReader over a CalibrationSet."""
 
     def __init__(self, data: CalibrationSet, input_name: str, batch: int) -> None:
-        self._batches = [b for b in data.batches(batch)]
+        self._data = data
+        self._batches = [data.inputs[i:i + batch] for i in range(0, len(data.inputs), batch)]
         self._name = input_name
         self._index = 0
 
@@ -49,6 +50,7 @@ class _Reader:
         if self._index >= len(self._batches):
             return None
         self._index += 1
+        self._data.advance(len(self._batches[self._index - 1]))
         return {self._name: self._batches[self._index - 1]}
 
     def rewind(self) -> None:

@@ -79,14 +79,14 @@ def quantize_openvino(
         ignored = nodes_of(found) if gates == "fp" else []
         info["excluded_nodes"] = len(ignored)
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
-        batches = [b for b in data.batches(1)]
+        batches = [data.inputs[i:i + 1] for i in range(len(data.inputs))]
         nncf.set_log_level(logging.ERROR)
         try:
             # NNCF draws progress bars and logs on stdout, which belongs to --json output
             with contextlib.redirect_stdout(sys.stderr):
                 quantized = nncf.quantize(
                     model,
-                    nncf.Dataset(batches),
+                    nncf.Dataset(batches, lambda x: (data.advance(1), x)[1]),
                     preset=nncf.QuantizationPreset.PERFORMANCE,
                     subset_size=len(batches),
                     ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
