@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,17 +83,26 @@ class Extra:
         missing = self.probe()
         if missing:
             raise BackendUnavailable(missing)
-        try:
-            imported = [importlib.import_module(name) for name in names]
-        except Exception as exc:  # a broken or partial install
-            raise BackendUnavailable(f"{self.what} cannot be imported ({type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): {self.install}") from None
+        imported = []
+        for name in names:
+            try:
+                __import__(name)  # the import statement's own hook: what a test or a sandbox may block
+                imported.append(sys.modules[name])
+            except ImportError as exc:
+                if exc.name in (None, name, name.split(".")[0]):  # the module itself is not there
+                    raise BackendUnavailable(self.missing) from None
+                raise BackendUnavailable(f"{self.what} cannot be imported ({type(exc).__name__}: {exc}): "
+                                         f"{self.install}") from None
+            except Exception as exc:  # a broken or partial install
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                raise BackendUnavailable(f"{self.what} cannot be imported ({type(exc).__name__}: {first}): "
+                                         f"{self.install}") from None
         return imported[0]
 
     def require_all(self, *modules: str) -> list:
         """Each of ``modules`` imported (the same refusals as ``require``)."""
         self.require(*modules)
-        return [importlib.import_module(name) for name in modules]
+        return [sys.modules[name] for name in modules]
 
 
 @dataclass(frozen=True)
