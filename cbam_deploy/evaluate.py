@@ -15,7 +15,7 @@ from .bundle import Bundle, check_artifact_names
 from .checks import MAX_BATCH, check_int
 from .data import _Unreadable, check_data_source, image_folder, load_image_file
 from .errors import BackendUnavailable, CbamDeployError
-from .loaders import open_artifact, reference_runner
+from .loaders import is_stand_in, open_artifact, reference_runner
 from .models import CodeTrust
 
 
@@ -72,7 +72,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
     reference, reference_label = reference_runner(bundle, trust=trust)  # ONNX stands in without it
     ref_logits, ref_seconds = run(reference)
     ref_top1 = ref_logits.argmax(1)
-    rows = [{"artifact": reference_label, "format": "pytorch" if reference_label == "pytorch-fp32" else "onnx",
+    rows = [{"artifact": reference_label, "format": "onnx" if is_stand_in(reference) else "pytorch",
              "precision": "fp32", **topk_metrics(ref_logits, labels, ref_top1), "seconds": round(ref_seconds, 2)}]
     for name in [artifact] if artifact else bundle.artifact_names:
         entry = bundle.artifact(name)
