@@ -40,12 +40,13 @@ from cbam_deploy.bundle import Bundle
 from cbam_deploy.data import load_calibration
 from cbam_deploy.export import ExportRequest, export_bundle
 from cbam_deploy.loaders import is_stand_in, open_artifact, reference_runner
+from cbam_deploy.models import build_model
 from cbam_deploy.parity import TOLERANCES, ParityCase, compare_all, compare_int8, make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL, STEM = "resnet10_half_cbam", "cifar"
 FORMATS, PRECISIONS = "onnx,openvino,ncnn,executorch", "fp32,int8"
-CPUS = "cortex-a76,cortex-a57"
+CPUS = ["cortex-a76", "cortex-a57"]
 VERSIONED = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "ncnn", "pnnx", "executorch", "torchao", "numpy")
 WORKER_TIMEOUT_S = 1800
 
@@ -129,11 +130,21 @@ def run_workers(args, bundle_dir: Path, inputs_path: Path, work: Path, cpus: lis
         record = json.loads((out / "record.json").read_text())
         record["outputs"] = {name: dict(np.load(out / f"{name}.npz")) for name in record["artifacts"]
                              if (out / f"{name}.npz").is_file()}
+        record["init"].update(init_difference(bundle_dir, dict(np.load(out / "init-state.npz"))))
         return cpu, record
 
     jobs = max(1, min(len(cpus), os.cpu_count() or 1, args.jobs))
     with ThreadPoolExecutor(jobs) as pool:
         return dict(pool.map(one, cpus))
+
+
+def init_difference(bundle_dir: Path, rebuilt: dict) -> dict:
+    """How the seeded init rebuilt on aarch64 differs from the one rebuilt here, tensor by tensor."""
+    model = Bundle.open(bundle_dir).model
+    here = build_model(model.spec, None, model.num_classes, model.stem, model.outputs_mode).module.state_dict()
+    deltas = {name: float(np.abs(tensor.numpy().astype(np.float64) - rebuilt[name]).max()) if tensor.numel() else 0.0
+              for name, tensor in here.items()}
+    return {"tensors_differing_bits": sum(d > 0 for d in deltas.values()), "max_abs_difference": max(deltas.values())}
 
 
 def _max_delta(a: dict, b: dict) -> float:
@@ -164,13 +175,13 @@ def judge(bundle: Bundle, cpu: str, record: dict, reference: dict, on_x86: dict)
             max_abs_err=metrics.get("max_abs_err"), top1_agreement=metrics.get("top1_agreement"),
             cosine_min=metrics.get("cosine_min"), cosine_mean=metrics.get("cosine_mean"), bound=metrics.get("bound"),
             passed=bool(metrics["passed"]), reason=metrics.get("reason"),
-            computed_in=computed or ("int8 (float parts: " + described["inference_precision"] + ")"
-                                     if "inference_precision" in described else None),
+            computed_in=(None if name == "pytorch-aarch64" else
+                         f"int8, float parts {computed}" if precision == "int8" and computed else computed),
             runtime=described.get("runtime"),
             vs_x86_artifact=_max_delta(outputs, on_x86[base]) if base in on_x86 else None,
         )
         # an fp32 pin holds when the runtime reports fp32; a runtime that reports nothing is said so
-        if precision == "fp32" and name != "pytorch-aarch64":
+        if precision == "fp32" and name != "pytorch-aarch64" and row["pinned"]:
             row["pin_held"] = None if computed is None else computed == "fp32"
         rows.append(row)
     return rows
@@ -206,7 +217,7 @@ def render(result: dict) -> str:
               f"{'top-1':>6} {'cos min':>9} {'vs x86 same':>11}  result")
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
-        computed = row.get("computed_in") or "not reported"
+        computed = row.get("computed_in") or ("-" if row["artifact"] == "pytorch-aarch64" else "not reported")
         if row.get("pin_held") is True:
             computed += " (pin held)"
         result_text = "ERROR" if row.get("max_abs_err") is None and not row["passed"] else \
@@ -224,12 +235,14 @@ def render(result: dict) -> str:
             continue
         cpuinfo, defaults, init = record["cpu"], record["defaults"], record["init"]
         lines.append(f"{cpu}: guest /proc/cpuinfo CPU part {cpuinfo['cpu_part']}, features {' '.join(cpuinfo['features'])}")
+        ncnn = ("fp16 storage and arithmetic" if defaults["ncnn_fp16_arithmetic"] else
+                "fp16 storage, fp32 arithmetic" if defaults["ncnn_fp16_storage"] else "fp32")
         lines.append(f"  unpinned defaults: OpenVINO inference precision {defaults['openvino_inference_precision']}; "
-                     f"ncnn {defaults['ncnn_default_precision']} (fp16 options on by default: "
-                     f"{defaults['ncnn_fp16_options_default']}, CPU has fp16 arithmetic: "
-                     f"{defaults['ncnn_cpu_has_fp16_arithmetic']})")
-        lines.append(f"  seeded init rebuilt by aarch64 torch {record['torch']}: exact sha256 "
-                     f"{'equal' if init['exact_sha256_equal'] else 'differs'}; verify's reference: {init['verify_reference']}")
+                     f"ncnn {ncnn}")
+        lines.append(f"  seeded init rebuilt by aarch64 torch {record['torch']}: {init['tensors_differing_bits']} of "
+                     f"{init['tensors']} tensors differ from x86's (max |Δ| {init['max_abs_difference']:.1e}), exact "
+                     f"sha256 {'equal' if init['exact_sha256_equal'] else 'differs'}; verify's reference there: "
+                     f"{init['verify_reference']}")
     lines.append("")
     lines.append("result: " + ("pass" if result["passed"] else "FAIL\n  " + "\n  ".join(result["problems"])))
     return "\n".join(lines)
@@ -241,12 +254,14 @@ def main() -> int:
     parser.add_argument("--sysroot", required=True)
     parser.add_argument("--site", required=True, help="the aarch64 packages (a PYTHONPATH)")
     parser.add_argument("--cache", required=True)
-    parser.add_argument("--cpus", default=CPUS, help=f"emulated CPUs, comma list (default {CPUS})")
+    parser.add_argument("--cpu", action="append", dest="cpus",
+                        help=f"an emulated CPU as qemu's -cpu takes it, e.g. 'max,sme=off'; repeatable (default: "
+                             f"{' and '.join(CPUS)})")
     parser.add_argument("--threads", type=int, default=1, help="threads per runtime on aarch64 (default 1)")
     parser.add_argument("--jobs", type=int, default=2, help="emulated CPUs run at once (default 2)")
     parser.add_argument("--json", help="also write the result as JSON to this file")
     args = parser.parse_args()
-    cpus = [c.strip() for c in args.cpus.split(",") if c.strip()]
+    cpus = args.cpus or CPUS
 
     bundle_dir = export(Path(args.cache))
     bundle = Bundle.open(bundle_dir)

@@ -3,7 +3,7 @@
 # artifacts (fp32 and int8) run by the aarch64 builds of their runtimes under user-mode emulation
 # (qemu-aarch64, the emulated CPU pinned), each compared with PyTorch on this machine.
 #
-#   scripts/arm_check.sh [--cpus cortex-a76,cortex-a57] [--json FILE] [--setup-only]
+#   scripts/arm_check.sh [--cpu CPU ...] [--json FILE] [--setup-only]     (default: --cpu cortex-a76 --cpu cortex-a57)
 #
 # Everything it fetches goes into a cache folder (CBAM_DEPLOY_ARM_CACHE, default
 # ~/.cache/cbam-deploy/arm), never into the repository, and each step is skipped when its result is

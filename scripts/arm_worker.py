@@ -73,14 +73,13 @@ def runtime_defaults() -> dict:
     ov = require_openvino()
     ncnn = require_ncnn()
     opt = ncnn.Net().opt
-    fp16_default = bool(opt.use_fp16_arithmetic or opt.use_fp16_storage)
-    has_fp16 = bool(getattr(ncnn, "cpu_support_arm_asimdhp", lambda: 0)())
+    arithmetic = bool(opt.use_fp16_arithmetic) and bool(getattr(ncnn, "cpu_support_arm_asimdhp", lambda: 0)())
+    storage = bool(opt.use_fp16_storage or opt.use_fp16_packed)  # fp16 conversions: every ARMv8 core has them
     return {
         "openvino_inference_precision": str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
         .replace("<Type: '", "").rstrip("'>"),
-        "ncnn_fp16_options_default": fp16_default,
-        "ncnn_cpu_has_fp16_arithmetic": has_fp16,
-        "ncnn_default_precision": "fp16" if fp16_default and has_fp16 else "fp32",
+        "ncnn_fp16_storage": storage,
+        "ncnn_fp16_arithmetic": arithmetic,
     }
 
 
@@ -103,9 +102,12 @@ def main() -> None:
         record["artifacts"][name] = {"label": label or name, "described": described(runner),
                                      "computed_precision": runner.computed_precision(), "seconds": round(seconds, 2)}
 
-    for artifact in bundle.artifacts:
+    # ExecuTorch last, on its default thread pool: resetting that pool (``threads``) is "unsafe" by
+    # ExecuTorch's own name for it, and under emulation it corrupted the heap or hung the process
+    for artifact in sorted(bundle.artifacts, key=lambda a: a.format == "executorch"):
+        threads = None if artifact.format == "executorch" else args.threads
         try:
-            runner = open_artifact(bundle.directory, bundle, artifact.name, threads=args.threads)
+            runner = open_artifact(bundle.directory, bundle, artifact.name, threads=threads)
         except Exception as exc:  # reported per artifact: the others still run
             record["artifacts"][artifact.name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -123,6 +125,7 @@ def main() -> None:
     model = bundle.model
     rebuilt = build_model(model.spec, None, model.num_classes, model.stem, model.outputs_mode).module
     match = match_state_summary(rebuilt, (model.init or {}).get("state_summary"))
+    np.savez(out / "init-state.npz", **{k: v.detach().numpy() for k, v in rebuilt.state_dict().items()})
     reference, label = reference_runner(bundle)
     record["init"] = {"exact_sha256_equal": state_fingerprint(rebuilt) == (model.init or {}).get("state_sha256"),
                       "tolerant_match": match.matched, "worst_share_of_bound": match.worst,

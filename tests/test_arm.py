@@ -157,7 +157,8 @@ def test_every_artifact_keeps_parity_on_emulated_aarch64_with_its_fp32_pins(tmp_
     if missing:
         pytest.skip(missing)
     out = tmp_path / "arm.json"
-    done = subprocess.run(["bash", str(ROOT / "scripts/arm_check.sh"), "--json", str(out)], cwd=ROOT,
+    done = subprocess.run(["bash", str(ROOT / "scripts/arm_check.sh"), "--cpu", "cortex-a76", "--cpu", "cortex-a57",
+                           "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True)
     assert out.is_file(), done.stdout + done.stderr
     result = json.loads(out.read_text())
@@ -168,6 +169,7 @@ def test_every_artifact_keeps_parity_on_emulated_aarch64_with_its_fp32_pins(tmp_
         assert record["cpu"]["machine"] == "aarch64" and record["cpu"]["cpu_part"] == CPU_PARTS[cpu]
         # the aarch64 torch rebuilds the seeded init with other last bits; it is still the reference
         assert record["init"]["tolerant_match"] and not record["init"]["stand_in"]
+        assert 0 <= record["init"]["max_abs_difference"] < 1e-5
         rows = {r["artifact"]: r for r in result["rows"] if r["cpu"] == cpu}
         assert {a for a in result["artifacts"]} <= set(rows)
         for name, row in rows.items():
@@ -182,4 +184,4 @@ def test_every_artifact_keeps_parity_on_emulated_aarch64_with_its_fp32_pins(tmp_
             assert rows[f"{fmt}-fp32"]["pin_held"] is True, rows[f"{fmt}-fp32"]
     # the pins matter there: the A76 has fp16 arithmetic, which both runtimes pick unpinned
     a76 = result["records"]["cortex-a76"]["defaults"]
-    assert a76["ncnn_default_precision"] == "fp16"
+    assert a76["ncnn_fp16_arithmetic"] and a76["openvino_inference_precision"] != "float32"

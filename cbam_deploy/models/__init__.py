@@ -89,7 +89,7 @@ class InitMatch:
         if not self.matched:
             return self.reason
         return (f"seeded init matched within tolerance: {self.differing} of {self.tensors} tensors differ in their "
-                f"last bits, at most {self.worst:.0%} of the bound (rtol {INIT_RTOL:g} of the tensor's norm + "
+                f"last bits, by at most {100 * self.worst:.2g}% of the bound (rtol {INIT_RTOL:g} of the tensor's norm + "
                 f"atol {INIT_ATOL:g} per element); the exact sha256 differs")
 
 
