@@ -11,7 +11,7 @@ from .formats import root_row
 from .manifest import ROOT_ARTIFACT
 from .errors import CbamDeployError
 from .fsutil import UnsafePath, sha256_no_follow
-from .models import build_model, factory_to_run, is_factory_spec, state_fingerprint
+from .models import build_model, factory_to_run, is_factory_spec, match_state_summary, state_fingerprint
 from .runners.base import Runner
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
@@ -54,7 +54,9 @@ def untrusted_code(manifest, trust=None) -> str | None:
 def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None) -> tuple[Runner, str]:
     """The PyTorch FP32 original, rebuilt from the manifest (a ``Bundle`` or a manifest dict): the
     checkpoint (by its absolute path, checked against its sha256), or for a random-init zoo model the
-    same seeded init (checked against the state fingerprint recorded at export). A factory model is
+    same seeded init (checked against the state fingerprint recorded at export; where the exact sha256
+    differs, as it can when another CPU's torch rebuilds the init, against the tolerant
+    ``state_summary``, and the label says so). A factory model is
     rebuilt only with ``trust`` (``models.CodeTrust``): code from a bundle never runs by itself. Where
     the model cannot be rebuilt the bundle's FP32 ONNX (checked against PyTorch at export) stands in;
     the label says so, and ``is_stand_in`` tells callers not to count a comparison of that ONNX with
@@ -83,7 +85,11 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
         loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode)
         if state_fingerprint(loaded.module) == model.init["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
-        reason = "random init: this torch rebuilds different weights from the same seed"
+        # another CPU's torch may rebuild the seeded init with different last bits: the same model
+        match = match_state_summary(loaded.module, model.init.get("state_summary"))
+        if match.matched:
+            return TorchRunner(loaded.module), f"pytorch-fp32 ({match.describe()})"
+        reason = f"random init: this torch rebuilds different weights from the same seed ({match.reason})"
     else:
         reason = "no checkpoint: a random-init model that cannot be rebuilt"
     if bundle_dir is None:

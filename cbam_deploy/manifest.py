@@ -119,7 +119,13 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
     check.field(model, "factory_sha256", "model.", _is_text, "a sha256 string", required=False)
-    check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
+    init = check.field(model, "init", "model.", _is_dict, "an object", required=False, nullable=True)
+    if init is not None:
+        check.field(init, "state_sha256", "model.init.", _is_text, "a sha256 string")
+        summary = check.field(init, "state_summary", "model.init.", _is_dict, "an object", required=False)
+        if summary is not None:  # the tolerant fingerprint (models.state_summary)
+            check.field(summary, "tensors", "model.init.state_summary.", _is_summary_tensors,
+                        "an object of tensor name: [elements, norm, sum, projection]")
     check.field(model, "notes", "model.", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
                 "a list of strings", required=False)
     weights = check.field(model, "weights", "model.", _is_dict, "an object or null", required=False, nullable=True)
@@ -254,6 +260,12 @@ def _is_number(value) -> bool:
 
 def _is_number_list(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(_is_number(v) for v in value)
+
+
+def _is_summary_tensors(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, list) and len(v) == 4 and _is_int(v[0]) and v[0] >= 0 and all(_is_number(f) for f in v[1:])
+        for v in value.values())
 
 
 def _is_text(value) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,11 +21,21 @@ from .stats import count_gmacs, count_parameters
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "CodeTrust", "LoadedModel", "factory_to_run", "SpatialGate", "SqueezeExcite", "build_model",
     "OUTPUTS", "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
-    "zoo_table",
+    "InitMatch", "match_state_summary", "state_summary", "zoo_table",
 ]
 
 
 INIT_SEED = 0
+# a seeded init rebuilt by another CPU's torch (another ISA's vector code in the init math) may differ
+# in the last bits of some weights (up to 2.5e-7 between x86-64 and aarch64): a tensor is the same when
+# its change stays within INIT_RTOL of its L2 norm plus INIT_ATOL per element (root mean square), far
+# above those bits and far below any real change of weights
+INIT_RTOL = 1e-5
+INIT_ATOL = 1e-6
+SUMMARY_RULE = ("per tensor, in float64: [elements n, L2 norm, sum / sqrt(n), projection on a unit vector drawn "
+                "from numpy default_rng([0, n])]; the same when every figure differs by at most "
+                "rtol x norm + atol x sqrt(n)")
+_FIGURE_ROUNDING = 1e-9  # figures are recorded to 10 significant digits: a smaller difference is no difference
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -34,6 +46,88 @@ def state_fingerprint(module: nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
                       else tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _direction(size: int) -> np.ndarray:
+    """The seeded unit vector a tensor of ``size`` elements is projected on (the same on every machine:
+    numpy's PCG64 and its uniform floats are bit-exact across platforms)."""
+    direction = np.random.default_rng([INIT_SEED, size]).random(size) - 0.5
+    norm = float(np.linalg.norm(direction))
+    return direction / norm if norm > 0 else direction
+
+
+def _tensor_figures(tensor: torch.Tensor) -> list[float]:
+    values = tensor.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    if values.size == 0:
+        return [0, 0.0, 0.0, 0.0]
+    figures = (np.linalg.norm(values), values.sum() / math.sqrt(values.size), _direction(values.size) @ values)
+    return [int(values.size)] + [float(f"{float(v):.10g}") for v in figures]
+
+
+def state_summary(module: nn.Module) -> dict:
+    """A fingerprint that tolerates the last bits: per parameter and buffer, its element count and three
+    float64 figures (its L2 norm, its sum over sqrt(n), its projection on a seeded random unit vector).
+    Each figure moves by at most the L2 norm of a change to the tensor, so a tensor whose figures all
+    stay within the bound changed by about that much or less. Recorded beside the exact
+    ``state_fingerprint`` to recognise a seeded init rebuilt by another CPU's torch; it is no proof
+    against a deliberate change (the sha256 is the exact check)."""
+    return {"rule": SUMMARY_RULE, "rtol": INIT_RTOL, "atol": INIT_ATOL,
+            "tensors": {name: _tensor_figures(tensor) for name, tensor in sorted(module.state_dict().items())}}
+
+
+@dataclass(frozen=True)
+class InitMatch:
+    """How a rebuilt model's state compares with a recorded ``state_summary``."""
+
+    matched: bool
+    worst: float  # the largest difference of a figure as a fraction of its tensor's bound (inf: not comparable)
+    differing: int  # tensors whose figures differ by more than their recorded rounding
+    tensors: int
+    reason: str = ""
+
+    def describe(self) -> str:
+        if not self.matched:
+            return self.reason
+        return (f"seeded init matched within tolerance: {self.differing} of {self.tensors} tensors differ in their "
+                f"last bits, by at most {100 * self.worst:.2g}% of the bound (rtol {INIT_RTOL:g} of the tensor's norm + "
+                f"atol {INIT_ATOL:g} per element); the exact sha256 differs")
+
+
+def _well_formed(figures) -> bool:
+    return (isinstance(figures, list) and len(figures) == 4 and isinstance(figures[0], int)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in figures))
+
+
+def match_state_summary(module: nn.Module, summary: dict | None, rtol: float = INIT_RTOL,
+                        atol: float = INIT_ATOL) -> InitMatch:
+    """Whether ``module``'s state matches a recorded ``state_summary``: the same tensor names and sizes,
+    and every figure of every tensor within ``rtol`` x its norm + ``atol`` x sqrt(its size)."""
+    recorded = summary.get("tensors") if isinstance(summary, dict) else None
+    if not isinstance(recorded, dict):
+        return InitMatch(False, math.inf, 0, 0, "no tolerant fingerprint recorded (a bundle exported before it existed)")
+    current = {name: _tensor_figures(tensor) for name, tensor in sorted(module.state_dict().items())}
+    if set(current) != set(recorded):
+        extra, missing = sorted(set(current) - set(recorded)), sorted(set(recorded) - set(current))
+        return InitMatch(False, math.inf, 0, len(recorded), f"the rebuilt model's tensors are not the recorded ones "
+                                                              f"(new: {extra[:3]}, missing: {missing[:3]})")
+    worst, differing, worst_name = 0.0, 0, ""
+    for name, figures in current.items():
+        ref = recorded[name]
+        if not _well_formed(ref):
+            return InitMatch(False, math.inf, 0, len(recorded), f"the recorded figures of {name} are damaged")
+        if ref[0] != figures[0]:
+            return InitMatch(False, math.inf, 0, len(recorded), f"{name} has {figures[0]} elements, {ref[0]} recorded")
+        delta = max(abs(a - b) for a, b in zip(figures[1:], ref[1:]))
+        bound = rtol * abs(ref[1]) + atol * math.sqrt(ref[0])
+        differing += delta > _FIGURE_ROUNDING * max(abs(ref[1]), 1e-30)
+        share = delta / bound if bound > 0 else (0.0 if delta == 0 else math.inf)
+        if share > worst:
+            worst, worst_name = share, name
+    if worst > 1:
+        return InitMatch(False, worst, differing, len(current),
+                         f"{differing} of {len(current)} tensors differ, {worst_name} by {worst:.3g} times the bound "
+                         f"(rtol {rtol:g} of its norm + atol {atol:g} per element)")
+    return InitMatch(True, worst, differing, len(current))
 
 
 @dataclass
@@ -72,7 +166,8 @@ class LoadedModel:
             info["factory"] = f"{Path(path).resolve()}:{factory}"
             info["factory_sha256"] = self.factory_sha256  # what --model must match to run it again
         if self.checkpoint is None:  # verify rebuilds it and checks it is the same model
-            info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module)}
+            info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module),
+                            "state_summary": state_summary(self.module)}
         return info
 
 
