@@ -25,8 +25,9 @@ SYNTHETIC = "synthetic"
 
 
 def preprocess_image(image, spec: dict) -> np.ndarray:
-    """PIL image -> float32 CHW, as the manifest says: RGB, resize shorter side, center crop,
-    scale to [0, 1], subtract mean, divide by std.
+    """PIL image -> float32 CHW, as the manifest says (``preprocessing``): RGB, fitted to the input
+    (resize the shorter side and centre-crop, or letterbox: resize the longer side and pad), scaled,
+    mean subtracted, divided by std.
 
     16-bit images (modes I;16* and I) are scaled by their depth (65535 -> 1.0), not clipped at 255.
     The work is bounded by the output whatever the aspect ratio: an image whose resized long side
@@ -46,6 +47,9 @@ def preprocess_image(image, spec: dict) -> np.ndarray:
 
     pre = spec["preprocess"]
     method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.get("interpolation", "bilinear")]
+    if pre.get("mode") == "letterbox":
+        image = _letterbox(to_rgb(image), int(pre["center_crop"]), method, int(pre.get("pad_value", 114)))
+        return _normalise(np.asarray(image, dtype=np.float32), pre)
     resize, crop = int(pre["resize_shorter"]), int(pre["center_crop"])
     width, height = image.size
     scale = resize / min(width, height)
@@ -67,12 +71,30 @@ def preprocess_image(image, spec: dict) -> np.ndarray:
         if image.size != (crop, crop):  # a crop larger than the resized image: black borders, as crop() gives
             window, image = image, Image.new(image.mode, (crop, crop))
             image.paste(window, (x0 - left, y0 - top))
-    array = np.asarray(image, dtype=np.float32)
+    return _normalise(np.asarray(image, dtype=np.float32), pre)
+
+
+def _normalise(array: np.ndarray, pre: dict) -> np.ndarray:
+    """HWC pixels -> CHW, scaled and normalised as ``pre`` says."""
     if array.ndim == 2:  # a 16-bit image is one channel until here
         array = np.repeat(array[:, :, None], 3, axis=2)
     array = array * float(pre.get("scale", 1 / 255))
     array = (array - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _letterbox(image, size: int, method, pad_value: int):
+    """The image resized so that its longer side is ``size`` (aspect kept), centred on a ``size`` x
+    ``size`` canvas of ``pad_value`` (what Ultralytics' LetterBox does for a square input). A very long
+    strip is resized from the rows or columns it keeps, so its cost is bounded by the output."""
+    width, height = image.size
+    ratio = size / max(width, height)
+    new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), method, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), (pad_value,) * 3)
+    canvas.paste(image, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
 
 
 def load_image_file(path: Path, spec: dict) -> np.ndarray:

@@ -27,17 +27,17 @@ from .data import check_data_source
 from .errors import CbamDeployError
 from .formats import GATE_POLICIES, PRECISIONS, formats, recipes, root_row
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
-from .models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, build_model, count_gmacs, is_factory_spec
+from .models import LoadedModel, build_model, count_gmacs, is_factory_spec
 from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocessing_options
 from .results import EXIT_FAILED_CHECK, EXIT_OK, Result
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
 from .torch_gates import example_input, find_gates
 from .transaction import BundleUpdate, faultpoint
 
-CROP_PCT = 0.875
 
 
 class ExportResult(Result):
@@ -109,6 +109,8 @@ class ExportOptions:
     extra_notes: list[str] = field(default_factory=list)
     # {output name: kind} (or ["NAME=KIND", ...]) over the kind guessed from each output's shape
     output_kinds: dict[str, str] | list[str] | None = None
+    # how images are prepared, over the model's own (preprocessing.preprocessing_options: resize, mean, std, ...)
+    preprocess: dict | None = None
     # what to build after the ONNX
     formats: str | list[str] = "onnx"
     precisions: str | list[str] = "fp32"
@@ -136,6 +138,13 @@ class ExportOptions:
         if self.outputs == "features" and is_factory_spec(self.model):
             raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
         self.output_kinds = parse_output_kinds(self.output_kinds)
+        if self.preprocess is not None and not isinstance(self.preprocess, dict):
+            raise CbamDeployError("preprocess takes a dict of resize, mean, std, scale, crop_pct, interpolation")
+        try:
+            self.preprocess = preprocessing_options(**(self.preprocess or {}))
+        except TypeError:
+            raise CbamDeployError(f"preprocess takes resize, mean, std, scale, crop_pct and interpolation, got "
+                                  f"{sorted(self.preprocess)}") from None
         self.format_list = parse_list(self.formats, "--format", formats())
         self.precision_list = parse_list(self.precisions, "--precision", PRECISIONS)
         self.target_list = parse_list(self.targets, "--target", tuple(recipes()))
@@ -196,26 +205,24 @@ def default_output_dir(model_spec: str) -> Path:
     return Path("bundles") / stem
 
 
-def input_spec(loaded: LoadedModel, options) -> dict:
-    return make_input_spec(options.input_size, loaded.mean, loaded.std, options.symbolic_input_shape())
+def input_spec(loaded: LoadedModel, options, overrides: dict | None = None) -> dict:
+    """The manifest's ``input`` for ``loaded`` exported with ``options``: its preprocessing, with what the
+    user set (``overrides``) over the model's own."""
+    preprocessing = loaded.preprocessing.with_overrides(**(overrides or {}))
+    return make_input_spec(options.input_size, shape=options.symbolic_input_shape(), preprocessing=preprocessing)
 
 
-def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list | None = None) -> dict:
+def make_input_spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, shape: list | None = None,
+                    preprocessing: Preprocessing | None = None) -> dict:
     """The manifest's ``input``: what every consumer needs to feed the model identically."""
+    preprocessing = preprocessing or Preprocessing(mean=tuple(mean), std=tuple(std))
     return {
         "name": "input",
         "shape": shape or ["batch", 3, size, size],
         "dtype": "float32",
         "layout": "NCHW",
         "color": "RGB",
-        "preprocess": {
-            "resize_shorter": int(round(size / CROP_PCT)) if size >= 64 else size,
-            "center_crop": size,
-            "interpolation": "bilinear",
-            "scale": 1 / 255,
-            "mean": list(mean),
-            "std": list(std),
-        },
+        "preprocess": preprocessing.record(size),
     }
 
 
@@ -312,7 +319,7 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     except Exception:  # a user's factory model may not run on the counter; the count is optional
         model_info["gflops"] = None
     model_info["notes"] = model_info["notes"] + request.extra_notes
-    manifest = new_manifest(model_info, input_spec(loaded, options), info["outputs"])
+    manifest = new_manifest(model_info, input_spec(loaded, options, request.preprocess), info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     artifact = update.add_artifact(root.name, "fp32", export=info,
                                    parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})

@@ -21,6 +21,8 @@ from .formats import get as get_format
 from .formats import recipe as get_recipe
 from .fsutil import UnsafePath, open_no_follow, sha256_written
 from .outputs import OUTPUT_KINDS
+from .preprocessing import INTERPOLATIONS
+from .preprocessing import MODES as PREPROCESS_MODES
 
 MANIFEST_NAME = "manifest.json"
 # the bundle's first artifact, which the export writes and every other artifact is built from (the
@@ -153,11 +155,15 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     for key in ("dtype", "layout", "color"):
         check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
     pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
+    check.field(pre, "mode", "input.preprocess.", lambda v: v in PREPROCESS_MODES, f"one of {', '.join(PREPROCESS_MODES)}",
+                required=False)
+    check.field(pre, "pad_value", "input.preprocess.", lambda v: _is_number(v) and 0 <= v <= 255, "a number from 0 to 255",
+                required=False)
     for key in ("resize_shorter", "center_crop"):
         check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
                     "a positive whole number")
-    check.field(pre, "interpolation", "input.preprocess.", lambda v: v in _INTERPOLATIONS,
-                f"one of {', '.join(_INTERPOLATIONS)}", required=False)
+    check.field(pre, "interpolation", "input.preprocess.", lambda v: v in INTERPOLATIONS,
+                f"one of {', '.join(INTERPOLATIONS)}", required=False)
     check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
     mean = check.field(pre, "mean", "input.preprocess.", _is_number_list, "a non-empty list of numbers")
     std = check.field(pre, "std", "input.preprocess.", lambda v: _is_number_list(v) and all(x > 0 for x in v),
@@ -208,7 +214,6 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     check.field(manifest, "created", "", _is_text, "a string", required=False)
 
 
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 class _SchemaCheck:

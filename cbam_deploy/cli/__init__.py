@@ -201,6 +201,16 @@ def export_command(
         "--output-kind", help="NAME=KIND, repeatable: how parity judges that output. KIND: logits (top-1 too), dense "
                               "(cosine and bounds: embeddings, boxes, maps) or other (bounds). Default: logits for a "
                               "2-D (N, C) output, dense for 3-D and up.")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="How an image is fitted to the input: crop (resize the shorter "
+                                                       "side, centre crop) or letterbox (resize the longer side, pad; "
+                                                       "YOLO). Default: the model's own.")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 (0 for "
+                                                     "none). Default: the model's own.")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225 (1 for none).")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Pixel scale before mean/std, e.g. 1/255.")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="crop: the centre crop's share of the resized side "
+                                                           "(default 0.875).")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="bilinear, bicubic or nearest.")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize to INT8 (needs --calib-data).")] = False,
     calib_data: Annotated[Optional[str], typer.Option(help="With --int8: image folder, .npy/.npz, or 'synthetic'.")] = None,
     target: Annotated[str, typer.Option(help=f"With --int8: comma list of {', '.join(targets())}.")] = "ort-cpu",
@@ -215,7 +225,8 @@ def export_command(
         batch=batch, dynamic_hw=dynamic_hw, opset=opset, exporter=exporter, simplify=simplify, parity=parity,
         force=force, outputs=outputs, output_kinds=output_kind, cbam_opt=cbam_opt, formats=formats,
         precisions=precisions, int8=int8, calib_data=calib_data, targets=target, gates=gates, min_batch=min_batch,
-        opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache, dla_core=dla_core)
+        opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache, dla_core=dla_core,
+        preprocess=dict(resize=resize, mean=mean, std=std, scale=scale, crop_pct=crop_pct, interpolation=interpolation))
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
     result = run_export(options, progress=Progress(quiet=quiet))

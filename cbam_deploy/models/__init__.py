@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CbamDeployError
+from ..preprocessing import Preprocessing
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import CodeTrust, factory_sha256, factory_to_run, is_factory_spec, load_factory_model
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
@@ -146,6 +147,11 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     outputs: str | None = "logits"  # zoo: "logits" or "features" (C2..C5); factory: None, its forward decides
     factory_sha256: str | None = None  # a factory's file, hashed before it was imported
+    preprocess: Preprocessing | None = None  # how its images are prepared, when not the ImageNet crop with mean/std
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.preprocess or Preprocessing(mean=tuple(self.mean), std=tuple(self.std))
 
     def describe(self) -> dict:
         entry = get_entry(self.name) if self.source == "zoo" else None

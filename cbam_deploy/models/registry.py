@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import CbamDeployError
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from . import resnet as _resnet
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUTS = _resnet.OUTPUTS  # what a zoo model's forward returns: "logits" or "features" (C2..C5)
 
 
