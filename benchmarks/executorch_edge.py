@@ -35,7 +35,7 @@ from cbam_deploy.backends.executorch.runner import ExecuTorchRunner
 from cbam_deploy.bench import interleaved_latency
 from cbam_deploy.benchstats import LoadMonitor, machine_info, median_ci, ratio_ci, verdict, wait_until_quiet
 from cbam_deploy.data import load_calibration
-from cbam_deploy.export import make_input_spec
+from cbam_deploy.export_job import make_input_spec
 from cbam_deploy.torch_gates import find_gates
 from cbam_deploy.models import build_model
 from cbam_deploy.peers import build_peers

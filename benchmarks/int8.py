@@ -29,7 +29,7 @@ from cbam_deploy.backends.openvino.runner import OpenVINORunner  # noqa: E402
 from cbam_deploy.bench import interleaved_latency  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.loaders import open_artifact  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.runners.torch import TorchRunner  # noqa: E402

@@ -37,7 +37,7 @@ def build(out: Path, overflow_fix: str) -> None:
     import nncf
     from nncf.quantization.advanced_parameters import OverflowFix
 
-    from cbam_deploy.export import ExportRequest, export_bundle
+    from cbam_deploy.export_job import ExportRequest, export_bundle
     from cbam_deploy.models import CodeTrust
     from cbam_deploy.quantize import quantize_bundle
 

@@ -18,7 +18,7 @@ import torch
 
 from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import interleaved_latency
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.models import create_model
 from cbam_deploy.runners.torch import TorchRunner
 

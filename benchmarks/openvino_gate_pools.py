@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbam_deploy.benchstats import machine_info  # noqa: E402
 from cbam_deploy.build import build_artifacts  # noqa: E402
 from cbam_deploy.bundle import Bundle  # noqa: E402
-from cbam_deploy.export import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportRequest, export_bundle  # noqa: E402
 from cbam_deploy.loaders import open_artifact, reference_runner  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.verify import _int8_inputs  # noqa: E402

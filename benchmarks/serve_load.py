@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 import tritonclient.http as httpclient  # noqa: E402
 
 from cbam_deploy.bundle import read_manifest  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import running_server  # noqa: E402
 

@@ -115,7 +115,8 @@ def compare_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarr
                                f"{overlap:.3f} (needs {min_cos}" + (f" and {min_overlap})" if not flat else "; flat)"))
             continue
         corr = _correlation(r[judged], c[judged])
-        iou = float(np.mean([_top_iou(a, b, top_fraction) for a, b in zip(r[judged], c[judged])]))
+        ties = np.maximum(2 * error[judged], 1e-6)  # values within the artifact's own error of the k-th are tied
+        iou = float(np.mean([_top_iou(a, b, top_fraction, t) for a, b, t in zip(r[judged], c[judged], ties)]))
         stages[gate] = {**stage, "correlation": corr, "top_iou": iou}
         if flat:
             stages[gate].update(flat=flat, map_cosine=cosine)
@@ -175,11 +176,15 @@ def _top_overlap(reference: np.ndarray, candidate: np.ndarray, fraction: float, 
     return float(np.mean(reference[top_candidate] >= kth - tie))
 
 
-def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
+def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float, tie: float = 1e-6) -> float:
+    """IoU of the two maps' top regions: the pixels at or above each map's k-th largest value (k = the
+    fraction of the pixels), less ``tie``, so that pixels tied there (a gate saturated at 1 over a
+    large area) all count, and none is picked by the order of a sort among equals."""
     k = max(1, int(round(fraction * a.size)))
-    top_a = set(np.argpartition(-a, k - 1)[:k].tolist())
-    top_b = set(np.argpartition(-b, k - 1)[:k].tolist())
-    return len(top_a & top_b) / len(top_a | top_b)
+    top_a = a >= np.partition(a, a.size - k)[a.size - k] - tie
+    top_b = b >= np.partition(b, b.size - k)[b.size - k] - tie
+    union = np.count_nonzero(top_a | top_b)
+    return float(np.count_nonzero(top_a & top_b) / union) if union else 1.0
 
 
 def attention_parity(bundle_dir: str | Path, manifest, name: str, model: nn.Module, x: np.ndarray,

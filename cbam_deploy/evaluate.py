@@ -60,10 +60,11 @@ def topk_metrics(logits: np.ndarray, labels: np.ndarray, reference_top1: np.ndar
 
 
 def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str | None = None,
-                    batch: int = 32, limit: int | None = None, trust: CodeTrust | None = None) -> dict:
+                    batch: int = 32, limit: int | None = None, trust: CodeTrust | None = None,
+                    reference: ReferenceModel | None = None) -> EvalResult:
     validate_eval_options(str(data_dir), batch, limit)  # every option before any work
-    bundle_dir = Path(bundle_dir)
-    bundle = Bundle.open(bundle_dir)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
+    bundle_dir = bundle.directory
     check_artifact_names(bundle, [artifact] if artifact else None, bundle_dir)
     if bundle.classification_output is None:
         raise CbamDeployError(f"eval measures top-1/top-5 of a classifier; {bundle.model.name} has the outputs "
@@ -81,7 +82,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
         out = runner.run_batched(inputs, batch)
         return out, time.perf_counter() - started
 
-    model = ReferenceModel(bundle, trust)  # the FP32 ONNX stands in without it
+    model = reference or ReferenceModel(bundle, trust)  # the FP32 ONNX stands in without it
     reference, reference_label = model.runner()
     ref_logits, ref_seconds = run(reference)
     ref_top1 = ref_logits.argmax(1)

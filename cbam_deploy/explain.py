@@ -76,7 +76,7 @@ class Explanation:
 
 
 def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] | None = None,
-                  trust: CodeTrust | None = None) -> Explanation:
+                  trust: CodeTrust | None = None, reference: ReferenceModel | None = None) -> Explanation:
     """Explain one image with an open bundle: predictions, Grad-CAM and every gate's map of the
     reference and of each artifact whose format reads its gates, compared (see the module doc).
 
@@ -94,7 +94,7 @@ def explain_image(bundle: Bundle, image_path: str | Path, artifacts: list[str] |
     classifier = bundle.classification_output is not None
     notes: list[str] = []
 
-    reference = ReferenceModel(bundle, trust)  # a factory's code runs only when trusted
+    reference = reference or ReferenceModel(bundle, trust)  # a factory's code runs only when trusted
     runner, label = reference.runner()
     key = label.split(" ")[0]  # 'pytorch-fp32', or 'onnx-fp32' standing in
     stand_in = reference.stand_in

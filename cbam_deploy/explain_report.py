@@ -65,7 +65,8 @@ COLORMAP = "turbo"
 
 
 def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: list[str] | None = None,
-                   output_dir: str | Path | None = None, trust: CodeTrust | None = None) -> ExplainResult:
+                   output_dir: str | Path | None = None, trust: CodeTrust | None = None,
+                   reference=None) -> ExplainResult:
     """Explain one image with a bundle; returns what was found and every file written.
 
     ``artifacts``: names of artifacts whose format reads its gates (default: all of them in the bundle;
@@ -76,10 +77,10 @@ def explain_bundle(bundle_dir: str | Path, image_path: str | Path, artifacts: li
     """
     check_existing_file("--image", image_path)
     check_output_dir("--output", output_dir)
-    bundle = Bundle.open(bundle_dir)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
     output_dir = output_folder(output_dir, bundle.directory)  # before any work
     faultpoint("explain-start")
-    return write_page(bundle, explain_image(bundle, image_path, artifacts, trust), output_dir)
+    return write_page(bundle, explain_image(bundle, image_path, artifacts, trust, reference), output_dir)
 
 
 def write_page(bundle: Bundle, found: Explanation, output_dir: Path) -> ExplainResult:

@@ -38,6 +38,10 @@ def model_spec_to_run(model, trust=None) -> tuple[str | None, str]:
     """What ``models.build_model`` may be given to rebuild a bundle's model (``bundle.ModelInfo``):
     the zoo name, or a factory the user trusts (``models.CodeTrust``); else (None, why not). A manifest
     that names Python code (a factory, whatever its ``source`` says) never gets it run by itself."""
+    if model.source == "module":
+        return None, (f"it was exported from a module in memory ({model.raw.get('module_class') or model.name}), "
+                      "which nothing can rebuild from the bundle: hand it over again (cbam_deploy.Bundle(path, "
+                      "model=module)), or export a FILE.py:FACTORY that makes it")
     if model.source == "factory" or is_factory_spec(model.spec) or model.factory:
         return factory_to_run(model.spec, model.factory_sha256, trust)
     if trust is not None and trust.factory is not None:
@@ -89,7 +93,10 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
         match = match_state_summary(loaded.module, model.init.get("state_summary"))
         if match.matched:
             return TorchRunner(loaded.module), f"pytorch-fp32 ({match.describe()})"
-        reason = f"random init: this torch rebuilds different weights from the same seed ({match.reason})"
+        reason = (f"random init: this torch rebuilds different weights from the same seed ({match.reason})"
+                  if model.source == "zoo" else
+                  f"{model.spec} now makes a model whose weights differ from the exported one's (its state sha256 "
+                  f"changed: the files it loads, or its code; {match.reason})")
     else:
         reason = "no checkpoint: a random-init model that cannot be rebuilt"
     if bundle_dir is None:
@@ -113,6 +120,19 @@ class ReferenceModel:
         self.bundle = bundle
         self.trust = trust
         self._made = (TorchRunner(module), "pytorch-fp32") if module is not None else None
+
+    @classmethod
+    def handed_over(cls, bundle, module) -> ReferenceModel:
+        """The reference a caller hands over (the module a bundle was exported from, in a notebook): it must
+        be the same model as at export (its state fingerprint, exact or within the tolerance), else one
+        error saying so."""
+        init = Bundle.of(bundle).model.init or {}
+        if state_fingerprint(module) != init.get("state_sha256"):
+            match = match_state_summary(module, init.get("state_summary"))
+            if not match.matched:
+                raise CbamDeployError(f"the module handed over is not the one this bundle was exported from: "
+                                      f"{match.reason or 'its weights differ'}")
+        return cls(bundle, module=module.eval())
 
     def runner(self) -> tuple[Runner, str]:
         """(the reference's runner, its label): PyTorch, or the FP32 ONNX standing in (``is_stand_in``)."""

@@ -25,6 +25,8 @@ from .preprocessing import INTERPOLATIONS
 from .preprocessing import MODES as PREPROCESS_MODES
 
 MANIFEST_NAME = "manifest.json"
+# where a bundle's model came from: the zoo, a FILE.py:FACTORY, or a module handed over in memory (the Python API)
+MODEL_SOURCES = ("zoo", "factory", "module")
 # the bundle's first artifact, which the export writes and every other artifact is built from (the
 # root format's fp32 file: the ONNX), and its file
 ROOT_ARTIFACT = "onnx-fp32"
@@ -114,7 +116,7 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
 
     model = check.field(manifest, "model", "", _is_dict, "an object")
     check.field(model, "name", "model.", _is_text, "a non-empty string")
-    check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
+    check.field(model, "source", "model.", lambda v: v in MODEL_SOURCES, f"one of {', '.join(MODEL_SOURCES)}")
     check.field(model, "stem", "model.", _is_text, "a non-empty string")
     check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)

@@ -20,7 +20,7 @@ from .backends.base import TensorRTOptions
 from .build import build_artifacts
 from .bundle import Bundle, ModelInfo, check_artifact_names
 from .errors import CbamDeployError
-from .export import ExportOptions, ExportResult, export_bundle
+from .export_job import ExportOptions, ExportResult, export_bundle
 from .formats import get as get_format
 from .formats import root_row
 from .loaders import ReferenceModel
@@ -117,7 +117,7 @@ def timing_verdict(timing) -> dict:
 
 
 def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, overhead: bool = False,
-                     cbam_opt_compare: bool = False, trust: CodeTrust | None = None, progress=None,
+                     cbam_opt_compare: bool = False, trust: CodeTrust | None = None, progress=None, module=None,
                      **options) -> BenchResult:
     """``cbam-deploy bench BUNDLE``: ``bench.bench_bundle`` with ``options``, and in the same rounds, with
     ``overhead``, the model's plain twin (resnet50 for resnet50_cbam) exported and built like the bundle,
@@ -126,7 +126,7 @@ def bench_with_twins(bundle_dir, batches: str | list[int] | None = None, *, over
     engine (``result["cbam_opt_compare"]``, rows ``cbam-opt-off:ARTIFACT``, or ``-on:``). Every option is
     checked once, before any export or measuring."""
     bundle, checked = open_for_bench(bundle_dir, batches=batches, **options)
-    return _bench_with_twins(bundle, checked, overhead, cbam_opt_compare, trust, progress)
+    return _bench_with_twins(bundle, checked, overhead, cbam_opt_compare, trust, progress, module=module)
 
 
 def bench_model(model: str, *, overhead: bool = False, cbam_opt_compare: bool = False, progress=None,

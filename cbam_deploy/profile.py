@@ -129,8 +129,8 @@ def profile_bundle(bundle_dir: str | Path, artifacts: list[str] | None = None, b
     check_int("--warmup", warmup, 0, 100000)
     check_int("--threads", threads, 1, allow_none=True)
     check_output_file("--plot", plot)
-    bundle_dir = Path(bundle_dir)
-    bundle = Bundle.open(bundle_dir)
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
+    bundle_dir = bundle.directory
     known = bundle.artifact_names
     unknown = [a for a in artifacts or [] if a not in known]
     if unknown:

@@ -38,7 +38,7 @@ import numpy as np
 from cbam_deploy.build import build_artifacts
 from cbam_deploy.bundle import Bundle
 from cbam_deploy.data import load_calibration
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.loaders import is_stand_in, open_artifact, reference_runner
 from cbam_deploy.models import build_model
 from cbam_deploy.parity import TOLERANCES, ParityCase, compare_all, compare_int8, make_inputs

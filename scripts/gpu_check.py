@@ -270,7 +270,7 @@ def main() -> int:
     bundle = workdir / "bundle"
     if not over_budget(args):
         say("export: ONNX bundle (random seeded init)")
-        from cbam_deploy.export import ExportOptions, export_bundle
+        from cbam_deploy.export_job import ExportOptions, export_bundle
 
         export_bundle(ExportOptions(model=args.model, output=str(bundle), parity=False))
     for label, step in (("4. onnxruntime-gpu", lambda: step_onnxruntime_gpu(args, bundle / "model.onnx", inputs, reference)),

@@ -23,7 +23,7 @@ def tiny_cbam():
 def digits_bundle(tmp_path_factory):
     """The trained reference digits model exported once per test session (no parity run): a small
     classifier with real attention, for tests that need a bundle but not its making."""
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM
 
     out = tmp_path_factory.mktemp("digits-bundle") / "digits"
@@ -36,7 +36,7 @@ def digits_int8(tmp_path_factory):
     """The reference digits model with its image folders and INT8 artifacts (ort-cpu, openvino),
     built once per session: real attention maps for the attention-parity and explain tests.
     Returns (bundle, train folder, test folder)."""
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
     from cbam_deploy.quantize import quantize_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM, write_image_folder
 

@@ -22,7 +22,7 @@ import torch
 from cbam_deploy import loaders
 from cbam_deploy.bundle import Bundle, read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.loaders import is_stand_in, reference_runner
 from cbam_deploy.manifest import validate_manifest
 from cbam_deploy.models import INIT_RTOL, build_model, match_state_summary, state_fingerprint, state_summary

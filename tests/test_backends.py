@@ -42,7 +42,7 @@ def test_the_cli_and_triton_read_the_table(tmp_path):
 
 def test_a_format_without_its_library_is_skipped_by_its_probe(tmp_path):
     from cbam_deploy.build import build_artifacts
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
 
     if get("tensorrt").probe() is None:
         pytest.skip("TensorRT is installed here")

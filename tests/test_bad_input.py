@@ -35,7 +35,7 @@ class _Evil:
 def world(tmp_path_factory):
     """A bundle plus every kind of bad file the matrix needs, all under one folder."""
     from cbam_deploy.bundle import read_manifest
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("bad-input")
     bundle = root / "bundle"
@@ -349,7 +349,7 @@ def test_openvino_cache_entry_is_checked_against_its_digests(tmp_path):
 
 def test_arrays_are_recognised_by_content_not_name(tmp_path):
     from cbam_deploy.data import load_calibration
-    from cbam_deploy.export import make_input_spec
+    from cbam_deploy.export_job import make_input_spec
 
     spec = make_input_spec(32)
     array = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
@@ -372,7 +372,7 @@ def test_arrays_are_recognised_by_content_not_name(tmp_path):
 def test_library_refuses_what_the_cli_refuses():
     from cbam_deploy.backends.onnx.exporter import OnnxExportOptions
     from cbam_deploy.bench import bench_runners
-    from cbam_deploy.export import ExportOptions
+    from cbam_deploy.export_job import ExportOptions
     from cbam_deploy.models import build_model
 
     with pytest.raises(CbamDeployError, match="num-classes"):

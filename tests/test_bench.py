@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cbam_deploy.bench import UnstableMeasurement, bench_bundle, bench_runners
 from cbam_deploy.cli import app
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.pipeline import bench_with_twins
 from cbam_deploy.profile import CATEGORIES, categorize, gate_index, profile_bundle
 from cbam_deploy.quantize import quantize_bundle

@@ -15,7 +15,7 @@ from helpers import artifact_path
 from cbam_deploy.build import build_artifacts
 from cbam_deploy.bundle import ArtifactRecord, Bundle, OutputSpec
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.loaders import open_artifact
 from cbam_deploy.manifest import MANIFEST_NAME

@@ -27,7 +27,7 @@ import torch
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.transaction import LOCK_NAME, STAGING_PREFIX
 from helpers import artifact_path
 

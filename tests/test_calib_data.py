@@ -6,7 +6,7 @@ from PIL import Image
 
 from cbam_deploy.data import load_calibration, preprocess_image
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import make_input_spec
+from cbam_deploy.export_job import make_input_spec
 
 SPEC = make_input_spec(32)
 

@@ -116,7 +116,7 @@ def test_int8_accuracy_on_the_reference_model_is_unchanged(digits_int8, tmp_path
     pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
     from cbam_deploy.bundle import read_manifest
     from cbam_deploy.evaluate import evaluate_bundle
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
     from cbam_deploy.quantize import quantize_bundle
     from reference.digits import CHECKPOINT, MODEL_NAME, STEM
 

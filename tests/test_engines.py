@@ -15,7 +15,7 @@ from cbam_deploy.build import build_artifacts  # noqa: E402
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.verify import verify_bundle  # noqa: E402
 from reference.digits import CHECKPOINT, write_image_folder  # noqa: E402
 

@@ -191,7 +191,7 @@ def test_third_party_cbam_lowers_into_one_partition(style, tmp_path):
 def test_gate_policy_int8_holds_and_a_broken_policy_fails(tmp_path, monkeypatch):
     from cbam_deploy.backends.executorch import recipe
     from cbam_deploy.data import load_calibration
-    from cbam_deploy.export import make_input_spec
+    from cbam_deploy.export_job import make_input_spec
 
     model = _tiny_cbam()
     expected = find_gates(model, torch.zeros(1, 3, 32, 32)).describe()["gates"]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.explain_report import explain_bundle  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (test extra)")
 pytest.importorskip("captum", reason="Grad-CAM comes from captum (explain extra)")

@@ -10,7 +10,7 @@ from cbam_deploy.backends.onnx.exporter import OnnxExportOptions, export_onnx
 from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.models import count_parameters, create_model
 from cbam_deploy.parity import TOLERANCES, compare_outputs, plan_cases, run_parity
 from cbam_deploy.runners.torch import TorchRunner

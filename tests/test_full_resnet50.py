@@ -5,7 +5,7 @@ import torch
 from official_style import OfficialStyleResNet, randomize
 from test_checkpoint import save_official
 
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 
 
 @pytest.mark.slow

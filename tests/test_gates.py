@@ -27,7 +27,7 @@ from cbam_deploy.fsutil import sha256_file
 from cbam_deploy.backends.onnx.gates import onnx_gates
 from cbam_deploy.torch_gates import find_gates
 from cbam_deploy.models import CodeTrust
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.quantize import quantize_bundle
 from cbam_deploy.scopes import name_module_path, node_module_path
 from cbam_deploy.verify import verify_bundle

@@ -36,7 +36,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.cli import app as cli_app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import free_port, running_server  # noqa: E402
 from cbam_deploy.serve.service import Metrics, load_repository, model_names  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.evaluate import evaluate_bundle  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.backends.onnx.gates import onnx_gates  # noqa: E402
 from cbam_deploy.gates import nodes_of  # noqa: E402
 from cbam_deploy.torch_gates import find_gates  # noqa: E402

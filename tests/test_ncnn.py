@@ -253,7 +253,7 @@ def test_factory_model_built_only_when_trusted(tmp_path):
     """A bundle made from a factory (Python code): the ncnn build needs that code run again, so without
     the factory named (or --trust-code) it is skipped with the reason; named, it is built."""
     from cbam_deploy.build import build_artifacts
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
     from cbam_deploy.models import CodeTrust
 
     spec = f"{ROOT / 'tests' / 'data' / 'cbam_styles.py'}:third_party_resnet"

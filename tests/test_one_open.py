@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from cbam_deploy import bundle as bundle_module
-from cbam_deploy import export as export_module
+from cbam_deploy import export_job as export_module
 from cbam_deploy import fsutil, loaders
 from cbam_deploy.explain_report import explain_bundle
-from cbam_deploy.export import ExportOptions
+from cbam_deploy.export_job import ExportOptions
 from cbam_deploy.formats import Runtime, rows
 from cbam_deploy.pipeline import run_export
 from cbam_deploy.verify import verify_bundle

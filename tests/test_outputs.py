@@ -14,7 +14,7 @@ from cbam_deploy.backends.onnx.runner import OnnxRuntimeRunner
 from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.models import CodeTrust
 from cbam_deploy.outputs import flatten_outputs, output_kind
 from cbam_deploy.quantize import quantize_bundle

@@ -18,7 +18,7 @@ from cbam_deploy.bench import bench_bundle
 from cbam_deploy.bundle import read_manifest
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 from cbam_deploy.loaders import open_artifact
 from cbam_deploy.parity import TOLERANCES
 from cbam_deploy.report import markdown_report

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("starlette", reason="serving is the 'serve' extra")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
 
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from serving import running_server  # noqa: E402
 from reference.digits import CHECKPOINT  # noqa: E402

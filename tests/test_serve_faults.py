@@ -38,7 +38,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from cbam_deploy.data import preprocess_image  # noqa: E402
 from cbam_deploy.cli import app as cli_app  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle, make_input_spec  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle, make_input_spec  # noqa: E402
 from cbam_deploy.serve.app import ServeConfig, create_app  # noqa: E402
 from cbam_deploy.serve.batcher import BatcherError, DynamicBatcher  # noqa: E402
 from serving import running_server  # noqa: E402

@@ -283,7 +283,7 @@ def _gpu_or_skip():
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
-    from cbam_deploy.export import ExportOptions, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("trt") / "b"
     export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", num_classes=10, output=str(out)))

@@ -20,7 +20,7 @@ from cbam_deploy.bundle import read_manifest  # noqa: E402
 from cbam_deploy.cli import app  # noqa: E402
 from cbam_deploy.errors import CbamDeployError  # noqa: E402
 from cbam_deploy.fsutil import sha256_file  # noqa: E402
-from cbam_deploy.export import ExportOptions, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.serve.triton import check_kind, model_config, write_repository  # noqa: E402
 
 

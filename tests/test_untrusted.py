@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cbam_deploy.cli import app
 from cbam_deploy.fsutil import sha256_file
-from cbam_deploy.export import ExportOptions, export_bundle
+from cbam_deploy.export_job import ExportOptions, export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from ..errors import CbamDeployError
 from ..evaluate import evaluate_bundle
 from ..explain_report import explain_bundle
 from ..info import bundle_info
-from ..export import ExportOptions
+from ..export_job import ExportOptions
 from ..formats import formats as known_formats
 from ..fsutil import write_bytes_atomic
 from ..loaders import untrusted_code

@@ -21,6 +21,7 @@ from .stats import count_gmacs, count_parameters
 
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "CodeTrust", "LoadedModel", "factory_to_run", "SpatialGate", "SqueezeExcite", "build_model",
+    "from_module",
     "OUTPUTS", "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
     "InitMatch", "match_state_summary", "state_summary", "zoo_table",
 ]
@@ -137,7 +138,7 @@ class LoadedModel:
 
     module: nn.Module
     name: str
-    source: str  # "zoo" or "factory"
+    source: str  # "zoo", "factory" or "module" (an nn.Module handed over in memory)
     num_classes: int | None
     stem: str
     default_input_size: int
@@ -171,10 +172,38 @@ class LoadedModel:
             path, _, factory = self.name.rpartition(":")
             info["factory"] = f"{Path(path).resolve()}:{factory}"
             info["factory_sha256"] = self.factory_sha256  # what --model must match to run it again
-        if self.checkpoint is None:  # verify rebuilds it and checks it is the same model
+        if self.source == "module":  # nothing can rebuild it: the module itself must be handed over again
+            info["module_class"] = f"{type(self.module).__module__}.{type(self.module).__qualname__}"
+        if self.checkpoint is None or self.source == "module":  # verify rebuilds it (or is handed it): the same?
             info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module),
                             "state_summary": state_summary(self.module)}
+            if self.source != "zoo":  # whatever weights its code or its caller gave it: a fingerprint, not a seed
+                info["init"]["weights"] = "the model's own (set by its code, not --weights): fingerprinted"
         return info
+
+    @property
+    def weights_label(self) -> str:
+        """What the weights are, in a few words."""
+        if self.checkpoint is not None:
+            return str(self.checkpoint.describe().get("path"))
+        if self.source == "zoo":
+            return "none (random init)"
+        return f"the model's own (state sha256 {state_fingerprint(self.module)[:12]})"
+
+
+def from_module(module: nn.Module, name: str | None = None, num_classes: int | None = None, input_size: int = 224,
+                preprocess: Preprocessing | None = None, weights: str | None = None) -> LoadedModel:
+    """A model handed over in memory (a notebook's ``nn.Module``), as export takes it: its weights as
+    they are (or ``weights`` loaded into it), fingerprinted so that a later command can tell it is
+    handed the same module again (nothing can rebuild it from the bundle alone)."""
+    if not isinstance(module, nn.Module):
+        raise CbamDeployError(f"the model must be an nn.Module, a zoo name or FILE.py:FACTORY, got {type(module).__name__}")
+    checkpoint = read_checkpoint(weights) if weights else None
+    if checkpoint:
+        apply_state_dict(module, checkpoint, name or type(module).__name__)
+    notes = [] if checkpoint else ["the module's own weights (no --weights): fingerprinted in the manifest"]
+    return LoadedModel(module.eval(), name or type(module).__name__, "module", num_classes, "custom", input_size,
+                       checkpoint=checkpoint, notes=notes, outputs=None, preprocess=preprocess)
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet",
@@ -188,7 +217,8 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
     if outputs is not None:
         check_outputs(outputs)
     checkpoint = read_checkpoint(weights) if weights else None
-    notes = [] if checkpoint else ["no --weights given: random (official) initialisation, parity only"]
+    notes = [] if checkpoint or is_factory_spec(spec) else ["no --weights given: random (official) initialisation, "
+                                                             "parity only"]
     if is_factory_spec(spec):
         if outputs == "features":
             raise CbamDeployError(f"--outputs features is for zoo models; your factory decides its outputs ({spec}): "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .backends.base import TensorRTOptions
 from .bundle import read_manifest
@@ -27,7 +28,7 @@ from .data import check_data_source
 from .errors import CbamDeployError
 from .formats import GATE_POLICIES, PRECISIONS, formats, recipes, root_row
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
-from .models import LoadedModel, build_model, count_gmacs, is_factory_spec
+from .models import LoadedModel, build_model, count_gmacs, from_module, is_factory_spec
 from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
@@ -89,7 +90,7 @@ class ExportOptions:
     ``calib_data`` / ``targets`` / ``gates``, TensorRT's profile and builder knobs). The CLI builds one
     from its options; a notebook or a test builds one directly. Lists may be given as comma strings."""
 
-    model: str
+    model: str | nn.Module  # a zoo name, FILE.py:FACTORY, or a module in memory (the Python API)
     weights: str | None = None
     num_classes: int | None = None
     stem: str = "imagenet"
@@ -125,18 +126,24 @@ class ExportOptions:
     timing_cache: str | None = None
     dla_core: int | None = None
 
+    name: str | None = None  # a module's name in the manifest (default: its class name)
+
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models') or path/to/file.py:factory")
-        check_model_options(self.model, self.stem, self.num_classes, self.input_size, self.opset, self.exporter,
-                            self.cbam_opt)
+        in_memory = isinstance(self.model, nn.Module)
+        if not in_memory and (not isinstance(self.model, str) or not self.model.strip()):
+            raise CbamDeployError("--model needs a zoo name (see 'cbam-deploy models'), path/to/file.py:factory, or (in "
+                                  "Python) an nn.Module")
+        check_model_options(None if in_memory else self.model, self.stem, self.num_classes, self.input_size, self.opset,
+                            self.exporter, self.cbam_opt)
+        if self.name is not None and (not in_memory or not isinstance(self.name, str) or not self.name.strip()):
+            raise CbamDeployError("name is for a module handed over in memory: a non-empty string")
         if isinstance(self.batch, (bool, float)):
             raise CbamDeployError(f"--batch must be 'dynamic' or a positive integer, got {self.batch!r}")
         self.batch = parse_batch(self.batch)
         check_int("parity_samples", self.parity_samples, 1)
         check_choice("--outputs", self.outputs, ("logits", "features"))
-        if self.outputs == "features" and is_factory_spec(self.model):
-            raise CbamDeployError("--outputs features is for zoo models; your factory decides its outputs")
+        if self.outputs == "features" and (in_memory or is_factory_spec(self.model)):
+            raise CbamDeployError("--outputs features is for zoo models; your own model decides its outputs")
         self.output_kinds = parse_output_kinds(self.output_kinds)
         if self.preprocess is not None and not isinstance(self.preprocess, dict):
             raise CbamDeployError("preprocess takes a dict of resize, mean, std, scale, crop_pct, interpolation")
@@ -168,9 +175,17 @@ class ExportOptions:
         check_data_source("--calib-data", self.calib_data)
         check_existing_file("--weights", self.weights)
         check_output_dir("--output", self.output)
-        check_model_spec(self.model, self.stem)
+        if not in_memory:
+            check_model_spec(self.model, self.stem)
         if self.int8 and self.builds and "int8" not in self.precision_list:
             self.precision_list.append("int8")  # --int8 with a format x precision matrix: int8 joins the matrix
+
+    @property
+    def model_name(self) -> str:
+        """The model's name: the zoo name or factory spec, or a module's ``name`` (its class's by default)."""
+        if isinstance(self.model, nn.Module):
+            return self.name or type(self.model).__name__
+        return self.model
 
     @property
     def builds(self) -> bool:
@@ -251,9 +266,13 @@ def export_bundle(request: ExportOptions) -> ExportResult:
     The ONNX file is staged and parity-checked inside a ``BundleUpdate``; only a finished export is
     committed, so an interrupted or failed one leaves the folder as it was (the old bundle, or none)."""
     started = time.perf_counter()
-    out_dir = Path(request.output) if request.output else default_output_dir(request.model)
-    _guard_existing(_existing_manifest(out_dir), out_dir, request.model, request.force)  # before any work
-    loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
+    out_dir = Path(request.output) if request.output else default_output_dir(request.model_name)
+    _guard_existing(_existing_manifest(out_dir), out_dir, request.model_name, request.force)  # before any work
+    if isinstance(request.model, nn.Module):
+        loaded = from_module(request.model, request.model_name, request.num_classes, request.input_size or 224,
+                             weights=request.weights)
+    else:
+        loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
     options = root_row().export_options(
         input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
         batch=request.batch,
