@@ -66,6 +66,8 @@ class Bundle:
     the fingerprint the manifest records); ``factory`` / ``trust_code``: which Python code may run to
     rebuild a factory's model (as ``--model`` / ``--trust-code``)."""
 
+    export_result: ExportResult | None = None  # what the export found, for a bundle ``export`` returned
+
     def __init__(self, path: str | Path, *, model: nn.Module | None = None, factory: str | None = None,
                  trust_code: bool = False, export_result: ExportResult | None = None, _reference=None) -> None:
         self.path = Path(path)

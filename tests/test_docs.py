@@ -25,6 +25,7 @@ import functools
 import itertools
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,56 @@ def test_every_named_test_exists(page, test_file, name, ids):
     for pattern in ids:
         assert any(fnmatch.fnmatchcase(s, pattern) for s in strings), \
             f"{page} names {test_file}::{name}[{pattern}]: no parameter id in {test_file} matches it"
+
+
+# --- the Python shown -------------------------------------------------------------------------------
+
+def _python_blocks(page: Path) -> list[str]:
+    text = page.read_text()
+    blocks, block, fence = [], None, None
+    for line in text.splitlines():
+        match = FENCE.match(line)
+        if block is None and match and match.group(3).strip() == "python":
+            block, fence = [], match.group(2)
+        elif block is not None and match and match.group(2) == fence:
+            blocks.append("\n".join(block))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
+
+
+def python_calls(source: str) -> dict[str, set[str]]:
+    """{"cbam_deploy": names used as cbam_deploy.X, "bundle": methods called on a name bound to
+    cbam_deploy.export(...) or cbam_deploy.Bundle(...)} in a Python snippet."""
+    tree = ast.parse(textwrap.dedent(source))
+    used = {"cbam_deploy": set(), "bundle": set()}
+    bundles = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                isinstance(node.value.func, ast.Attribute) and isinstance(node.value.func.value, ast.Name) and \
+                node.value.func.value.id == "cbam_deploy" and node.value.func.attr in ("export", "Bundle"):
+            bundles.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "cbam_deploy":
+                used["cbam_deploy"].add(node.attr)
+            elif node.value.id in bundles:
+                used["bundle"].add(node.attr)
+    return used
+
+
+def test_the_python_check_sees_what_it_looks_for():
+    used = python_calls("import cbam_deploy\nb = cbam_deploy.export(m, 'x')\nb.verify()\ncbam_deploy.nothing\n")
+    assert used == {"cbam_deploy": {"export", "nothing"}, "bundle": {"verify"}}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _python_blocks(p)], ids=_rel)
+def test_every_python_block_parses_and_uses_the_api_as_it_is(page):
+    import cbam_deploy
+    from cbam_deploy.api import Bundle
+
+    for block in _python_blocks(page):
+        used = python_calls(block)  # a syntax error fails here
+        assert all(hasattr(cbam_deploy, name) for name in used["cbam_deploy"]), used["cbam_deploy"]
+        assert all(hasattr(Bundle, name) for name in used["bundle"]), used["bundle"]
