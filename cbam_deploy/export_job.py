@@ -28,7 +28,7 @@ from .data import check_data_source
 from .errors import CbamDeployError
 from .formats import GATE_POLICIES, PRECISIONS, formats, recipes, root_row
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
-from .models import LoadedModel, build_model, count_gmacs, from_module, is_factory_spec
+from .models import CodeTrust, LoadedModel, build_model, count_gmacs, from_module, is_factory_spec
 from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
 from .parity import plan_cases, run_parity
@@ -127,6 +127,7 @@ class ExportOptions:
     dla_core: int | None = None
 
     name: str | None = None  # a module's name in the manifest (default: its class name)
+    trust_code: bool = False  # a model file that holds code (a pickled checkpoint) may run it (--trust-code)
 
     def __post_init__(self) -> None:
         in_memory = isinstance(self.model, nn.Module)
@@ -272,7 +273,8 @@ def export_bundle(request: ExportOptions) -> ExportResult:
         loaded = from_module(request.model, request.model_name, request.num_classes, request.input_size or 224,
                              weights=request.weights)
     else:
-        loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs)
+        loaded = build_model(request.model, request.weights, request.num_classes, request.stem, request.outputs,
+                             CodeTrust(trust_bundle=request.trust_code))
     options = root_row().export_options(
         input_size=request.input_size if request.input_size is not None else loaded.default_input_size,
         batch=request.batch,

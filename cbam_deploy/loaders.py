@@ -11,7 +11,7 @@ from .formats import root_row
 from .manifest import ROOT_ARTIFACT
 from .errors import CbamDeployError
 from .fsutil import UnsafePath, sha256_no_follow
-from .models import build_model, factory_to_run, is_factory_spec, match_state_summary, state_fingerprint
+from .models import build_model, factory_to_run, is_factory_spec, library, match_state_summary, state_fingerprint
 from .runners.base import Runner
 from .runners.torch import TorchRunner
 from .runtimes import select_runtime
@@ -38,6 +38,12 @@ def model_spec_to_run(model, trust=None) -> tuple[str | None, str]:
     """What ``models.build_model`` may be given to rebuild a bundle's model (``bundle.ModelInfo``):
     the zoo name, or a factory the user trusts (``models.CodeTrust``); else (None, why not). A manifest
     that names Python code (a factory, whatever its ``source`` says) never gets it run by itself."""
+    source = library(model.source)
+    if source is not None:  # a library rebuilds it from its spec; a spec whose files hold code only when trusted
+        why = source.needs_trust(model.spec)
+        if why and not (trust is not None and (trust.trust_bundle or trust.factory == model.spec)):
+            return None, f"{why}: pass --trust-code to rebuild it (only for a bundle you trust)"
+        return model.spec, ""
     if model.source == "module":
         return None, (f"it was exported from a module in memory ({model.raw.get('module_class') or model.name}), "
                       "which nothing can rebuild from the bundle: hand it over again (cbam_deploy.Bundle(path, "
@@ -79,14 +85,14 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
             matches = False
         if matches:
             try:
-                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode)
+                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode, trust)
                 return TorchRunner(loaded.module), "pytorch-fp32"
             except CbamDeployError as exc:
                 reason = f"the model could not be rebuilt: {exc}"
         else:
             reason = f"checkpoint {path} missing or changed"
     elif model.init:
-        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode)
+        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode, trust)
         if state_fingerprint(loaded.module) == model.init["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
         # another CPU's torch may rebuild the seeded init with different last bits: the same model

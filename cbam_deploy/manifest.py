@@ -20,6 +20,7 @@ from .errors import CbamDeployError
 from .formats import get as get_format
 from .formats import recipe as get_recipe
 from .fsutil import UnsafePath, open_no_follow, sha256_written
+from .models.libraries import library_names
 from .outputs import OUTPUT_KINDS
 from .preprocessing import INTERPOLATIONS
 from .preprocessing import MODES as PREPROCESS_MODES
@@ -116,7 +117,8 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
 
     model = check.field(manifest, "model", "", _is_dict, "an object")
     check.field(model, "name", "model.", _is_text, "a non-empty string")
-    check.field(model, "source", "model.", lambda v: v in MODEL_SOURCES, f"one of {', '.join(MODEL_SOURCES)}")
+    sources = (*MODEL_SOURCES, *library_names())
+    check.field(model, "source", "model.", lambda v: v in sources, f"one of {', '.join(sources)}")
     check.field(model, "stem", "model.", _is_text, "a non-empty string")
     check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)

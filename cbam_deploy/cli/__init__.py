@@ -217,6 +217,9 @@ def export_command(
     cbam_opt: Annotated[str, typer.Option(help="on: CBAM rewrites for speed (exact ones checked by the parity run; "
                                                "recorded in the manifest); off: export the model as written.")] = "on",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings only).")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Let a model file that holds code (a pickled "
+                                                                  "checkpoint such as Ultralytics' best.pt) run it: "
+                                                                  "only for a file you trust.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
     """Export a model to an ONNX bundle and check its parity with PyTorch."""
@@ -226,7 +229,8 @@ def export_command(
         force=force, outputs=outputs, output_kinds=output_kind, cbam_opt=cbam_opt, formats=formats,
         precisions=precisions, int8=int8, calib_data=calib_data, targets=target, gates=gates, min_batch=min_batch,
         opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace_mb, timing_cache=timing_cache, dla_core=dla_core,
-        preprocess=dict(resize=resize, mean=mean, std=std, scale=scale, crop_pct=crop_pct, interpolation=interpolation))
+        preprocess=dict(resize=resize, mean=mean, std=std, scale=scale, crop_pct=crop_pct, interpolation=interpolation),
+        trust_code=trust_code)
     if not as_json:
         err.print(f"exporting [bold]{model}[/] ...")
     result = run_export(options, progress=Progress(quiet=quiet))

@@ -16,12 +16,13 @@ from ..preprocessing import Preprocessing
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
 from .custom import CodeTrust, factory_sha256, factory_to_run, is_factory_spec, load_factory_model
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
+from .libraries import LibrarySource, library, library_names, register_library, source_for
 from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
 
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "CodeTrust", "LoadedModel", "factory_to_run", "SpatialGate", "SqueezeExcite", "build_model",
-    "from_module",
+    "from_module", "LibrarySource", "library", "library_names", "register_library", "source_for",
     "OUTPUTS", "count_gmacs", "count_parameters", "create_model", "list_models", "read_checkpoint", "state_fingerprint",
     "InitMatch", "match_state_summary", "state_summary", "zoo_table",
 ]
@@ -207,8 +208,9 @@ def from_module(module: nn.Module, name: str | None = None, num_classes: int | N
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet",
-                outputs: str | None = "logits") -> LoadedModel:
-    """A zoo name or 'file.py:factory', with optional weights; num_classes inferred from them.
+                outputs: str | None = "logits", trust: CodeTrust | None = None) -> LoadedModel:
+    """A zoo name, 'file.py:factory' or a library's spec (``libraries``), with optional weights;
+    num_classes inferred from them. ``trust``: for a library source whose files hold code.
 
     ``outputs``: 'logits' (the classifier) or 'features' (a zoo backbone returning C2..C5; it keeps the
     classifier's fc, unused, so a classification checkpoint loads unchanged). None means the default
@@ -216,6 +218,9 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
     """
     if outputs is not None:
         check_outputs(outputs)
+    source = source_for(spec)
+    if source is not None:  # a library builds it (timm, Ultralytics)
+        return source.build(spec, weights, num_classes, trust)
     checkpoint = read_checkpoint(weights) if weights else None
     notes = [] if checkpoint or is_factory_spec(spec) else ["no --weights given: random (official) initialisation, "
                                                              "parity only"]

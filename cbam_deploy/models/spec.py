@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checks import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_choice, check_int, is_int
 from ..errors import CbamDeployError
 from .custom import is_factory_spec
+from .libraries import source_for
 from .registry import get_entry
 
 STRIDE = {"imagenet": 32, "cifar": 8}  # the network's total stride with each stem
@@ -18,6 +19,10 @@ MAX_NUM_CLASSES = 100_000
 def check_model_spec(spec: str, stem: str = "imagenet") -> None:
     """A zoo name (with a stem it has) or an existing 'file.py:factory'."""
     check_choice("--stem", stem, STEMS)
+    source = source_for(spec)
+    if source is not None:
+        source.check(spec, stem)
+        return
     if is_factory_spec(spec):
         path = Path(spec.rpartition(":")[0])
         if not path.is_file():
