@@ -10,6 +10,7 @@ recorded with the recipe, method, gate policy and data.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.base import RecipeJob
@@ -51,6 +52,28 @@ class QuantizeResult(Result):
 from .transaction import BundleUpdate, commit_from_source, faultpoint
 
 
+@dataclass
+class QuantizeOptions:
+    """quantize's options, checked once here: the ``targets`` (recipes), the calibration data and how much
+    of it, the method and gate policy (default: each recipe's), the cache, the seed, and the held-out
+    samples each INT8 artifact is checked on."""
+
+    targets: str | list[str] = "ort-cpu"
+    calib_data: str = "synthetic"
+    calib_size: int = 128
+    calib_batch: int = 8
+    method: str | None = None
+    gates: str | None = None
+    use_cache: bool = True
+    seed: int = 0
+    check_samples: int = 64
+
+    def __post_init__(self) -> None:
+        self.targets = validate_quantize_options(self.targets, self.calib_data, self.calib_size, self.calib_batch,
+                                                 self.method, self.gates)
+        check_int("check_samples", self.check_samples, 1)
+
+
 def quantize_bundle(
     bundle_dir,
     targets: str | list[str],
@@ -66,6 +89,7 @@ def quantize_bundle(
     reference: ReferenceModel | None = None,
     skip_unavailable: bool = False,
     progress=None,
+    options: QuantizeOptions | None = None,
 ) -> QuantizeResult:
     """INT8 artifacts for ``targets``, each checked against the PyTorch original (rebuilt only with
     ``trust`` for a factory model, else the FP32 ONNX stands in: ``loaders.reference_runner``).
@@ -73,7 +97,11 @@ def quantize_bundle(
     one already. A target that cannot be made here (its library missing, the PyTorch model it needs
     not available) is refused in one line before any calibration work, or with ``skip_unavailable``
     listed in the result's ``skipped`` while the others are made."""
-    targets = validate_quantize_options(targets, calib_data, calib_size, calib_batch, method, gates)  # before any work
+    options = options or QuantizeOptions(targets, calib_data, calib_size, calib_batch, method, gates, use_cache, seed,
+                                         check_samples)  # every option, before any work
+    targets, calib_data, calib_size, calib_batch, method, gates, use_cache, seed, check_samples = (
+        options.targets, options.calib_data, options.calib_size, options.calib_batch, options.method, options.gates,
+        options.use_cache, options.seed, options.check_samples)
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)  # reported before data is read
     bundle.path_of(ROOT_ARTIFACT)
     reference = reference or ReferenceModel(bundle, trust)

@@ -15,13 +15,14 @@ float under ``--gates int8``, fails the artifact by name. Results go into the ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .attention import attention_parity
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
-from .checks import check_int
+from .checks import check_int, parse_list
 from .data import check_data_source, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
 from .formats import get as get_format
@@ -169,17 +170,38 @@ def _ran(runner) -> dict:
         {"runtime": getattr(runner, "runtime", None)}
 
 
+@dataclass
+class VerifyOptions:
+    """verify's options, checked once here: ``data`` (images or arrays to compare on, besides seeded
+    inputs), ``artifacts`` (default: all), ``samples``, ``seed``, ``runtime`` (one runtime name)."""
+
+    data: str | None = None
+    artifacts: list[str] | None = None
+    samples: int = 16
+    seed: int = 0
+    runtime: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_verify_options(self.data, self.samples)
+        if isinstance(self.artifacts, str):
+            self.artifacts = parse_list(self.artifacts, "--artifact")
+        if self.runtime is not None and len(parse_runtimes(self.runtime)) != 1:
+            raise CbamDeployError(f"--runtime: verify takes one runtime, got {self.runtime}")
+
+
 def verify_bundle(bundle_dir, data: str | None = None, artifacts: list[str] | None = None,
                   samples: int = 16, seed: int = 0, runtime: str | None = None, trust: CodeTrust | None = None,
-                  reference: ReferenceModel | None = None, progress=None) -> VerifyResult:
-    """``bundle_dir``: a folder or an open ``Bundle``. ``runtime``: run every artifact whose format it runs
-    under that runtime (see ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime
-    for each format. ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model;
-    without it such a bundle's artifacts are all skipped ("no trusted reference"), never passed.
-    ``reference``: the command's PyTorch reference when it has one already (an export)."""
-    validate_verify_options(data, samples)
-    if runtime is not None and len(parse_runtimes(runtime)) != 1:
-        raise CbamDeployError(f"--runtime: verify takes one runtime, got {runtime}")
+                  reference: ReferenceModel | None = None, progress=None,
+                  options: VerifyOptions | None = None) -> VerifyResult:
+    """``bundle_dir``: a folder or an open ``Bundle``; ``options``: a ``VerifyOptions`` (else made from the
+    keywords). ``runtime``: run every artifact whose format it runs under that runtime (see
+    ``cbam_deploy.runtimes``), the others are skipped; default: the best runtime for each format.
+    ``trust`` (``models.CodeTrust``): the code the user lets rebuild a factory model; without it such a
+    bundle's artifacts are all skipped ("no trusted reference"), never passed. ``reference``: the
+    command's PyTorch reference when it has one already (an export)."""
+    options = options or VerifyOptions(data, artifacts, samples, seed, runtime)
+    data, artifacts, samples, seed, runtime = (options.data, options.artifacts, options.samples, options.seed,
+                                               options.runtime)
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else Bundle.open(bundle_dir)
     bundle_dir = bundle.directory
     check_artifact_names(bundle, artifacts, bundle_dir)

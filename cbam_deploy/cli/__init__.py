@@ -18,8 +18,9 @@ from typer.core import TyperGroup
 
 from .. import interrupts
 from ..checks import parse_list
+from ..bundle import Bundle
 from ..errors import CbamDeployError
-from ..evaluate import evaluate_bundle
+from ..evaluate import evaluate_bundle, validate_eval_options
 from ..explain_report import explain_bundle
 from ..info import bundle_info
 from ..export_job import ExportOptions
@@ -31,13 +32,13 @@ from ..models.spec import check_input_size
 from ..pipeline import bench_model, bench_with_twins, run_export
 from ..profile import plot_profile, profile_bundle
 from ..progress import Progress
-from ..quantize import quantize_bundle, targets
+from ..quantize import QuantizeOptions, quantize_bundle, targets
 from ..report import markdown_report, plot_latency
 from ..runtimes import runtime_help
 from ..serve.app import ServeConfig, serve
 from ..serve.kserve import inference_service, write_yaml
 from ..serve.triton import write_repository
-from ..verify import verify_bundle
+from ..verify import VerifyOptions, verify_bundle
 from . import render
 from .render import err, out, print_json
 
@@ -148,11 +149,14 @@ def _trust(model: str | None, trust_code: bool) -> CodeTrust:
     return CodeTrust(factory=model, trust_bundle=trust_code)
 
 
-def _note_untrusted(bundle: str, trust: CodeTrust) -> None:
-    """One line when the bundle's PyTorch model will not be rebuilt because its code is not trusted."""
-    why = untrusted_code(bundle, trust)
+def _open_noting_trust(bundle: str, trust: CodeTrust) -> Bundle:
+    """The bundle, opened once for the command; one line when its PyTorch model will not be rebuilt
+    because its code is not trusted."""
+    opened = Bundle.open(bundle)
+    why = untrusted_code(opened, trust)
     if why:
         err.print(f"[yellow]note:[/] no PyTorch reference: {escape(why)}", soft_wrap=True)
+    return opened
 
 
 @app.command("models")
@@ -262,9 +266,8 @@ def verify_command(
 
     A factory-made bundle's model is rebuilt only with --model FILE.py:FACTORY (sha256 checked) or
     --trust-code; without them every artifact is 'skipped: no trusted reference', never passed."""
-    names = parse_list(artifact, "--artifact") if artifact is not None else None
-    result = verify_bundle(bundle, data, names, samples, runtime=runtime, trust=_trust(model, trust_code),
-                           progress=Progress(quiet=quiet))
+    options = VerifyOptions(data, artifact, samples, runtime=runtime)  # every option, before the bundle is read
+    result = verify_bundle(bundle, options=options, trust=_trust(model, trust_code), progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)
     else:
@@ -385,9 +388,9 @@ def quantize_command(
 ) -> None:
     """Quantize a bundle's FP32 ONNX to INT8 for each target and measure agreement with PyTorch
     (for a factory-made bundle without --model/--trust-code: with its FP32 ONNX)."""
+    options = QuantizeOptions(target, calib_data, calib_size, calib_batch, method, gates, cache, seed)  # before any work
     trust = _trust(model, trust_code)
-    _note_untrusted(bundle, trust)
-    result = quantize_bundle(bundle, target, calib_data, calib_size, calib_batch, method, gates, cache, seed, trust=trust,
+    result = quantize_bundle(_open_noting_trust(bundle, trust), options=options, trust=trust,
                              progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)
@@ -410,8 +413,8 @@ def eval_command(
 ) -> None:
     """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
     trust = _trust(model, trust_code)
-    _note_untrusted(bundle, trust)
-    result = evaluate_bundle(bundle, data, artifact, batch, limit, trust=trust)
+    validate_eval_options(data, batch, limit)  # before the bundle is read
+    result = evaluate_bundle(_open_noting_trust(bundle, trust), data, artifact, batch, limit, trust=trust)
     if as_json:
         print_json(result)
         return
@@ -558,8 +561,7 @@ def explain_command(
     2 a bad option, bundle or image."""
     names = parse_list(artifact, "--artifact") if artifact is not None else None
     trust = _trust(model, trust_code)
-    _note_untrusted(bundle, trust)
-    result = explain_bundle(bundle, image, names, output, trust=trust)
+    result = explain_bundle(_open_noting_trust(bundle, trust), image, names, output, trust=trust)
     if as_json:
         print_json(result)
         return
