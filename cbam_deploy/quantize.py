@@ -76,8 +76,8 @@ class QuantizeOptions:
 
 def quantize_bundle(
     bundle_dir,
-    targets: str | list[str],
-    calib_data: str,
+    targets: str | list[str] | None = None,
+    calib_data: str | None = None,
     calib_size: int = 128,
     calib_batch: int = 8,
     method: str | None = None,
@@ -97,8 +97,8 @@ def quantize_bundle(
     one already. A target that cannot be made here (its library missing, the PyTorch model it needs
     not available) is refused in one line before any calibration work, or with ``skip_unavailable``
     listed in the result's ``skipped`` while the others are made."""
-    options = options or QuantizeOptions(targets, calib_data, calib_size, calib_batch, method, gates, use_cache, seed,
-                                         check_samples)  # every option, before any work
+    options = options or QuantizeOptions(targets or "ort-cpu", calib_data, calib_size, calib_batch, method, gates,
+                                         use_cache, seed, check_samples)  # every option, before any work
     targets, calib_data, calib_size, calib_batch, method, gates, use_cache, seed, check_samples = (
         options.targets, options.calib_data, options.calib_size, options.calib_batch, options.method, options.gates,
         options.use_cache, options.seed, options.check_samples)
