@@ -37,7 +37,7 @@ def build(out: Path, overflow_fix: str) -> None:
     import nncf
     from nncf.quantization.advanced_parameters import OverflowFix
 
-    from cbam_deploy.export_job import ExportRequest, export_bundle
+    from cbam_deploy.export_job import ExportOptions, export_bundle
     from cbam_deploy.models import CodeTrust
     from cbam_deploy.quantize import quantize_bundle
 
@@ -49,7 +49,7 @@ def build(out: Path, overflow_fix: str) -> None:
 
     with_fix.original = quantize
     nncf.quantize = with_fix
-    export_bundle(ExportRequest(model=SPEC, output=str(out), input_size=32, parity_samples=2))
+    export_bundle(ExportOptions(model=SPEC, output=str(out), input_size=32, parity_samples=2))
     quantize_bundle(out, ["openvino"], "synthetic", calib_size=8, calib_batch=4, check_samples=4, gates="int8",
                     use_cache=False, trust=CodeTrust(factory=SPEC))
 

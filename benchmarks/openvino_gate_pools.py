@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbam_deploy.benchstats import machine_info  # noqa: E402
 from cbam_deploy.build import build_artifacts  # noqa: E402
 from cbam_deploy.bundle import Bundle  # noqa: E402
-from cbam_deploy.export_job import ExportRequest, export_bundle  # noqa: E402
+from cbam_deploy.export_job import ExportOptions, export_bundle  # noqa: E402
 from cbam_deploy.loaders import open_artifact, reference_runner  # noqa: E402
 from cbam_deploy.quantize import quantize_bundle  # noqa: E402
 from cbam_deploy.verify import _int8_inputs  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     print("machine:", json.dumps(machine_info()))
     root = Path(args.keep or tempfile.mkdtemp(prefix="cbam-ov-pools-"))
     if not (root / "manifest.json").is_file():
-        export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", weights=args.weights,
+        export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", weights=args.weights,
                                     num_classes=10 if args.weights else None, output=str(root), parity=False))
         build_artifacts(root, "openvino", "fp32")
         quantize_bundle(root, ["openvino"], "synthetic", gates=args.gates, use_cache=False)
