@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .calib.targets import DEFAULT_GATES
+from .checks import MAX_BATCH, MAX_CHANNELS, MAX_INPUT_SIZE, MAX_NUM_CLASSES, bounds_problem
 from .errors import CbamDeployError
 from .formats import get as get_format
 from .fsutil import UnsafePath, open_no_follow, sha256_file
@@ -27,6 +28,8 @@ SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
 MAX_DEPTH = 32  # the schema nests 4 deep; records that commands add (export, parity, verify) a few more
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_NAME = 4096  # characters of a model, input or output name (they go into errors, URLs, configs)
+MAX_DIM = (1 << 31) - 1  # an output dimension: what a runtime's int32 shape holds
 
 
 def library_versions() -> dict:
@@ -107,10 +110,11 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
         raise CbamDeployError(f"{where} has schema version {version}; this cbam-deploy reads {SCHEMA_VERSION}")
 
     model = check.field(manifest, "model", "", _is_dict, "an object")
-    check.field(model, "name", "model.", _is_text, "a non-empty string")
+    check.field(model, "name", "model.", _is_name, f"a non-empty string of at most {MAX_NAME} characters")
     check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
     check.field(model, "stem", "model.", _is_text, "a non-empty string")
-    check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
+    check.field(model, "num_classes", "model.", lambda v: _is_positive_int(v) and v <= MAX_NUM_CLASSES,
+                f"an integer from 1 to {MAX_NUM_CLASSES} or null", nullable=True)
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
@@ -132,20 +136,20 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
                         "'channel', 'spatial' or 'joint'")
 
     spec = check.field(manifest, "input", "", _is_dict, "an object")
-    check.field(spec, "name", "input.", _is_text, "a non-empty string")
+    check.field(spec, "name", "input.", _is_name, f"a non-empty string of at most {MAX_NAME} characters")
     shape = check.field(spec, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 4,
                         "a list of 4 dimensions (N, C, H, W)")
-    for i, dim in enumerate(shape):
-        check.item(dim, f"input.shape[{i}]", lambda v: _is_positive_int(v) or _is_text(v),
-                   "a positive integer or a dimension name")
+    for i, (dim, high) in enumerate(zip(shape, (MAX_BATCH, MAX_CHANNELS, MAX_INPUT_SIZE, MAX_INPUT_SIZE))):
+        check.item(dim, f"input.shape[{i}]", lambda v, high=high: _is_positive_int(v) and v <= high or _is_name(v),
+                   f"an integer from 1 to {high} or a dimension name")
     if not _is_positive_int(shape[1]):
-        check.fail("input.shape[1]", "the channel count (a positive integer)", shape[1])
+        check.fail("input.shape[1]", f"the channel count (an integer from 1 to {MAX_CHANNELS})", shape[1])
     for key in ("dtype", "layout", "color"):
         check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
     pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
-    for key in ("resize_shorter", "center_crop"):
-        check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
-                    "a positive whole number")
+    for key, high in (("resize_shorter", 2 * MAX_INPUT_SIZE), ("center_crop", MAX_INPUT_SIZE)):
+        check.field(pre, key, "input.preprocess.",
+                    lambda v, high=high: _is_number(v) and 1 <= v <= high and v == int(v), f"a whole number from 1 to {high}")
     check.field(pre, "interpolation", "input.preprocess.", lambda v: v in _INTERPOLATIONS,
                 f"one of {', '.join(_INTERPOLATIONS)}", required=False)
     check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
@@ -156,13 +160,19 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
         check.fail("input.preprocess.std", f"as long as input.preprocess.mean ({len(mean)})", std)
 
     outputs = check.field(manifest, "outputs", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    output_names = []
     for i, output in enumerate(outputs):
         check.item(output, f"outputs[{i}]", _is_dict, "an object")
-        check.field(output, "name", f"outputs[{i}].", _is_text, "a non-empty string")
-        dims = check.field(output, "shape", f"outputs[{i}].", _is_list, "a list")
+        name = check.field(output, "name", f"outputs[{i}].", _is_name,
+                           f"a non-empty string of at most {MAX_NAME} characters")
+        if name in output_names:
+            check.fail(f"outputs[{i}].name", "a name no other output has", name)
+        output_names.append(name)
+        dims = check.field(output, "shape", f"outputs[{i}].", lambda v: _is_list(v) and len(v) <= 8,
+                           "a list of at most 8 dimensions")
         for j, dim in enumerate(dims):
-            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) or _is_text(v),
-                       "a positive integer or a dimension name")
+            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) and v <= MAX_DIM or _is_name(v),
+                       f"an integer from 1 to {MAX_DIM} or a dimension name")
         check.field(output, "dtype", f"outputs[{i}].", _is_text, "a non-empty string", required=False)
         check.field(output, "kind", f"outputs[{i}].", lambda v: v in OUTPUT_KINDS, f"one of {', '.join(OUTPUT_KINDS)}",
                     required=False)
@@ -188,17 +198,41 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
                         required=False, nullable=True)
         for key in ("export", "quantization", "calibration", "verify"):
             check.field(artifact, key, f"{at}.", _is_dict, "an object", required=False, nullable=True)
+        _check_export_limits(check, artifact.get("export"), f"{at}.export")
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CbamDeployError(f"{where}: artifact names repeat ({', '.join(repeated)})")
 
     check.field(manifest, "versions", "", _is_dict, "an object")
-    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                "a list of strings", required=False, nullable=True)
+    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and len(v) <= MAX_NUM_CLASSES
+                and all(isinstance(x, str) and len(x) <= MAX_NAME for x in v),
+                f"a list of at most {MAX_NUM_CLASSES} strings", required=False, nullable=True)
     check.field(manifest, "created", "", _is_text, "a string", required=False)
 
 
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _check_export_limits(check: _SchemaCheck, export, at: str) -> None:
+    """The records of an artifact's ``export`` that runners and serve take as limits: input ``bounds``
+    (an ExecuTorch program's, ``checks.bounds_problem``) and a batch ``profile`` (a TensorRT engine's:
+    1 <= min_batch <= opt_batch <= max_batch <= MAX_BATCH)."""
+    if not isinstance(export, dict):
+        return
+    if "bounds" in export:
+        problem = bounds_problem(export["bounds"])
+        if problem:
+            field, expected, value = problem
+            check.fail(f"{at}.bounds" + (f".{field}" if field else ""), expected, value)
+    if "profile" in export:
+        profile = export["profile"]
+        check.item(profile, f"{at}.profile", _is_dict, "an object")
+        values = []
+        for key in ("min_batch", "opt_batch", "max_batch"):
+            values.append(check.field(profile, key, f"{at}.profile.", lambda v: _is_positive_int(v) and v <= MAX_BATCH,
+                                      f"an integer from 1 to {MAX_BATCH}"))
+        if not values[0] <= values[1] <= values[2]:
+            check.fail(f"{at}.profile", "min_batch <= opt_batch <= max_batch", profile)
 
 
 class _SchemaCheck:
@@ -254,6 +288,10 @@ def _is_number_list(value) -> bool:
 
 def _is_text(value) -> bool:
     return isinstance(value, str) and value.strip() != ""
+
+
+def _is_name(value) -> bool:
+    return _is_text(value) and len(value) <= MAX_NAME
 
 
 def _is_dict(value) -> bool:
