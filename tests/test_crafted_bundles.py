@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cbam_deploy.build import build_artifacts
 from cbam_deploy.cli import app
 from cbam_deploy.errors import CbamDeployError
 from cbam_deploy.export import ExportRequest, export_bundle
@@ -205,9 +206,10 @@ def edge_bundle(tmp_path_factory) -> Path:
     if not formats:
         pytest.skip("none of the ncnn, executorch and openvino extras is installed")
     out = tmp_path_factory.mktemp("crafted-edge") / "bundle"
-    code, _, err = cli("export", "-m", "resnet10_half_cbam", "--stem", "cifar", "--num-classes", "4", "--input-size",
-                       "32", "-o", out, "--format", ",".join(formats), "--precision", "fp32", "--no-parity", "--json")
-    assert code == 0, err
+    export_bundle(ExportRequest(model="resnet10_half_cbam", stem="cifar", num_classes=4, input_size=32,
+                                output=str(out), parity=False))
+    outcomes = build_artifacts(out, formats, "fp32")
+    assert all(o.name and not o.skipped for o in outcomes), outcomes
     return out
 
 

@@ -52,16 +52,33 @@ import resource, sys
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 data = sys.stdin.buffer.read()
+shape = [int(v) for v in sys.argv[2:6]]
 try:
     import torch
-    from executorch import runtime
 except Exception as exc:
-    print(f"cannot import ExecuTorch: {type(exc).__name__}: {exc}"[:300]); sys.exit(4)
-try:
+    print(f"cannot import torch: {type(exc).__name__}: {exc}"[:300]); sys.exit(4)
+
+
+def run_native():  # the native module alone: executorch.runtime imports the exporter too (seconds more)
+    from executorch.extension.pybindings import _C
+    program = _C._load_program_from_buffer(data, enable_etdump=False, debug_buffer_size=0, data_path=None,
+                                           program_verification=_C.Verification.InternalConsistency)
+    program.load_method("forward")((torch.zeros(shape),))
+
+
+def run_runtime():
+    from executorch import runtime
     method = runtime.Runtime.get().load_program(data).load_method("forward")
     if method is None:
         raise RuntimeError("no forward method")
-    method.execute([torch.zeros([int(v) for v in sys.argv[2:6]])])
+    method.execute([torch.zeros(shape)])
+
+
+try:
+    try:
+        run_native()
+    except (ImportError, AttributeError, TypeError):  # another ExecuTorch: its public runtime
+        run_runtime()
 except BaseException as exc:
     print(" ".join(str(exc).split())[:300] or type(exc).__name__); sys.exit(3)
 """
@@ -188,8 +205,9 @@ class ExecuTorchRunner(Runner):
             raise CbamDeployError(f"cannot read {self.path}: {exc}") from None
         check_program(data, self.path, self.bounds)
         try:
-            program = runtime.Runtime.get().load_program(data)
-            self.method = program.load_method("forward")
+            # kept: the program holds the bytes, which ExecuTorch reads in place for as long as it runs
+            self._program = runtime.Runtime.get().load_program(data)
+            self.method = self._program.load_method("forward")
         except Exception as exc:  # ExecuTorch reports a damaged or truncated file as RuntimeError "error 0x.."
             text = " ".join(str(exc).split()) or type(exc).__name__
             raise CbamDeployError(f"ExecuTorch cannot load {self.path}: {text} (a damaged or truncated .pte? build it "
