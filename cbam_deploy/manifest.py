@@ -20,7 +20,7 @@ from .calib.targets import DEFAULT_GATES
 from .checks import MAX_BATCH, MAX_CHANNELS, MAX_INPUT_SIZE, MAX_NUM_CLASSES, bounds_problem
 from .errors import CbamDeployError
 from .formats import get as get_format
-from .fsutil import UnsafePath, open_no_follow, sha256_file
+from .fsutil import UnsafePath, json_depth, open_no_follow, sha256_file
 from .outputs import OUTPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
@@ -71,23 +71,10 @@ def read_manifest_file(path: Path) -> dict:
         raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CbamDeployError(f"cannot read {path}: {exc}") from None
-    if _depth(manifest) > MAX_DEPTH:
+    if json_depth(manifest, MAX_DEPTH) > MAX_DEPTH:
         raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels")
     validate_manifest(manifest, path)
     return manifest
-
-
-def _depth(value) -> int:
-    """How deep a parsed JSON value nests (iterative: a deep value cannot exhaust the stack here)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
@@ -114,7 +101,7 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
     check.field(model, "source", "model.", lambda v: v in ("zoo", "factory"), "'zoo' or 'factory'")
     check.field(model, "stem", "model.", _is_text, "a non-empty string")
     check.field(model, "num_classes", "model.", lambda v: _is_positive_int(v) and v <= MAX_NUM_CLASSES,
-                f"an integer from 1 to {MAX_NUM_CLASSES} or null", nullable=True)
+                f"a positive integer or null, at most {MAX_NUM_CLASSES}", nullable=True)
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)

@@ -48,9 +48,12 @@ _checked_loads: set[str] = set()  # programs (sha256, probe shape, ExecuTorch ve
 # loader aborts the whole process on some damaged files (a pybind11 error thrown while it logs a
 # file's bytes as text), which no ``except`` can catch. The child sets its own memory ceiling first.
 _LOAD_CHECK = """
-import resource, sys
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import sys
+try:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+except (ImportError, ValueError, OSError):  # a system without address-space limits: the time limit still holds
+    pass
 data = sys.stdin.buffer.read()
 shape = [int(v) for v in sys.argv[2:6]]
 try:
