@@ -767,7 +767,10 @@ _NCNN_SIGMOID_ACTIVATION = 4  # activation_type (param 9) of a conv / inner prod
 
 def _ncnn_int(layer, key: int, default: int = 0) -> int:
     value = layer.params.get(str(key))
-    return default if value is None else int(float(value))
+    try:
+        return default if value is None else int(float(value))
+    except (ValueError, OverflowError):  # an expression where a number is read: ncnn refuses the file itself
+        return default
 
 
 def _ncnn_graph(layers) -> _Graph:
@@ -816,7 +819,10 @@ def _ncnn_graph(layers) -> _Graph:
         elif t == "Reduction":
             pool = {3: "avg", 4: "max"}.get(_ncnn_int(layer, 0), "other")
             raw = layer.params.get("-23303")
-            axes = tuple(sorted(int(v) for v in raw.split(",")[1:])) if raw else ()
+            try:
+                axes = tuple(sorted(int(float(v)) for v in raw.split(",")[1:])) if raw else ()
+            except (ValueError, OverflowError):  # not an array of numbers: not a pool ncnn runs
+                axes = ()
             if axes == (1, 2):
                 op.kind, op.axes, op.pool = "pool", "hw", pool
             elif axes == (0,):

@@ -489,6 +489,12 @@ PARAM_VALUES = {
     "fewer-layers": (lambda ls, i: ls.__delitem__(i), "layers where its header says"),
     "header-blobs": (lambda ls, i: ls.__setitem__(1, f"{ls[1].split()[0]} 7"), "blobs where its header says"),
     "counts-not-numbers": (lambda ls, i: ls.__setitem__(1, "many blobs"), "not an ncnn .param file"),
+    # quoted shape expressions: ncnn pops an empty stack on the first (a segfault) and traps on the second
+    "expression-no-operands": (lambda ls, i: ls.__setitem__(i, _set_param(ls[i], "6", '"+"')), "lacks its operands"),
+    "expression-int-min-by-minus-1": (lambda ls, i: ls.__setitem__(i, _set_param(ls[i], "6", '"//(*(32768,65536),-1)"')),
+                                      "can divide the smallest integer by -1"),
+    "expression-where-a-number-is-read": (lambda ls, i: ls.__setitem__(i, _set_param(ls[i], "6", '"864"')),
+                                          "where a number is read"),
 }
 
 
@@ -881,7 +887,9 @@ Sigmoid sig0 1 1 r0 g0
 BinaryOp mul0 2 1 s1 g0 out0 0=2
 """
 TOKENS = st.one_of(st.sampled_from(["0", "1", "-1", "abc", "inf", "nan", "1e999", "3.5", "2147483648", "-23303=2,1,2",
-                                    "6=-4", "99=1", "0=", "=", "in0", "c0", "s0", "out0", "x" * 300, "7767517"]),
+                                    "6=-4", "99=1", "0=", "=", "in0", "c0", "s0", "out0", "x" * 300, "7767517",
+                                    '6="+"', '6="//(*(32768,65536),-1)"', '0="1,1,//(16,0n),0n"', '6="9w"',
+                                    '4="0w"', '-23303=2,1.5,x']),
                    st.text(alphabet="0123456789-=,.eabcx", max_size=8))
 
 
@@ -894,6 +902,7 @@ def test_property_a_param_is_checked_before_any_walk(edits, tail):
     every blob is made once and before it is read, whose values are finite numbers in range, and whose
     weight walk over any .bin ends in one line or an exact read."""
     from cbam_deploy.backends.ncnn.exporter import MAX_LAYERS, NcnnParam, walk_bin
+    from cbam_deploy.gates import ncnn_gates
 
     text = [ln.split() for ln in PARAM_TEXT.splitlines()]
     for row, column, token, how in edits:
@@ -917,6 +926,12 @@ def test_property_a_param_is_checked_before_any_walk(edits, tail):
         assert all(b in made for b in layer.inputs)
         assert not made & set(layer.outputs)
         made |= set(layer.outputs)
+        for key in range(10):
+            try:
+                layer.int(key)
+            except CbamDeployError as exc:
+                assert "\n" not in str(exc)
+    ncnn_gates(param.layers)  # the gate finder reads the same layers: never a traceback
     try:
         arrays = walk_bin(param, tail)
     except CbamDeployError as exc:

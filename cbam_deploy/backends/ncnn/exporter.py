@@ -90,7 +90,13 @@ class Layer:
 
     def int(self, key: int, default: int = 0) -> int:
         value = self.get(key)
-        return default if value is None else int(float(value))
+        if value is None:
+            return default
+        try:
+            return int(float(value))
+        except (ValueError, OverflowError):  # an expression, or pnnx's text, where a number is read
+            raise CbamDeployError(f"ncnn layer {shorten(self.name)}: parameter {key} is {shorten(value)} where a number "
+                                  "is read") from None
 
     def line(self) -> str:
         parts = [f"{self.type:<24}", f"{self.name:<24}", str(len(self.inputs)), str(len(self.outputs)),
@@ -218,7 +224,8 @@ def _check_number(text: str, where: str) -> None:
 def check_layer_values(layer: Layer, where: str) -> None:
     """A layer line's names and parameters as ncnn takes them, else one error naming the line: names
     of at most ``MAX_TOKEN`` characters, parameter ids 0..31 (arrays -23300..-23331), each value a
-    finite number in range, an array ``n,v1,..,vn`` with exactly n values (at most ``MAX_ARRAY``)."""
+    finite number in range or a quoted shape expression (``check_expression``), an array
+    ``n,v1,..,vn`` with exactly n values (at most ``MAX_ARRAY``)."""
     for token in (layer.type, layer.name, *layer.inputs, *layer.outputs):
         if len(token) > MAX_TOKEN:
             raise CbamDeployError(f"{where}: a name of {len(token)} characters (at most {MAX_TOKEN})")
@@ -227,7 +234,9 @@ def check_layer_values(layer: Layer, where: str) -> None:
             ident = int(key)
         except ValueError:
             raise CbamDeployError(f"{where}: parameter id {shorten(key)} is not a number") from None
-        if 0 <= ident < _NCNN_MAX_PARAM_ID:
+        if 0 <= ident < _NCNN_MAX_PARAM_ID and value.startswith('"'):
+            check_expression(value, len(layer.inputs), f"{where}: parameter {ident}")
+        elif 0 <= ident < _NCNN_MAX_PARAM_ID:
             _check_number(value, f"{where}: parameter {ident}")
         elif _ARRAY_BASE - _NCNN_MAX_PARAM_ID < ident <= _ARRAY_BASE:
             items = value.split(",")
@@ -240,6 +249,97 @@ def check_layer_values(layer: Layer, where: str) -> None:
                 _check_number(item, f"{where}: parameter {ident}")
         else:
             raise CbamDeployError(f"{where}: parameter id {ident} is outside ncnn's ids (0..31, arrays -23300..-23331)")
+
+
+_INT32_RANGE = (_INT32[0], _INT32[1])
+_EXPR_BLOB = re.compile(r"[0-9][whdcn]$")
+_EXPR_BINARY = {"+", "-", "*", "//", "max", "min"}  # on two ints: int arithmetic (wrapping in int32)
+_EXPR_UNARY = {"abs", "neg", "sign", "square"}
+_EXPR_ROUND = {"trunc", "ceil", "floor", "round"}
+_EXPR_FLOAT_UNARY = {"acos", "acosh", "asin", "asinh", "atan", "atanh", "cos", "cosh", "erf", "exp", "log", "log10",
+                     "reciprocal", "rsqrt", "sin", "sinh", "sqrt", "tan", "tanh"}
+_EXPR_FLOAT_BINARY = {"/", "atan2", "fmod", "pow", "remainder", "logaddexp"}
+_EXPR_BITS = {"and", "or", "xor", "lshift", "rshift"}
+MAX_EXPRESSION = 255  # characters of a quoted expression (ncnn reads strings of bounded length)
+
+
+def check_expression(value: str, inputs: int, where: str) -> None:
+    """A quoted shape expression (``6="1,1,//(16,0n),0n"``: a Reshape's shape, a Crop's starts) as
+    ncnn evaluates it (``src/expression.cpp``: tokens read from the right onto a stack): every token
+    an operator it knows, a literal number or a dimension of one of the layer's inputs, never an
+    operator without its operands (ncnn pops an empty stack: a segfault) and never an integer
+    division whose dividend can be the smallest int32 while its divisor can be -1 (a SIGFPE); the
+    ranges are followed through the integer arithmetic, wrapping as int32 does."""
+    text = value[1:-1] if len(value) >= 2 and value.endswith('"') else None
+    if text is None or '"' in text or not text or len(text) > MAX_EXPRESSION:
+        raise CbamDeployError(f"{where}: {shorten(value)} is not a quoted expression of at most {MAX_EXPRESSION} "
+                              "characters")
+    tokens = [t for t in re.split(r"[(),]", text) if t]
+    full = ("i", *_INT32_RANGE)
+    stack: list[tuple] = []
+
+    def take(count: int, token: str) -> list[tuple]:
+        if len(stack) < count:
+            raise CbamDeployError(f"{where}: expression {shorten(text)}: {token!r} lacks its operands")
+        return [stack.pop() for _ in range(count)]
+
+    def wrapped(low: int, high: int) -> tuple:
+        return ("i", low, high) if _INT32_RANGE[0] <= low <= high <= _INT32_RANGE[1] else full
+
+    for token in reversed(tokens):
+        if _EXPR_BLOB.match(token):
+            if int(token[0]) >= inputs:
+                raise CbamDeployError(f"{where}: expression {shorten(text)} reads input {token[0]} of a layer with "
+                                      f"{inputs}")
+            stack.append(("i", 0, _INT32_RANGE[1]))
+        elif token in _EXPR_BINARY:
+            a, b = take(2, token)
+            if a[0] == "f" or b[0] == "f":
+                stack.append(("f",))
+            elif token == "//":
+                if a[1] == _INT32_RANGE[0] and b[1] <= -1 <= b[2]:
+                    raise CbamDeployError(f"{where}: expression {shorten(text)} can divide the smallest integer by -1")
+                bound = max(abs(a[1]), abs(a[2]))
+                stack.append(wrapped(-bound, bound))
+            elif token in ("+", "-", "*"):
+                corners = [x + y if token == "+" else x - y if token == "-" else x * y
+                           for x in (a[1], a[2]) for y in ((b[1], b[2]) if token != "-" else (b[2], b[1]))]
+                stack.append(wrapped(min(corners), max(corners)))
+            else:
+                pick = max if token == "max" else min
+                stack.append(("i", pick(a[1], b[1]), pick(a[2], b[2])))
+        elif token in _EXPR_UNARY:
+            (a,) = take(1, token)
+            if a[0] == "f":
+                stack.append(a)
+            elif token == "sign":
+                stack.append(("i", -1, 1))
+            else:
+                low = 0 if a[1] <= 0 <= a[2] else min(abs(a[1]), abs(a[2]))
+                high = max(abs(a[1]), abs(a[2]))
+                stack.append(wrapped(-a[2], -a[1]) if token == "neg" else
+                             wrapped(low, high) if token == "abs" else wrapped(low * low, high * high))
+        elif token in _EXPR_ROUND:
+            (a,) = take(1, token)
+            stack.append(a if a[0] == "i" else full)  # a float made an int: any int
+        elif token in _EXPR_FLOAT_UNARY:
+            take(1, token)
+            stack.append(("f",))
+        elif token in _EXPR_FLOAT_BINARY:
+            take(2, token)
+            stack.append(("f",))
+        elif token in _EXPR_BITS:
+            take(2, token)
+            stack.append(full)
+        else:
+            _check_number(token, f"{where}: expression {shorten(text)}")
+            whole = re.match(r"[+-]?\d+", token)
+            if whole and int(whole.group()) == float(token):
+                stack.append(("i", int(whole.group()), int(whole.group())))
+            else:
+                stack.append(("f",))
+    if not stack:
+        raise CbamDeployError(f"{where}: expression {shorten(text)} gives no value")
 
 
 def check_graph(layers: list, blob_count: int, where: str) -> None:
@@ -347,7 +447,10 @@ def _reduction_axes(layer: Layer) -> tuple[int, ...] | None:
     raw = layer.get(-23303)
     if raw is None:
         return None
-    values = [int(v) for v in raw.split(",")]
+    try:
+        values = [int(float(v)) for v in raw.split(",")]
+    except (ValueError, OverflowError):
+        return None
     return tuple(sorted(values[1:1 + values[0]]))
 
 
