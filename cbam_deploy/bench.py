@@ -339,7 +339,7 @@ def _pytorch_model(bundle: Bundle, trust: CodeTrust | None = None):
         raise CbamDeployError(f"cannot rebuild the PyTorch model from {spec}: the file is gone")
     usable = model.weights is not None and Path(model.weights.path).is_file()
     return build_model(spec, model.weights.path if usable else None, model.num_classes, model.stem,
-                       model.outputs_mode).module
+                       model.outputs_mode, model.factory_sha256).module
 
 
 def pytorch_spec(bundle: Bundle, trust: CodeTrust | None = None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,16 +388,18 @@ class Bundle:
         return True
 
     def _check_companions(self, artifact: ArtifactRecord, path: Path) -> None:
-        undeclared = self._undeclared_companions(artifact, path)
-        if undeclared:
-            raise CbamDeployError(f"artifact {artifact.name}: its file refers to {shorten(undeclared[0])}, which the "
-                                  "manifest does not record; a bundle's files must be plain files inside it, each with "
-                                  "its sha256 (re-export the bundle)")
+        problems = self._undeclared_companions(artifact, path)
+        if problems:
+            raise CbamDeployError(f"artifact {artifact.name}: {problems[0]}; a bundle's files must be plain files "
+                                  "inside it, each with its sha256 (re-export the bundle)")
 
     def _undeclared_companions(self, artifact: ArtifactRecord, path: Path) -> list[str]:
-        """Files the artifact's own file makes its runtime open (an ONNX's external data, an IR's .bin)
-        that exist but that the manifest does not list with a sha256: a crafted ONNX could point them
-        anywhere. Read once per artifact version."""
+        """What is wrong with the files the artifact's runtime opens beside its own (an ONNX's external
+        data, an IR's or an ncnn model's .bin, a sidecar), as the formats table names them (relative to
+        the artifact's folder): one that exists but that the manifest does not record with a sha256
+        under that same place (a crafted ONNX could point anywhere; a manifest could check one file
+        while the runtime reads another beside the artifact), or a recorded companion that does not
+        lie where the runtime reads it. Read once per artifact version."""
         key = (artifact.name, artifact.sha256)
         if key not in self._companions_checked:
             try:
@@ -405,10 +408,16 @@ class Bundle:
                 raise
             except Exception as exc:  # a file the format's reader cannot parse: the runtime would fail too
                 raise CbamDeployError(f"artifact {artifact.name}: cannot read {path}: {str(exc)[:200]}") from None
+            folder = posixpath.dirname(artifact.path)
+            beside = {c: posixpath.normpath(posixpath.join(folder, c)) for c in wanted}
             # one that is not there cannot be read (the runtime will say it is missing); one that is there
-            # (a file, a link) but not recorded with its sha256 is refused
-            self._companions_checked[key] = [c for c in wanted if c not in artifact.companion_files
-                                             and os.path.lexists(path.parent / c)]
+            # (a file, a link) but not recorded with its sha256, where the runtime reads it, is refused
+            problems = [f"its file refers to {shorten(c)}, which the manifest does not record" for c in wanted
+                        if beside[c] not in artifact.companion_files and os.path.lexists(path.parent / c)]
+            reads = ", ".join(shorten(b) for b in sorted(set(beside.values()))) or "none"
+            problems += [f"the manifest records its companion {shorten(c)}, which is not one its runtime reads beside "
+                         f"it ({reads})" for c in artifact.companion_files if c not in beside.values()]
+            self._companions_checked[key] = problems
         return self._companions_checked[key]
 
     def check_integrity(self) -> dict[str, str]:

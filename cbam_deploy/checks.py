@@ -22,6 +22,7 @@ from .errors import CbamDeployError
 MIN_INPUT_SIZE = 8
 MAX_INPUT_SIZE = 2048
 MAX_BATCH = 1024
+MAX_NUM_CLASSES = 100_000  # a classifier's classes (export's --num-classes; a manifest's model.num_classes)
 
 
 def is_int(value) -> bool:
@@ -97,6 +98,31 @@ def parse_batches(value: str, option: str = "--batch") -> list[int]:
     if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
         raise CbamDeployError(f"{option} takes a comma list of integers from 1 to {MAX_BATCH}, got {value!r}")
     return list(dict.fromkeys(batches))
+
+
+# --- records read from a bundle -------------------------------------------------------------------
+
+MAX_CHANNELS = 4096  # input channels of an image model (an RGB image has 3; a multispectral one, dozens)
+MAX_BOUND_SIDE = 4 * MAX_INPUT_SIZE  # a dynamic H/W is exported from half to twice its side
+
+
+def bounds_problem(record) -> tuple[str, str, object] | None:
+    """Why ``record`` is not an input-bounds record (``{"batch": [min, max], "height": [min, max],
+    "width": [min, max], "channels": C}``, what an ExecuTorch export records in its sidecar and in the
+    manifest): (the field, what it must be, its value); None when it is one. A runner and serve take
+    these numbers as they are (a batch bound is the largest batch they send), so each is an integer
+    pair with 1 <= min <= max under a finite ceiling."""
+    if not isinstance(record, dict):
+        return "", "an object", record
+    for key, high in (("batch", MAX_BATCH), ("height", MAX_BOUND_SIDE), ("width", MAX_BOUND_SIDE)):
+        value = record.get(key)
+        if not (isinstance(value, list) and len(value) == 2 and all(is_int(v) for v in value)
+                and 1 <= value[0] <= value[1] <= high):
+            return key, f"a [min, max] pair of integers with 1 <= min <= max <= {high}", value
+    channels = record.get("channels")
+    if not (is_int(channels) and 1 <= channels <= MAX_CHANNELS):
+        return "channels", f"an integer from 1 to {MAX_CHANNELS}", channels
+    return None
 
 
 # --- names that become paths, and text that goes into a file -------------------------------------

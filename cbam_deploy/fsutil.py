@@ -10,6 +10,8 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
+import math
 import os
 import shutil
 import stat
@@ -95,9 +97,9 @@ def clean_stale_temporaries(final: str | Path) -> list[str]:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         path = final.parent / name
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
+        try:  # only a regular file can be a temporary of ours: a link, a FIFO or a device is never opened
+            fd = open_no_follow(path)
+        except (OSError, UnsafePath):
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,9 +196,20 @@ def resolve_inside(root: str | Path, relative: str | Path) -> Path:
     return path
 
 
+class FileTooLarge(ValueError):
+    """A file read from a folder someone else made is larger than what its reader takes."""
+
+
 def open_no_follow(path: str | Path) -> int:
     """A read-only descriptor of ``path``, refused (``UnsafePath``) when the last step is a symbolic
-    link or not a regular file, checked on the opened file itself (no window for a swap)."""
+    link or not a regular file. What the path is is looked at (``lstat``) before it is opened, so a
+    FIFO or a device is never opened at all, and checked again on the opened file itself (no window
+    for a swap); the open never blocks (``O_NONBLOCK``)."""
+    mode = os.lstat(path).st_mode  # FileNotFoundError for a missing file
+    if stat.S_ISLNK(mode):
+        raise UnsafePath(f"{path} is a symbolic link")
+    if not stat.S_ISREG(mode):
+        raise UnsafePath(f"{path} is not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
@@ -207,6 +220,60 @@ def open_no_follow(path: str | Path) -> int:
         os.close(fd)
         raise UnsafePath(f"{path} is not a regular file")
     return fd
+
+
+def read_no_follow(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` through ``open_no_follow`` (a regular file, never a link, a FIFO or a
+    device), at most ``max_bytes`` of them: a larger file is refused (``FileTooLarge``) after reading
+    one byte more than that, never read whole."""
+    with os.fdopen(open_no_follow(path), "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(f"{path} is larger than {max_bytes} bytes")
+    return data
+
+
+def read_json_no_follow(path: str | Path, max_bytes: int, max_depth: int):
+    """The JSON document in ``path`` (``read_no_follow``), checked on the way in: UTF-8, at most
+    ``max_bytes``, nested at most ``max_depth`` deep (counted without recursion), every number finite
+    (``NaN``, ``Infinity`` and ``1e999`` are refused). ``ValueError`` (``UnsafePath``, ``FileTooLarge``
+    included) says what is wrong in one line; ``OSError`` when it cannot be read."""
+    data = read_no_follow(path, max_bytes)
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if json_depth(value, max_depth) > max_depth:
+        raise ValueError(f"{path}: JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"a number that is not finite ({name})")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a number that is not finite ({text[:20]})")
+    return value
+
+
+def json_depth(value, limit: int) -> int:
+    """How deep a parsed JSON value nests (iterative, and it stops once past ``limit``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def sha256_no_follow(path: str | Path) -> str:
@@ -251,9 +318,9 @@ def staging_prefix(final: str | Path, tag: str) -> str:
 
 def owner_alive(folder: Path) -> bool:
     """Whether a live process holds the owner lock (``.owner``, flock) of a staging folder."""
-    try:
-        fd = os.open(folder / OWNER_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+    try:  # a link, a FIFO or a device is no lock of ours: never opened (it could block, or lead out)
+        fd = open_no_follow(folder / OWNER_NAME)
+    except (OSError, UnsafePath):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

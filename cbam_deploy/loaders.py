@@ -85,14 +85,15 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
             matches = False
         if matches:
             try:
-                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode, trust)
+                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode, trust,
+                                     model.factory_sha256)
                 return TorchRunner(loaded.module), "pytorch-fp32"
             except CbamDeployError as exc:
                 reason = f"the model could not be rebuilt: {exc}"
         else:
             reason = f"checkpoint {path} missing or changed"
     elif model.init:
-        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode, trust)
+        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode, trust, model.factory_sha256)
         if state_fingerprint(loaded.module) == model.init["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
         # another CPU's torch may rebuild the seeded init with different last bits: the same model

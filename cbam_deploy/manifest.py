@@ -16,10 +16,11 @@ import platform
 from pathlib import Path
 
 from . import __version__
+from .checks import MAX_BATCH, MAX_CHANNELS, MAX_INPUT_SIZE, MAX_NUM_CLASSES, bounds_problem
 from .errors import CbamDeployError
 from .formats import get as get_format
 from .formats import recipe as get_recipe
-from .fsutil import UnsafePath, open_no_follow, sha256_written
+from .fsutil import UnsafePath, json_depth, open_no_follow, sha256_written
 from .models.libraries import library_names
 from .outputs import OUTPUT_KINDS
 from .preprocessing import INTERPOLATIONS
@@ -36,6 +37,8 @@ SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "model", "input", "outputs", "artifacts", "versions")
 MAX_DEPTH = 32  # the schema nests 4 deep; records that commands add (export, parity, verify) a few more
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_NAME = 4096  # characters of a model, input or output name (they go into errors, URLs, configs)
+MAX_DIM = (1 << 31) - 1  # an output dimension: what a runtime's int32 shape holds
 
 
 def library_versions() -> dict:
@@ -77,23 +80,10 @@ def read_manifest_file(path: Path) -> dict:
         raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CbamDeployError(f"cannot read {path}: {exc}") from None
-    if _depth(manifest) > MAX_DEPTH:
+    if json_depth(manifest, MAX_DEPTH) > MAX_DEPTH:
         raise CbamDeployError(f"cannot read {path}: JSON nested deeper than {MAX_DEPTH} levels")
     validate_manifest(manifest, path)
     return manifest
-
-
-def _depth(value) -> int:
-    """How deep a parsed JSON value nests (iterative: a deep value cannot exhaust the stack here)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None:
@@ -116,11 +106,12 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
         raise CbamDeployError(f"{where} has schema version {version}; this cbam-deploy reads {SCHEMA_VERSION}")
 
     model = check.field(manifest, "model", "", _is_dict, "an object")
-    check.field(model, "name", "model.", _is_text, "a non-empty string")
+    check.field(model, "name", "model.", _is_name, f"a non-empty string of at most {MAX_NAME} characters")
     sources = (*MODEL_SOURCES, *library_names())
     check.field(model, "source", "model.", lambda v: v in sources, f"one of {', '.join(sources)}")
     check.field(model, "stem", "model.", _is_text, "a non-empty string")
-    check.field(model, "num_classes", "model.", _is_positive_int, "a positive integer or null", nullable=True)
+    check.field(model, "num_classes", "model.", lambda v: _is_positive_int(v) and v <= MAX_NUM_CLASSES,
+                f"a positive integer or null, at most {MAX_NUM_CLASSES}", nullable=True)
     check.field(model, "parameters", "model.", lambda v: _is_int(v) and v >= 0, "a non-negative integer", required=False)
     check.field(model, "gflops", "model.", _is_number, "a number or null", required=False, nullable=True)
     check.field(model, "factory", "model.", _is_text, "a non-empty string", required=False)
@@ -148,14 +139,14 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
                         "'channel', 'spatial' or 'joint'")
 
     spec = check.field(manifest, "input", "", _is_dict, "an object")
-    check.field(spec, "name", "input.", _is_text, "a non-empty string")
+    check.field(spec, "name", "input.", _is_name, f"a non-empty string of at most {MAX_NAME} characters")
     shape = check.field(spec, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 4,
                         "a list of 4 dimensions (N, C, H, W)")
-    for i, dim in enumerate(shape):
-        check.item(dim, f"input.shape[{i}]", lambda v: _is_positive_int(v) or _is_text(v),
-                   "a positive integer or a dimension name")
+    for i, (dim, high) in enumerate(zip(shape, (MAX_BATCH, MAX_CHANNELS, MAX_INPUT_SIZE, MAX_INPUT_SIZE))):
+        check.item(dim, f"input.shape[{i}]", lambda v, high=high: _is_positive_int(v) and v <= high or _is_name(v),
+                   f"an integer from 1 to {high} or a dimension name")
     if not _is_positive_int(shape[1]):
-        check.fail("input.shape[1]", "the channel count (a positive integer)", shape[1])
+        check.fail("input.shape[1]", f"the channel count (an integer from 1 to {MAX_CHANNELS})", shape[1])
     for key in ("dtype", "layout", "color"):
         check.field(spec, key, "input.", _is_text, "a non-empty string", required=False)
     pre = check.field(spec, "preprocess", "input.", _is_dict, "an object")
@@ -163,9 +154,9 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
                 required=False)
     check.field(pre, "pad_value", "input.preprocess.", lambda v: _is_number(v) and 0 <= v <= 255, "a number from 0 to 255",
                 required=False)
-    for key in ("resize_shorter", "center_crop"):
-        check.field(pre, key, "input.preprocess.", lambda v: _is_number(v) and v >= 1 and v == int(v),
-                    "a positive whole number")
+    for key, high in (("resize_shorter", 2 * MAX_INPUT_SIZE), ("center_crop", MAX_INPUT_SIZE)):
+        check.field(pre, key, "input.preprocess.",
+                    lambda v, high=high: _is_number(v) and 1 <= v <= high and v == int(v), f"a whole number from 1 to {high}")
     check.field(pre, "interpolation", "input.preprocess.", lambda v: v in INTERPOLATIONS,
                 f"one of {', '.join(INTERPOLATIONS)}", required=False)
     check.field(pre, "scale", "input.preprocess.", lambda v: _is_number(v) and v > 0, "a positive number", required=False)
@@ -176,13 +167,19 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
         check.fail("input.preprocess.std", f"as long as input.preprocess.mean ({len(mean)})", std)
 
     outputs = check.field(manifest, "outputs", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    output_names = []
     for i, output in enumerate(outputs):
         check.item(output, f"outputs[{i}]", _is_dict, "an object")
-        check.field(output, "name", f"outputs[{i}].", _is_text, "a non-empty string")
-        dims = check.field(output, "shape", f"outputs[{i}].", _is_list, "a list")
+        name = check.field(output, "name", f"outputs[{i}].", _is_name,
+                           f"a non-empty string of at most {MAX_NAME} characters")
+        if name in output_names:
+            check.fail(f"outputs[{i}].name", "a name no other output has", name)
+        output_names.append(name)
+        dims = check.field(output, "shape", f"outputs[{i}].", lambda v: _is_list(v) and len(v) <= 8,
+                           "a list of at most 8 dimensions")
         for j, dim in enumerate(dims):
-            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) or _is_text(v),
-                       "a positive integer or a dimension name")
+            check.item(dim, f"outputs[{i}].shape[{j}]", lambda v: _is_positive_int(v) and v <= MAX_DIM or _is_name(v),
+                       f"an integer from 1 to {MAX_DIM} or a dimension name")
         check.field(output, "dtype", f"outputs[{i}].", _is_text, "a non-empty string", required=False)
         check.field(output, "kind", f"outputs[{i}].", lambda v: v in OUTPUT_KINDS, f"one of {', '.join(OUTPUT_KINDS)}",
                     required=False)
@@ -208,16 +205,40 @@ def validate_manifest(manifest: dict, where: Path | str = MANIFEST_NAME) -> None
                         required=False, nullable=True)
         for key in ("export", "quantization", "calibration", "verify"):
             check.field(artifact, key, f"{at}.", _is_dict, "an object", required=False, nullable=True)
+        _check_export_limits(check, artifact.get("export"), f"{at}.export")
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CbamDeployError(f"{where}: artifact names repeat ({', '.join(repeated)})")
 
     check.field(manifest, "versions", "", _is_dict, "an object")
-    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                "a list of strings", required=False, nullable=True)
+    check.field(manifest, "labels", "", lambda v: isinstance(v, list) and len(v) <= MAX_NUM_CLASSES
+                and all(isinstance(x, str) and len(x) <= MAX_NAME for x in v),
+                f"a list of at most {MAX_NUM_CLASSES} strings", required=False, nullable=True)
     check.field(manifest, "created", "", _is_text, "a string", required=False)
 
 
+
+
+def _check_export_limits(check: _SchemaCheck, export, at: str) -> None:
+    """The records of an artifact's ``export`` that runners and serve take as limits: input ``bounds``
+    (an ExecuTorch program's, ``checks.bounds_problem``) and a batch ``profile`` (a TensorRT engine's:
+    1 <= min_batch <= opt_batch <= max_batch <= MAX_BATCH)."""
+    if not isinstance(export, dict):
+        return
+    if "bounds" in export:
+        problem = bounds_problem(export["bounds"])
+        if problem:
+            field, expected, value = problem
+            check.fail(f"{at}.bounds" + (f".{field}" if field else ""), expected, value)
+    if "profile" in export:
+        profile = export["profile"]
+        check.item(profile, f"{at}.profile", _is_dict, "an object")
+        values = []
+        for key in ("min_batch", "opt_batch", "max_batch"):
+            values.append(check.field(profile, key, f"{at}.profile.", lambda v: _is_positive_int(v) and v <= MAX_BATCH,
+                                      f"an integer from 1 to {MAX_BATCH}"))
+        if not values[0] <= values[1] <= values[2]:
+            check.fail(f"{at}.profile", "min_batch <= opt_batch <= max_batch", profile)
 
 
 class _SchemaCheck:
@@ -279,6 +300,10 @@ def _is_summary_tensors(value) -> bool:
 
 def _is_text(value) -> bool:
     return isinstance(value, str) and value.strip() != ""
+
+
+def _is_name(value) -> bool:
+    return _is_text(value) and len(value) <= MAX_NAME
 
 
 def _is_dict(value) -> bool:

@@ -33,6 +33,8 @@ import json
 import os
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +42,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CbamDeployError
-from .fsutil import OWNER_NAME, fsync_dir, owner_alive, write_bytes_atomic
+from .fsutil import (OWNER_NAME, FileTooLarge, UnsafePath, fsync_dir, owner_alive, read_no_follow, resolve_inside,
+                     write_bytes_atomic)
 from .manifest import (MANIFEST_NAME, ROOT_ARTIFACT, artifact_file, artifact_name, artifact_record, read_manifest_file, upsert_artifact,
                        validate_manifest)
 from .interrupts import raise_if_interrupted
@@ -49,6 +52,8 @@ LOCK_NAME = ".lock"
 STAGING_PREFIX = ".staging-"
 COMMIT_NAME = "COMMIT"
 LOCK_TIMEOUT_S = 600.0
+MAX_PLAN_BYTES = 1 << 20  # a plan lists file names; the largest bundles name a few dozen
+MAX_PLAN_NAMES = 10_000
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # errors a user can fix (space, permissions, read-only media): one line, not a traceback
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -124,25 +129,46 @@ def pending_work(bundle_dir: Path) -> bool:
 
 
 def recover(bundle_dir: str | Path) -> list[str]:
-    """Finish or discard what dead commands left; call with the exclusive lock held. Returns what it did."""
+    """Finish or discard what dead commands left; call with the exclusive lock held. Returns what it did.
+
+    Recovery is a local affair: it acts only on what this tool leaves, directly inside the bundle. A
+    staging folder is a real folder (a link is never followed); its ``COMMIT`` and ``.owner`` are
+    looked at (``lstat``) before anything opens them, so a link, a FIFO or a device is never opened;
+    a plan names only plain files directly inside the bundle and its staging folder (``read_plan``),
+    and each is checked again by what it is before anything moves. Anything else is not a plan this
+    tool wrote: the staging folder is discarded with one warning line on stderr, nothing in it applied.
+    """
     bundle_dir = Path(bundle_dir)
     done = []
-    for entry in sorted(bundle_dir.iterdir()):
-        if entry.is_symlink():  # no command of ours leaves a link: never follow one out of the bundle
+    for name in sorted(os.listdir(bundle_dir)):
+        entry = bundle_dir / name
+        try:
+            mode = os.lstat(entry).st_mode
+        except OSError:
             continue
-        if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
+        if stat.S_ISLNK(mode):  # no command of ours leaves a link: never followed out of the bundle
+            continue
+        if name.startswith(STAGING_PREFIX) and stat.S_ISDIR(mode):
             if owner_alive(entry):
                 continue
-            if (entry / COMMIT_NAME).is_file():
-                _apply(bundle_dir, entry)
-                done.append(f"rolled forward {entry.name}")
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-                done.append(f"discarded {entry.name}")
-        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-            # a temporary file directly in the bundle is only ever written under this lock
-            entry.unlink(missing_ok=True)
-            done.append(f"removed {entry.name}")
+            plan, why = read_plan(entry)
+            if plan is not None:
+                try:
+                    _apply(bundle_dir, entry, plan)
+                    done.append(f"rolled forward {name}")
+                    continue
+                except _NotAPlan as exc:
+                    why = str(exc)
+            shutil.rmtree(entry, ignore_errors=True)  # never follows a link inside it
+            done.append(f"discarded {name}")
+            if why:
+                _warn(f"bundle {bundle_dir}: discarded the staging folder {name}: {why}; nothing in it was applied")
+        elif name.startswith(".") and name.endswith(".tmp") and not stat.S_ISDIR(mode):
+            # a temporary file directly in the bundle is only ever written under this lock; removing a
+            # name never opens what it names
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            done.append(f"removed {name}")
     return done
 
 
@@ -155,33 +181,97 @@ def recover_if_needed(bundle_dir: Path) -> None:
             pass  # a read-only bundle: readers go on with what is committed
 
 
-def _plan(staging: Path) -> dict | None:
-    """The staging folder's ``COMMIT``, or None when it is not one this tool wrote: unreadable, not
-    the shape it writes, or naming a file outside the bundle (a crafted bundle must not move or
-    remove anything outside itself)."""
+class _NotAPlan(Exception):
+    """A staging folder's ``COMMIT`` that this tool did not write; the message says why, in a few words."""
+
+
+def read_plan(staging: Path) -> tuple[dict | None, str | None]:
+    """(the staging folder's ``COMMIT``, None); (None, None) when there is none (a command killed
+    before its commit point); (None, why) when it is not a plan this tool writes: a link, a FIFO or
+    anything but a regular file (never opened), over ``MAX_PLAN_BYTES``, not JSON, or not the shape
+    ``BundleUpdate.commit`` writes (``plan_problem``)."""
+    path = staging / COMMIT_NAME
     try:
-        plan = json.loads((staging / COMMIT_NAME).read_text())
+        data = read_no_follow(path, MAX_PLAN_BYTES)
+        plan = json.loads(data.decode("utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except UnsafePath as exc:
+        return None, f"its {COMMIT_NAME} {_what(exc)}"
+    except FileTooLarge:
+        return None, f"its {COMMIT_NAME} is larger than {MAX_PLAN_BYTES >> 10} KiB"
     except (OSError, ValueError, RecursionError):
-        return None
-    names = [*plan.get("files", []), *plan.get("remove", [])] if isinstance(plan, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) and _plain(n) for n in names):
-        return None
-    return plan
+        return None, f"its {COMMIT_NAME} is not a JSON plan"
+    problem = plan_problem(plan)
+    if problem:
+        return None, f"its {COMMIT_NAME} {problem}"
+    return plan, None
 
 
-def _plain(name: str) -> bool:
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and not any(p in ("..", ".") for p in parts)
+def plan_problem(plan) -> str | None:
+    """Why ``plan`` is not one ``BundleUpdate.commit`` writes, or None: an object with exactly the
+    lists ``files`` (the manifest last) and ``remove`` (never the manifest), at most
+    ``MAX_PLAN_NAMES`` names, each a plain file name (``plain_name``)."""
+    if not isinstance(plan, dict) or set(plan) != {"files", "remove"}:
+        return "is not an object with the lists 'files' and 'remove'"
+    files, remove = plan["files"], plan["remove"]
+    if not isinstance(files, list) or not isinstance(remove, list):
+        return "is not an object with the lists 'files' and 'remove'"
+    if len(files) + len(remove) > MAX_PLAN_NAMES:
+        return f"names more than {MAX_PLAN_NAMES} files"
+    bad = [n for n in (*files, *remove) if not plain_name(n)]
+    if bad:
+        return f"names {_shown(bad[0])}, not a plain file name directly inside the bundle"
+    if not files or files[-1] != MANIFEST_NAME or MANIFEST_NAME in files[:-1] or MANIFEST_NAME in remove:
+        return f"does not move {MANIFEST_NAME} in last"
+    return None
 
 
-def _apply(bundle_dir: Path, staging: Path) -> None:
-    plan = _plan(staging)
-    if plan is None:
-        shutil.rmtree(staging, ignore_errors=True)
-        return
+def plain_name(name) -> bool:
+    """A file name directly inside a folder: a string of at most 255 characters, no folder (no ``/``
+    or ``\\``), not hidden (so not ``.``, ``..``, a staging folder, the lock or a temporary), no NUL."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
+            and not any(c in name for c in "/\\\0"))
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _what(exc: UnsafePath) -> str:
+    """'is a symbolic link' / 'is not a regular file' from the refusal of ``open_no_follow``."""
+    text = str(exc)
+    return "is a symbolic link" if text.endswith("symbolic link") else "is not a regular file"
+
+
+def _warn(line: str) -> None:
+    """One warning line on stderr (what recovery discarded: the command goes on with the committed bundle)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _apply(bundle_dir: Path, staging: Path, plan: dict) -> None:
+    """Roll ``plan`` (checked by ``plan_problem``) forward: every file it moves in must be a regular
+    file directly inside the staging folder (``resolve_inside``: no link), or already moved (a roll
+    forward killed half-way), and nothing it replaces or removes a folder; all of it checked before
+    the first rename, so a plan refused (``_NotAPlan``) has changed nothing. Renames and unlinks act
+    on names directly inside the bundle, so neither ever follows a link out of it."""
+    for name in plan["files"]:
+        try:
+            resolve_inside(staging, name)
+        except FileNotFoundError:
+            continue  # moved in already by a roll forward that was killed half-way
+        except UnsafePath as exc:
+            raise _NotAPlan(f"{_shown(name)} in it {_what(exc)}") from None
+    for name in (*plan["files"], *plan["remove"]):
+        try:
+            if stat.S_ISDIR(os.lstat(bundle_dir / name).st_mode):
+                raise _NotAPlan(f"it would replace or remove the folder {_shown(name)}")
+        except FileNotFoundError:
+            pass
     for name in plan["files"]:
         source = staging / name
-        if source.exists():
+        if os.path.lexists(source):
             os.replace(source, bundle_dir / name)
         if name != MANIFEST_NAME:
             faultpoint("apply")
@@ -315,17 +405,25 @@ class BundleUpdate:
             missing = sorted(n for n in wanted if n not in files and not (self.bundle_dir / n).is_file())
             if missing:
                 raise CbamDeployError(f"bundle {self.bundle_dir}: the new manifest names files that do not exist: {', '.join(missing)}")
-            remove = sorted(referenced_files(current) - wanted)
+            # a file in a folder of the bundle is none of ours (a bundle's own files lie directly in it): left be
+            remove = sorted(n for n in referenced_files(current) - wanted if plain_name(n))
+            plan = {"files": files + [MANIFEST_NAME], "remove": remove}
+            problem = plan_problem(plan)
+            if problem:
+                raise CbamDeployError(f"bundle {self.bundle_dir}: the change {problem}; a bundle's files lie "
+                                      "directly in its folder")
             faultpoint("stage-manifest")
             write_bytes_atomic(self.staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-            plan = {"files": files + [MANIFEST_NAME], "remove": remove}
             faultpoint("before-commit")
             raise_if_interrupted()  # a Ctrl-C that a library swallowed: nothing is committed after it
             write_bytes_atomic(self.staging / COMMIT_NAME, json.dumps(plan).encode())
             fsync_dir(self.staging)
             with _signals_held():
                 faultpoint("committed")
-                _apply(self.bundle_dir, self.staging)
+                try:
+                    _apply(self.bundle_dir, self.staging, plan)
+                except _NotAPlan as exc:
+                    raise CbamDeployError(f"bundle {self.bundle_dir}: cannot commit: {exc}") from None
                 self.committed, self.removed = manifest, remove
         return manifest
 

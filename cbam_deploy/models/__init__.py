@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import CbamDeployError
 from ..preprocessing import Preprocessing
 from .checkpoint import Checkpoint, apply_state_dict, infer_num_classes, read_checkpoint
-from .custom import CodeTrust, factory_sha256, factory_to_run, is_factory_spec, load_factory_model
+from .custom import CodeTrust, factory_to_run, import_factory, is_factory_spec
 from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
 from .libraries import LibrarySource, library, library_names, register_library, source_for
 from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
@@ -148,7 +148,7 @@ class LoadedModel:
     checkpoint: Checkpoint | None = None
     notes: list[str] = field(default_factory=list)
     outputs: str | None = "logits"  # zoo: "logits" or "features" (C2..C5); factory: None, its forward decides
-    factory_sha256: str | None = None  # a factory's file, hashed before it was imported
+    factory_sha256: str | None = None  # the sha256 of the factory code that was imported
     preprocess: Preprocessing | None = None  # how its images are prepared, when not the ImageNet crop with mean/std
 
     @property
@@ -208,13 +208,16 @@ def from_module(module: nn.Module, name: str | None = None, num_classes: int | N
 
 
 def build_model(spec: str, weights: str | None = None, num_classes: int | None = None, stem: str = "imagenet",
-                outputs: str | None = "logits", trust: CodeTrust | None = None) -> LoadedModel:
+                outputs: str | None = "logits", trust: CodeTrust | None = None,
+                factory_sha256: str | None = None) -> LoadedModel:
     """A zoo name, 'file.py:factory' or a library's spec (``libraries``), with optional weights;
     num_classes inferred from them. ``trust``: for a library source whose files hold code.
 
     ``outputs``: 'logits' (the classifier) or 'features' (a zoo backbone returning C2..C5; it keeps the
     classifier's fc, unused, so a classification checkpoint loads unchanged). None means the default
     (a factory's bundle records none). A factory decides its own outputs: 'features' is refused.
+    ``factory_sha256``: what a factory's code must hash to (a bundle's record), checked on the very
+    bytes that are imported.
     """
     if outputs is not None:
         check_outputs(outputs)
@@ -228,10 +231,9 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         if outputs == "features":
             raise CbamDeployError(f"--outputs features is for zoo models; your factory decides its outputs ({spec}): "
                                   "return the stage outputs (a dict or tuple of tensors) from its forward instead")
-        digest = factory_sha256(spec) if Path(spec.rpartition(":")[0]).is_file() else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)  # a random-init factory model is the same model every time too
-            module = load_factory_model(spec, num_classes)
+            module, digest = import_factory(spec, num_classes, factory_sha256)
         if checkpoint:
             apply_state_dict(module, checkpoint, spec)
         return LoadedModel(module, spec, "factory", num_classes, stem, 224, checkpoint=checkpoint, notes=notes,

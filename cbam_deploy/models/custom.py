@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import sys
 import traceback
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,26 +75,38 @@ def factory_to_run(recorded: str, recorded_sha256: str | None, trust: CodeTrust 
     return None, NO_TRUSTED_CODE.format(file=Path(recorded.rpartition(":")[0]).name or recorded)
 
 
-def load_factory_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """Import the file, call the factory (with num_classes if it takes it and one is given).
+def import_factory(spec: str, num_classes: int | None = None,
+                   expected_sha256: str | None = None) -> tuple[nn.Module, str]:
+    """(the model the factory of ``spec`` makes, the sha256 of the code that made it).
 
-    The user's code runs with stdout sent to stderr (``--json`` owns stdout). Whatever it raises,
-    including ``SystemExit`` from a ``sys.exit()`` call, becomes one ``CbamDeployError`` naming the
-    file, the line and the exception, never a traceback or a silent exit. Ctrl-C still interrupts.
+    The file is read once and those bytes are hashed, checked against ``expected_sha256`` (the one a
+    bundle recorded at export, when it is given) and compiled: the code that runs is the code that
+    was checked, whatever happens to the file meanwhile. The user's code runs with stdout sent to
+    stderr (``--json`` owns stdout). Whatever it raises, including ``SystemExit`` from a ``sys.exit()``
+    call, becomes one ``CbamDeployError`` naming the file, the line and the exception, never a
+    traceback or a silent exit. Ctrl-C still interrupts.
     """
     path_text, _, name = spec.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
         raise CbamDeployError(f"model file {path} does not exist")
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise CbamDeployError(f"cannot read the model file {path}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(source).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise CbamDeployError(f"model file {path}: its sha256 differs from the one recorded when the bundle was "
+                              "exported (it changed); it is not the bundle's model code, so it was not run")
     module_name = f"cbam_deploy_user_{abs(hash(str(path.resolve())))}"
     try:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise CbamDeployError(f"cannot import {path}: not a Python source file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
+        module = types.ModuleType(module_name)
+        module.__file__ = str(path)
+        module.__spec__ = importlib.util.spec_from_loader(module_name, loader=None, origin=str(path))
+        code = compile(source, str(path), "exec", dont_inherit=True)
+        sys.modules[module_name] = module  # before it runs: dataclasses and pickling look their module up there
         with contextlib.redirect_stdout(sys.stderr):
-            module_spec.loader.exec_module(module)
+            exec(code, module.__dict__)  # noqa: S102 - the user's own model code, checked above
     except CbamDeployError:
         sys.modules.pop(module_name, None)
         raise
@@ -129,7 +142,7 @@ def load_factory_model(spec: str, num_classes: int | None = None) -> nn.Module:
         raise CbamDeployError(f"{path}:{name}() raised {_describe(exc)}{_where(exc, path)}") from None
     if not isinstance(model, nn.Module):
         raise CbamDeployError(f"{path}:{name}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+    return model.eval(), digest
 
 
 def _exit_call(exc: SystemExit) -> str:

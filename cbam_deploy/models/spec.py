@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checks import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_choice, check_int, is_int
+from ..checks import MAX_INPUT_SIZE, MAX_NUM_CLASSES, MIN_INPUT_SIZE, check_choice, check_int, is_int
 from ..errors import CbamDeployError
 from .custom import is_factory_spec
 from .libraries import source_for
@@ -13,7 +13,6 @@ from .registry import get_entry
 
 STRIDE = {"imagenet": 32, "cifar": 8}  # the network's total stride with each stem
 STEMS = tuple(STRIDE)
-MAX_NUM_CLASSES = 100_000
 
 
 def check_model_spec(spec: str, stem: str = "imagenet") -> None:

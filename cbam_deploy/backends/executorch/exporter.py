@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...checks import bounds_problem, shorten
 from ...errors import CbamDeployError
 from ...formats import Extra
 from ...fsutil import atomic_path, write_bytes_atomic
@@ -102,8 +103,15 @@ class Bounds:
                 "width": list(self.width)}
 
     @classmethod
-    def from_record(cls, record: dict) -> Bounds:
-        return cls(tuple(record["batch"]), tuple(record["height"]), tuple(record["width"]), int(record["channels"]))
+    def from_record(cls, record: dict, where: str = "bounds") -> Bounds:
+        """The bounds a sidecar or a manifest records, checked first (``checks.bounds_problem``: each an
+        integer [min, max] pair, 1 <= min <= max under a finite ceiling): one error naming the field."""
+        problem = bounds_problem(record)
+        if problem:
+            field, expected, value = problem
+            raise CbamDeployError(f"{where}{'.' + field if field else ''} must be {expected}, got "
+                                  f"{shorten(value, 40)}")
+        return cls(tuple(record["batch"]), tuple(record["height"]), tuple(record["width"]), record["channels"])
 
     def example(self) -> torch.Tensor:
         """An input inside the bounds (not at a bound: torch.export specialises a dim traced at 0 or 1)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import shutil
@@ -37,9 +38,10 @@ import torch
 from torch import nn
 
 from ...bundle import Bundle
+from ...checks import shorten
 from ...errors import BackendUnavailable, CbamDeployError
 from ...formats import Extra
-from ...fsutil import atomic_path
+from ...fsutil import FileTooLarge, UnsafePath, atomic_path, open_no_follow, read_no_follow
 from ...outputs import flatten_outputs
 
 MAGIC = 7767517
@@ -93,7 +95,13 @@ class Layer:
 
     def int(self, key: int, default: int = 0) -> int:
         value = self.get(key)
-        return default if value is None else int(float(value))
+        if value is None:
+            return default
+        try:
+            return int(float(value))
+        except (ValueError, OverflowError):  # an expression, or pnnx's text, where a number is read
+            raise CbamDeployError(f"ncnn layer {shorten(self.name)}: parameter {key} is {shorten(value)} where a number "
+                                  "is read") from None
 
     def line(self) -> str:
         parts = [f"{self.type:<24}", f"{self.name:<24}", str(len(self.inputs)), str(len(self.outputs)),
@@ -106,19 +114,31 @@ class NcnnParam:
     layers: list
 
     @classmethod
-    def parse(cls, text: str, where: str = ".param") -> NcnnParam:
+    def parse(cls, text: str, where: str = ".param", strict: bool = True) -> NcnnParam:
+        """The layers of a .param's ``text``. ``strict`` (every .param read from a bundle): the file is
+        checked before anything walks it or ncnn parses it (``check_layer_values``, ``check_graph``):
+        at most ``MAX_LAYERS`` layers, each line whole, every value a finite number in ncnn's ranges,
+        every blob made once and before it is used (so the graph has no cycle), the header's counts
+        exact. ``strict=False`` is for pnnx's own output, which may hold ops it left unconverted."""
         lines = [ln for ln in text.splitlines() if ln.strip()]
         try:
             if int(lines[0]) != MAGIC:
                 raise ValueError
-            count, _ = (int(v) for v in lines[1].split())
+            count, blob_count = (int(v) for v in lines[1].split())
         except (ValueError, IndexError):
             raise CbamDeployError(f"{where} is not an ncnn .param file (no magic {MAGIC} and layer counts)") from None
+        if strict and not (1 <= count <= MAX_LAYERS and 1 <= blob_count <= MAX_BLOBS):
+            raise CbamDeployError(f"{where}: its header declares {count} layers and {blob_count} blobs; cbam-deploy "
+                                  f"reads at most {MAX_LAYERS} layers and {MAX_BLOBS} blobs")
+        if strict and len(lines) - 2 > count:
+            raise CbamDeployError(f"{where}: {len(lines) - 2} layer lines where its header says {count}")
         layers = []
         for number, line in enumerate(lines[2:], start=3):
             tokens = line.split()
             try:
                 n_in, n_out = int(tokens[2]), int(tokens[3])
+                if n_in < 0 or n_out < 0 or (strict and max(n_in, n_out) > MAX_LAYER_BLOBS):
+                    raise ValueError
                 inputs, outputs = tokens[4:4 + n_in], tokens[4 + n_in:4 + n_in + n_out]
                 if len(outputs) != n_out:
                     raise ValueError
@@ -128,17 +148,27 @@ class NcnnParam:
                     params[key] = value
             except (ValueError, IndexError):
                 raise CbamDeployError(f"{where}: line {number} is not an ncnn layer line") from None
-            layers.append(Layer(tokens[0], tokens[1], inputs, outputs, params))
+            layer = Layer(tokens[0], tokens[1], inputs, outputs, params)
+            if strict:
+                check_layer_values(layer, f"{where}: line {number}")
+            layers.append(layer)
         if len(layers) != count:
             raise CbamDeployError(f"{where}: {len(layers)} layers where its header says {count} (truncated?)")
+        if strict:
+            check_graph(layers, blob_count, where)
         return cls(layers)
 
     @classmethod
-    def read(cls, path: Path) -> NcnnParam:
+    def read(cls, path: Path, strict: bool = True) -> NcnnParam:
+        """The .param at ``path``: a regular file (never a link, a FIFO or a device), at most
+        ``MAX_PARAM_BYTES``, parsed and checked (``parse``)."""
         try:
-            return cls.parse(Path(path).read_text(), str(path))
+            text = read_no_follow(path, MAX_PARAM_BYTES).decode("utf-8")
+        except (UnsafePath, FileTooLarge) as exc:
+            raise CbamDeployError(f"cannot read ncnn param file {path}: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CbamDeployError(f"cannot read ncnn param file {path}: {exc}") from None
+        return cls.parse(text, str(path), strict)
 
     def text(self) -> str:
         blobs = {b for layer in self.layers for b in (*layer.inputs, *layer.outputs)}
@@ -163,6 +193,177 @@ class NcnnParam:
         inputs = [b for layer in self.layers if layer.type == "Input" for b in layer.outputs]
         outputs = [b for layer in self.layers for b in layer.outputs if b not in consumed]
         return inputs, outputs
+
+
+# ---------------------------------------------------------------------- a .param checked before use
+
+MAX_PARAM_BYTES = 16 << 20
+# ncnn's loader looks every blob up by name, one by one: 100,000 layers take it many minutes, while
+# the largest networks converted to ncnn have a few thousand
+MAX_LAYERS = 10_000
+MAX_BLOBS = 4 * MAX_LAYERS
+MAX_LAYER_BLOBS = 1024     # inputs or outputs of one layer
+MAX_TOKEN = 256            # characters of a layer type, a layer name or a blob name
+MAX_ARRAY = 1 << 16        # values of one array parameter
+MAX_BIN_BYTES = 8 << 30
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_FLOAT32_MAX = 3.4028234663852886e38
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+_NCNN_MAX_PARAM_ID = 32    # ncnn's NCNN_MAX_PARAM_COUNT: ids 0..31; an array is id -23300 - i
+_ARRAY_BASE = -23300
+
+
+def _check_number(text: str, where: str) -> None:
+    """One value as ncnn reads it: an int (``%d``: within int32) or, with a '.' or an exponent, a float
+    (finite, within float32)."""
+    if not _NUMBER.match(text):
+        raise CbamDeployError(f"{where}: {shorten(text)} is not a number")
+    if any(c in text for c in ".eE"):
+        value = float(text)
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise CbamDeployError(f"{where}: {shorten(text)} is outside the range of a float")
+    elif not _INT32[0] <= int(text) <= _INT32[1]:
+        raise CbamDeployError(f"{where}: {shorten(text)} is outside the range of a 32-bit integer")
+
+
+def check_layer_values(layer: Layer, where: str) -> None:
+    """A layer line's names and parameters as ncnn takes them, else one error naming the line: names
+    of at most ``MAX_TOKEN`` characters, parameter ids 0..31 (arrays -23300..-23331), each value a
+    finite number in range or a quoted shape expression (``check_expression``), an array
+    ``n,v1,..,vn`` with exactly n values (at most ``MAX_ARRAY``)."""
+    for token in (layer.type, layer.name, *layer.inputs, *layer.outputs):
+        if len(token) > MAX_TOKEN:
+            raise CbamDeployError(f"{where}: a name of {len(token)} characters (at most {MAX_TOKEN})")
+    for key, value in layer.params.items():
+        try:
+            ident = int(key)
+        except ValueError:
+            raise CbamDeployError(f"{where}: parameter id {shorten(key)} is not a number") from None
+        if 0 <= ident < _NCNN_MAX_PARAM_ID and value.startswith('"'):
+            check_expression(value, len(layer.inputs), f"{where}: parameter {ident}")
+        elif 0 <= ident < _NCNN_MAX_PARAM_ID:
+            _check_number(value, f"{where}: parameter {ident}")
+        elif _ARRAY_BASE - _NCNN_MAX_PARAM_ID < ident <= _ARRAY_BASE:
+            items = value.split(",")
+            _check_number(items[0], f"{where}: parameter {ident}")
+            if any(c in items[0] for c in ".eE") or not 0 <= int(items[0]) <= MAX_ARRAY \
+                    or int(items[0]) != len(items) - 1:
+                raise CbamDeployError(f"{where}: array parameter {ident} does not hold the number of values its "
+                                      f"count ({shorten(items[0])}) says (at most {MAX_ARRAY})")
+            for item in items[1:]:
+                _check_number(item, f"{where}: parameter {ident}")
+        else:
+            raise CbamDeployError(f"{where}: parameter id {ident} is outside ncnn's ids (0..31, arrays -23300..-23331)")
+
+
+_INT32_RANGE = (_INT32[0], _INT32[1])
+_EXPR_BLOB = re.compile(r"[0-9][whdcn]$")
+_EXPR_BINARY = {"+", "-", "*", "//", "max", "min"}  # on two ints: int arithmetic (wrapping in int32)
+_EXPR_UNARY = {"abs", "neg", "sign", "square"}
+_EXPR_ROUND = {"trunc", "ceil", "floor", "round"}
+_EXPR_FLOAT_UNARY = {"acos", "acosh", "asin", "asinh", "atan", "atanh", "cos", "cosh", "erf", "exp", "log", "log10",
+                     "reciprocal", "rsqrt", "sin", "sinh", "sqrt", "tan", "tanh"}
+_EXPR_FLOAT_BINARY = {"/", "atan2", "fmod", "pow", "remainder", "logaddexp"}
+_EXPR_BITS = {"and", "or", "xor", "lshift", "rshift"}
+MAX_EXPRESSION = 255  # characters of a quoted expression (ncnn reads strings of bounded length)
+
+
+def check_expression(value: str, inputs: int, where: str) -> None:
+    """A quoted shape expression (``6="1,1,//(16,0n),0n"``: a Reshape's shape, a Crop's starts) as
+    ncnn evaluates it (``src/expression.cpp``: tokens read from the right onto a stack): every token
+    an operator it knows, a literal number or a dimension of one of the layer's inputs, never an
+    operator without its operands (ncnn pops an empty stack: a segfault) and never an integer
+    division whose dividend can be the smallest int32 while its divisor can be -1 (a SIGFPE); the
+    ranges are followed through the integer arithmetic, wrapping as int32 does."""
+    text = value[1:-1] if len(value) >= 2 and value.endswith('"') else None
+    if text is None or '"' in text or not text or len(text) > MAX_EXPRESSION:
+        raise CbamDeployError(f"{where}: {shorten(value)} is not a quoted expression of at most {MAX_EXPRESSION} "
+                              "characters")
+    tokens = [t for t in re.split(r"[(),]", text) if t]
+    full = ("i", *_INT32_RANGE)
+    stack: list[tuple] = []
+
+    def take(count: int, token: str) -> list[tuple]:
+        if len(stack) < count:
+            raise CbamDeployError(f"{where}: expression {shorten(text)}: {token!r} lacks its operands")
+        return [stack.pop() for _ in range(count)]
+
+    def wrapped(low: int, high: int) -> tuple:
+        return ("i", low, high) if _INT32_RANGE[0] <= low <= high <= _INT32_RANGE[1] else full
+
+    for token in reversed(tokens):
+        if _EXPR_BLOB.match(token):
+            if int(token[0]) >= inputs:
+                raise CbamDeployError(f"{where}: expression {shorten(text)} reads input {token[0]} of a layer with "
+                                      f"{inputs}")
+            stack.append(("i", 0, _INT32_RANGE[1]))
+        elif token in _EXPR_BINARY:
+            a, b = take(2, token)
+            if a[0] == "f" or b[0] == "f":
+                stack.append(("f",))
+            elif token == "//":
+                if a[1] == _INT32_RANGE[0] and b[1] <= -1 <= b[2]:
+                    raise CbamDeployError(f"{where}: expression {shorten(text)} can divide the smallest integer by -1")
+                bound = max(abs(a[1]), abs(a[2]))
+                stack.append(wrapped(-bound, bound))
+            elif token in ("+", "-", "*"):
+                corners = [x + y if token == "+" else x - y if token == "-" else x * y
+                           for x in (a[1], a[2]) for y in ((b[1], b[2]) if token != "-" else (b[2], b[1]))]
+                stack.append(wrapped(min(corners), max(corners)))
+            else:
+                pick = max if token == "max" else min
+                stack.append(("i", pick(a[1], b[1]), pick(a[2], b[2])))
+        elif token in _EXPR_UNARY:
+            (a,) = take(1, token)
+            if a[0] == "f":
+                stack.append(a)
+            elif token == "sign":
+                stack.append(("i", -1, 1))
+            else:
+                low = 0 if a[1] <= 0 <= a[2] else min(abs(a[1]), abs(a[2]))
+                high = max(abs(a[1]), abs(a[2]))
+                stack.append(wrapped(-a[2], -a[1]) if token == "neg" else
+                             wrapped(low, high) if token == "abs" else wrapped(low * low, high * high))
+        elif token in _EXPR_ROUND:
+            (a,) = take(1, token)
+            stack.append(a if a[0] == "i" else full)  # a float made an int: any int
+        elif token in _EXPR_FLOAT_UNARY:
+            take(1, token)
+            stack.append(("f",))
+        elif token in _EXPR_FLOAT_BINARY:
+            take(2, token)
+            stack.append(("f",))
+        elif token in _EXPR_BITS:
+            take(2, token)
+            stack.append(full)
+        else:
+            _check_number(token, f"{where}: expression {shorten(text)}")
+            whole = re.match(r"[+-]?\d+", token)
+            if whole and int(whole.group()) == float(token):
+                stack.append(("i", int(whole.group()), int(whole.group())))
+            else:
+                stack.append(("f",))
+    if not stack:
+        raise CbamDeployError(f"{where}: expression {shorten(text)} gives no value")
+
+
+def check_graph(layers: list, blob_count: int, where: str) -> None:
+    """The graph as ncnn will walk it: every blob made by exactly one layer, every input made by an
+    earlier layer (a blob used before it is made, or a cycle, could send ncnn's walk round for ever),
+    and the header's blob count exact (ncnn sizes its blob table by it)."""
+    made: set[str] = set()
+    for layer in layers:
+        for blob in layer.inputs:
+            if blob not in made:
+                raise CbamDeployError(f"{where}: layer {shorten(layer.name)} reads blob {shorten(blob)} before any "
+                                      "layer makes it (a cycle, or a layer out of order)")
+        for blob in layer.outputs:
+            if blob in made:
+                raise CbamDeployError(f"{where}: blob {shorten(blob)} is made twice (again by layer "
+                                      f"{shorten(layer.name)})")
+            made.add(blob)
+    if len(made) != blob_count:
+        raise CbamDeployError(f"{where}: {len(made)} blobs where its header says {blob_count}")
 
 
 def generic_layers(param: NcnnParam) -> dict[str, int]:
@@ -200,7 +401,7 @@ def convert(module, example, param_path: Path, bin_path: Path, fp16_weights: boo
         if failure is None and not (produced_param.is_file() and produced_bin.is_file()):
             failure = "pnnx wrote no model.ncnn.param/.bin"
         if failure is None:
-            unconverted = sorted({layer.type for layer in NcnnParam.read(produced_param).layers
+            unconverted = sorted({layer.type for layer in NcnnParam.read(produced_param, strict=False).layers
                                   if "::" in layer.type or layer.type.startswith("pnnx.")})
             if unconverted:
                 failure = f"ops pnnx could not convert to ncnn layers: {', '.join(unconverted)}"
@@ -251,7 +452,10 @@ def _reduction_axes(layer: Layer) -> tuple[int, ...] | None:
     raw = layer.get(-23303)
     if raw is None:
         return None
-    values = [int(v) for v in raw.split(",")]
+    try:
+        values = [int(float(v)) for v in raw.split(",")]
+    except (ValueError, OverflowError):
+        return None
     return tuple(sorted(values[1:1 + values[0]]))
 
 
@@ -353,7 +557,7 @@ def _arrays(layer: Layer) -> list[tuple[str, int, bool]]:
         return [("slope", layer.int(0), False)]
     if t == "MemoryData":
         dims = [max(1, layer.int(k)) for k in (0, 1, 11, 2)]
-        return [("data", int(np.prod(dims)), False)]
+        return [("data", math.prod(dims), False)]
     raise CbamDeployError(f"ncnn layer type {t} ({layer.name}): its weights' layout is not known to cbam-deploy")
 
 
@@ -363,6 +567,8 @@ def walk_bin(param: NcnnParam, data: bytes) -> list[WeightArray]:
     pos, arrays = 0, []
     for layer in param.layers:
         for role, size, tagged in _arrays(layer):
+            if size < 0:
+                raise CbamDeployError(f"ncnn layer {shorten(layer.name)} declares {size} values of {role}")
             dtype, start = "fp32", pos
             if tagged:
                 if pos + 4 > len(data):
@@ -457,11 +663,17 @@ _CPU_PROBES = ("cpu_support_x86_avx", "cpu_support_x86_avx2", "cpu_support_x86_a
                "cpu_support_arm_asimdhp", "cpu_support_arm_asimddp", "cpu_support_arm_bf16", "cpu_support_arm_i8mm")
 
 
-def open_net(param_path: Path, bin_path: Path, threads: int | None = None, pinned: bool = True):
+def open_net(param_path: Path, bin_path: Path, threads: int | None = None, pinned: bool = True,
+             param: NcnnParam | None = None):
     """An ``ncnn.Net`` over a .param/.bin pair. ``pinned``: fp16/bf16 storage and arithmetic off,
     set BEFORE loading (ncnn picks them by itself where the CPU has them, and a model claimed fp32
     would run in fp16); INT8 layers run in int8 either way (``use_int8_inference``). A file ncnn
-    cannot read is one error line (ncnn returns -1 and prints to stderr; it raises nothing)."""
+    cannot read is one error line (ncnn returns -1 and prints to stderr; it raises nothing).
+
+    ncnn parses only what was checked: the .param is read and checked here (``NcnnParam.read``; or
+    ``param``, already read so) and ncnn is handed its text; the .bin is opened once, never through
+    a link, its size walked against the .param (``walk_bin``), and ncnn loads that same open file
+    (``/proc/self/fd``) where the system has it."""
     ncnn = require_ncnn()
     net = ncnn.Net()
     if pinned:
@@ -469,19 +681,44 @@ def open_net(param_path: Path, bin_path: Path, threads: int | None = None, pinne
             setattr(net.opt, key, value)
     net.opt.num_threads = int(threads) if threads else ncnn.get_physical_big_cpu_count() or ncnn.get_cpu_count()
     for path in (param_path, bin_path):
-        if not Path(path).is_file():
+        if not os.path.lexists(path):
             raise CbamDeployError(f"ncnn file {path} is missing")
     # our own checks first: a truncated or foreign .param, a .bin of the wrong size (ncnn reads a
     # longer .bin silently, and a damaged one with a line on stderr only)
-    param = NcnnParam.read(Path(param_path))
+    param = param if param is not None else NcnnParam.read(Path(param_path))
     try:
-        walk_bin(param, Path(bin_path).read_bytes())
-    except CbamDeployError as exc:
-        raise CbamDeployError(f"ncnn .bin {bin_path} does not match its .param: {exc}") from None
-    for label, path, load in (("param", param_path, net.load_param), ("bin", bin_path, net.load_model)):
-        if load(str(path)) != 0:
-            raise CbamDeployError(f"ncnn cannot load {path}: not a whole, matching ncnn .{label} file")
+        fd = open_no_follow(bin_path)
+    except (UnsafePath, OSError) as exc:
+        raise CbamDeployError(f"cannot read ncnn .bin {bin_path}: {exc}") from None
+    try:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_BIN_BYTES + 1)
+        if len(data) > MAX_BIN_BYTES:
+            raise CbamDeployError(f"ncnn .bin {bin_path} is larger than {MAX_BIN_BYTES >> 30} GiB")
+        try:
+            walk_bin(param, data)
+        except CbamDeployError as exc:
+            raise CbamDeployError(f"ncnn .bin {bin_path} does not match its .param: {exc}") from None
+        del data
+        if net.load_param_mem(param.text()) != 0:
+            raise CbamDeployError(f"ncnn cannot load {param_path}: not a whole, matching ncnn .param file")
+        opened = f"/proc/self/fd/{fd}"  # the file checked, whatever its name leads to now
+        if net.load_model(opened if os.path.exists(opened) else str(bin_path)) != 0:
+            raise CbamDeployError(f"ncnn cannot load {bin_path}: not a whole, matching ncnn .bin file")
+    finally:
+        os.close(fd)
     return net
+
+
+def copy_out(mat, blob: str, shape: tuple) -> np.ndarray:
+    """An ncnn output blob as a float32 array (copied out of ncnn's memory); one line when ncnn made
+    a blob that is no array (a crafted .param can make it size one by negative or absurd dimensions)."""
+    try:
+        return np.array(mat, dtype=np.float32, copy=True)
+    except (ValueError, MemoryError, OverflowError, RuntimeError) as exc:
+        raise CbamDeployError(f"ncnn made blob {shorten(blob)} for a {'x'.join(map(str, shape))} input with no valid "
+                              f"shape ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the .param is "
+                              "damaged") from None
 
 
 def net_options(net) -> dict:
@@ -493,13 +730,20 @@ def net_options(net) -> dict:
     return {"options": opt, "num_threads": int(net.opt.num_threads), "cpu_support": cpu}
 
 
+def input_mat(arr: np.ndarray):
+    """An input blob ncnn owns (a copy of ``arr``): an ``ncnn.Mat`` over numpy's memory has no
+    reference count, and in light mode ncnn frees, then writes, an input that an in-place layer
+    (ReLU, Sigmoid, Noop) takes first: a segfault, which a crafted .param can ask for."""
+    return require_ncnn().Mat(arr).clone()
+
+
 def run_blobs(net, chw: np.ndarray, input_blob: str, blobs: list[str]) -> dict[str, np.ndarray]:
     """Run one C,H,W image and read ``blobs`` (copied out of ncnn's memory)."""
-    ncnn = require_ncnn()
-    arr = np.ascontiguousarray(chw, dtype=np.float32)  # kept alive: ncnn.Mat wraps it without a copy
+    require_ncnn()
+    arr = np.ascontiguousarray(chw, dtype=np.float32)
     ex = net.create_extractor()
     ex.set_light_mode(len(blobs) < 2)  # light mode frees blobs once consumed: a later extract of one fails
-    mat = ncnn.Mat(arr)
+    mat = input_mat(arr)
     if ex.input(input_blob, mat) != 0:
         raise CbamDeployError(f"ncnn refused the input blob {input_blob}")
     found = {}
@@ -507,7 +751,7 @@ def run_blobs(net, chw: np.ndarray, input_blob: str, blobs: list[str]) -> dict[s
         rc, out = ex.extract(blob)
         if rc != 0:
             raise CbamDeployError(f"ncnn could not compute blob {blob} for a {'x'.join(map(str, arr.shape))} input")
-        found[blob] = np.array(out, dtype=np.float32, copy=True)
+        found[blob] = copy_out(out, blob, arr.shape)
     del mat
     return found
 

@@ -17,7 +17,10 @@ _SIGMOID_ACTIVATION = 4  # activation_type (param 9) of a conv / inner product w
 
 def _int(layer, key: int, default: int = 0) -> int:
     value = layer.params.get(str(key))
-    return default if value is None else int(float(value))
+    try:
+        return default if value is None else int(float(value))
+    except (ValueError, OverflowError):  # an expression where a number is read: ncnn refuses the file itself
+        return default
 
 
 def ncnn_graph(layers) -> Graph:
@@ -65,7 +68,10 @@ def ncnn_graph(layers) -> Graph:
         elif t == "Reduction":
             pool = _REDUCTION.get(_int(layer, 0), "other")
             raw = layer.params.get("-23303")
-            axes = tuple(sorted(int(v) for v in raw.split(",")[1:])) if raw else ()
+            try:
+                axes = tuple(sorted(int(float(v)) for v in raw.split(",")[1:])) if raw else ()
+            except (ValueError, OverflowError):  # not an array of numbers: not a pool ncnn runs
+                axes = ()
             if axes == (1, 2):
                 op.kind, op.axes, op.pool = "pool", "hw", pool
             elif axes == (0,):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import CbamDeployError
 from ...runners.base import Runner
-from .exporter import NcnnParam, generic_layers, net_options, open_net, require_ncnn
+from .exporter import NcnnParam, copy_out, generic_layers, input_mat, net_options, open_net, require_ncnn
 
 _OUTPUT = re.compile(r"out(\d+)(?:_(.+))?$")
 
@@ -36,8 +36,8 @@ class NcnnRunner(Runner):
         param_path = Path(param_path)
         self.param_path = param_path
         self.bin_path = param_path.with_suffix(".bin")
-        self.net = open_net(param_path, self.bin_path, threads, pinned)
-        param = NcnnParam.read(param_path)
+        param = NcnnParam.read(param_path)  # read and checked once: ncnn is handed this text
+        self.net = open_net(param_path, self.bin_path, threads, pinned, param)
         inputs, outputs = param.blob_names()
         if len(inputs) != 1:
             raise CbamDeployError(f"{param_path}: {len(inputs)} inputs; cbam-deploy runs ncnn models with one image input")
@@ -70,14 +70,12 @@ class NcnnRunner(Runner):
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = self._check(batch)
-        ncnn = require_ncnn()
         blobs = [blob for blob, _ in self.outputs] + self.extra_blobs
         per_image = []
         for image in batch:  # ncnn has no batch axis: one image at a time
-            arr = np.ascontiguousarray(image)  # kept alive while ncnn reads it: ncnn.Mat does not copy
             ex = self.net.create_extractor()
             ex.set_light_mode(len(blobs) < 2)  # light mode frees blobs once consumed: a later extract of one fails
-            mat = ncnn.Mat(arr)
+            mat = input_mat(np.ascontiguousarray(image))
             if ex.input(self.input_blob, mat) != 0:
                 raise CbamDeployError(f"ncnn refused the input (shape {image.shape})")
             found = {}
@@ -86,7 +84,7 @@ class NcnnRunner(Runner):
                 if rc != 0:
                     raise CbamDeployError(f"ncnn could not compute {blob} for a {'x'.join(map(str, image.shape))} "
                                           "input (a size the model cannot take?)")
-                found[blob] = np.array(out, dtype=np.float32, copy=True)
+                found[blob] = copy_out(out, blob, image.shape)
             del mat, ex
             per_image.append(found)
         result = {name: np.stack([r[blob] for r in per_image]) for blob, name in self.outputs}

@@ -51,6 +51,9 @@ class OpenVINORunner(Runner):
         except RuntimeError as exc:  # an op OpenVINO cannot read or compile, a damaged file
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise CbamDeployError(f"OpenVINO cannot compile {xml}: {' '.join(lines) or exc}") from None
+        if len(self.compiled.inputs) != 1 or not self.compiled.outputs:  # a file read as a model of nothing
+            raise CbamDeployError(f"OpenVINO reads {xml} as a model of {len(self.compiled.inputs)} inputs and "
+                                  f"{len(self.compiled.outputs)} outputs; cbam-deploy runs models of one image input")
         self.request = self.compiled.create_infer_request()
         self.output_names = [_output_name(port) for port in self.compiled.outputs]
         self.device = device

@@ -11,7 +11,6 @@ batch. ``set_input_shape`` returning False is still an error (the last guard).""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from ...errors import CbamDeployError
+from ...fsutil import read_json_no_follow
 from ...runners.base import Runner
 from .exporter import check_engine_compatible, current_gpu, profile_chunks, require_tensorrt, sidecar
 
@@ -31,7 +31,14 @@ class TensorRTRunner(Runner):
         meta_path = sidecar(Path(engine_path))
         if not meta_path.is_file():
             raise CbamDeployError(f"{engine_path} has no metadata sidecar {meta_path.name}; rebuild the engine with cbam-deploy")
-        self.metadata = json.loads(meta_path.read_text())
+        try:  # read as untrusted input: a regular file, never a link or a FIFO, bounded, finite numbers
+            self.metadata = read_json_no_follow(meta_path, 1 << 20, 16)
+        except (OSError, ValueError) as exc:
+            raise CbamDeployError(f"{engine_path}: its metadata sidecar {meta_path.name} cannot be read ({exc}); "
+                                  "rebuild the engine with cbam-deploy") from None
+        if not isinstance(self.metadata, dict):
+            raise CbamDeployError(f"{engine_path}: its metadata sidecar {meta_path.name} is not a JSON object; "
+                                  "rebuild the engine with cbam-deploy")
         check_engine_compatible(self.metadata, trt.__version__, current_gpu())
         self.torch = torch
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
