@@ -11,6 +11,7 @@ byte-identical to it; otherwise they and their files are removed, and the result
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,8 @@ def check_model_options(model: str, stem: str = "imagenet", num_classes: int | N
 
 def default_output_dir(model_spec: str) -> Path:
     stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2] if ":" in model_spec else model_spec
-    return Path("bundles") / stem
+    # a library's spec carries its arguments (timm:resnet50?block_args.attn_layer=cbam): a plain folder name
+    return Path("bundles") / re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_")
 
 
 def input_spec(loaded: LoadedModel, options, overrides: dict | None = None) -> dict:

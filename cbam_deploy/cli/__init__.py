@@ -176,8 +176,9 @@ def models_command(
 @app.command("export")
 @_handle_errors
 def export_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see 'cbam-deploy models') or path/to/file.py:factory.")],
-    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Checkpoint: official attention-module format or a state dict.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see 'cbam-deploy models'), path/to/file.py:factory, "
+                                                           "or timm:NAME?KEY=VALUE&... (a timm network).")],
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Checkpoint: official attention-module format, a state dict, a .safetensors file or a timm training checkpoint.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier size; inferred from --weights when left out (else 1000).")] = None,
     stem: Annotated[str, typer.Option(help="imagenet (7x7/2 + max pool) or cifar (3x3, no max pool).")] = "imagenet",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Bundle folder (default bundles/<model>).")] = None,
@@ -236,7 +237,7 @@ def export_command(
         preprocess=dict(resize=resize, mean=mean, std=std, scale=scale, crop_pct=crop_pct, interpolation=interpolation),
         trust_code=trust_code)
     if not as_json:
-        err.print(f"exporting [bold]{model}[/] ...")
+        err.print(f"exporting [bold]{escape(model)}[/] ...")
     result = run_export(options, progress=Progress(quiet=quiet))
     if as_json:
         print_json(result)

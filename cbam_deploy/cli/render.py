@@ -65,7 +65,7 @@ def export(result: dict) -> None:
     init = model.get("init") or {}
     weights = model["weights"]["path"] if model["weights"] else \
         f"the model's own (state sha256 {init['state_sha256'][:12]})" if init.get("weights") else "none (random init)"
-    out.print(f"model   {model['name']}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
+    out.print(f"model   {escape(model['name'])}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
     out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
               f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
     gates = model.get("gates") or {}

@@ -1,4 +1,4 @@
-"""CBAM and SE layers, network families, the registry and checkpoint loading."""
+"""CBAM and SE layers, network families, the registry, checkpoint loading and the model libraries (timm)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .layers import BAM, CBAM, ChannelGate, SpatialGate, SqueezeExcite
 from .libraries import LibrarySource, library, library_names, register_library, source_for
 from .registry import IMAGENET_MEAN, IMAGENET_STD, OUTPUTS, check_outputs, create_model, get_entry, list_models
 from .stats import count_gmacs, count_parameters
+from . import timm_source
 
 __all__ = [
     "BAM", "CBAM", "ChannelGate", "CodeTrust", "LoadedModel", "factory_to_run", "SpatialGate", "SqueezeExcite", "build_model",
@@ -178,7 +179,7 @@ class LoadedModel:
         if self.checkpoint is None or self.source == "module":  # verify rebuilds it (or is handed it): the same?
             info["init"] = {"seed": INIT_SEED, "state_sha256": state_fingerprint(self.module),
                             "state_summary": state_summary(self.module)}
-            if self.source != "zoo":  # whatever weights its code or its caller gave it: a fingerprint, not a seed
+            if self.source in ("factory", "module"):  # whatever weights its code or its caller gave it: no seed
                 info["init"]["weights"] = "the model's own (set by its code, not --weights): fingerprinted"
         return info
 
@@ -187,7 +188,7 @@ class LoadedModel:
         """What the weights are, in a few words."""
         if self.checkpoint is not None:
             return str(self.checkpoint.describe().get("path"))
-        if self.source == "zoo":
+        if self.source not in ("factory", "module"):  # the zoo's and the libraries' seeded init
             return "none (random init)"
         return f"the model's own (state sha256 {state_fingerprint(self.module)[:12]})"
 
@@ -223,6 +224,9 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
         check_outputs(outputs)
     source = source_for(spec)
     if source is not None:  # a library builds it (timm, Ultralytics)
+        if outputs == "features":
+            raise CbamDeployError(f"--outputs features is for zoo models; {spec} decides its outputs through its "
+                                  "library's own arguments")
         return source.build(spec, weights, num_classes, trust)
     checkpoint = read_checkpoint(weights) if weights else None
     notes = [] if checkpoint or is_factory_spec(spec) else ["no --weights given: random (official) initialisation, "
@@ -271,3 +275,14 @@ def zoo_table(input_size: int = 224) -> list[dict]:
             "gflops": round(count_gmacs(model, input_size), 3),
         })
     return rows
+
+
+def _build_timm(spec: str, weights: str | None = None, num_classes: int | None = None,
+                trust: CodeTrust | None = None) -> LoadedModel:
+    """``timm:NAME?KEY=VALUE&...`` (``timm_source``): a library call with values, so no trust is needed."""
+    built = timm_source.build(spec, weights, num_classes, INIT_SEED)
+    return LoadedModel(built.module, spec, "timm", built.num_classes, "imagenet", built.input_size,
+                       checkpoint=built.checkpoint, notes=built.notes, outputs=None, preprocess=built.preprocessing)
+
+
+register_library(LibrarySource("timm", timm_source.matches, timm_source.check, _build_timm))

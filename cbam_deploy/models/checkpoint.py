@@ -1,15 +1,20 @@
 """Loading the checkpoints people have: the official attention-module format first.
 
 Accepted: ``{'state_dict': ..., 'epoch', 'arch', 'best_prec1', 'optimizer'}`` as written by the
-official ``train_imagenet.py`` (keys prefixed ``module.`` by DataParallel), ``{'model': ...}`` /
-``{'model_state_dict': ...}``, or a bare state dict; ``module.`` and ``_orig_mod.`` (torch.compile)
-prefixes are stripped. Always ``torch.load(weights_only=True)``: a pickle that would run code is
-refused, never executed.
+official ``train_imagenet.py`` (keys prefixed ``module.`` by DataParallel), timm's ``CheckpointSaver``
+files (``{'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args': argparse.Namespace, 'metric',
+...}``, maybe ``'state_dict_ema'``: ``'state_dict'`` is taken), ``{'model': ...}`` /
+``{'model_state_dict': ...}``, a bare state dict, or a ``.safetensors`` file; ``module.`` and
+``_orig_mod.`` (torch.compile) prefixes are stripped. Always ``torch.load(weights_only=True)`` (with
+``argparse.Namespace`` admitted as data for that one call, as timm's own loader does): a pickle that
+would run code is refused, never executed. A safetensors file holds no code at all.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import struct
 import pickle
 import pickletools
 import re
@@ -27,6 +32,12 @@ from ..errors import CbamDeployError
 from ..fsutil import sha256_file
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# plain data classes a training checkpoint holds beside its tensors, admitted for the one torch.load call
+# (weights_only still builds them from values: no code of the file runs): timm's CheckpointSaver 'args'
+_SAFE_GLOBALS = (argparse.Namespace,)
+_SAFE_GLOBAL_NAMES = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
+_METADATA_KEYS = ("epoch", "arch", "best_prec1", "best_acc1", "metric", "version")
+_SAFETENSORS_SUFFIX = ".safetensors"
 _PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 5
 
@@ -41,16 +52,22 @@ class Checkpoint:
     wrapper_key: str | None = None
     stripped_prefixes: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    container: str = "torch"  # "torch" (torch.save) or "safetensors"
+    notes: list[str] = field(default_factory=list)  # what else the file holds that was not taken
 
     def describe(self) -> dict:
-        return {
+        described = {
             "path": str(Path(self.path).resolve()),  # verify may run from another folder
             "sha256": self.sha256,
-            "format": f"dict['{self.wrapper_key}']" if self.wrapper_key else "bare state dict",
+            "format": "safetensors" if self.container == "safetensors" else
+                      f"dict['{self.wrapper_key}']" if self.wrapper_key else "bare state dict",
             "stripped_prefixes": self.stripped_prefixes,
             "metadata": self.metadata,
             "tensors": len(self.state_dict),
         }
+        if self.notes:
+            described["notes"] = self.notes
+        return described
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -58,14 +75,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CbamDeployError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it does not expect; the error below says what matters
-            warnings.simplefilter("ignore")
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt data makes the unpickler fail in many ways (IndexError, KeyError, ...)
-        raise _load_error(path, exc) from None
-    state, wrapper, metadata = _unwrap(raw, path)
+    if path.suffix == _SAFETENSORS_SUFFIX or _looks_like_safetensors(path):
+        state, wrapper, metadata, notes, container = _read_safetensors(path), None, {}, [], "safetensors"
+    else:
+        try:
+            with warnings.catch_warnings(), torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+                # torch warns about pickle protocols it does not expect; the error below says what matters
+                warnings.simplefilter("ignore")
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt data makes the unpickler fail in many ways (IndexError, KeyError, ...)
+            raise _load_error(path, exc) from None
+        (state, wrapper, metadata), notes, container = _unwrap(raw, path), _not_taken(raw), "torch"
     state, stripped = _strip_prefixes(state)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -73,7 +93,44 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise CbamDeployError(f"checkpoint {path} holds NaN or Inf values in {_listing(nonfinite)}; it is unusable")
-    return Checkpoint(path, sha256_file(path), state, wrapper, stripped, metadata)
+    return Checkpoint(path, sha256_file(path), state, wrapper, stripped, metadata, container, notes)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file opens with its JSON header's length (8 bytes, little-endian) and then '{'."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors import SafetensorError  # optional: the timm extra (safetensors files)
+        from safetensors.torch import load_file  # optional: the timm extra (safetensors files)
+    except ModuleNotFoundError:
+        raise CbamDeployError(f"checkpoint {path} is a safetensors file, and reading it needs the safetensors "
+                              "package: pip install 'cbam-deploy[timm]' (or pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        detail = _detail(str(exc)) if str(exc).strip() else type(exc).__name__
+        raise CbamDeployError(f"cannot read checkpoint {path}: corrupt or truncated safetensors file ({detail})") \
+            from None
+
+
+def _not_taken(raw) -> list[str]:
+    """What else a checkpoint holds that is a state dict too (timm's EMA weights), said beside the one taken."""
+    if isinstance(raw, dict) and _is_state_dict(raw.get("state_dict_ema")) and _is_state_dict(raw.get("state_dict")):
+        return ["the file also holds EMA weights ('state_dict_ema'); 'state_dict' is taken"]
+    return []
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -202,7 +259,8 @@ def _scan_pickles(stream, scan: _Scan, limit: int) -> None:
 def _note_global(scan: _Scan, name: str, allowed: set[str] | None) -> None:
     if allowed is not None and name in allowed:
         return
-    if allowed is None and name.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs"):
+    if allowed is None and (name.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs")
+                            or name in _SAFE_GLOBAL_NAMES):
         return  # torch's list was not available: trust only the modules weights-only loading allows
     if name not in scan.forbidden:
         scan.forbidden.append(name)
@@ -211,7 +269,7 @@ def _note_global(scan: _Scan, name: str, allowed: set[str] | None) -> None:
 def _allowed_globals() -> set[str] | None:
     """The globals torch.load(weights_only=True) accepts (default list plus user-registered ones)."""
     try:
-        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals()) | _SAFE_GLOBAL_NAMES
     except Exception:  # private API: fall back to module prefixes
         return None
 
@@ -253,8 +311,8 @@ def _unwrap(raw, path: Path) -> tuple[dict, str | None, dict]:
         raise CbamDeployError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
     for key in _WRAPPER_KEYS:
         inner = raw.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            metadata = {k: _plain(v) for k, v in raw.items() if k in ("epoch", "arch", "best_prec1", "best_acc1")}
+        if _is_state_dict(inner):
+            metadata = {k: _plain(v) for k, v in raw.items() if k in _METADATA_KEYS}
             return dict(inner), key, metadata
     if all(isinstance(k, str) for k in raw) and any(isinstance(v, torch.Tensor) for v in raw.values()):
         return dict(raw), None, {}
@@ -296,8 +354,10 @@ def infer_num_classes(state: dict[str, torch.Tensor], classifier: str = "fc.weig
     return None
 
 
-def apply_state_dict(model: nn.Module, checkpoint: Checkpoint, model_name: str) -> None:
-    """Load strictly, with errors that list the keys and say the likely cause."""
+def apply_state_dict(model: nn.Module, checkpoint: Checkpoint, model_name: str, classifier: str = "fc",
+                     cause: str | None = None) -> None:
+    """Load strictly, with errors that list the keys and say the likely cause (``cause``: the model
+    source's own words for keys that do not fit; ``classifier``: the classifier's module name)."""
     expected = model.state_dict()
     state = checkpoint.state_dict
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -310,7 +370,7 @@ def apply_state_dict(model: nn.Module, checkpoint: Checkpoint, model_name: str) 
             parts.append(f"unexpected {len(unexpected)} key(s): {_listing(unexpected)}")
         raise CbamDeployError(
             f"checkpoint {checkpoint.path} does not fit model {model_name!r}: {'; '.join(parts)}. "
-            f"{_likely_cause(missing, unexpected)}"
+            f"{cause or _likely_cause(missing, unexpected)}"
         )
     mismatched = [
         (k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if k in state and state[k].shape != v.shape
@@ -319,7 +379,7 @@ def apply_state_dict(model: nn.Module, checkpoint: Checkpoint, model_name: str) 
         shown = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:_SHOW])
         more = f" ... ({len(mismatched)} in all)" if len(mismatched) > _SHOW else ""
         hint = ""
-        if any(k.startswith("fc.") for k, _, _ in mismatched):
+        if any(k.startswith(f"{classifier}.") for k, _, _ in mismatched):
             hint = " The classifier differs: pass --num-classes to match the checkpoint, or leave it out to infer it."
         raise CbamDeployError(
             f"checkpoint {checkpoint.path} has shapes that do not fit model {model_name!r}: {shown}{more}.{hint}"
