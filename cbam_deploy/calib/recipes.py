@@ -52,8 +52,18 @@ def preprocess_onnx(src: Path, dst: Path) -> None:
 
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return
     except Exception as exc:
-        raise CbamDeployError(f"onnxruntime pre-processing failed on {src}: {type(exc).__name__}: {exc}") from None
+        first = exc
+    # symbolic shape inference leaves a dimension unknown on some graphs (a Resize by scales over a dynamic batch,
+    # joined by a Concat): merged symbols first, then ONNX's own shape inference alone
+    for options in ({"skip_symbolic_shape": False, "auto_merge": True}, {"skip_symbolic_shape": True}):
+        try:
+            quant_pre_process(str(src), str(dst), **options)
+            return
+        except Exception:
+            continue
+    raise CbamDeployError(f"onnxruntime pre-processing failed on {src}: {type(first).__name__}: {first}") from None
 
 
 def graph_gates_or_fail(found: list, expected: list[dict] | None, where: str) -> list:
