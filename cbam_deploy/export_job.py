@@ -223,7 +223,12 @@ def check_model_options(model: str, stem: str = "imagenet", num_classes: int | N
 
 
 def default_output_dir(model_spec: str) -> Path:
-    stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2] if ":" in model_spec else model_spec
+    if ":" in model_spec:
+        stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2]
+    elif source_for(model_spec) is not None and Path(model_spec).suffix:  # a library's file: its name
+        stem = Path(model_spec).stem
+    else:
+        stem = model_spec
     return Path("bundles") / stem
 
 

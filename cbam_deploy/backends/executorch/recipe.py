@@ -13,9 +13,9 @@ annotate them. The policy is then checked on the converted PT2E program, the one
 payload is opaque to the Python runtime. A gate that breaks the policy fails the build, by name.
 
 The output tail (``gates.output_tail``: a detector's box decode, the concatenation of its pixel boxes with
-its probabilities, its final sigmoid) stays in float: its nodes are left unannotated, the weighted layers
-feeding it give float outputs, and the converted program is checked free of Q/DQ there
-(``quantization.output_tail``).
+its probabilities, its final sigmoid) stays in float: its nodes and the weighted layers feeding it are left
+unannotated (XNNPACK has no int8 convolution with a float output), and the converted program is checked free
+of Q/DQ there (``quantization.output_tail``).
 
 Calibration cache: the calibrated observers' state, keyed by the model (the bundle's FP32 ONNX
 sha256), the bounds, the rewrite, the data fingerprint, the method and the policy; a hit skips the
@@ -79,10 +79,9 @@ def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str, rewritten: boo
         def annotate(self, model):
             model = super().annotate(model)
             for node in model.graph.nodes:
-                if node.name in tail or (gates == "fp" and node.name in gate_nodes):
+                # the tail, and the layers feeding it (XNNPACK has no int8 conv with a float output), stay float
+                if node.name in tail or node.name in boundary or (gates == "fp" and node.name in gate_nodes):
                     node.meta.pop("quantization_annotation", None)
-                elif node.name in boundary and "quantization_annotation" in node.meta:
-                    node.meta["quantization_annotation"].output_qspec = None  # its output feeds the float tail
             return model
     return GatePolicyQuantizer
 
@@ -118,7 +117,7 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
     tail, boundary = (set(names) for names in program_tail(program))
     quantizer = _policy_quantizer(quantizer_cls, gate_nodes, gates, rewrite, tail, boundary)().set_global(
         _config(get_config, minmax))
-    kept_float = (gate_nodes if gates == "fp" else set()) | tail
+    kept_float = (gate_nodes if gates == "fp" else set()) | tail | boundary
     quantizer.set_filter_function(lambda node: node.name not in kept_float)
     graph_module = program.module()
     absent = gate_nodes - {n.name for n in graph_module.graph.nodes}
@@ -162,8 +161,14 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
     tail_record = check_program_tail(quantized, CHECKED_ON)
     if tail_record["held"] is False:
         raise CbamDeployError(f"{out_path.name}: the output tail is quantized: {tail_record['broken'][0]}")
-    export = export_pte(module, out_path, bounds, precision="int8", program=quantized, rewrites=rewrite_record,
-                        names=names)
+    try:
+        export = export_pte(module, out_path, bounds, precision="int8", program=quantized, rewrites=rewrite_record,
+                            names=names)
+    except CbamDeployError:
+        raise
+    except Exception as exc:  # ExecuTorch's lowering raises what its passes raise
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CbamDeployError(f"ExecuTorch could not lower the INT8 program: {type(exc).__name__}: {text}") from None
     q_nodes = sum(1 for n in quantized.graph.nodes if "quantize_per_tensor" in str(n.target)
                   and "dequantize" not in str(n.target))
     info = {
@@ -172,7 +177,8 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
         "activations": "int8 per tensor (affine), minmax observers",
         "weights": "int8 symmetric, per output channel",
         "gate_nodes": len(gate_nodes), "excluded_nodes": len(gate_nodes) if gates == "fp" else 0,
-        "gate_check": check, "output_tail": {**tail_record, "excluded_nodes": len(tail)}, "quantize_nodes": q_nodes,
+        "gate_check": check, "output_tail": {**tail_record, "excluded_nodes": len(tail), "float_layers": len(boundary)},
+        "quantize_nodes": q_nodes,
         "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if cache_path is not None else
                              {"path": None, "hit": False, "reason": "disabled"},
         "export": export, "calibration_seconds": round(time.perf_counter() - started, 2),
