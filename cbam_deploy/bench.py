@@ -25,7 +25,7 @@ from .data import SYNTHETIC, load_calibration
 from .errors import BackendUnavailable, CbamDeployError
 from .formats import get as get_format
 from .loaders import model_spec_to_run, open_artifact
-from .models import CodeTrust, build_model
+from .models import CodeTrust, build_model, library
 from .peers import build_peers
 from .runners.base import Runner
 from .runners.torch import TorchRunner
@@ -281,9 +281,14 @@ def bench_checked(bundle: Bundle, options: BenchOptions, trust: CodeTrust | None
         if options.peers:
             calib = calib if calib is not None else bench_calibration(bundle, options.calib_data)
             example = np.random.default_rng(0).standard_normal((1, *chw), dtype=np.float32)
+            source = library(bundle.model.source)
             built, peer_skips = build_peers(module, example, None if calib is None else calib.inputs, Path(tmp) / "peers",
-                                            threads)
+                                            threads, library_peers=source.peers() if source is not None else None)
             runners.update(built)
+            for name, runner in built.items():  # a peer exported for one batch runs only at that batch
+                bounds = getattr(runner, "facts", {}).get("batch_bounds")
+                if bounds:
+                    limits[name] = (int(bounds[0]), int(bounds[1]), "its exported batch")
             skipped += [{"artifact": s["peer"], "reason": s["reason"]} for s in peer_skips]
         for twin in twins:
             twin_bundle = Bundle.open(twin.bundle_dir)

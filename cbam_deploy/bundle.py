@@ -145,8 +145,9 @@ class ModelInfo:
 
     @property
     def spec(self) -> str:
-        """What ``models.build_model`` takes: the factory (absolute path) or the zoo name."""
-        return self.factory or self.name
+        """What ``models.build_model`` takes: the factory (absolute path), a library's file (``spec``, absolute), or
+        the zoo name."""
+        return self.factory or self.raw.get("spec") or self.name
 
     @property
     def gate_list(self) -> list[dict] | None:

@@ -87,14 +87,20 @@ def _letterbox(image, size: int, method, pad_value: int):
     """The image resized so that its longer side is ``size`` (aspect kept), centred on a ``size`` x
     ``size`` canvas of ``pad_value`` (what Ultralytics' LetterBox does for a square input). A very long
     strip is resized from the rows or columns it keeps, so its cost is bounded by the output."""
-    width, height = image.size
+    ratio, offset, resized = letterbox_geometry(*image.size, size)
+    if resized != image.size:
+        image = image.resize(resized, method, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), (pad_value,) * 3)
+    canvas.paste(image, offset)
+    return canvas
+
+
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """Where the letterbox puts an image of ``width`` x ``height`` in the ``size`` x ``size`` input: (its scale,
+    (left, top) of the resized image, its (width, height)): what maps a box of the image into the input."""
     ratio = size / max(width, height)
     new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
-    if (new_w, new_h) != image.size:
-        image = image.resize((new_w, new_h), method, reducing_gap=3.0)
-    canvas = Image.new("RGB", (size, size), (pad_value,) * 3)
-    canvas.paste(image, ((size - new_w) // 2, (size - new_h) // 2))
-    return canvas
+    return ratio, ((size - new_w) // 2, (size - new_h) // 2), (new_w, new_h)
 
 
 def load_image_file(path: Path, spec: dict) -> np.ndarray:

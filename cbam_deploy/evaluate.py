@@ -1,6 +1,9 @@
-"""Accuracy on labelled images (ImageFolder layout): top-1, top-5, and agreement with PyTorch FP32.
+"""Accuracy on labelled images: a classifier's top-1, top-5 and agreement with PyTorch FP32 on an ImageFolder;
+a detector's mAP50 and mAP50-95 (Ultralytics' metric code) and its detections' agreement with PyTorch FP32 on
+a YOLO-format folder.
 
-Classes are the sorted sub-folder names, index i = output i (torchvision's ImageFolder rule).
+Classes are the sorted sub-folder names, index i = output i (torchvision's ImageFolder rule); a detector's
+labels are ``class cx cy w h`` lines beside its images (``detection.yolo_folder``).
 Every image is preprocessed once, by the manifest's preprocessing, and fed to every artifact.
 """
 
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import detection
+from .batching import fit_batch
 from .bundle import Bundle, check_artifact_names
 from .checks import MAX_BATCH, check_int
 from .data import _Unreadable, check_data_source, image_folder, load_image_file
@@ -67,7 +72,11 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
     bundle_dir = bundle.directory
     check_artifact_names(bundle, [artifact] if artifact else None, bundle_dir)
     if bundle.classification_output is None:
-        raise CbamDeployError(f"eval measures top-1/top-5 of a classifier; {bundle.model.name} has the outputs "
+        detections = [o for o in bundle.outputs if o.kind == "detections"]
+        if len(detections) == 1:
+            return evaluate_detector(bundle, data_dir, detections[0].name, artifact, batch, limit, trust, reference)
+        raise CbamDeployError(f"eval measures top-1/top-5 of a classifier or mAP of a detector (an output of kind "
+                              f"detections); {bundle.model.name} has the outputs "
                               f"{', '.join(f'{o.name} ({o.kind})' for o in bundle.outputs)}: "
                               "use 'cbam-deploy verify' for its per-output parity")
     inputs, labels, classes, skipped = load_labelled(data_dir, bundle.input.raw, limit)
@@ -103,7 +112,54 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
                        "results": rows})
 
 
+def evaluate_detector(bundle: Bundle, data_dir, output: str, artifact: str | None = None, batch: int = 32,
+                      limit: int | None = None, trust: CodeTrust | None = None,
+                      reference: ReferenceModel | None = None) -> EvalResult:
+    """mAP50 and mAP50-95 of every artifact and of PyTorch FP32 on a YOLO-format folder (Ultralytics' metric
+    code on each one's decoded ``output``), and how many of the reference's detections each keeps."""
+    data = detection.load_yolo_folder(data_dir, bundle.input.raw, limit)
+    num_classes = bundle.model.num_classes
+    if num_classes and data.classes > num_classes:
+        raise CbamDeployError(f"{data_dir}: its labels name class {data.classes - 1}, but the model detects "
+                              f"{num_classes} classes")
+    inputs, batch = bundle.fit_to_batch(data.inputs, batch)
+    data.targets, data.images = data.targets[:len(inputs)], data.images[:len(inputs)]
+    data.inputs = inputs
+
+    def run(runner, chunk: int) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        out = runner.infer_batched(inputs, chunk)[output]
+        return out, time.perf_counter() - started
+
+    model = reference or ReferenceModel(bundle, trust)
+    reference_runner, reference_label = model.runner()
+    ref_out, ref_seconds = run(reference_runner, batch)
+    labels = bundle.labels
+    rows = [{"artifact": reference_label, "format": root_row().name if model.stand_in else "pytorch",
+             "precision": "fp32", **detection.mean_ap(ref_out, data, labels), "seconds": round(ref_seconds, 2)}]
+    for name in [artifact] if artifact else bundle.artifact_names:
+        entry = bundle.artifact(name)
+        try:
+            runner = open_artifact(bundle.directory, bundle, name)
+        except BackendUnavailable as exc:
+            rows.append({"artifact": name, "format": entry.format, "precision": entry.precision, "skipped": str(exc)})
+            continue
+        out, seconds = run(runner, fit_batch(bundle, entry, batch))
+        agree = detection.agreement(ref_out, out, judge=False)
+        rows.append({"artifact": name, "format": entry.format, "precision": entry.precision,
+                     **detection.mean_ap(out, data, labels), "agreement": agree["kept_fraction"],
+                     "detections": {k: agree[k] for k in ("reference_detections", "kept", "lost", "extra")},
+                     "seconds": round(seconds, 2)})
+    return EvalResult({"bundle": str(bundle.directory), "data": str(data_dir), "task": "detection",
+                       "images": int(len(inputs)), "classes": num_classes or data.classes,
+                       "skipped_unreadable": data.skipped, "reference": reference_label,
+                       "metric": "mAP50 and mAP50-95 (Ultralytics' DetMetrics; NMS at score 0.001, IoU 0.7)",
+                       "results": rows})
+
+
 def validate_eval_options(data: str, batch: int = 32, limit: int | None = None) -> None:
     check_int("--batch", batch, 1, MAX_BATCH)
     check_int("--limit", limit, 1, allow_none=True)
+    if Path(data).is_file() and Path(data).suffix.lower() in (".yaml", ".yml"):
+        return  # a detector's data.yaml (its val split), read by detection.yolo_folder
     check_data_source("--data", data, images_only=True)

@@ -25,14 +25,14 @@ from .cbam_opt import MODES as CBAM_OPT_MODES
 from .cbam_opt import optimize_for_export
 from .checks import (MAX_BATCH, check_choice, check_existing_file, check_int, check_output_dir, check_output_file,
                      parse_batch, parse_list)
-from .data import check_data_source
+from .data import SYNTHETIC, check_data_source, load_calibration
 from .errors import CbamDeployError
 from .formats import GATE_POLICIES, PRECISIONS, formats, recipes, root_row
 from .manifest import MANIFEST_NAME, ROOT_ARTIFACT, ROOT_FILE, new_manifest
-from .models import CodeTrust, LoadedModel, build_model, count_gmacs, from_module, is_factory_spec
+from .models import CodeTrust, LoadedModel, build_model, count_gmacs, from_module, is_factory_spec, source_for
 from .models.spec import STEMS, check_input_size, check_model_spec, check_num_classes
 from .outputs import check_output_kinds, flatten_outputs, output_kinds, parse_output_kinds
-from .parity import plan_cases, run_parity
+from .parity import TOLERANCES, compare_all, plan_cases, run_parity
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocessing_options
 from .results import EXIT_FAILED_CHECK, EXIT_OK, Result
 from .runners.torch import TorchRunner
@@ -179,6 +179,12 @@ class ExportOptions:
         check_output_dir("--output", self.output)
         if not in_memory:
             check_model_spec(self.model, self.stem)
+            source = source_for(self.model)
+            why = source.needs_trust(self.model) if source is not None else None
+            if why and not self.trust_code:  # refused before any work, in one line
+                raise CbamDeployError(f"--model {self.model}: {why}; pass --trust-code to load it (only for a file you "
+                                      "trust), or export its weights as a state dict and give its model yaml with "
+                                      "--weights")
         if self.int8 and self.builds and "int8" not in self.precision_list:
             self.precision_list.append("int8")  # --int8 with a format x precision matrix: int8 joins the matrix
 
@@ -218,7 +224,12 @@ def check_model_options(model: str, stem: str = "imagenet", num_classes: int | N
 
 
 def default_output_dir(model_spec: str) -> Path:
-    stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2] if ":" in model_spec else model_spec
+    if ":" in model_spec:
+        stem = Path(model_spec.rpartition(":")[0]).stem + "_" + model_spec.rpartition(":")[2]
+    elif source_for(model_spec) is not None and Path(model_spec).suffix:  # a library's file: its name
+        stem = Path(model_spec).stem
+    else:
+        stem = model_spec
     # a library's spec carries its arguments (timm:resnet50?block_args.attn_layer=cbam): a plain folder name
     return Path("bundles") / re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_")
 
@@ -285,6 +296,7 @@ def export_bundle(request: ExportOptions) -> ExportResult:
         exporter=request.exporter,
         simplify=request.simplify,
     )
+    loaded.prepare_for(options.input_size, options.dynamic_hw)  # a detector's anchors, before anything traces it
     options.output_kinds = resolve_output_kinds(loaded, request.output_kinds, options) or None
     with BundleUpdate(out_dir, create=True) as update:
         result = _export_into(request, loaded, options, update, started)
@@ -327,11 +339,23 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     faultpoint("exported")
 
     parity, candidate = None, None
+    spec = input_spec(loaded, options, request.preprocess)
     if request.parity:
-        cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples)
+        cases = plan_cases(options.input_size, options.batch, options.dynamic_hw, request.parity_samples,
+                           loaded.input_stride or 8)
         candidate = select_runtime(root.name, root.reference_runtime).open(staged)
-        parity = run_parity(TorchRunner(loaded.module), candidate, cases, "fp32", seed=request.seed,
-                            kinds=output_kinds(info["outputs"]))
+        reference = TorchRunner(loaded.module)
+        kinds = output_kinds(info["outputs"])
+        parity = run_parity(reference, candidate, cases, "fp32", seed=request.seed, kinds=kinds,
+                            preprocess=spec["preprocess"])
+        if request.calib_data and request.calib_data != SYNTHETIC:  # the user's own images too
+            images = load_calibration(request.calib_data, spec, request.parity_samples, request.seed + 1).inputs
+            batch = options.batch or min(len(images), 4)
+            images = images[:len(images) // batch * batch] if options.batch else images
+            on_images = compare_all(reference.infer_batched(images, batch), candidate.infer_batched(images, batch),
+                                    TOLERANCES["fp32"], kinds, side=options.input_size)
+            parity["images"] = {"source": request.calib_data, **on_images}
+            parity["passed"] = parity["passed"] and on_images["passed"]
     faultpoint("parity-done")
 
     model_info = loaded.describe()
@@ -342,8 +366,10 @@ def _export_into(request: ExportOptions, loaded: LoadedModel, options, update: B
     except Exception:  # a user's factory model may not run on the counter; the count is optional
         model_info["gflops"] = None
     model_info["notes"] = model_info["notes"] + request.extra_notes
-    manifest = new_manifest(model_info, input_spec(loaded, options, request.preprocess), info["outputs"])
+    manifest = new_manifest(model_info, spec, info["outputs"])
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if loaded.labels:
+        manifest["labels"] = list(loaded.labels)
     artifact = update.add_artifact(root.name, "fp32", export=info,
                                    parity=parity if parity is not None else {"passed": None, "skipped": "--no-parity"})
     manifest["artifacts"] = [artifact]  # first: the artifact commands take when none is named

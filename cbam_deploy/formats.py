@@ -264,6 +264,15 @@ class Format:
         ``graph`` and ``found`` are its graph and gates (None where the format has no gate reader)."""
         raise Unsupported(self.no_gates or f"{self.title}: its gate policy cannot be checked")
 
+    def check_output_tail(self, artifact, graph) -> dict:
+        """Whether an INT8 artifact keeps its output tail in float (``gates.tail_check`` on its graph, for a
+        format that reads its graph); by default the check its recipe made when it built it
+        (``quantization.output_tail``)."""
+        recorded = (artifact.quantization or {}).get("output_tail")
+        if isinstance(recorded, dict) and "held" in recorded:
+            return {**recorded, "note": "checked at build (the artifact's graph is not read here)"}
+        raise Unsupported(f"{self.title}: no output-tail check recorded with the artifact: build it again")
+
     # ------------------------------------------------------------------ timing
 
     def profile(self, path: Path, graph, found: list, precision: str, x, runs: int, warmup: int,
@@ -453,6 +462,12 @@ def recipe(target: str) -> Recipe:
     if found is None:
         raise CbamDeployError(f"unknown target {target!r}; choose from {', '.join(recipes())}")
     return found
+
+
+def row_for_file(path: str | Path) -> Format | None:
+    """The format whose files end as ``path`` does (its extension): for a file another tool made."""
+    suffix = Path(path).suffix.lstrip(".").lower()
+    return next((r for r in rows() if r.extension == suffix), None)
 
 
 def all_runtimes() -> dict[str, Runtime]:

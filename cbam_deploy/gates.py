@@ -61,6 +61,7 @@ class Graph:
     constants: set = field(default_factory=set)  # tensors computed from weights/constants only
     int8_constants: set = field(default_factory=set)  # constant tensors that hold or derive from int8 data
     inputs: set = field(default_factory=set)  # graph inputs
+    outputs: list = field(default_factory=list)  # graph outputs (the tensors the model returns)
 
     def __post_init__(self) -> None:
         self.producer = {}
@@ -493,10 +494,59 @@ def policy_check(found: list[GraphGate], expected: list[dict] | None, policy: st
             "broken": broken, "per_gate": rows}
 
 
+# ------------------------------------------------------------------------------ the output tail
+
+WEIGHTED = ("conv", "linear")
+TAIL_RULE = ("the output tail (every op from which a model output is reached without passing through a conv or "
+             "linear layer: a detector's box decode, the concatenation of its pixel boxes with its probabilities, its "
+             "final sigmoid; a classifier's logits after its last layer) stays in float")
+
+
+def output_tail(graph: Graph) -> list[Op]:
+    """The ops between a model's last weighted layers and its outputs, in graph order: walking back from
+    every output, each op is taken until a conv or linear layer ends the walk. An INT8 recipe keeps them in
+    float (``TAIL_RULE``): one quantization scale over pixels and probabilities, or over a box decode, costs
+    a detector its detections while the output's cosine stays at 0.9999."""
+    taken, stack, seen = set(), list(graph.outputs), set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen or tensor in graph.constants:
+            continue
+        seen.add(tensor)
+        op = graph.producer.get(tensor)
+        if op is None or op.kind in WEIGHTED or id(op) in taken:
+            continue
+        taken.add(id(op))
+        stack.extend(op.inputs)
+    return [op for op in graph.ops if id(op) in taken]
+
+
+def tail_boundary(graph: Graph, tail: list[Op]) -> list[Op]:
+    """The weighted layers whose outputs feed the tail (or are outputs): their outputs stay float too."""
+    names = {op.name for op in tail}
+    wanted = set(graph.outputs) | {t for op in tail for t in op.inputs}
+    return [op for op in graph.ops if op.kind in WEIGHTED and op.name not in names and set(op.outputs) & wanted]
+
+
+def tail_check(graph: Graph, artifact: str) -> dict:
+    """Whether a built INT8 graph keeps its output tail in float: no quantizer, dequantizer or quantized op
+    between its last weighted layers and its outputs. The result names the ops that break it."""
+    if not graph.outputs:
+        return {"rule": TAIL_RULE, "checked_on": artifact, "held": None,
+                "skipped": "the graph's outputs cannot be read here"}
+    tail = output_tail(graph)
+    quantized = [op.name for op in tail if op.kind in ("quant", "dequant") or op.quantized_op]
+    return {"rule": TAIL_RULE, "checked_on": artifact, "held": not quantized, "ops": len(tail),
+            "float_ops": len(tail) - len(quantized), "quantized": quantized[:20],
+            "broken": [f"{len(quantized)} quantize/dequantize or quantized op(s) in the output tail: "
+                       f"{', '.join(quantized[:5])}"] if quantized else []}
+
+
 def nodes_of(found: list[GraphGate]) -> list[str]:
     """Every node of every gate (the set ``--gates`` governs)."""
     return list(dict.fromkeys(n for g in found for n in g.nodes))
 
 
-__all__ = ["ACTIVATION_CLASSES", "GateReport", "GatesUntraceable", "Graph", "GraphGate", "KINDS", "Op", "describe",
-           "graph_gates", "nodes_of", "policy_check", "pool_from_shapes", "search", "shape_map"]
+__all__ = ["ACTIVATION_CLASSES", "GateReport", "GatesUntraceable", "Graph", "GraphGate", "KINDS", "Op", "TAIL_RULE",
+           "describe", "graph_gates", "nodes_of", "output_tail", "policy_check", "pool_from_shapes", "search",
+           "shape_map", "tail_boundary", "tail_check"]

@@ -85,15 +85,14 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
             matches = False
         if matches:
             try:
-                loaded = build_model(spec, str(path), model.num_classes, model.stem, model.outputs_mode, trust,
-                                     model.factory_sha256)
+                loaded = _rebuild(bundle, spec, str(path), trust)
                 return TorchRunner(loaded.module), "pytorch-fp32"
             except CbamDeployError as exc:
                 reason = f"the model could not be rebuilt: {exc}"
         else:
             reason = f"checkpoint {path} missing or changed"
     elif model.init:
-        loaded = build_model(spec, None, model.num_classes, model.stem, model.outputs_mode, trust, model.factory_sha256)
+        loaded = _rebuild(bundle, spec, None, trust)
         if state_fingerprint(loaded.module) == model.init["state_sha256"]:
             return TorchRunner(loaded.module), "pytorch-fp32"
         # another CPU's torch may rebuild the seeded init with different last bits: the same model
@@ -111,6 +110,14 @@ def reference_runner(manifest, bundle_dir: str | Path | None = None, trust=None)
     # on the root format's reference runtime whatever else this machine has: never in TF32 or bf16
     return (open_artifact(bundle_dir, bundle, ROOT_ARTIFACT, runtime=root_row().reference_runtime),
             f"{ROOT_ARTIFACT} (stand-in: {reason})")
+
+
+def _rebuild(bundle: Bundle, spec: str, weights: str | None, trust):
+    """The bundle's model built again, made ready for the bundle's input side (a detector's anchors)."""
+    model = bundle.model
+    loaded = build_model(spec, weights, model.num_classes, model.stem, model.outputs_mode, trust, model.factory_sha256)
+    loaded.prepare_for(bundle.input.side, bundle.input.dynamic_hw)
+    return loaded
 
 
 def is_stand_in(reference: Runner) -> bool:

@@ -10,7 +10,11 @@ and every runner name the same output the same way:
 
 Each output has a kind: ``logits`` (batch, classes): classification, judged on top-1 too;
 ``dense`` (batch, ...) of 3 or more dims: detection maps, segmentation, features, judged by cosine
-and element-wise bounds per output; ``other``: anything else, judged by element-wise bounds.
+and element-wise bounds per output; ``detections`` (batch, 4 + classes, anchors): a detector head's
+decoded output (box centre x, y, width, height in input pixels, then the class probabilities, as
+Ultralytics' Detect head gives it), its boxes judged in pixels against the input side and its
+scores as absolute probabilities, its INT8 by the detections it keeps after NMS; ``other``:
+anything else, judged by element-wise bounds.
 The kind is guessed from the shape; a 2-D output that is not a classifier's (an embedding, a box
 tensor) is given its kind by ``export --output-kind NAME=KIND`` or by the factory's model declaring
 ``output_kinds = {name: kind}``.
@@ -25,7 +29,7 @@ import numpy as np
 from .errors import CbamDeployError
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
-OUTPUT_KINDS = ("logits", "dense", "other")
+OUTPUT_KINDS = ("logits", "dense", "detections", "other")
 
 
 def flatten_outputs(value) -> list[tuple[str, object]]:

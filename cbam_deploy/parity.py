@@ -8,6 +8,14 @@ cosine similarity >= 0.99999, and top-1 agreement on every sample whose referenc
 is larger than that same error bound (a near tie may flip without anything being wrong).
 onnxruntime vs eager on these networks is typically ~1e-6 relative, so the bound leaves two
 orders of magnitude of headroom while still catching a wrong op (errors of 1e-2 and up).
+
+A detector's decoded output (kind ``detections``: boxes in input pixels, then class probabilities) is
+judged in the units of each part: its boxes by ``atol + rtol * side`` pixels (``side``: the input's
+longer side), its scores by ``atol + rtol`` (absolute probabilities); its INT8 by the detections it keeps
+after NMS (``detection.agreement``), never by cosine on the concatenated output.
+
+The seeded inputs are drawn in the model's input range: uniform pixels through the manifest's
+preprocessing (scale, mean, std), so a model trained on 0-1 pixels is not fed N(0, 1) noise.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import detection
 from .runners.base import Runner
 
 
@@ -57,10 +66,12 @@ def compare_int8(reference, candidate, judge_top1: bool = True, kind: str = "log
                  kinds: dict[str, str] | None = None) -> dict:
     """INT8 verdict. ``judge_top1=False`` for models without trained weights: their logits are
     near ties, so top-1 flips say nothing about the quantization; only the cosine is judged then.
-    Dense outputs (feature maps, detection heads) are judged by cosine alone. Dicts of outputs go
-    through ``compare_all``."""
+    Dense outputs (feature maps) are judged by cosine alone; a detector's decoded output by the
+    detections it keeps (``detection.agreement``). Dicts of outputs go through ``compare_all``."""
     if isinstance(reference, dict):
         return compare_all(reference, candidate, None, kinds, judge_top1=judge_top1)
+    if kind == "detections":
+        return detection.agreement(reference, candidate, judge=judge_top1)
     ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
     cand = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
@@ -85,7 +96,7 @@ def compare_int8(reference, candidate, judge_top1: bool = True, kind: str = "log
 
 
 def compare_all(reference, candidate, tolerance: Tolerance | None = None, kinds: dict[str, str] | None = None,
-                judge_top1: bool = True) -> dict:
+                judge_top1: bool = True, side: int | None = None) -> dict:
     """Every output of a case: per-output metrics (``outputs``) and the verdict over all of them. An
     output's kind decides what is judged: logits get top-1 checks, dense/other outputs only cosine and
     element-wise bounds. ``tolerance`` None: the INT8 verdict (``compare_int8``) per output. One
@@ -101,7 +112,7 @@ def compare_all(reference, candidate, tolerance: Tolerance | None = None, kinds:
         if tolerance is None:
             per_output[name] = compare_int8(ref, candidate[name], judge_top1=judge_top1, kind=kind)
         else:
-            per_output[name] = compare_outputs(ref, candidate[name], tolerance, kind=kind)
+            per_output[name] = compare_outputs(ref, candidate[name], tolerance, kind=kind, side=side)
     if len(per_output) == 1:
         return next(iter(per_output.values()))
     first = next(iter(per_output.values()))
@@ -124,8 +135,12 @@ def _as_dict(outputs) -> dict[str, np.ndarray]:
     return outputs if isinstance(outputs, dict) else {"output": outputs}
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, kind: str = "logits") -> dict:
-    """Metrics of one output of one case (a batch) and whether it passes; top-1 only for logits."""
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, kind: str = "logits",
+                    side: int | None = None) -> dict:
+    """Metrics of one output of one case (a batch) and whether it passes; top-1 only for logits; a
+    detector's boxes and scores each in their own units (``side``: the input's longer side)."""
+    if kind == "detections":
+        return compare_detections(reference, candidate, tolerance, side)
     reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     candidate = np.asarray(candidate, dtype=np.float64)
     if candidate.size != reference.size:
@@ -169,6 +184,40 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tol
     return metrics
 
 
+def compare_detections(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance, side: int | None) -> dict:
+    """A detector's decoded output (batch, 4 + classes, anchors): its boxes within ``atol + rtol * side``
+    pixels, its class probabilities within ``atol + rtol``; cosine reported, not judged (pixels and
+    probabilities in one vector say little)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if candidate.shape != reference.shape or reference.ndim != 3 or reference.shape[1] < 5:
+        return {"passed": False, "kind": "detections", "samples": len(reference),
+                "reason": f"output shape {candidate.shape} does not match the reference {reference.shape} "
+                          "(batch, 4 + classes, anchors)"}
+    if not np.isfinite(candidate).all():
+        return {"passed": False, "kind": "detections", "samples": len(reference), "reason": "output holds NaN or Inf"}
+    side = side or float(np.abs(reference[:, :4]).max())
+    box_err, score_err = detection.split_errors(reference, candidate)
+    box_bound, score_bound = tolerance.atol + tolerance.rtol * side, tolerance.atol + tolerance.rtol
+    flat_ref, flat_cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
+    norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_cand, axis=1)
+    cosine = np.where(norms > 0, (flat_ref * flat_cand).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    diff = np.abs(reference - candidate)
+    metrics = {"samples": len(reference), "kind": "detections", "max_abs_err": float(diff.max()),
+               "mean_abs_err": float(diff.mean()), "max_box_err_px": box_err, "box_bound_px": box_bound,
+               "max_score_err": score_err, "score_bound": score_bound, "bound": box_bound, "side": side,
+               "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())}
+    reasons = []
+    if box_err > box_bound:
+        reasons.append(f"boxes off by {box_err:.3g} px > {box_bound:.3g} px ({tolerance.rtol:g} of the {side:g}-px side)")
+    if score_err > score_bound:
+        reasons.append(f"class probabilities off by {score_err:.3g} > {score_bound:.3g}")
+    metrics["passed"] = not reasons
+    if reasons:
+        metrics["reason"] = "; ".join(reasons)
+    return metrics
+
+
 @dataclass(frozen=True)
 class ParityCase:
     batch: int
@@ -177,9 +226,10 @@ class ParityCase:
     samples: int
 
 
-def plan_cases(input_size: int, batch: int | None, dynamic_hw: bool, samples: int = 8) -> list[ParityCase]:
+def plan_cases(input_size: int, batch: int | None, dynamic_hw: bool, samples: int = 8,
+               stride: int = 8) -> list[ParityCase]:
     """Batch 1 and a larger batch on ``samples`` inputs (or the fixed batch), plus two other sizes
-    when H/W are dynamic."""
+    when H/W are dynamic (multiples of ``stride``, the model's: a detector's sides must be)."""
     if batch is None:
         cases = [ParityCase(1, input_size, input_size, samples), ParityCase(4, input_size, input_size, samples)]
         other_batch = 2
@@ -189,15 +239,29 @@ def plan_cases(input_size: int, batch: int | None, dynamic_hw: bool, samples: in
         other_batch = batch
     if dynamic_hw:
         for scale in (0.75, 1.25):
-            side = max(8, int(round(input_size * scale / 8)) * 8)
-            cases.append(ParityCase(other_batch, side, side + 8, other_batch))
+            side = max(stride, int(round(input_size * scale / stride)) * stride)
+            cases.append(ParityCase(other_batch, side, side + stride, other_batch))
     return cases
 
 
-def make_inputs(case: ParityCase, channels: int = 3, seed: int = 0) -> np.ndarray:
-    """Seeded N(0, 1) inputs: the preprocessed (normalised) space the model sees."""
+def make_inputs(case: ParityCase, channels: int = 3, seed: int = 0, preprocess: dict | None = None) -> np.ndarray:
+    """Seeded inputs in the model's input range: uniform 8-bit pixels scaled and normalised as ``preprocess``
+    (the manifest's ``input.preprocess``) says; without it, N(0, 1) in the normalised space."""
     rng = np.random.default_rng([seed, case.height, case.width])
-    return rng.standard_normal((case.samples, channels, case.height, case.width), dtype=np.float32)
+    shape = (case.samples, channels, case.height, case.width)
+    if preprocess is None:
+        return rng.standard_normal(shape, dtype=np.float32)
+    pixels = rng.uniform(0, 255, shape) * float(preprocess.get("scale", 1 / 255))
+    mean = np.resize(np.asarray(preprocess.get("mean", [0.0]), np.float64), channels).reshape(1, channels, 1, 1)
+    std = np.resize(np.asarray(preprocess.get("std", [1.0]), np.float64), channels).reshape(1, channels, 1, 1)
+    return ((pixels - mean) / std).astype(np.float32)
+
+
+def inputs_label(preprocess: dict | None) -> str:
+    """What the seeded inputs are, for the parity record."""
+    if preprocess is None:
+        return "seeded N(0,1) in the normalised input space"
+    return "seeded uniform 8-bit pixels through the model's preprocessing (scale, mean, std)"
 
 
 def run_parity(
@@ -208,14 +272,16 @@ def run_parity(
     channels: int = 3,
     seed: int = 0,
     kinds: dict[str, str] | None = None,
+    preprocess: dict | None = None,
 ) -> dict:
-    """Run both runners on every case; aggregate metrics and a pass/fail per case and overall."""
+    """Run both runners on every case; aggregate metrics and a pass/fail per case and overall. ``preprocess``:
+    the manifest's ``input.preprocess``, so the inputs are in the model's range (``make_inputs``)."""
     tolerance = TOLERANCES[precision]
     results = []
     for case in cases:
-        inputs = make_inputs(case, channels, seed)
+        inputs = make_inputs(case, channels, seed, preprocess)
         metrics = compare_all(reference.infer_batched(inputs, case.batch), candidate.infer_batched(inputs, case.batch),
-                              tolerance, kinds)
+                              tolerance, kinds, side=max(case.height, case.width))
         results.append({"batch": case.batch, "height": case.height, "width": case.width, **metrics})
     passed = all(r["passed"] for r in results)
     summary = {
@@ -225,6 +291,7 @@ def run_parity(
         "candidate": candidate.describe(),
         "tolerance": asdict(tolerance),
         "seed": seed,
+        "inputs": inputs_label(preprocess),
         "samples": sum(r["samples"] for r in results),
         "max_abs_err": max(r.get("max_abs_err", float("inf")) for r in results),
         "mean_abs_err": float(np.mean([r.get("mean_abs_err", float("inf")) for r in results])),

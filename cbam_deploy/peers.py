@@ -15,7 +15,8 @@ PyTorch's own paths are here:
 
 Each format adds its engine's own (``formats.Format.peers``: OpenVINO's ``convert_model`` and NNCF,
 onnxruntime's ``quantize_static``, pnnx and ncnn's defaults, ExecuTorch's documented path); the docs
-of each list them.
+of each list them. A model library adds its own exporter for a bundle of its model
+(``models.LibrarySource.peers``: Ultralytics' ``YOLO.export``), each peer a ``models.libraries.LibraryPeer``.
 
 Settings are the libraries' defaults on purpose; the one exception is ``threads``, passed to the
 libraries that take a thread count (OpenVINO, onnxruntime) when the bench pins one. torch's thread
@@ -38,6 +39,7 @@ import torch
 
 from .errors import CbamDeployError
 from .formats import Extra, rows
+from .models.libraries import LibraryPeer
 from .outputs import flatten_outputs
 from .runners.base import Runner
 from .runners.peer import NEEDS_CALIBRATION, PeerRunner, PeerSource, Skip, timed
@@ -142,12 +144,21 @@ TORCH_PEERS: dict[str, Callable[[PeerSource], PeerRunner]] = {
 }
 
 
-def all_peers() -> dict[str, Callable[[PeerSource], PeerRunner]]:
-    """{peer name: builder}: PyTorch's, then each format's, in the formats' order."""
+def all_peers(library_peers: dict | None = None) -> dict[str, Callable[[PeerSource], PeerRunner]]:
+    """{peer name: builder}: PyTorch's, then each format's, in the formats' order, then the model library's
+    (``library_peers``: its own exporter, for a bundle of its model)."""
     peers = dict(TORCH_PEERS)
     for row in rows():
         peers.update(row.peers())
+    peers.update(library_peers or {})
     return peers
+
+
+def _as_runner(built) -> Runner:
+    """A library's peer (``LibraryPeer``) as a runner, like every other peer."""
+    if isinstance(built, LibraryPeer):
+        return PeerRunner(built.run, built.backend, built.precision, built.made_by, built.threads, built.facts)
+    return built
 
 
 @contextlib.contextmanager
@@ -173,14 +184,16 @@ def _reason(exc: BaseException) -> str:
 
 
 def build_peers(module: torch.nn.Module, example: np.ndarray, calib: np.ndarray | None, workdir: Path,
-                threads: int | None = None, which: list[str] | None = None) -> tuple[dict[str, Runner], list[dict]]:
-    """Build the peers named in ``which`` (default all, see ``PEERS``) from ``module``.
+                threads: int | None = None, which: list[str] | None = None,
+                library_peers: dict | None = None) -> tuple[dict[str, Runner], list[dict]]:
+    """Build the peers named in ``which`` (default all, see ``PEERS``) from ``module``; ``library_peers``: the
+    model library's own (``models.LibrarySource.peers()``).
 
     ``example`` is an (N, C, H, W) float32 batch used for tracing, export and the compile warm-up;
     ``calib`` holds calibration images (N, C, H, W) for the INT8 peers (None: they are skipped).
     Returns (runners by peer name, [{"peer": name, "reason": ...} for each peer not built]).
     """
-    peers = all_peers()
+    peers = all_peers(library_peers)
     unknown = [name for name in which or [] if name not in peers]
     if unknown:
         raise CbamDeployError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(peers)}")
@@ -193,7 +206,7 @@ def build_peers(module: torch.nn.Module, example: np.ndarray, calib: np.ndarray 
         started = time.perf_counter()
         try:
             with _quiet():
-                runner = peers[name](src)
+                runner = _as_runner(peers[name](src))
         except Exception as exc:  # a peer that cannot be built here is reported, never fatal
             skipped.append({"peer": name, "reason": _reason(exc)})
             continue

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .gates import (ACTIVATION_CLASSES, GateReport, GatesUntraceable, Graph, GraphGate, Op, describe, graph_gates,
-                    policy_check, pool_from_shapes, search, shape_map)
+                    output_tail, policy_check, pool_from_shapes, search, shape_map, tail_boundary, tail_check)
 
 def _export(model, example):
     model = model.eval()
@@ -26,6 +26,7 @@ def _torch_graph(program) -> tuple[Graph, dict]:
     signature = program.graph_signature
     user_inputs = set(signature.user_inputs)
     ops, shapes, constants, nodes = [], {}, set(), {}
+    outputs = [name for name in signature.user_outputs if isinstance(name, str)]
     for node in program.graph.nodes:
         nodes[node.name] = node
         value = node.meta.get("val")
@@ -50,7 +51,7 @@ def _torch_graph(program) -> tuple[Graph, dict]:
         if inputs and all(t in constants for t in inputs):
             constants.add(node.name)
         ops.append(op)
-    return Graph(ops, shapes, constants, inputs=user_inputs), nodes
+    return Graph(ops, shapes, constants, inputs=user_inputs, outputs=outputs), nodes
 
 
 _ATEN_VIEW = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "expand_as", "transpose", "permute",
@@ -185,4 +186,18 @@ def check_program_policy(program, expected: list[dict] | None, policy: str, arti
     return policy_check(program_gates(program, expected), expected, policy, artifact)
 
 
-__all__ = ["check_program_policy", "example_input", "find_gates", "program_gates", "trace_gate_maps"]
+def program_tail(program) -> tuple[list[str], list[str]]:
+    """(the output tail's fx node names, the weighted layers feeding it) of a ``torch.export`` program
+    (``gates.output_tail``)."""
+    graph = _torch_graph(program)[0]
+    tail = output_tail(graph)
+    return [op.name for op in tail], [op.name for op in tail_boundary(graph, tail)]
+
+
+def check_program_tail(program, artifact: str) -> dict:
+    """The output tail of a PT2E-converted program checked free of quantize/dequantize nodes."""
+    return tail_check(_torch_graph(program)[0], artifact)
+
+
+__all__ = ["check_program_policy", "check_program_tail", "example_input", "find_gates", "program_gates", "program_tail",
+           "trace_gate_maps"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .attention import attention_parity
+from .batching import batch_limit, fit_batch
 from .bundle import ArtifactRecord, Bundle, check_artifact_names
 from .checks import check_int, parse_list
 from .data import check_data_source, load_calibration
@@ -29,7 +30,8 @@ from .formats import get as get_format
 from .loaders import ReferenceModel, is_stand_in, open_artifact, untrusted_code
 from .manifest import ROOT_ARTIFACT
 from .models import CodeTrust
-from .parity import TOLERANCES, bound_precision, compare_all, compare_int8, make_inputs, plan_cases, run_parity
+from .parity import (TOLERANCES, bound_precision, compare_all, compare_int8, inputs_label, make_inputs, plan_cases,
+                     run_parity)
 from .progress import NULL
 from .results import Result
 from .runtimes import parse_runtimes, runs
@@ -85,7 +87,9 @@ def _int8_inputs(bundle: Bundle, artifact: ArtifactRecord, data: str | None, sam
     if source and (source == "synthetic" or Path(source).exists()):
         return (images or ImageCache(bundle)).load(source, samples, seed + 1)
     case = plan_cases(bundle.input.side, None, False, samples)[0]
-    return make_inputs(case, seed=seed), "seeded N(0,1) noise (no image data found): weak evidence for int8"
+    preprocess = bundle.input.raw.get("preprocess")
+    return (make_inputs(case, seed=seed, preprocess=preprocess),
+            f"{inputs_label(preprocess)} (no image data found): weak evidence for int8")
 
 
 def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: str | None = None,
@@ -105,23 +109,35 @@ def verify_artifact(bundle: Bundle, artifact: ArtifactRecord, reference, data: s
     if artifact.precision == "int8":
         inputs, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
         inputs, batch = bundle.fit_to_batch(inputs)
+        batch = fit_batch(bundle, artifact, batch)
         return {**compare_int8(reference.infer_batched(inputs, batch), runner.infer_batched(inputs, batch),
                                judge_top1=bundle.model.trained, kinds=kinds),
                 **precisions, "inputs": label, "candidate": runner.describe(), **ran}
     tolerance = precisions["judged_by"]
-    cases = plan_cases(bundle.input.side, bundle.fixed_batch, bundle.input.dynamic_hw, 8)
-    result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=kinds)
+    cases = plan_cases(bundle.input.side, _one_batch(bundle, artifact), bundle.input.dynamic_hw, 8,
+                       bundle.model.raw.get("input_stride") or 8)
+    result = run_parity(reference, runner, cases, tolerance, seed=seed, kinds=kinds,
+                        preprocess=bundle.input.raw.get("preprocess"))
     result.update(precisions)
-    result["inputs"] = "seeded N(0,1) in the normalised input space"
     result.update(ran)
     if data:
         decoded = (images or ImageCache(bundle)).load(data, samples, seed + 1)[0]
         batch_images, batch = bundle.fit_to_batch(decoded)
+        batch = fit_batch(bundle, artifact, batch)
         on_images = compare_all(reference.infer_batched(batch_images, batch), runner.infer_batched(batch_images, batch),
-                                TOLERANCES[tolerance], kinds)
+                                TOLERANCES[tolerance], kinds, side=bundle.input.side)
         result["images"] = {"source": data, **on_images}
         result["passed"] = result["passed"] and on_images["passed"]
     return result
+
+
+def _one_batch(bundle: Bundle, artifact: ArtifactRecord) -> int | None:
+    """The batch every parity case of ``artifact`` must use: the model's fixed batch, or the one batch its
+    format's bounds allow (a program exported for batch 1); None: batch 1 and a larger one."""
+    if bundle.fixed_batch:
+        return bundle.fixed_batch
+    limit = batch_limit(bundle, artifact)
+    return limit[0] if limit is not None and limit[0] == limit[1] else None
 
 
 def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, data: str | None,
@@ -131,7 +147,8 @@ def _check_attention(bundle: Bundle, artifact: ArtifactRecord, model, result: di
     A gate that drifted fails the artifact even when its logits agree."""
     x, label = _int8_inputs(bundle, artifact, data, samples, seed, images)
     x, _ = bundle.fit_to_batch(x[:16])
-    x = x[:bundle.fixed_batch] if bundle.fixed_batch else x
+    one = _one_batch(bundle, artifact)
+    x = x[:one] if one else x
     parity = attention_parity(bundle.directory, bundle, artifact.name, model, x, result.get("judged_by"))
     if parity is None:
         return
@@ -160,6 +177,17 @@ def _check_gate_policy(bundle: Bundle, artifact: ArtifactRecord, result: dict) -
     if check.get("held") is False:
         result["passed"] = False
         reason = f"gate policy --gates {policy} broken: " + "; ".join(check.get("broken") or [])
+        result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
+    if "output_tail" not in (artifact.quantization or {}):
+        return  # a recipe that stated no output-tail rule (an artifact made before it)
+    try:
+        tail = row.check_output_tail(artifact, graph)
+    except BackendUnavailable as exc:
+        tail = {"held": None, "skipped": str(exc)}
+    result["output_tail"] = tail
+    if tail.get("held") is False:
+        result["passed"] = False
+        reason = "output tail quantized: " + "; ".join(tail.get("broken") or [])
         result["reason"] = "; ".join(r for r in (result.get("reason"), reason) if r)
 
 
@@ -254,7 +282,8 @@ def _verify_one(bundle: Bundle, artifact: ArtifactRecord, reference_runner_, lab
 
 def _first_divergence(bundle: Bundle, artifact: ArtifactRecord, model, result: dict, seed: int) -> None:
     """Where a failing float artifact first departs from PyTorch, where its format can say."""
-    x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed)
+    x = make_inputs(plan_cases(bundle.input.side, None, False, 1)[0], seed=seed,
+                    preprocess=bundle.input.raw.get("preprocess"))
     x = np.repeat(x, bundle.fixed_batch or 1, axis=0)
     try:
         graph = bundle.graph(artifact.name)

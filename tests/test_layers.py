@@ -18,7 +18,7 @@ PACKAGE = ROOT / "cbam_deploy"
 # Imported inside functions on purpose: optional extras or heavy libraries that only one path needs.
 OPTIONAL = {"openvino", "nncf", "tensorrt", "onnxconverter_common", "cuda", "captum", "grpc", "tritonclient",
             "starlette", "uvicorn", "prometheus_client", "pydantic", "yaml", "matplotlib", "onnxruntime", "ncnn", "pnnx",
-            "torchao", "timm", "safetensors"}
+            "torchao", "timm", "safetensors", "ultralytics"}
 # Modules of cbam_deploy that exist to hold an optional dependency (the gRPC endpoint imports grpc).
 OPTIONAL_MODULES = {"cbam_deploy.serve.grpc_server"}
 # The entry point installs the Ctrl-C handler first, then imports the command line.

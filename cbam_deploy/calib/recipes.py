@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from ..data import CalibrationSet
 from ..errors import CbamDeployError
 from ..fsutil import cache_root
@@ -50,10 +52,35 @@ def preprocess_onnx(src: Path, dst: Path) -> None:
     """onnxruntime's quantization pre-processing: shape inference and graph optimisation."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # lazy: onnxruntime.quantization is heavy and only INT8 needs it
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-    except Exception as exc:
-        raise CbamDeployError(f"onnxruntime pre-processing failed on {src}: {type(exc).__name__}: {exc}") from None
+    # symbolic shape inference with merged symbols (a Resize by scales over a dynamic batch, joined by a Concat,
+    # leaves a dimension unknown without them); where it still fails, ONNX's own shape inference alone
+    first = None
+    for options in ({"skip_symbolic_shape": False, "auto_merge": True}, {"skip_symbolic_shape": True}):
+        try:
+            quant_pre_process(str(src), str(dst), **options)
+            return
+        except Exception as exc:
+            first = first or exc
+        finally:
+            _remove_debug_dump()
+    raise CbamDeployError(f"onnxruntime pre-processing failed on {src}: {type(first).__name__}: {first}") from None
+
+
+_DEBUG_DUMP = Path("sym_shape_infer_temp.onnx")  # what a failed symbolic shape inference leaves in the folder
+
+
+def _remove_debug_dump() -> None:
+    """onnxruntime's symbolic shape inference saves the graph it could not finish (with its weights as external
+    data) into the current folder: take it away again."""
+    if not _DEBUG_DUMP.is_file():
+        return
+    with contextlib.suppress(Exception):
+        dump = onnx.load(str(_DEBUG_DUMP), load_external_data=False)
+        for tensor in dump.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location" and "/" not in entry.value and entry.value.endswith(".data"):
+                    Path(entry.value).unlink(missing_ok=True)
+    _DEBUG_DUMP.unlink(missing_ok=True)
 
 
 def graph_gates_or_fail(found: list, expected: list[dict] | None, where: str) -> list:

@@ -177,7 +177,8 @@ def models_command(
 @_handle_errors
 def export_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see 'cbam-deploy models'), path/to/file.py:factory, "
-                                                           "or timm:NAME?KEY=VALUE&... (a timm network).")],
+                                                           "timm:NAME?KEY=VALUE&... (a timm network), or an Ultralytics "
+                                                           "model yaml or trained checkpoint (.pt, with --trust-code).")],
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Checkpoint: official attention-module format, a state dict, a .safetensors file or a timm training checkpoint.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier size; inferred from --weights when left out (else 1000).")] = None,
     stem: Annotated[str, typer.Option(help="imagenet (7x7/2 + max pool) or cifar (3x3, no max pool).")] = "imagenet",
@@ -404,7 +405,9 @@ def quantize_command(
 @_handle_errors
 def eval_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder.")],
-    data: Annotated[str, typer.Option(help="ImageFolder: one sub-folder per class, sorted names = class indices.")] = ...,
+    data: Annotated[str, typer.Option(help="A classifier's ImageFolder (one sub-folder per class, sorted names = class "
+                                           "indices), or a detector's YOLO-format folder (images/ beside labels/) or "
+                                           "data.yaml (its val split).")] = ...,
     artifact: Annotated[Optional[str], typer.Option(help="One artifact (default: all of the bundle).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
     limit: Annotated[Optional[int], typer.Option(help="Use at most this many images.")] = None,
@@ -412,7 +415,8 @@ def eval_command(
     trust_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
 ) -> None:
-    """Top-1, top-5 and agreement with PyTorch FP32 on labelled images, for each artifact."""
+    """Top-1, top-5 and agreement with PyTorch FP32 on labelled images (a detector: mAP50, mAP50-95 and the
+    detections it keeps), for each artifact."""
     trust = _trust(model, trust_code)
     validate_eval_options(data, batch, limit)  # before the bundle is read
     result = evaluate_bundle(_open_noting_trust(bundle, trust), data, artifact, batch, limit, trust=trust)

@@ -38,9 +38,17 @@ def ran_cell(row: dict) -> str:
 
 
 def top1_cell(metrics: dict, decimals: int = 1) -> str:
-    """Top-1 agreement as a percentage; '-' for models without a logits output (no top-1 there)."""
+    """Top-1 agreement as a percentage; a detector's INT8: the reference's detections it kept; '-' for
+    models without a logits output (no top-1 there)."""
     value = metrics.get("top1_agreement")
+    if value is None and "kept" in metrics:
+        return f"kept {metrics['kept']}/{metrics['reference_detections']}"
     return "-" if value is None else f"{value * 100:.{decimals}f}%"
+
+
+def number_cell(value, spec: str) -> str:
+    """A figure, or '-' where there is none (a detector's INT8 has no cosine)."""
+    return "-" if value is None else format(value, spec)
 
 
 def print_json(data) -> None:
@@ -139,6 +147,7 @@ def verify(result: dict, runtime: str | None = None) -> None:
                           f"[yellow]skipped[/] {escape(row['skipped'][:50])}")
             continue
         cosine = row.get("cosine_min", row.get("cosine_mean"))
+        cosine = float("nan") if cosine is None else cosine
         table.add_row(row["artifact"], row["precision"], ran_cell(row), row.get("inputs", "")[:40],
                       f"{row.get('max_abs_err', 0):.2e}", f"{cosine:.5f}", top1_cell(row),
                       attention_cell(row.get("attention")),
@@ -217,13 +226,13 @@ def quantize(result: dict) -> None:
     for warning in calib.get("warnings", []):
         out.print(f"[yellow]warning:[/] {escape(warning)}")
     table = Table(title="INT8 artifacts vs PyTorch FP32")
-    for column in ("artifact", "recipe", "method", "gates", "size", "top-1 agree", "cosine", "cache", "result"):
+    for column in ("artifact", "recipe", "method", "gates", "size", "agreement", "cosine", "cache", "result"):
         table.add_column(column)
     for artifact in result["artifacts"]:
         quant, parity = artifact["quantization"], artifact["parity"]
         table.add_row(
             artifact["name"], quant["recipe"], quant["method"], quant["gates"], f"{artifact['size_bytes'] / 1e6:.1f} MB",
-            top1_cell(parity), f"{parity['cosine_mean']:.4f}",
+            top1_cell(parity), number_cell(parity.get("cosine_mean"), ".4f"),
             "hit" if quant["calibration_cache"].get("hit") else "-",
             "[green]pass[/]" if parity["passed"] else "[red]FAIL[/]",
         )
@@ -231,6 +240,8 @@ def quantize(result: dict) -> None:
 
 
 def evaluation(result: dict) -> None:
+    if result.get("task") == "detection":
+        return detector_evaluation(result)
     table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']})")
     for column in ("artifact", "format", "precision", "top-1", "top-5", "agree w/ fp32", "seconds"):
         table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
@@ -240,6 +251,21 @@ def evaluation(result: dict) -> None:
             continue
         table.add_row(row["artifact"], row["format"], row["precision"], f"{row['top1'] * 100:.2f}%",
                       f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%", f"{row['seconds']:.2f}")
+    out.print(table)
+
+
+def detector_evaluation(result: dict) -> None:
+    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']}): {result['metric']}")
+    for column in ("artifact", "format", "precision", "mAP50", "mAP50-95", "kept w/ fp32", "seconds"):
+        table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
+    for row in result["results"]:
+        if "skipped" in row:
+            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
+            continue
+        kept = row.get("detections")
+        agree = f"{kept['kept']}/{kept['reference_detections']}" if kept else "-"
+        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['map50']:.4f}", f"{row['map50_95']:.4f}",
+                      agree, f"{row['seconds']:.2f}")
     out.print(table)
 
 

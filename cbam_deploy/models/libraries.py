@@ -5,7 +5,7 @@ checkpoints): each registers a ``LibrarySource`` here, and export, verify and th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import CbamDeployError
 
@@ -16,13 +16,30 @@ class LibrarySource:
     spec is this library's; ``check(spec, stem)`` refuses a bad spec cheaply, before any work (a missing
     file, the library not installed: one line); ``build(spec, weights, num_classes, trust)`` returns the
     ``LoadedModel`` (``trust``: a ``CodeTrust``, for sources whose files hold code, such as pickles);
-    ``needs_trust(spec)`` is why building it runs code from a file (None: it does not)."""
+    ``needs_trust(spec)`` is why building it runs code from a file (None: it does not); ``peers()`` is
+    {peer name: builder(source) -> LibraryPeer} for ``bench --peers`` on a bundle of this library's model: what
+    the library's own exporter makes of the same model (``peers.PeerSource``)."""
 
     name: str
     matches: Callable[[str], bool]
     check: Callable[[str, str], None]
     build: Callable[..., object]
     needs_trust: Callable[[str], str | None] = lambda spec: None
+    peers: Callable[[], dict] = dict
+
+
+@dataclass
+class LibraryPeer:
+    """What a library's own exporter made, for ``bench --peers``: ``run`` (a batch -> the model's first
+    output), the runtime that runs it (``backend``), its precision, how it was made (the library's call and
+    settings) and what else it took or found (``facts``: its seconds, whether its INT8 quantized the gates)."""
+
+    run: Callable
+    backend: str
+    precision: str
+    made_by: str
+    threads: Callable[[], int | None]
+    facts: dict = field(default_factory=dict)
 
 
 _SOURCES: dict[str, LibrarySource] = {}

@@ -25,9 +25,14 @@ def _open(path: Path, precision: str, threads: int | None):
 
 def bounds_for(bundle, options=None):
     """The input bounds of a program made for the bundle: its fixed dims fixed, a dynamic batch over the
-    batch profile's range (``--min-batch``..``--max-batch``), a dynamic H/W from half to twice its side."""
+    batch profile's range (``--min-batch``..``--max-batch``), a dynamic H/W from half to twice its side. A
+    model whose traced graphs hold one batch (``model.trace_batch``: a YOLO head) gets that batch alone."""
     trt = (options.trt if options is not None else None) or TensorRTOptions()
-    return default_bounds(list(bundle.input.shape), bundle.input.side, trt.min_batch, trt.max_batch)
+    low, high = trt.min_batch, trt.max_batch
+    traced = bundle.model.raw.get("trace_batch")
+    if isinstance(traced, int) and traced > 0:
+        low = high = traced
+    return default_bounds(list(bundle.input.shape), bundle.input.side, low, high)
 
 
 def cbam_opt_record(bundle, rewrite: dict | None) -> dict:

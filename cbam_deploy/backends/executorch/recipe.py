@@ -12,6 +12,11 @@ annotate them. The policy is then checked on the converted PT2E program, the one
 .pte (its Q/DQ pairs around each gate); the .pte itself cannot be checked: the XNNPACK delegate's
 payload is opaque to the Python runtime. A gate that breaks the policy fails the build, by name.
 
+The output tail (``gates.output_tail``: a detector's box decode, the concatenation of its pixel boxes with
+its probabilities, its final sigmoid) stays in float: its nodes and the weighted layers feeding it are left
+unannotated (XNNPACK has no int8 convolution with a float output), and the converted program is checked free
+of Q/DQ there (``quantization.output_tail``).
+
 Calibration cache: the calibrated observers' state, keyed by the model (the bundle's FP32 ONNX
 sha256), the bounds, the rewrite, the data fingerprint, the method and the policy; a hit skips the
 calibration passes.
@@ -33,10 +38,10 @@ from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path
 from ...gates import nodes_of
-from ...torch_gates import check_program_policy, program_gates
+from ...torch_gates import check_program_policy, check_program_tail, program_gates, program_tail
 from .exporter import Bounds, export_program, export_pte, import_extra, output_names
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the output tail in float
 METHODS = ("minmax",)
 CHECKED_ON = "the PT2E-converted program (what is lowered into the .pte; the delegate payload is opaque)"
 
@@ -59,7 +64,8 @@ def _config(get_config, minmax):
     return replace(config, input_activation=act, output_activation=out)
 
 
-def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str, rewritten: bool = True):
+def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str, rewritten: bool = True, tail: set = frozenset(),
+                      boundary: set = frozenset()):
     """The XNNPACK quantizer with the gate policy: under ``fp`` the filter keeps every gate node out of
     the patterns it annotates, and what ``propagate_annotation`` then spreads into the gate through
     its reshapes and concatenations (observers on the gate layers' inputs) is taken back off.
@@ -72,10 +78,10 @@ def _policy_quantizer(quantizer_cls, gate_nodes: set, gates: str, rewritten: boo
 
         def annotate(self, model):
             model = super().annotate(model)
-            if gates == "fp":
-                for node in model.graph.nodes:
-                    if node.name in gate_nodes:
-                        node.meta.pop("quantization_annotation", None)
+            for node in model.graph.nodes:
+                # the tail, and the layers feeding it (XNNPACK has no int8 conv with a float output), stay float
+                if node.name in tail or node.name in boundary or (gates == "fp" and node.name in gate_nodes):
+                    node.meta.pop("quantization_annotation", None)
             return model
     return GatePolicyQuantizer
 
@@ -108,9 +114,11 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
             raise CbamDeployError(f"the gate policy cannot be applied: gate(s) {', '.join(missing)} not found in the "
                                   "exported program")
     gate_nodes = set(nodes_of(found))
-    quantizer = _policy_quantizer(quantizer_cls, gate_nodes, gates, rewrite)().set_global(_config(get_config, minmax))
-    if gates == "fp":
-        quantizer.set_filter_function(lambda node: node.name not in gate_nodes)
+    tail, boundary = (set(names) for names in program_tail(program))
+    quantizer = _policy_quantizer(quantizer_cls, gate_nodes, gates, rewrite, tail, boundary)().set_global(
+        _config(get_config, minmax))
+    kept_float = (gate_nodes if gates == "fp" else set()) | tail | boundary
+    quantizer.set_filter_function(lambda node: node.name not in kept_float)
     graph_module = program.module()
     absent = gate_nodes - {n.name for n in graph_module.graph.nodes}
     if absent:  # the filter matches by node name: they must survive .module()
@@ -150,8 +158,17 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
     if not check["held"]:
         raise CbamDeployError(f"{out_path.name}: the gate policy --gates {gates} does not hold: "
                               + "; ".join(check["broken"][:4]))
-    export = export_pte(module, out_path, bounds, precision="int8", program=quantized, rewrites=rewrite_record,
-                        names=names)
+    tail_record = check_program_tail(quantized, CHECKED_ON)
+    if tail_record["held"] is False:
+        raise CbamDeployError(f"{out_path.name}: the output tail is quantized: {tail_record['broken'][0]}")
+    try:
+        export = export_pte(module, out_path, bounds, precision="int8", program=quantized, rewrites=rewrite_record,
+                            names=names)
+    except CbamDeployError:
+        raise
+    except Exception as exc:  # ExecuTorch's lowering raises what its passes raise
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CbamDeployError(f"ExecuTorch could not lower the INT8 program: {type(exc).__name__}: {text}") from None
     q_nodes = sum(1 for n in quantized.graph.nodes if "quantize_per_tensor" in str(n.target)
                   and "dequantize" not in str(n.target))
     info = {
@@ -160,7 +177,8 @@ def quantize_pte(module: nn.Module, out_path: Path, data: CalibrationSet, bounds
         "activations": "int8 per tensor (affine), minmax observers",
         "weights": "int8 symmetric, per output channel",
         "gate_nodes": len(gate_nodes), "excluded_nodes": len(gate_nodes) if gates == "fp" else 0,
-        "gate_check": check, "quantize_nodes": q_nodes,
+        "gate_check": check, "output_tail": {**tail_record, "excluded_nodes": len(tail), "float_layers": len(boundary)},
+        "quantize_nodes": q_nodes,
         "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if cache_path is not None else
                              {"path": None, "hit": False, "reason": "disabled"},
         "export": export, "calibration_seconds": round(time.perf_counter() - started, 2),

@@ -77,7 +77,9 @@ def ncnn_graph(layers) -> Graph:
             elif axes == (0,):
                 op.kind, op.axes, op.pool = "pool", "c", pool
         ops.append(op)
-    return Graph(ops, {}, constants, set(), inputs)
+    read = {b for layer in layers for b in layer.inputs}
+    outputs = [b for layer in layers if layer.type != "Input" for b in layer.outputs if b not in read]
+    return Graph(ops, {}, constants, set(), inputs, outputs)
 
 
 def ncnn_gates(layers, expected: list[dict] | None = None) -> list[GraphGate]:

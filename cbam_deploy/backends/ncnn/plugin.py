@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ...formats import Format, Recipe, Runtime, Unsupported
 from .exporter import NCNN, PINNED, NcnnParam, example_input, ncnn_pair, probe, require_ncnn, require_pnnx
-from .gates import check_ncnn_policy, ncnn_gates
+from ...gates import tail_check
+from .gates import check_ncnn_policy, ncnn_gates, ncnn_graph
 from .peers import PEERS
 from .recipe import run_recipe
 from .runner import NcnnRunner
@@ -79,6 +80,9 @@ class NcnnFormat(Format):
 
     def check_policy(self, artifact, graph, found, expected, policy) -> dict:
         return check_ncnn_policy(graph, expected, policy, artifact.name, found)  # int8_scale_term per layer
+
+    def check_output_tail(self, artifact, graph) -> dict:
+        return tail_check(ncnn_graph(graph), artifact.name)  # ncnn quantizes weighted layers only
 
     def profile(self, path, graph, found, precision, x, runs, warmup, threads):
         raise Unsupported(f"profile cannot time {Path(path).name}'s layers: {self.no_profile}")

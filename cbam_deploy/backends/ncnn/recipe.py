@@ -29,7 +29,8 @@ from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path, sha256_file
 from .exporter import QUANTIZABLE, NcnnParam, example_input, ncnn_pair, open_net, quantize_int8, run_blobs, write_pair
-from .gates import check_ncnn_policy, ncnn_gates
+from ...gates import tail_check
+from .gates import check_ncnn_policy, ncnn_gates, ncnn_graph
 
 PERCENTILE = 99.999
 
@@ -96,12 +97,15 @@ def quantize_ncnn(param_path: Path, bin_path: Path, out_param: Path, data: Calib
     if not check["held"]:
         raise CbamDeployError(f"gate policy --gates {gates} does not hold on the ncnn INT8 model: "
                               + "; ".join(check["broken"]))
+    tail = tail_check(ncnn_graph(quantized_param.layers), "the ncnn INT8 model")  # weighted layers only: float
+    if tail["held"] is False:
+        raise CbamDeployError(f"the output tail is quantized in the ncnn INT8 model: {tail['broken'][0]}")
     write_pair(quantized_param, data_bytes, out_param, Path(out_param).with_suffix(".bin"))
     return {"recipe": "ncnn", "method": method, "gates": gates,
             "activations": "int8 symmetric, one scale per layer input (ncnn's bottom_blob_int8_scales)",
             "weights": "int8 symmetric, per output channel (per group for depthwise)",
             "int8_layers": len(record["quantized_layers"]), "float_gate_layers": len(gate_layers) if gates == "fp" else 0,
-            "gate_layers": gate_layers, "gate_check": check,
+            "gate_layers": gate_layers, "gate_check": check, "output_tail": tail,
             "calibration_cache": {"path": str(cache_path) if cache_path else None, "hit": hit}}
 
 

@@ -51,7 +51,7 @@ def onnx_graph(proto) -> Graph:
             if any(t in int8 for t in data):
                 int8.update(node.output)
         ops.append(op)
-    return Graph(ops, shapes, constants, int8, inputs)
+    return Graph(ops, shapes, constants, int8, inputs, [o.name for o in graph.output])
 
 
 def _axes(node, initializers):

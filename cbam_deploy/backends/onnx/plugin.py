@@ -16,7 +16,8 @@ from ...devices import cuda_devices, has_library, has_module
 from ...formats import Format, Recipe, Runtime, TritonFragment
 from .diagnose import locate_divergence
 from .exporter import OnnxExportOptions, check_opset, export_onnx, external_data_files
-from .gates import check_onnx_policy, onnx_gates
+from ...gates import tail_check
+from .gates import check_onnx_policy, onnx_gates, onnx_graph
 from .peers import PEERS
 from .recipe import quantize_onnx
 from .runner import CPU_EP, ONNXRUNTIME, OnnxRuntimeRunner
@@ -159,6 +160,9 @@ class OnnxFormat(Format):
 
     def check_policy(self, artifact, graph, found, expected, policy) -> dict:
         return check_onnx_policy(graph, expected, policy, artifact.name, found)
+
+    def check_output_tail(self, artifact, graph) -> dict:
+        return tail_check(onnx_graph(graph), artifact.name)
 
     # timing and reporting
     def profile(self, path, graph, found, precision, x, runs, warmup, threads):

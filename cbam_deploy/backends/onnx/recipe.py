@@ -9,7 +9,13 @@
                TensorRT format builds its INT8 engine from this artifact.
 
 Both run onnxruntime's pre-processing (symbolic shape inference, graph optimisation) on the FP32
-ONNX first. The gate policy covers every attention gate the finder finds in the pre-processed graph,
+ONNX first. The output tail (``gates.output_tail``: every node from which a model output is reached without
+passing through a conv or linear layer: a detector's box decode, the concatenation of its pixel boxes with
+its probabilities, its final sigmoid; a classifier's logits after its last layer) stays in float: its
+nodes are excluded from quantization, the quantize/dequantize pairs onnxruntime puts on the tensors
+entering it are taken out, and the built graph is checked for it (``quantization.output_tail``). One
+scale over boxes in pixels and probabilities in 0-1 turns every score of a detector to 0 while the
+output's cosine stays at 0.9999. The gate policy covers every attention gate the finder finds in the pre-processed graph,
 each as a whole: its pools and layers, its sigmoid, the reshapes to its multiply and the multiply,
 wherever the model computes it. ``gates='fp'`` keeps all of that out of quantization; ``gates='int8'``
 quantizes it, gate sigmoids and gating multiplies included (onnxruntime quantizes neither op type by
@@ -33,8 +39,8 @@ from ...calib.recipes import (RecipeResult, cache_key, cache_rebuilt, fail_unles
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path, sha256_file
-from ...gates import nodes_of
-from .gates import check_onnx_policy, onnx_gates
+from ...gates import nodes_of, output_tail, tail_check
+from .gates import check_onnx_policy, onnx_gates, onnx_graph
 
 
 class _Reader:
@@ -94,6 +100,8 @@ def quantize_onnx(
         proto = onnx.load(str(pre))
         found = graph_gates_or_fail(onnx_gates(proto, expected), expected, "the ONNX graph")
         excluded, extra_types = _onnx_policy(proto, found, gates)
+        tail = [op.name for op in output_tail(onnx_graph(proto))]
+        excluded = list(dict.fromkeys(excluded + tail))
         if gates == "fp" and _unshare_initializers(proto, set(nodes_of(found))):
             onnx.save(proto, str(pre))
         input_name = proto.graph.input[0].name
@@ -119,6 +127,9 @@ def quantize_onnx(
                     nodes_to_exclude=excluded, calibrate_method=calibrate_method, extra_options=extra,
                     op_types_to_quantize=_ort_op_types(extra_types), **kwargs,
                 )
+                built = onnx.load(str(tmp_out))
+                if float_tail(built):
+                    onnx.save(built, str(tmp_out))
                 onnx.checker.check_model(str(tmp_out))
 
         previous = logging.getLogger().level
@@ -146,6 +157,10 @@ def quantize_onnx(
     found_quantized = onnx_gates(quantized, model_gates)
     check = check_onnx_policy(quantized, model_gates, gates, f"the {target} Q/DQ graph", found_quantized)
     fail_unless_held(check, out_path)
+    tail_record = tail_check(onnx_graph(quantized), f"the {target} Q/DQ graph")
+    if tail_record["held"] is False:
+        out_path.unlink(missing_ok=True)
+        raise CbamDeployError(f"the output tail is quantized in the {target} Q/DQ graph: {tail_record['broken'][0]}")
     ops = [n.op_type for n in quantized.graph.node]
     info = {
         "recipe": target,
@@ -156,6 +171,7 @@ def quantize_onnx(
         "excluded_nodes": len(excluded) if gates == "fp" else 0,
         "gate_nodes": len(nodes_of(found)),
         "gate_check": check,
+        "output_tail": {**tail_record, "excluded_nodes": len(tail)},
         "quantize_linear_nodes": ops.count("QuantizeLinear"),
         "opset": next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), None),
         "calibration_cache": {"path": str(cache_path), "hit": cache_hit} if cache_path is not None else
@@ -165,6 +181,47 @@ def quantize_onnx(
     if cache_warning:
         info["calibration_cache"]["rebuilt"] = cache_warning
     return RecipeResult(out_path, "onnx", info, graph=quantized, gates=found_quantized)
+
+
+def float_tail(proto: onnx.ModelProto) -> int:
+    """Take the quantize/dequantize nodes out of the output tail: every tail node (and every graph output)
+    reads the float tensor its Q/DQ chain started from; nodes left with no reader are removed. Returns how
+    many were removed."""
+    graph = proto.graph
+    tail = output_tail(onnx_graph(proto))
+    qdq_types = ("QuantizeLinear", "DequantizeLinear")
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def float_source(tensor: str) -> str:
+        for _ in range(64):
+            node = producer.get(tensor)
+            if node is None or node.op_type not in qdq_types:
+                return tensor
+            tensor = node.input[0]
+        return tensor
+
+    tail_names = {op.name for op in tail if op.op_type not in qdq_types}
+    for node in graph.node:
+        if (node.name or node.output[0]) in tail_names:
+            for index, tensor in enumerate(node.input):
+                if tensor:
+                    node.input[index] = float_source(tensor)
+    for output in graph.output:  # an output a dequantizer writes: the float tensor takes the output's name
+        source = float_source(output.name)
+        if source != output.name:
+            graph.node.remove(producer[output.name])
+            for node in graph.node:
+                node.output[:] = [output.name if t == source else t for t in node.output]
+                node.input[:] = [output.name if t == source else t for t in node.input]
+    removed = 0
+    while True:
+        read = {t for node in graph.node for t in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in qdq_types and not any(t in read for t in n.output)]
+        if not dead:
+            return removed
+        for node in dead:
+            graph.node.remove(node)
+        removed += len(dead)
 
 
 def _onnx_policy(proto: onnx.ModelProto, found: list, gates: str) -> tuple[list[str], list[str]]:

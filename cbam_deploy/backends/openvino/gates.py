@@ -20,7 +20,7 @@ _INT8_TYPES = ("i8", "u8", "i4", "u4")
 
 
 def openvino_graph(model) -> Graph:
-    ops, shapes, constants, int8, inputs = [], {}, set(), set(), set()
+    ops, shapes, constants, int8, inputs, results = [], {}, set(), set(), set(), []
 
     def key(output) -> str:
         return f"{output.get_node().get_name()}:{output.get_index()}"
@@ -44,6 +44,7 @@ def openvino_graph(model) -> Graph:
                 int8.update(outs)
             continue
         if t == "Result":
+            results.extend(data[:1])
             continue
         _classify(op, t, shapes, data)
         if data and all(d in constants for d in data):
@@ -51,7 +52,7 @@ def openvino_graph(model) -> Graph:
             if any(d in int8 for d in data):
                 int8.update(outs)
         ops.append(op)
-    return Graph(ops, shapes, constants, int8, inputs)
+    return Graph(ops, shapes, constants, int8, inputs, results)
 
 
 def _classify(op: Op, t: str, shapes, data) -> None:

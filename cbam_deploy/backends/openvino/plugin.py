@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ...formats import Format, Recipe, Runtime, TritonFragment
 from .exporter import NNCF, OPENVINO, export_ir, require_openvino
-from .gates import check_openvino_policy, openvino_gates
+from ...gates import tail_check
+from .gates import check_openvino_policy, openvino_gates, openvino_graph
 from .peers import PEERS
 from .recipe import quantize_openvino
 from .runner import OpenVINORunner
@@ -80,6 +81,9 @@ class OpenVINOFormat(Format):
 
     def check_policy(self, artifact, graph, found, expected, policy) -> dict:
         return check_openvino_policy(graph, expected, policy, artifact.name, found)
+
+    def check_output_tail(self, artifact, graph) -> dict:
+        return tail_check(openvino_graph(graph), artifact.name)
 
     # timing
     def profile(self, path, graph, found, precision, x, runs, warmup, threads):

@@ -1,6 +1,8 @@
 """The ``openvino`` INT8 recipe: NNCF post-training quantization of the OpenVINO model, an INT8 IR
 (.xml + .bin) with the gate policy applied to the gates the finder finds and checked on the IR as
-written (FakeQuantize placement). The calibration cache holds the quantized IR itself.
+written (FakeQuantize placement), and the output tail (``gates.output_tail``: a detector's box decode, the
+concatenation of its pixel boxes with its probabilities, its final sigmoid) in NNCF's ignored scope and
+checked free of FakeQuantize on the IR. The calibration cache holds the quantized IR itself.
 
 Weights take 7 bits on every layer (NNCF's ``OverflowFix.ENABLE``; NNCF's default does so for the
 first layer only): x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 pairs
@@ -30,9 +32,9 @@ from ...calib.recipes import (
 from ...data import CalibrationSet
 from ...errors import CbamDeployError
 from ...fsutil import atomic_path, sha256_file
-from ...gates import nodes_of
+from ...gates import nodes_of, output_tail, tail_check
 from .exporter import NNCF, save_ir
-from .gates import check_openvino_policy, openvino_gates
+from .gates import check_openvino_policy, openvino_gates, openvino_graph
 
 
 def quantize_openvino(
@@ -56,7 +58,7 @@ def quantize_openvino(
     with tempfile.TemporaryDirectory(prefix="cbam-ov-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_onnx(fp32_onnx, pre)
-        key = cache_key(sha256_file(pre), data, "openvino+7-bit-weights", method, gates)
+        key = cache_key(sha256_file(pre), data, "openvino+7-bit-weights+float-tail", method, gates)
         cached = (cache_dir / f"{key}.xml") if cache_dir else None
         info = {"recipe": "openvino", "method": method, "gates": gates,
                 "activations": "int8 (NNCF performance preset: symmetric)",
@@ -69,6 +71,7 @@ def quantize_openvino(
                 _copy_ir(cached, out_xml)
                 info["calibration_cache"] = {"path": str(cached), "hit": True}
                 info["gate_check"], model, found = _check_ir(ov, out_xml, expected, gates)
+                info["output_tail"] = _check_tail(model, out_xml)
                 return RecipeResult(out_xml, "openvino", info, graph=model, gates=found)
             if problem != "absent":
                 cache_warning = cache_rebuilt(data, cached, problem)
@@ -76,8 +79,9 @@ def quantize_openvino(
         found = graph_gates_or_fail(openvino_gates(model, expected), expected, "the OpenVINO model")
         if expected is None:
             expected = [g.record for g in found]
-        ignored = nodes_of(found) if gates == "fp" else []
-        info["excluded_nodes"] = len(ignored)
+        tail = [op.name for op in output_tail(openvino_graph(model))]
+        ignored = list(dict.fromkeys((nodes_of(found) if gates == "fp" else []) + tail))
+        info["excluded_nodes"] = len(ignored) - len(tail)
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
         batches = [data.inputs[i:i + 1] for i in range(len(data.inputs))]
         nncf.set_log_level(logging.ERROR)
@@ -98,6 +102,7 @@ def quantize_openvino(
         save_ir(quantized, out_xml)
         info["ignored_ov_nodes"] = len(ignored)
         info["gate_check"], checked_model, checked_gates = _check_ir(ov, out_xml, expected, gates)
+        info["output_tail"] = {**_check_tail(checked_model, out_xml), "excluded_nodes": len(tail)}
         if cached:
             cache_dir.mkdir(parents=True, exist_ok=True)
             _store_ir(out_xml, cached)
@@ -117,6 +122,16 @@ def _check_ir(ov, xml: Path, expected: list[dict] | None, gates: str) -> tuple[d
     check = check_openvino_policy(model, expected, gates, "the OpenVINO INT8 IR", found)
     fail_unless_held(check, xml)
     return check, model, found
+
+
+def _check_tail(model, xml: Path) -> dict:
+    """The output tail checked free of FakeQuantize on the IR as written; the IR removed when it is not."""
+    check = tail_check(openvino_graph(model), "the OpenVINO INT8 IR")
+    if check["held"] is False:
+        for suffix in (".xml", ".bin"):
+            xml.with_suffix(suffix).unlink(missing_ok=True)
+        raise CbamDeployError(f"the output tail is quantized in the OpenVINO INT8 IR: {check['broken'][0]}")
+    return check
 
 
 def _ov_digest_file(cached_xml: Path) -> Path:
