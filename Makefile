@@ -28,9 +28,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cbam-deploy export --model resnet50_cbam
 
-# lint-imports: every module imports only the floors below it (.importlinter)
+# lint-imports: every module imports only the floors below it (.importlinter); the suite in two worker
+# processes (pytest-xdist), whole files per worker so that a file's shared exports are made once
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/lint-imports && $(BIN)/python -m pytest
+	$(BIN)/lint-imports && $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/onnx_vs_torch.py

@@ -300,4 +300,9 @@ def run_parity(
            if all("top1_agreement" in r for r in results) else {}),
         "cases": results,
     }
+    if results and all("max_box_err_px" in r for r in results):  # a detector: its worst box and score, in units
+        summary.update(max_box_err_px=max(r["max_box_err_px"] for r in results),
+                       box_bound_px=min(r["box_bound_px"] for r in results),
+                       max_score_err=max(r["max_score_err"] for r in results),
+                       score_bound=min(r["score_bound"] for r in results))
     return summary

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-torch.set_num_threads(2)
+# two threads for a run on its own; one per worker when pytest-xdist runs two workers (make test), so the
+# workers do not fight over the two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# the files that take longest (a network exported to every format): started first, so that with two workers
+# (``--dist loadfile`` hands out whole files in this order) neither is left with a long file at the end
+LONGEST_FIRST = ("test_yolo.py", "test_executorch.py", "test_peers.py", "test_crafted_bundles.py",
+                 "test_bundle_faults.py", "test_cbam_opt.py", "test_int8.py", "test_engines.py", "test_one_open.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
 
 
 @pytest.fixture

@@ -244,7 +244,7 @@ DAMAGED_MANIFESTS = [
     ("num-classes-text", lambda m: m["model"].update(num_classes="ten"), "model.num_classes must be a positive integer or null"),
     ("model-name-missing", lambda m: m["model"].pop("name"), "model.name is missing"),
     ("outputs-not-dicts", lambda m: m.update(outputs=["logits"]), "outputs[0] must be an object"),
-    ("output-kind-unknown", lambda m: m["outputs"][0].update(kind="boxes"), "outputs[0].kind must be one of logits, dense, other"),
+    ("output-kind-unknown", lambda m: m["outputs"][0].update(kind="boxes"), "outputs[0].kind must be one of logits, dense, detections, other"),
     ("artifact-name-number", lambda m: _first_artifact(m).update(name=7), "artifacts[0].name must be a non-empty string"),
     ("artifact-sha-missing", lambda m: _first_artifact(m).pop("sha256"), "artifacts[0].sha256 is missing"),
     ("companion-digest-number", lambda m: _first_artifact(m).update(companion_files={"model.bin": 5}), "companion_files"),

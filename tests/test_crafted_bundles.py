@@ -780,7 +780,7 @@ def test_a_factory_flipping_during_imports_only_ever_runs_the_checked_code(facto
     try:
         for _ in range(12):
             try:
-                build_model(f"{factory}:make", None, 4, "cifar", None, recorded)
+                build_model(f"{factory}:make", None, 4, "cifar", None, factory_sha256=recorded)
                 outcomes.append("built")
             except CbamDeployError as exc:
                 assert "\n" not in str(exc) and "sha256 differs" in str(exc)

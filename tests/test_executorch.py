@@ -203,7 +203,7 @@ def test_gate_policy_int8_holds_and_a_broken_policy_fails(tmp_path, monkeypatch)
     assert all(g["sigmoid_quantized"] and g["multiply_quantized"] for g in check["per_gate"])
     # the fault: a quantizer without the policy's clean-up lets observers into the gates under --gates fp
     original = recipe._policy_quantizer
-    monkeypatch.setattr(recipe, "_policy_quantizer", lambda cls, nodes, gates, rewritten: original(cls, set(), gates))
+    monkeypatch.setattr(recipe, "_policy_quantizer", lambda cls, nodes, gates, rewritten, *rest: original(cls, set(), gates, True, *rest))
     with pytest.raises(CbamDeployError, match="--gates fp does not hold"):
         recipe.quantize_pte(model, tmp_path / "fp.pte", data, bounds, "fp", expected)
     assert not (tmp_path / "fp.pte").exists()  # nothing written for a build that broke the policy

@@ -241,11 +241,11 @@ def test_a_factory_model_declares_its_output_kinds_and_the_option_overrides_them
 def test_bad_output_kinds_are_one_error_naming_the_output_or_kind(tmp_path):
     from cbam_deploy.outputs import parse_output_kinds
 
-    with pytest.raises(CbamDeployError, match=r"--output-kind takes NAME=KIND \(KIND one of logits, dense, other\), "
+    with pytest.raises(CbamDeployError, match=r"--output-kind takes NAME=KIND \(KIND one of logits, dense, detections, other\), "
                                               r"got 'embedding'"):
         ExportOptions(model=f"{HEADS}:embedder", output_kinds=["embedding"])
     with pytest.raises(CbamDeployError, match=r"--output-kind 'embedding=boxes': unknown kind 'boxes'; the kinds are "
-                                              r"logits, dense, other"):
+                                              r"logits, dense, detections, other"):
         ExportOptions(model=f"{HEADS}:embedder", output_kinds={"embedding": "boxes"})
     with pytest.raises(CbamDeployError, match=r"output 'a' is given two kinds \(dense, logits\)"):
         parse_output_kinds(["a=dense", "a=logits"])

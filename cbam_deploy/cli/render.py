@@ -73,9 +73,12 @@ def export(result: dict) -> None:
     init = model.get("init") or {}
     weights = model["weights"]["path"] if model["weights"] else \
         f"the model's own (state sha256 {init['state_sha256'][:12]})" if init.get("weights") else "none (random init)"
-    out.print(f"model   {escape(model['name'])}  classes={model['num_classes']}  params={model['parameters']:,}  weights={weights}")
-    out.print(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
-              f"{result['export']['opset']}, input {result['export']['input_shape']}, export {result['export']['export_seconds']:.1f}s)")
+    # one line each, never wrapped inside a path or a shape (a terminal folds what is longer)
+    out.print(f"model   {escape(model['name'])}  classes={model['num_classes']}  params={model['parameters']:,}  "
+              f"weights={escape(str(weights))}", soft_wrap=True)
+    out.print(escape(f"bundle  {result['bundle']}  ({result['artifacts'][0]['size_bytes'] / 1e6:.1f} MB ONNX, opset "
+                     f"{result['export']['opset']}, input {result['export']['input_shape']}, export "
+                     f"{result['export']['export_seconds']:.1f}s)"), soft_wrap=True)
     gates = model.get("gates") or {}
     if gates:
         kinds = ", ".join(f"{n} {kind}" for kind, n in gates.get("kinds", {}).items() if n)

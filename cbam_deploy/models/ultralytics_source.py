@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..errors import CbamDeployError
@@ -84,7 +85,22 @@ def ultralytics():
         utils.SETTINGS.update(_OFF)
     if getattr(tasks, "CBAM", None) is None:
         tasks.CBAM = modules.CBAM  # parse_model looks a row's module up among the names tasks.py imports
+    _undo_global_patches(utils)
     return package
+
+
+def _undo_global_patches(utils) -> None:
+    """Importing Ultralytics replaces ``PIL.Image.open`` (an unidentified image then tries to pip-install a
+    HEIF plugin and ends in ModuleNotFoundError instead of PIL's own error) and ``torch.save`` (retries) for
+    the whole process: the rest of cbam-deploy reads images and writes files with the originals, which
+    Ultralytics' patches keep under private names."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original_open = getattr(patches, "_image_open", None)
+    if original_open is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = original_open
+    original_save = getattr(patches, "_torch_save", None)
+    if original_save is not None and torch.save is getattr(utils, "torch_save", None):
+        torch.save = original_save
 
 
 @contextlib.contextmanager
