@@ -86,27 +86,15 @@ def evaluate_bundle(bundle_dir: str | Path, data_dir: str | Path, artifact: str 
     inputs, batch = bundle.fit_to_batch(inputs, batch)
     labels = labels[:len(inputs)]
 
-    def run(runner):
+    def measure(runner, entry, ref_logits):
         started = time.perf_counter()
-        out = runner.run_batched(inputs, batch)
-        return out, time.perf_counter() - started
+        logits = runner.run_batched(inputs, batch)
+        seconds = time.perf_counter() - started
+        top1 = (logits if ref_logits is None else ref_logits).argmax(1)
+        return logits, {**topk_metrics(logits, labels, top1), "seconds": round(seconds, 2)}
 
     model = reference or ReferenceModel(bundle, trust)  # the FP32 ONNX stands in without it
-    reference, reference_label = model.runner()
-    ref_logits, ref_seconds = run(reference)
-    ref_top1 = ref_logits.argmax(1)
-    rows = [{"artifact": reference_label, "format": root_row().name if model.stand_in else "pytorch",
-             "precision": "fp32", **topk_metrics(ref_logits, labels, ref_top1), "seconds": round(ref_seconds, 2)}]
-    for name in [artifact] if artifact else bundle.artifact_names:
-        entry = bundle.artifact(name)
-        try:
-            runner = open_artifact(bundle.directory, bundle, name)
-        except BackendUnavailable as exc:
-            rows.append({"artifact": name, "format": entry.format, "precision": entry.precision, "skipped": str(exc)})
-            continue
-        logits, seconds = run(runner)
-        rows.append({"artifact": name, "format": entry.format, "precision": entry.precision,
-                     **topk_metrics(logits, labels, ref_top1), "seconds": round(seconds, 2)})
+    rows, reference_label = _measure_all(bundle, model, artifact, measure)
     return EvalResult({"bundle": str(bundle_dir), "data": str(data_dir), "images": int(len(labels)),
                        "classes": len(classes), "skipped_unreadable": skipped, "reference": reference_label,
                        "results": rows})
@@ -126,17 +114,35 @@ def evaluate_detector(bundle: Bundle, data_dir, output: str, artifact: str | Non
     data.targets, data.images = data.targets[:len(inputs)], data.images[:len(inputs)]
     data.inputs = inputs
 
-    def run(runner, chunk: int) -> tuple[np.ndarray, float]:
+    labels = bundle.labels
+
+    def measure(runner, entry, ref_out):
         started = time.perf_counter()
-        out = runner.infer_batched(inputs, chunk)[output]
-        return out, time.perf_counter() - started
+        out = runner.infer_batched(inputs, batch if entry is None else fit_batch(bundle, entry, batch))[output]
+        metrics = {**detection.mean_ap(out, data, labels), "seconds": round(time.perf_counter() - started, 2)}
+        if ref_out is not None:
+            agree = detection.agreement(ref_out, out, judge=False)
+            metrics.update(agreement=agree["kept_fraction"],
+                           detections={k: agree[k] for k in ("reference_detections", "kept", "lost", "extra")})
+        return out, metrics
 
     model = reference or ReferenceModel(bundle, trust)
-    reference_runner, reference_label = model.runner()
-    ref_out, ref_seconds = run(reference_runner, batch)
-    labels = bundle.labels
+    rows, reference_label = _measure_all(bundle, model, artifact, measure)
+    return EvalResult({"bundle": str(bundle.directory), "data": str(data_dir), "task": "detection",
+                       "images": int(len(inputs)), "classes": num_classes or data.classes,
+                       "skipped_unreadable": data.skipped, "reference": reference_label,
+                       "metric": "mAP50 and mAP50-95 (Ultralytics' DetMetrics; NMS at score 0.001, IoU 0.7)",
+                       "results": rows})
+
+
+def _measure_all(bundle: Bundle, model: ReferenceModel, artifact: str | None, measure) -> tuple[list[dict], str]:
+    """The reference's row, then one row per artifact (or the one asked for): ``measure(runner, entry,
+    reference_output)`` returns (the output, its metrics); entry and reference_output are None for the
+    reference itself. An artifact whose runtime is missing is a skipped row."""
+    reference, reference_label = model.runner()
+    ref_out, metrics = measure(reference, None, None)
     rows = [{"artifact": reference_label, "format": root_row().name if model.stand_in else "pytorch",
-             "precision": "fp32", **detection.mean_ap(ref_out, data, labels), "seconds": round(ref_seconds, 2)}]
+             "precision": "fp32", **metrics}]
     for name in [artifact] if artifact else bundle.artifact_names:
         entry = bundle.artifact(name)
         try:
@@ -144,17 +150,9 @@ def evaluate_detector(bundle: Bundle, data_dir, output: str, artifact: str | Non
         except BackendUnavailable as exc:
             rows.append({"artifact": name, "format": entry.format, "precision": entry.precision, "skipped": str(exc)})
             continue
-        out, seconds = run(runner, fit_batch(bundle, entry, batch))
-        agree = detection.agreement(ref_out, out, judge=False)
         rows.append({"artifact": name, "format": entry.format, "precision": entry.precision,
-                     **detection.mean_ap(out, data, labels), "agreement": agree["kept_fraction"],
-                     "detections": {k: agree[k] for k in ("reference_detections", "kept", "lost", "extra")},
-                     "seconds": round(seconds, 2)})
-    return EvalResult({"bundle": str(bundle.directory), "data": str(data_dir), "task": "detection",
-                       "images": int(len(inputs)), "classes": num_classes or data.classes,
-                       "skipped_unreadable": data.skipped, "reference": reference_label,
-                       "metric": "mAP50 and mAP50-95 (Ultralytics' DetMetrics; NMS at score 0.001, IoU 0.7)",
-                       "results": rows})
+                     **measure(runner, entry, ref_out)[1]})
+    return rows, reference_label
 
 
 def validate_eval_options(data: str, batch: int = 32, limit: int | None = None) -> None:
