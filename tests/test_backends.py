@@ -50,3 +50,25 @@ def test_a_format_without_its_library_is_skipped_by_its_probe(tmp_path):
     export_bundle(ExportOptions(model="resnet10_half_cbam", stem="cifar", output=str(bundle), parity=False))
     outcomes = build_artifacts(bundle, "tensorrt", "fp32")
     assert outcomes[0].skipped and "TensorRT" in outcomes[0].skipped
+
+
+def test_an_openvino_ir_whose_output_has_no_name_runs(tmp_path):
+    """An IR converted from a PyTorch module without output names (as Ultralytics' exporter writes one) has an
+    output port with no name: the runner names it as the exporters do instead of failing on it."""
+    import numpy as np
+    import torch
+
+    ov = pytest.importorskip("openvino")
+    from cbam_deploy.backends.openvino.runner import OpenVINORunner
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Sigmoid()).eval()
+    model = ov.convert_model(module, example_input=torch.zeros(1, 3, 8, 8))
+    assert not model.outputs[0].get_names()  # the case itself
+    ov.save_model(model, str(tmp_path / "unnamed.xml"), compress_to_fp16=False)
+    runner = OpenVINORunner(tmp_path / "unnamed.xml")
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    out = runner.infer(x)
+    assert runner.output_names == ["output"]
+    with torch.no_grad():
+        np.testing.assert_allclose(out["output"], module(torch.from_numpy(x)).numpy(), atol=1e-5)

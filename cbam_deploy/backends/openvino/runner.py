@@ -19,12 +19,15 @@ _HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": None}  # None: th
 _COMPUTED = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "bfloat16": "bf16", "bf16": "bf16"}
 
 
-def _output_name(port) -> str:
+def _output_name(port, index: int = 0, count: int = 1) -> str:
     """The model's name for an output port. Compiling can fuse an output op into its producer (a
     detector's final Sigmoid), and the port then carries the producer's scoped tensor name as well
     (``/Reshape_1_output_0`` beside ``output1``); ``get_any_name`` may pick either, so the plain name
-    wins."""
+    wins. A port with no name at all (an IR converted from a PyTorch module without output names, as
+    Ultralytics' exporter writes it) is named as the exporters name outputs: ``output``, or ``outputN``."""
     names = sorted(port.get_names())
+    if not names:
+        return "output" if count == 1 else f"output{index}"
     plain = [n for n in names if not n.startswith("/")]
     return plain[0] if plain else port.get_any_name()
 
@@ -55,7 +58,8 @@ class OpenVINORunner(Runner):
             raise CbamDeployError(f"OpenVINO reads {xml} as a model of {len(self.compiled.inputs)} inputs and "
                                   f"{len(self.compiled.outputs)} outputs; cbam-deploy runs models of one image input")
         self.request = self.compiled.create_infer_request()
-        self.output_names = [_output_name(port) for port in self.compiled.outputs]
+        outputs = self.compiled.outputs
+        self.output_names = [_output_name(port, index, len(outputs)) for index, port in enumerate(outputs)]
         self.device = device
         self.precision = precision
         self.hint = hint
