@@ -243,32 +243,28 @@ def quantize(result: dict) -> None:
 
 
 def evaluation(result: dict) -> None:
+    """eval's table: top-1/top-5 for a classifier, mAP for a detector, one row per artifact."""
+    title = f"{result['images']} images, {result['classes']} classes ({result['data']})"
     if result.get("task") == "detection":
-        return detector_evaluation(result)
-    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']})")
-    for column in ("artifact", "format", "precision", "top-1", "top-5", "agree w/ fp32", "seconds"):
+        title += f": {result['metric']}"
+        metrics = ("mAP50", "mAP50-95", "kept w/ fp32")
+
+        def cells(row: dict) -> tuple:
+            kept = row.get("detections")
+            return (f"{row['map50']:.4f}", f"{row['map50_95']:.4f}",
+                    f"{kept['kept']}/{kept['reference_detections']}" if kept else "-")
+    else:
+        metrics = ("top-1", "top-5", "agree w/ fp32")
+
+        def cells(row: dict) -> tuple:
+            return (f"{row['top1'] * 100:.2f}%", f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%")
+    table = Table(title=title)
+    for column in ("artifact", "format", "precision", *metrics, "seconds"):
         table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
     for row in result["results"]:
-        if "skipped" in row:
-            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
-            continue
-        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['top1'] * 100:.2f}%",
-                      f"{row['top5'] * 100:.2f}%", f"{row.get('agreement', 1) * 100:.2f}%", f"{row['seconds']:.2f}")
-    out.print(table)
-
-
-def detector_evaluation(result: dict) -> None:
-    table = Table(title=f"{result['images']} images, {result['classes']} classes ({result['data']}): {result['metric']}")
-    for column in ("artifact", "format", "precision", "mAP50", "mAP50-95", "kept w/ fp32", "seconds"):
-        table.add_column(column, justify="right" if column not in ("artifact", "format") else "left")
-    for row in result["results"]:
-        if "skipped" in row:
-            table.add_row(row["artifact"], row["format"], row["precision"], "-", "-", "-", f"skipped: {row['skipped']}")
-            continue
-        kept = row.get("detections")
-        agree = f"{kept['kept']}/{kept['reference_detections']}" if kept else "-"
-        table.add_row(row["artifact"], row["format"], row["precision"], f"{row['map50']:.4f}", f"{row['map50_95']:.4f}",
-                      agree, f"{row['seconds']:.2f}")
+        measured = ("-", "-", "-", f"skipped: {row['skipped']}") if "skipped" in row else (
+            *cells(row), f"{row['seconds']:.2f}")
+        table.add_row(row["artifact"], row["format"], row["precision"], *measured)
     out.print(table)
 
 
